@@ -1,0 +1,1 @@
+"""Value models for VAS: checkpoint format, trunks, heads, training and evaluation tools."""
