@@ -1,0 +1,62 @@
+"""Tiny models built on the fly for tests: a byte-level BPE tokenizer and a random Llama with
+head size 64 (what vLLM's CPU attention supports), saved as HF safetensors directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Hello, how are you today? I am fine, thank you. "
+    "What is the capital of France? Paris is the capital of France. Good morning and good night. "
+    "I love sunny days and happy people. This is terrible, awful and sad. Short answers are best. "
+) * 20
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def build_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int, num_layers: int = 2, hidden: int = 128,
+                init_std: float = 0.2) -> Path:
+    """A random Llama (2 query heads x 64, 1 KV head) in float32, saved with the tokenizer.
+
+    `init_std` is large so that next-token logits are peaked: greedy decoding then has clear
+    margins and float32 differences between implementations cannot flip an argmax.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers, num_attention_heads=hidden // 64, num_key_value_heads=1, head_dim=64,
+        max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=init_std,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir

@@ -1,0 +1,65 @@
+"""VAS plugin configuration: what reaches the worker through vLLM's `additional_config["vas"]`.
+
+Reading a config touches only the value models' `vas.json` files, never their weights, so the
+API process can list and validate heads without loading any model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from value_models.format import HeadSpec, TrunkSpec, load_spec
+from vas_server.params import DEFAULT_TOP_K, TOP_K_RANGE
+
+ADDITIONAL_CONFIG_KEY = "vas"
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """One steerable head as the API sees it."""
+
+    name: str
+    value_model: str
+    path: str
+    spec: HeadSpec
+    trunk: TrunkSpec
+
+
+@dataclass
+class VASConfig:
+    value_models: dict[str, str] = field(default_factory=dict)  # name -> checkpoint directory
+    default_top_k: int = DEFAULT_TOP_K
+    # Most VAS requests holding a value cache at once; None = the scheduler's max_num_seqs, which
+    # vLLM never exceeds, so the preallocated cache can never be full.
+    max_requests: int | None = None
+    dtype: str = "float32"
+    device: str | None = None  # None: the worker's device
+
+    def __post_init__(self):
+        if not TOP_K_RANGE[0] <= self.default_top_k <= TOP_K_RANGE[1]:
+            raise ValueError(f"default_top_k must be in {TOP_K_RANGE[0]}..{TOP_K_RANGE[1]}")
+        if self.max_requests is not None and self.max_requests < 1:
+            raise ValueError("max_requests must be >= 1")
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "VASConfig":
+        raw = dict((additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {})
+        return cls(**raw)
+
+    def to_additional_config(self) -> dict[str, Any]:
+        return {ADDITIONAL_CONFIG_KEY: asdict(self)}
+
+    def heads(self) -> dict[str, HeadInfo]:
+        """All heads by public name. Head names must be unique across value models."""
+        out: dict[str, HeadInfo] = {}
+        for model_name, path in self.value_models.items():
+            spec = load_spec(Path(path))
+            for h in spec.heads:
+                if h.name in out:
+                    raise ValueError(
+                        f"head {h.name!r} is defined by both value models "
+                        f"{out[h.name].value_model!r} and {model_name!r}; head names must be unique")
+                out[h.name] = HeadInfo(h.name, model_name, str(path), h, spec.trunk)
+        return out

@@ -1,0 +1,210 @@
+"""VASLogitsProcessor: Value Augmented Sampling as a vLLM V1-interface logits processor.
+
+Importing this module loads no model: vLLM imports the class in the API process too (for
+`validate_params`). Value models are loaded in the worker, in __init__.
+
+Per step, for the rows whose request carries non-zero VAS weights (VAS_SPEC §1):
+    C = top-K of the raw logits; q_h(a) from the value runtime; c_h = q_h - mean_C q_h;
+    l'(a) = l(a) + sum_h w_h c_h(a) for a in C; outside C, l is kept (or -inf if restricted).
+Rows without weights are never touched, so they sample exactly as in plain vLLM.
+
+Invariants:
+  * `self.rows` maps a persistent-batch index to the state of the VAS request in that row;
+    every row in it holds one value-cache slot, and a slot is released exactly when its row
+    is removed or replaced. A preempted request is removed (slot freed) and re-added with its
+    outputs, and the runtime then rebuilds its cache from prompt + outputs.
+  * The processor is not argmax-invariant: vLLM applies it to the float32 raw logits before
+    penalties, temperature and top-k/top-p, as the spec requires.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Mapping
+
+import torch
+
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from vas_server.config import HeadInfo, VASConfig
+from vas_server.params import VASRequest, parse_request
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+    from vas_server.value_runtime import RowInput, ValueRuntime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Row:
+    request: VASRequest
+    top_k: int
+    weights: torch.Tensor  # [n_heads] on the runtime device, 0 for heads not requested
+    input: "RowInput"
+
+
+class VASLogitsProcessor(LogitsProcessor):
+    # Heads known to the process that built the engine (set by vas_server.engine.engine_kwargs),
+    # so that validate_params, which vLLM calls as a classmethod without any config, can reject
+    # unknown heads at admission with a 400.
+    _known_heads: ClassVar[Mapping[str, HeadInfo] | None] = None
+
+    @classmethod
+    def register_heads(cls, heads: Mapping[str, HeadInfo]) -> None:
+        cls._known_heads = dict(heads)
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        known = None if cls._known_heads is None else list(cls._known_heads)
+        parse_request(sampling_params.extra_args, known)
+
+    def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool):
+        self.config = VASConfig.from_additional_config(vllm_config.additional_config)
+        self.rows: dict[int, _Row] = {}
+        self.runtime: ValueRuntime | None = None
+        self.dropped_requests = 0  # VAS requests that found no free cache slot
+        self.resumed_requests = 0  # VAS requests re-added with outputs (after preemption)
+        if not self.config.value_models:
+            return
+        self.runtime = _build_runtime(self.config, vllm_config, device)
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    # -- batch bookkeeping ----------------------------------------------------------------------
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None or self.runtime is None:
+            return
+        for index in batch_update.removed:
+            self._drop(index)
+        for index, params, prompt, outputs in batch_update.added:
+            self._drop(index)
+            row = self._new_row(params, prompt, outputs)
+            if row is not None:
+                self.rows[index] = row
+        for a, b, direction in batch_update.moved:
+            row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
+            if direction == MoveDirectionality.SWAP:
+                if row_b is not None:
+                    self.rows[a] = row_b
+            elif row_b is not None:  # a one-way move overwrites b
+                self.runtime.release(row_b.input.slot)
+            if row_a is not None:
+                self.rows[b] = row_a
+
+    def _drop(self, index: int) -> None:
+        row = self.rows.pop(index, None)
+        if row is not None:
+            self.runtime.release(row.input.slot)
+
+    def _new_row(self, params, prompt: list[int] | None, outputs: list[int]) -> _Row | None:
+        from vas_server.value_runtime import RowInput
+
+        runtime = self.runtime
+        try:
+            request = parse_request(params.extra_args, runtime.head_names)
+        except ValueError as e:  # validated at admission; only a direct engine user gets here
+            logger.error("VAS settings rejected in the worker, request runs unsteered: %s", e)
+            return None
+        if request is None or not request.active:
+            return None
+        if prompt is None:
+            logger.error("VAS needs prompt token ids (prompt embeddings are not supported); unsteered")
+            return None
+        if outputs:
+            self.resumed_requests += 1
+        slot = runtime.allocate()
+        if slot is None:
+            # Cannot happen with the default capacity (= max_num_seqs); the server also queues VAS
+            # requests beyond capacity before they reach the engine.
+            self.dropped_requests += 1
+            logger.error("VAS value cache full (%d requests); request runs unsteered", runtime.max_requests)
+            return None
+        weights = torch.zeros(len(runtime.head_names), dtype=torch.float32, device=runtime.device)
+        for name, w in request.weights.items():
+            weights[runtime.head_index[name]] = w
+        top_k = request.top_k or self.config.default_top_k
+        heads = frozenset(runtime.head_index[name] for name in request.weights)
+        return _Row(request, top_k, weights, RowInput(slot, prompt, outputs, top_k, heads))
+
+    # -- the sampling rule ------------------------------------------------------------------------
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
+            return logits
+        indices = sorted(self.rows)
+        rows = [self.rows[i] for i in indices]
+        index = torch.tensor(indices, device=logits.device)
+        row_logits = logits.index_select(0, index)
+        k_max = min(max(r.top_k for r in rows), logits.shape[1])
+        top_values, candidates = row_logits.topk(k_max, dim=1)
+        values = self.runtime.score([r.input for r in rows], candidates)  # [B, n_heads, K]
+        values = values.to(logits.device)
+        k = torch.tensor([min(r.top_k, k_max) for r in rows], device=logits.device)
+        valid = torch.arange(k_max, device=logits.device)[None, :] < k[:, None]  # [B, K]
+        mean = (values * valid[:, None]).sum(-1, keepdim=True) / k[:, None, None]
+        weights = torch.stack([r.weights for r in rows]).to(logits.device)  # [B, n_heads]
+        bonus = ((values - mean) * weights[:, :, None]).sum(1) * valid  # [B, K]
+        restrict = torch.tensor([r.request.restrict_to_top_k for r in rows], device=logits.device)
+        steered = torch.where(restrict[:, None], torch.full_like(row_logits, float("-inf")), row_logits)
+        new_values = torch.where(valid, top_values + bonus, steered.gather(1, candidates))
+        steered.scatter_(1, candidates, new_values)
+        logits.index_copy_(0, index, steered)
+        return logits
+
+    # -- introspection (metrics, tests) -----------------------------------------------------------
+
+    def stats(self) -> dict:
+        rt = self.runtime
+        return {
+            "vas_requests_total": rt.requests_total if rt else 0,
+            "active_requests": len(self.rows),
+            "steps": rt.steps if rt else 0,
+            "runtime_seconds_total": rt.seconds if rt else 0.0,
+            "cache_slots_used": rt.slots_in_use if rt else 0,
+            "cache_slots_total": rt.max_requests if rt else 0,
+            "cache_bytes": rt.cache_bytes if rt else 0,
+            "dropped_requests": self.dropped_requests,
+            "resumed_requests": self.resumed_requests,
+        }
+
+
+def _build_runtime(config: VASConfig, vllm_config: "VllmConfig", device: torch.device) -> "ValueRuntime":
+    from transformers import AutoTokenizer
+
+    from value_models.format import tokenizer_identity
+    from value_models.model import load_value_model
+    from vas_server.value_runtime import ValueRuntime
+
+    model_config = vllm_config.model_config
+    base_dir = model_config.model
+    tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or base_dir,
+                                              trust_remote_code=model_config.trust_remote_code)
+    identity = tokenizer_identity(tokenizer)
+    dtype = getattr(torch, config.dtype)
+    value_device = torch.device(config.device) if config.device else device
+    models = [
+        load_value_model(path, base_dir, name=name, base_tokenizer=identity, base_model_name=base_dir,
+                         dtype=dtype, device=value_device)
+        for name, path in config.value_models.items()
+    ]
+    max_requests = config.max_requests or vllm_config.scheduler_config.max_num_seqs
+    runtime = ValueRuntime(models, max_requests, model_config.max_model_len, value_device, dtype)
+    logger.info("VAS: %d value model(s), heads %s, value cache %.1f MiB for %d requests x %d tokens",
+                len(models), runtime.head_names, runtime.cache_bytes / 2**20, max_requests,
+                model_config.max_model_len)
+    return runtime
+
+
+class VASWorkerExtension:
+    """Mixed into vLLM's worker class (engine arg `worker_extension_cls`), so the API process can
+    read the processor's counters with `engine.collective_rpc("vas_stats")`."""
+
+    def vas_stats(self) -> dict:
+        procs = self.model_runner.input_batch.logitsprocs.non_argmax_invariant
+        proc = next((p for p in procs if isinstance(p, VASLogitsProcessor)), None)
+        return proc.stats() if proc is not None else {}

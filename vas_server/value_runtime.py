@@ -1,0 +1,224 @@
+"""The batched value runtime: scores the top-K candidates of every VAS row in one forward per trunk.
+
+Per engine step, for each value-model trunk that at least one row needs:
+  * each row feeds its newly committed tokens (the whole prompt on its first step, then usually
+    one token) followed by its K candidates as siblings;
+  * a committed token attends causally to the row's cache; a candidate attends to the row's
+    cache, the row's new tokens and itself, never to its siblings (VAS_SPEC §1.2: V(s + [a]));
+  * only committed tokens are written to the cache; candidates are discarded after the step;
+  * state heads read the candidates' final hidden states, token heads the last committed one.
+
+Invariants:
+  * `cached[t, slot]` = number of committed tokens of the slot's request in trunk t's cache; the
+    cache rows [0, cached) hold exactly the trunk's K/V for those tokens at those positions.
+  * `last_hidden[slot]` is the trunk's final hidden state at the last committed token.
+  * All cache memory is allocated once in __init__ (sized by max_requests x max_len); a slot is
+    taken by `allocate` and given back by `release`; nothing grows per request.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from value_models.model import ValueModel
+
+
+@dataclass
+class RowInput:
+    """One VAS row of the batch, as the runtime needs it."""
+
+    slot: int
+    prompt: list[int]
+    outputs: list[int]  # the live list vLLM appends sampled tokens to
+    num_candidates: int  # K for this row (<= the batch's candidate width)
+    heads: frozenset[int]  # indices (into ValueRuntime.head_names) of the heads this row uses
+
+
+class TrunkRunner:
+    """One value model's trunk, its heads, and the per-slot KV cache of committed tokens."""
+
+    def __init__(self, model: ValueModel, max_requests: int, max_len: int, device, dtype):
+        self.model = model
+        self.trunk = model.trunk
+        self.heads = model.heads
+        c = self.trunk.config
+        self.max_len = max_len
+        shape = (c.num_layers, max_requests, max_len, c.num_kv_heads, c.head_dim)
+        self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+        self.cached = torch.zeros(max_requests, dtype=torch.long)  # on CPU: read by Python each step
+        self.last_hidden = torch.zeros(max_requests, c.hidden_size, device=device, dtype=dtype)
+        self.has_state = bool(self.heads.state_names)
+        self.has_token = bool(self.heads.token_names)
+
+    @property
+    def cache_bytes(self) -> int:
+        return 2 * self.cache_k.numel() * self.cache_k.element_size()
+
+    def reset(self, slot: int) -> None:
+        self.cached[slot] = 0
+
+    @torch.inference_mode()
+    def score(self, rows: list[RowInput], candidates: torch.Tensor):
+        """Feed new committed tokens, score candidates [B, K].
+
+        Returns (state values [B, K, n_state] or None, token values [n_token, B, K] or None).
+        """
+        device = self.cache_k.device
+        B, K = candidates.shape
+        slots_cpu = torch.tensor([r.slot for r in rows], dtype=torch.long)
+        cached = self.cached[slots_cpu]
+        new_tokens: list[int] = []
+        n_new = []
+        for r, c in zip(rows, cached.tolist()):
+            p = len(r.prompt)
+            toks = r.outputs[c - p:] if c >= p else r.prompt[c:] + r.outputs
+            new_tokens += toks
+            n_new.append(len(toks))
+        n = torch.tensor(n_new, dtype=torch.long)
+        total = cached + n
+        if int(total.max()) > self.max_len:
+            raise RuntimeError(f"value cache length {self.max_len} exceeded ({int(total.max())} tokens)")
+        Kc = K if self.has_state else 0
+        Lq = int((n + Kc).max())
+        # Lq == 0 only for a token-heads-only trunk with no new token (a repeated chunked-prefill
+        # step): last_hidden is already current.
+        state_values = self._forward(slots_cpu, cached, n, new_tokens, candidates, Kc, Lq) if Lq else None
+        self.cached[slots_cpu] = total
+        token_values = None
+        if self.has_token:
+            slots = slots_cpu.to(device)
+            token_values = self.heads.token_values(self.last_hidden[slots], self.trunk.embed_tokens.weight, candidates)
+        return state_values, token_values
+
+    def _forward(self, slots_cpu, cached, n, new_tokens, candidates, Kc: int, Lq: int):
+        """One trunk forward over all rows; returns the candidates' state values [B, Kc, n_state]."""
+        device = self.cache_k.device
+        B = len(slots_cpu)
+        idx = torch.arange(Lq)[None, :]
+        n_col = n[:, None]
+        committed = idx < n_col  # [B, Lq]
+        is_cand = (idx >= n_col) & (idx < n_col + Kc)
+        tokens = torch.zeros(B, Lq, dtype=torch.long, device=device)
+        tokens[committed.to(device)] = torch.tensor(new_tokens, dtype=torch.long, device=device)
+        if Kc:
+            tokens[is_cand.to(device)] = candidates[:, :Kc].reshape(-1)
+        # Candidates all sit at position len(s) = cached + n: siblings share one position.
+        positions = cached[:, None] + torch.minimum(idx, n_col)
+        Lk = int((cached + n).max())
+
+        # Attention mask over [cache columns 0..Lk) ++ [this step's query columns 0..Lq).
+        col = torch.arange(Lk)[None, None, :]
+        limit = torch.where(committed, positions + 1, positions)  # committed: causal; candidate: s only
+        cache_part = col < limit[:, :, None]
+        own = torch.eye(Lq, dtype=torch.bool)[None] & is_cand[:, :, None]  # a candidate sees itself
+        mask = torch.cat([cache_part, own], dim=2)
+        mask[~(committed | is_cand)] = False
+        mask[~(committed | is_cand), 0] = True  # padding queries: any valid column, output unused
+        mask = mask[:, None].to(device)
+
+        flat_rows = slots_cpu[:, None].expand(B, Lq)[committed]
+        write_index = (flat_rows * self.max_len + positions[committed]).to(device)
+        committed_dev = committed.to(device)
+        slots = slots_cpu.to(device)
+        c = self.trunk.config
+        cache_k = self.cache_k.view(c.num_layers, -1, c.num_kv_heads, c.head_dim)
+        cache_v = self.cache_v.view(c.num_layers, -1, c.num_kv_heads, c.head_dim)
+
+        def attend(layer: int, q, k, v):
+            # k, v: [B, kvh, Lq, d]; write committed entries into the cache, then attend.
+            k_rows, v_rows = k.transpose(1, 2), v.transpose(1, 2)  # [B, Lq, kvh, d]
+            cache_k[layer].index_copy_(0, write_index, k_rows[committed_dev])
+            cache_v[layer].index_copy_(0, write_index, v_rows[committed_dev])
+            keys = torch.cat([self.cache_k[layer, slots, :Lk].transpose(1, 2), k], dim=2)
+            values = torch.cat([self.cache_v[layer, slots, :Lk].transpose(1, 2), v], dim=2)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+            return out.transpose(1, 2).reshape(B, Lq, -1)
+
+        hidden = self.trunk(tokens, positions.to(device), attend)  # [B, Lq, H]
+        has_new = n > 0
+        if bool(has_new.any()):
+            last = (n - 1).clamp(min=0).to(device)
+            h_last = hidden[torch.arange(B, device=device), last]
+            sel = has_new.to(device)
+            self.last_hidden[slots[sel]] = h_last[sel]
+        if not Kc:
+            return None
+        return self.heads.state_values(hidden[is_cand.to(device)].view(B, Kc, -1))
+
+
+class ValueRuntime:
+    """All value models of the server, their heads in one global order, and slot bookkeeping."""
+
+    def __init__(self, models: list[ValueModel], max_requests: int, max_len: int, device, dtype):
+        self.runners = [TrunkRunner(m, max_requests, max_len, device, dtype) for m in models]
+        self.head_names: list[str] = []
+        # global head index -> (runner index, "state" | "token", index within that kind)
+        self.head_place: list[tuple[int, str, int]] = []
+        for t, m in enumerate(models):
+            for i, name in enumerate(m.heads.state_names):
+                self.head_names.append(name)
+                self.head_place.append((t, "state", i))
+            for i, name in enumerate(m.heads.token_names):
+                self.head_names.append(name)
+                self.head_place.append((t, "token", i))
+        if len(set(self.head_names)) != len(self.head_names):
+            raise ValueError(f"head names must be unique across value models: {self.head_names}")
+        self.head_index = {name: i for i, name in enumerate(self.head_names)}
+        self.runner_heads = [frozenset(i for i, p in enumerate(self.head_place) if p[0] == t)
+                             for t in range(len(models))]
+        self.max_requests = max_requests
+        self.max_len = max_len
+        self.device = torch.device(device)
+        self.free_slots = list(range(max_requests - 1, -1, -1))
+        # Counters for metrics.
+        self.steps = 0
+        self.seconds = 0.0
+        self.requests_total = 0
+
+    @property
+    def slots_in_use(self) -> int:
+        return self.max_requests - len(self.free_slots)
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(r.cache_bytes for r in self.runners)
+
+    def allocate(self) -> int | None:
+        """A free cache slot, or None when all are taken."""
+        if not self.free_slots:
+            return None
+        slot = self.free_slots.pop()
+        for r in self.runners:
+            r.reset(slot)
+        self.requests_total += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        for r in self.runners:
+            r.reset(slot)
+        self.free_slots.append(slot)
+
+    def score(self, rows: list[RowInput], candidates: torch.Tensor) -> torch.Tensor:
+        """Values q_h(a) of each row's candidates: [B, n_heads, K] (0 for heads a row does not use)."""
+        start = time.perf_counter()
+        B, K = candidates.shape
+        values = torch.zeros(B, len(self.head_names), K, device=candidates.device, dtype=torch.float32)
+        for t, runner in enumerate(self.runners):
+            members = [b for b, r in enumerate(rows) if r.heads & self.runner_heads[t]]
+            if not members:
+                continue
+            sub = torch.tensor(members, device=candidates.device)
+            state, token = runner.score([rows[b] for b in members], candidates[sub])
+            for g in self.runner_heads[t]:
+                _, kind, i = self.head_place[g]
+                v = state[:, :, i] if kind == "state" else token[i]
+                values[sub, g] = v.float()
+        self.steps += 1
+        self.seconds += time.perf_counter() - start
+        return values
