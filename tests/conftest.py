@@ -26,7 +26,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MAX_MODEL_LEN = 512
-KV_BLOCKS = 48  # x 16 tokens = 768 tokens of base KV cache: 16 concurrent requests must preempt
+KV_BLOCKS = 6  # x 128 tokens (the CPU block size) = 768 tokens of base KV cache: 16 concurrent requests must preempt
 LIKED_TOKEN_TEXT = " good"
 
 

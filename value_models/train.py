@@ -1,0 +1,271 @@
+"""`fit`: TD(λ) value training (VAS_SPEC §2) of one value model -- one trunk, one or more heads.
+
+Each head learns its own reward, standardised with the mean and std of its training rewards
+(stored in the head's spec). Every optimisation step takes one batch of responses and makes
+`passes_per_batch` passes over it; each pass computes the TD(λ) targets from the values of its own
+forward pass (detached, so held fixed during the pass) and minimises 0.5 * mean (v - G)^2, averaged
+over real states and summed over heads.
+
+Resume: every `checkpoint_every` steps the value model (usable as is) and a training state
+(heads, trainable trunk weights, optimiser, step, loss history) are written to the output
+directory; a run started again with the same settings continues from there and ends with the
+same weights as an uninterrupted run. The batch order is a function of (seed, epoch) only, so no
+random-generator state needs saving. The training state is removed once training completes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from value_models.format import (
+    HEAD_KINDS,
+    HeadSpec,
+    TokenizerIdentity,
+    TokenizerMismatchError,
+    TrunkSpec,
+    ValueModelSpec,
+)
+from value_models.heads import ValueHeads
+from value_models.model import save_value_model
+from value_models.records import Sample, vocab_hash_of
+from value_models.states import gather_states, head_values, make_batch
+from value_models.td import DEFAULT_GAMMA, DEFAULT_LAMBDA, td_lambda_returns
+from value_models.training_trunk import TrainingTrunk, TrunkPlan
+
+TRAIN_STATE_DIR = "train_state"
+TRAIN_STATE_FILE = "state.pt"
+CURVE_FILE = "training_curve.json"
+
+
+@dataclass
+class HeadPlan:
+    name: str
+    kind: str  # "state" | "token"
+    reward: str  # key of the sample's rewards this head learns
+    description: str = ""
+
+    def __post_init__(self):
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"head {self.name!r}: kind must be one of {HEAD_KINDS}, got {self.kind!r}")
+
+
+@dataclass
+class FitConfig:
+    heads: list[HeadPlan]
+    trunk: TrunkPlan
+    lam: float = DEFAULT_LAMBDA
+    gamma: float = DEFAULT_GAMMA
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 1e-3  # heads
+    trunk_lr: float = 1e-4  # LoRA or fine-tuned trunk weights
+    weight_decay: float = 0.0
+    passes_per_batch: int = 2
+    seed: int = 0
+    checkpoint_every: int = 100  # steps; 0 = only at the end
+    precompute_batch_size: int = 16
+    extra: dict = field(default_factory=dict)  # recorded in vas.json, e.g. how the data was made
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FitResult:
+    path: Path
+    steps: int
+    curve: list[dict]  # per step: step, epoch, loss per head
+
+
+def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progress: bool = True,
+        stop_after_steps: int | None = None) -> FitResult:
+    """Train a value model on scored samples and save it (§3) to `out_dir`.
+
+    The samples' token ids must come from the trunk's tokenizer (their vocab_hash is checked).
+    `stop_after_steps` ends the run early, leaving a resumable training state (what an
+    interruption leaves; used by the resume test).
+    """
+    out_dir = Path(out_dir)
+    trunk_identity = _trunk_tokenizer_identity(config.trunk.model_dir)
+    data_hash = vocab_hash_of(samples)
+    if trunk_identity.vocab_hash != data_hash:
+        raise TokenizerMismatchError(
+            f"the trunk {config.trunk.model_dir!r} uses a different tokenizer (vocab hash "
+            f"{trunk_identity.vocab_hash[:12]}) than the one the training samples were tokenized with "
+            f"({data_hash[:12]}). Value models must share the base's vocabulary.")
+    samples = [s for s in samples if s.response_token_ids]
+    if not samples:
+        raise ValueError("no samples with a non-empty response to train on")
+    raw_rewards = _reward_matrix(samples, config.heads)
+    reward_mean, reward_std = raw_rewards.mean(dim=1), raw_rewards.std(dim=1)
+    for h, std in zip(config.heads, reward_std.tolist()):
+        if not std > 0:
+            raise ValueError(f"head {h.name!r}: every training reward is the same; there is nothing to learn")
+    rewards = (raw_rewards - reward_mean[:, None]) / reward_std[:, None]
+
+    torch.manual_seed(config.seed)  # LoRA initialisation
+    trunk = TrainingTrunk(config.trunk)
+    specs = [HeadSpec(h.name, h.kind, h.description or h.reward, float(m), float(s), len(samples))
+             for h, m, s in zip(config.heads, reward_mean, reward_std)]
+    heads = ValueHeads(specs, trunk.hidden_size, trunk.vocab_size)
+    # ValueHeads orders heads state-first; keep the reward rows in that same order.
+    order = [[h.name for h in config.heads].index(n) for n in heads.names]
+    rewards = rewards[order]
+    groups = [{"params": list(heads.parameters()), "lr": config.lr}]
+    if config.trunk.trainable:
+        groups.append({"params": list(trunk.trainable_parameters().values()), "lr": config.trunk_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+    spec = ValueModelSpec(
+        trunk=TrunkSpec(type=config.trunk.type,
+                        num_layers=config.trunk.num_layers if config.trunk.type == "base_prefix" else None,
+                        lora=bool(config.trunk.lora_r)),
+        heads=specs, tokenizer=trunk_identity,
+        extra={"training": config.to_json()})
+
+    batches_per_epoch = math.ceil(len(samples) / config.batch_size)
+    total_steps = batches_per_epoch * config.epochs
+    state_path = out_dir / TRAIN_STATE_DIR / TRAIN_STATE_FILE
+    step, curve = 0, []
+    fingerprint = _run_fingerprint(config, samples)
+    if state_path.is_file():
+        step, curve = _restore(state_path, fingerprint, heads, trunk, optimizer)
+
+    cached_hidden = None if config.trunk.trainable else _precompute_states(trunk, samples, config, progress)
+    embed = trunk.embedding()
+    bar = tqdm(total=total_steps, initial=step, desc="fit", disable=not progress)
+    while step < total_steps:
+        if stop_after_steps is not None and step >= stop_after_steps:
+            _save(out_dir, spec, heads, trunk, optimizer, fingerprint, step, curve, final=False)
+            bar.close()
+            return FitResult(out_dir, step, curve)
+        epoch, index_in_epoch = divmod(step, batches_per_epoch)
+        permutation = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+        ids = permutation[index_in_epoch * config.batch_size:(index_in_epoch + 1) * config.batch_size].tolist()
+        losses = _train_batch(trunk, heads, optimizer, embed, [samples[i] for i in ids], rewards[:, ids],
+                              cached_hidden, ids, config)
+        step += 1
+        curve.append({"step": step, "epoch": epoch, "loss": dict(zip(heads.names, losses))})
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses):.4f}")
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
+            _save(out_dir, spec, heads, trunk, optimizer, fingerprint, step, curve, final=False)
+    bar.close()
+    _save(out_dir, spec, heads, trunk, optimizer, fingerprint, step, curve, final=True)
+    return FitResult(out_dir, step, curve)
+
+
+def _train_batch(trunk: TrainingTrunk, heads: ValueHeads, optimizer, embed, batch_samples, batch_rewards,
+                 cached_hidden, ids, config: FitConfig) -> list[float]:
+    batch = make_batch([s.prompt_token_ids for s in batch_samples], [s.response_token_ids for s in batch_samples])
+    if cached_hidden is not None:
+        state_hidden = _pad_cached([cached_hidden[i] for i in ids], batch.mask.shape[1])
+    for _ in range(config.passes_per_batch):
+        if cached_hidden is None:
+            state_hidden = gather_states(trunk.hidden_states(batch.tokens), batch.positions)
+        values = head_values(heads, state_hidden, embed, batch.next_tokens)  # [n_heads, B, T]
+        per_head = []
+        for h in range(values.shape[0]):
+            targets = td_lambda_returns(values[h], batch_rewards[h], batch.lengths, lam=config.lam, gamma=config.gamma)
+            per_head.append(0.5 * ((values[h] - targets) ** 2)[batch.mask].mean())
+        loss = torch.stack(per_head).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return [float(x.detach()) for x in per_head]  # of the last pass
+
+
+@torch.no_grad()
+def _precompute_states(trunk: TrainingTrunk, samples: list[Sample], config: FitConfig, progress: bool) -> list[torch.Tensor]:
+    """A frozen trunk gives the same hidden states in every epoch: compute them once per sample
+    ([T, H] at the states) and train only the heads afterwards."""
+    out: list[torch.Tensor] = []
+    step = config.precompute_batch_size
+    for start in tqdm(range(0, len(samples), step), desc="trunk states", disable=not progress):
+        chunk = samples[start:start + step]
+        batch = make_batch([s.prompt_token_ids for s in chunk], [s.response_token_ids for s in chunk])
+        state_hidden = gather_states(trunk.hidden_states(batch.tokens), batch.positions)
+        out.extend(state_hidden[b, :int(batch.lengths[b])].clone() for b in range(len(chunk)))
+    return out
+
+
+def _pad_cached(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    out = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    for b, r in enumerate(rows):
+        out[b, :r.shape[0]] = r
+    return out
+
+
+def _reward_matrix(samples: list[Sample], heads: list[HeadPlan]) -> torch.Tensor:
+    """[n_heads, N] raw rewards, in `heads` order."""
+    rows = []
+    for h in heads:
+        missing = sum(1 for s in samples if h.reward not in s.rewards)
+        if missing:
+            raise ValueError(f"head {h.name!r}: {missing} samples have no reward {h.reward!r}; run `score` first")
+        rows.append([float(s.rewards[h.reward]) for s in samples])
+    return torch.tensor(rows, dtype=torch.float64).float()
+
+
+def _trunk_tokenizer_identity(model_dir: str) -> TokenizerIdentity:
+    from transformers import AutoTokenizer
+
+    from value_models.format import tokenizer_identity
+
+    return tokenizer_identity(AutoTokenizer.from_pretrained(model_dir))
+
+
+def _run_fingerprint(config: FitConfig, samples: list[Sample]) -> str:
+    """What a resumed run must share with the interrupted one: settings and training data."""
+    import hashlib
+
+    data = hashlib.sha256()
+    for s in samples:
+        data.update(json.dumps([s.prompt_token_ids, s.response_token_ids, s.rewards], sort_keys=True).encode())
+    return json.dumps({"config": config.to_json(), "data": data.hexdigest()}, sort_keys=True)
+
+
+def _save(out_dir: Path, spec: ValueModelSpec, heads: ValueHeads, trunk: TrainingTrunk, optimizer, fingerprint: str,
+          step: int, curve: list[dict], *, final: bool) -> None:
+    lora_dir, standalone_dir = trunk.save(out_dir)
+    save_value_model(out_dir, spec, heads, lora_dir=lora_dir, standalone_dir=standalone_dir)
+    (out_dir / CURVE_FILE).write_text(json.dumps(curve) + "\n")
+    state_dir = out_dir / TRAIN_STATE_DIR
+    if final:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        return
+    state_dir.mkdir(parents=True, exist_ok=True)
+    state = {
+        "run": fingerprint,
+        "step": step,
+        "heads": heads.state_dict(),
+        "trunk": {n: p.detach().clone() for n, p in trunk.trainable_parameters().items()},
+        "optimizer": optimizer.state_dict(),
+        "curve": json.dumps(curve),
+    }
+    tmp = state_dir / (TRAIN_STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, state_dir / TRAIN_STATE_FILE)  # an interruption mid-write keeps the old state
+
+
+def _restore(path: Path, fingerprint: str, heads: ValueHeads, trunk: TrainingTrunk, optimizer) -> tuple[int, list[dict]]:
+    state = torch.load(path, weights_only=True)  # tensors and plain data only: no pickled code
+    if state["run"] != fingerprint:
+        raise ValueError(
+            f"{path} holds the training state of a run with different settings; resume with the same "
+            f"settings and data, or delete {path.parent} to start afresh")
+    heads.load_state_dict(state["heads"])
+    params = trunk.trainable_parameters()
+    with torch.no_grad():
+        for name, value in state["trunk"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), json.loads(state["curve"])
