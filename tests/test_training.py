@@ -174,13 +174,11 @@ def test_lora_checkpoint_round_trip(models, vocab_hash, tmp_path):
                         reward_units=False)
     for b, v in enumerate(ours):
         assert torch.allclose(v, reference[:, b, :v.shape[1]], atol=1e-4)
-    # The adapter was trained (peft initialises B to 0): without it the values differ.
-    plain = load_value_model(path, models["base"])
-    plain_trunk_hidden = AutoModelForCausalLM.from_pretrained(str(models["base"]), num_hidden_layers=1)
+    # The adapter was trained (peft initialises B to 0): without it the hidden states differ.
+    without_lora = AutoModelForCausalLM.from_pretrained(str(models["base"]), num_hidden_layers=1)
     with torch.no_grad():
-        base_hidden = plain_trunk_hidden.model(input_ids=batch.tokens).last_hidden_state
+        base_hidden = without_lora.model(input_ids=batch.tokens).last_hidden_state
     assert not torch.allclose(base_hidden, hidden, atol=1e-4)
-    assert plain.spec == served.spec
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(models, vocab_hash, tmp_path):

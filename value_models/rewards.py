@@ -106,11 +106,18 @@ def _first_line(doc: str | None) -> str:
     return (doc or "").strip().split("\n")[0]
 
 
+def describe(spec: str) -> str:
+    """A one-line description of a reward spec, without loading any model."""
+    if spec in BUILTINS:
+        return " ".join((BUILTINS[spec].__doc__ or "").split())
+    return f"reward {spec}"
+
+
 def load_reward(spec: str) -> Reward:
     """The reward named by `spec` (see the module docstring)."""
     if spec in BUILTINS:
         fn = BUILTINS[spec]
-        return Reward(spec, " ".join((fn.__doc__ or "").split()), _per_text(fn))
+        return Reward(spec, describe(spec), _per_text(fn))
     if spec.startswith(HF_PREFIX):
         return _classifier_reward(spec)
     if ":" in spec:

@@ -34,7 +34,9 @@ class VASConfig:
     # Most VAS requests holding a value cache at once; None = the scheduler's max_num_seqs, which
     # vLLM never exceeds, so the preallocated cache can never be full.
     max_requests: int | None = None
-    dtype: str = "float32"
+    # Value-model dtype; "auto" follows the base model (bfloat16 for the embedded SmolLM2, where
+    # it runs ~5x faster than float32 on this CPU), "float32" for exact reference checks.
+    dtype: str = "auto"
     device: str | None = None  # None: the worker's device
 
     def __post_init__(self):

@@ -185,7 +185,7 @@ def _build_runtime(config: VASConfig, vllm_config: "VllmConfig", device: torch.d
     tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or base_dir,
                                               trust_remote_code=model_config.trust_remote_code)
     identity = tokenizer_identity(tokenizer)
-    dtype = getattr(torch, config.dtype)
+    dtype = model_config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
     value_device = torch.device(config.device) if config.device else device
     models = [
         load_value_model(path, base_dir, name=name, base_tokenizer=identity, base_model_name=base_dir,

@@ -38,12 +38,21 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
     return APIError(400, message, param=param, code=code)
 
 
+# Pydantic appends the member type to the location of an error inside a union field
+# (("body", "stop", "list[str]")); these are not parameter names.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def param_path(loc: Sequence[Any]) -> str | None:
     """FastAPI's error location ("body", "messages", 0, "content") as `messages[0].content`."""
-    parts = [p for p in loc if p != "body"]
     out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _TYPE_TAGS or not str(part).isidentifier():
+            break
+        else:
+            out += f".{part}" if out else str(part)
     return out or None
 
 
@@ -57,7 +66,8 @@ def validation_error(exc: RequestValidationError) -> APIError:
     if first.get("type") == "extra_forbidden":
         return bad_request(f"Unrecognized request argument supplied: {param}", param, code="unknown_parameter")
     if first.get("type") == "missing":
-        return bad_request(f"Missing required parameter: {param}", param, code="missing_required_parameter")
+        what = f"parameter: {param}" if param else "request body"
+        return bad_request(f"Missing required {what}", param, code="missing_required_parameter")
     return bad_request(f"Invalid value for {param or 'the request body'}: {first['msg']}", param)
 
 

@@ -41,7 +41,10 @@ def completion_logprobs(token_ids: Sequence[int], positions: Sequence[TokenLogpr
         chosen = position[token_id]
         out.tokens.append(_text(chosen))
         out.token_logprobs.append(_value(chosen))
-        out.top_logprobs.append({_text(lp): _value(lp) for lp in _top(position, k)})
+        top: dict[str, float] = {}
+        for lp in _top(position, k):  # different ids can share a text (e.g. partial UTF-8): keep the likelier
+            top.setdefault(_text(lp), _value(lp))
+        out.top_logprobs.append(top)
         out.text_offset.append(text_offset)
         text_offset += len(_text(chosen))
     return out, text_offset

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Iterable, Mapping
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ def route_label(request) -> str:
 
 class Metrics:
     def __init__(self, unfinished_engine_requests: Callable[[], int]):
+        disable_created_metrics()  # the `*_created` timestamp series double the output for nothing
         self.registry = CollectorRegistry()
         r = self.registry
         self.responses = Counter("vas_server_responses", "HTTP responses by path and status code",

@@ -161,7 +161,15 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # null until the choice's last chunk
+
+    @model_serializer(mode="wrap")
+    def _without_null_logprobs(self, handler):
+        # Optional in the spec, and not nullable there: leave it out rather than send null.
+        data = handler(self)
+        if data["logprobs"] is None:
+            del data["logprobs"]
+        return data
 
 
 class ChatCompletionChunk(BaseModel):

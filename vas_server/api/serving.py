@@ -141,10 +141,12 @@ async def serve(endpoint: Endpoint, request: GenerationRequest, http: Request, s
     return JSONResponse(response.model_dump(mode="json"))
 
 
-def _event(payload: BaseModel | dict, include_usage: bool = True) -> str:
-    data = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload
-    if not include_usage:
-        data.pop("usage", None)  # OpenAI sends the key only when the client asked for usage
+def _event(payload: BaseModel) -> str:
+    data = payload.model_dump(mode="json")
+    if "usage" in data and data["usage"] is None:
+        # Only the last chunk carries usage (when asked for); the others omit the key, which
+        # clients read as null and which the spec's non-nullable completions usage allows.
+        del data["usage"]
     return f"data: {json.dumps(data)}\n\n"
 
 
@@ -155,10 +157,10 @@ async def _sse(endpoint: Endpoint, ctx: ResponseContext, jobs: list[EngineJob], 
     metrics.in_flight.inc()
     try:
         for chunk in endpoint.stream_start(ctx, jobs):
-            yield _event(chunk, ctx.include_usage)
+            yield _event(chunk)
         async for job, delta in stream_outputs(state.engine, jobs, ctx.id):
             completion_tokens += len(delta.token_ids)
-            yield _event(endpoint.chunk(ctx, job, delta), ctx.include_usage)
+            yield _event(endpoint.chunk(ctx, job, delta))
         if ctx.include_usage:
             yield _event(endpoint.usage_chunk(ctx, _usage(ctx.prompt_tokens, completion_tokens)))
     except Exception as e:  # headers are sent: report in the stream, as OpenAI does

@@ -1,4 +1,5 @@
-"""Hand-built value models for tests: random heads, and heads that value one chosen token."""
+"""Hand-built value models: random heads (for throughput benchmarks and tests) and heads that
+value one chosen token (for steering tests). No training involved."""
 
 from __future__ import annotations
 

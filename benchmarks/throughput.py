@@ -1,0 +1,167 @@
+"""Decode throughput of plain vLLM against VAS (issue 3's benchmark).
+
+Setup: the embedded SmolLM2-135M-Instruct base; value models with a `base_prefix` trunk of the
+base's first 6 layers and random heads (throughput does not depend on what heads learned);
+1 and 3 heads; token heads; state heads with K = 5 and 20; batch 1, 8 and 32; 64 new tokens.
+Also times a one-forward-per-candidate loop like the paper's public code (HF transformers, no
+value cache, every candidate recomputed), for contrast.
+
+    python benchmarks/throughput.py [--batches 1 8 32] [--tokens 64] [--out benchmarks/results/throughput.json]
+
+Prints a table and writes JSON. Ratios are to plain vLLM measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = [
+    "Tell me about your favourite holiday.", "What do you think of rainy days?",
+    "Write a short note to a friend.", "How was your weekend?", "Describe a cat in two sentences.",
+    "What should I cook tonight?", "Give me advice for a job interview.", "Why is the sky blue?",
+]
+
+# name -> (heads [(name, kind)], top_k)
+CONFIGS = {
+    "token x1": ([("tok1", "token")], 20),
+    "token x3": ([("tok1", "token"), ("tok2", "token"), ("tok3", "token")], 20),
+    "state x1 K=5": ([("st1", "state")], 5),
+    "state x3 K=5": ([("st1", "state"), ("st2", "state"), ("st3", "state")], 5),
+    "state x1 K=20": ([("st1", "state")], 20),
+    "state x3 K=20": ([("st1", "state"), ("st2", "state"), ("st3", "state")], 20),
+}
+
+
+def build_value_models(base: Path, root: Path) -> dict[str, str]:
+    from value_models.format import TrunkSpec
+    from value_models.synthetic import random_value_model
+
+    trunk = TrunkSpec("base_prefix", num_layers=6)
+    return {
+        "tokens": str(random_value_model(root / "tokens", base, [(f"tok{i}", "token") for i in (1, 2, 3)],
+                                         seed=1, trunk=trunk)),
+        "states": str(random_value_model(root / "states", base, [(f"st{i}", "state") for i in (1, 2, 3)],
+                                         seed=2, trunk=trunk)),
+    }
+
+
+def chat_ids(tok, text: str) -> list[int]:
+    prompt = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return tok.encode(prompt, add_special_tokens=False)
+
+
+def chat_prompts(llm, n: int) -> list[dict]:
+    ids = [chat_ids(llm.get_tokenizer(), p) for p in PROMPTS]
+    return [{"prompt_token_ids": ids[i % len(ids)]} for i in range(n)]
+
+
+def tokens_per_second(llm, batch: int, new_tokens: int, extra_args, repeats: int) -> float:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.8, seed=0, max_tokens=new_tokens, ignore_eos=True, extra_args=extra_args)
+    prompts = chat_prompts(llm, batch)
+    llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = llm.generate(prompts, params, use_tqdm=False)
+        best = min(best, time.perf_counter() - start)
+        assert all(len(o.outputs[0].token_ids) == new_tokens for o in out)
+    return batch * new_tokens / best
+
+
+def paper_loop_tokens_per_second(base: Path, value_model: str, head: str, top_k: int, new_tokens: int) -> float:
+    """Batch 1, HF transformers: a base forward, then one value forward per candidate, no caches."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from value_models.model import load_value_model
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    lm = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    vm = load_value_model(value_model, base)
+    g = vm.heads.state_names.index(head)
+    s = chat_ids(tok, PROMPTS[0])
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = lm(torch.tensor([s])).logits[0, -1]
+            top = torch.topk(logits, top_k)
+            q = torch.stack([vm.heads.state_values(vm.trunk.forward_causal(torch.tensor([s + [a]]))[0, -1])[g]
+                             for a in top.indices.tolist()])
+            s.append(int(top.indices[torch.argmax(top.values + (q - q.mean()))]))
+    return new_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--paper-tokens", type=int, default=16)
+    ap.add_argument("--out", default="benchmarks/results/throughput.json")
+    args = ap.parse_args()
+
+    from vllm import LLM
+
+    from vas_server.base_model import ensure_base_model
+    from vas_server.config import VASConfig
+    from vas_server.engine import engine_kwargs
+    from vas_server.params import make_extra_args
+
+    base = ensure_base_model()
+    common = dict(dtype="bfloat16", max_model_len=1024, max_num_seqs=max(args.batches), seed=0,
+                  disable_log_stats=True)
+    results: dict[str, dict[int, float]] = {}
+
+    llm = LLM(**engine_kwargs(str(base), None, **common))
+    results["plain vLLM"] = {b: tokens_per_second(llm, b, args.tokens, None, args.repeats) for b in args.batches}
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+
+    root = Path(tempfile.mkdtemp(prefix="vas-bench-"))
+    value_models = build_value_models(base, root)
+    llm = LLM(**engine_kwargs(str(base), VASConfig(value_models=value_models), **common))
+    for name, (heads, top_k) in CONFIGS.items():
+        extra = make_extra_args({h: 1.0 for h, _ in heads}, top_k=top_k)
+        results[name] = {b: tokens_per_second(llm, b, args.tokens, extra, args.repeats) for b in args.batches}
+        print(f"  {name}: " + ", ".join(f"b{b} {v:.1f}" for b, v in results[name].items()), flush=True)
+    stats = llm.collective_rpc("vas_stats")[0]
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+
+    paper = {k: paper_loop_tokens_per_second(base, value_models["states"], "st1", k, args.paper_tokens) for k in (5, 20)}
+
+    plain = results["plain vLLM"]
+    header = f"{'config':<16}" + "".join(f"{'b=' + str(b) + ' tok/s':>14}{'ratio':>8}" for b in args.batches)
+    lines = [header, "-" * len(header)]
+    for name, row in results.items():
+        lines.append(f"{name:<16}" + "".join(f"{row[b]:>14.1f}{row[b] / plain[b]:>8.2f}" for b in args.batches))
+    for k, v in paper.items():
+        lines.append(f"{'paper loop K=' + str(k):<16}{v:>14.1f}{v / plain[args.batches[0]] if args.batches[0] == 1 else float('nan'):>8.2f}"
+                     "   (batch 1, HF, one value forward per candidate)")
+    print("\n".join(lines))
+
+    out = {
+        "command": "python benchmarks/throughput.py " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": __import__("os").cpu_count()},
+        "new_tokens": args.tokens,
+        "tokens_per_second": {n: {str(b): v for b, v in row.items()} for n, row in results.items()},
+        "ratio_to_plain": {n: {str(b): v / plain[b] for b, v in row.items()} for n, row in results.items()},
+        "paper_loop_batch1_tokens_per_second": {str(k): v for k, v in paper.items()},
+        "value_runtime": {"steps": stats["steps"], "seconds": stats["runtime_seconds_total"]},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

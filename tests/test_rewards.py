@@ -1,0 +1,89 @@
+"""Reward functions on fixed texts."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from value_models.rewards import load_reward  # noqa: E402
+
+
+def score(spec: str, *responses: str) -> list[float]:
+    return load_reward(spec).score([""] * len(responses), list(responses))
+
+
+def test_positive_is_vader_compound():
+    happy, sad, neutral = score("positive", "I love this, it is wonderful!", "This is terrible and sad.",
+                                "The train leaves at noon.")
+    assert happy > 0.5 and sad < -0.5 and neutral == 0.0
+
+
+def test_concise_prefers_shorter_and_is_bounded():
+    empty, short, long = score("concise", "", "Yes, at noon.", " ".join(["word"] * 150))
+    assert empty == 1.0
+    assert short == pytest.approx(math.exp(-3 / 50))
+    assert long == pytest.approx(math.exp(-3)) and 0 < long < short < empty
+
+
+def test_simple_is_clipped_flesch_reading_ease():
+    easy, hard, empty = score(
+        "simple", "The cat sat on the mat. It was fun.",
+        "Photosynthesis constitutes a biochemical mechanism whereby chlorophyll-containing organisms "
+        "transform electromagnetic radiation into chemically stored energy.", "")
+    import textstat
+
+    assert easy == pytest.approx(min(textstat.flesch_reading_ease("The cat sat on the mat. It was fun."), 100) / 100)
+    assert easy > 0.9 and hard == 0.0 and empty == 0.0  # the hard text's raw score is negative
+
+
+def test_clean_counts_profane_words():
+    assert score("clean", "What a lovely day.", "What the shit.", "shit shit") == [1.0, 0.5, 1 / 3]
+
+
+def length_in_characters(prompt: str, response: str) -> float:
+    """Characters in the response (a user reward for the test)."""
+    return float(len(response))
+
+
+def test_user_reward_from_module_function():
+    reward = load_reward("test_rewards:length_in_characters")
+    assert reward.score(["p", "q"], ["abc", ""]) == [3.0, 0.0]
+    assert reward.description == "Characters in the response (a user reward for the test)."
+
+
+def test_unknown_and_broken_rewards_fail_clearly():
+    with pytest.raises(ValueError, match="unknown reward 'happy'"):
+        load_reward("happy")
+    with pytest.raises(ValueError, match="cannot import"):
+        load_reward("test_rewards:no_such_function")
+    with pytest.raises(ValueError, match="not a local Hugging Face model directory"):
+        load_reward("hf:/nonexistent/classifier")
+
+
+def test_classifier_directory_reward(tmp_path):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from tiny_models import build_tokenizer
+
+    build_tokenizer(tmp_path / "clf")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "clf"))
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=64, num_labels=2,
+                         id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(str(tmp_path / "clf"))
+    texts = ["I love sunny days.", "This is terrible.", "Paris"]
+    positive = score(f"hf:{tmp_path / 'clf'}", *texts)  # default: the last label
+    negative = score(f"hf:{tmp_path / 'clf'}#negative", *texts)
+    assert all(0 < p < 1 for p in positive)
+    assert positive == pytest.approx([1 - n for n in negative], abs=1e-5)
+    assert len(set(round(p, 6) for p in positive)) == 3  # depends on the text
+    with pytest.raises(ValueError, match="no label 'joy'"):
+        load_reward(f"hf:{tmp_path / 'clf'}#joy")

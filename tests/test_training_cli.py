@@ -1,0 +1,48 @@
+"""The vas-train pipeline end to end on a tiny model: sample (real vLLM) -> score -> fit -> load."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import build_llama, build_tokenizer  # noqa: E402
+
+from value_models.cli import main  # noqa: E402
+from value_models.format import load_spec  # noqa: E402
+from value_models.model import load_value_model  # noqa: E402
+from value_models.records import read_samples  # noqa: E402
+
+
+@pytest.mark.slow
+def test_sample_score_fit(tmp_path):
+    build_tokenizer(tmp_path / "tok")
+    base = build_llama(tmp_path / "base", tmp_path / "tok", seed=0)
+    (tmp_path / "prompts.txt").write_text("Hello, how are you\nWhat is the capital of France?\n")
+    samples_file = tmp_path / "samples.jsonl"
+    main(["sample", "--base", str(base), "--prompts", str(tmp_path / "prompts.txt"), "--samples-per-prompt", "3",
+          "--max-tokens", "12", "--dtype", "float32", "--max-model-len", "128", "--out", str(samples_file)])
+    samples = read_samples(samples_file)
+    assert len(samples) == 6
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base))
+    first = samples[0]
+    assert tok.decode(first.prompt_token_ids).startswith("<|user|>Hello, how are you<|end|><|assistant|>")
+    assert 1 <= len(first.response_token_ids) <= 12 and first.base_logprob < 0
+    # Seeded per (prompt, sample): the three samples of a prompt differ.
+    assert len({tuple(s.response_token_ids) for s in samples[:3]}) == 3
+
+    main(["score", str(samples_file), "--reward", "simple", "--reward", "concise"])
+    assert all(set(s.rewards) == {"simple", "concise"} for s in read_samples(samples_file))
+
+    out = tmp_path / "vm"
+    main(["fit", str(samples_file), "--base", str(base), "--head", "concise:token", "--head", "easy:state:simple",
+          "--num-layers", "1", "--epochs", "2", "--batch-size", "4", "--out", str(out)])
+    spec = load_spec(out)
+    assert [h.name for h in spec.heads] == ["concise", "easy"]
+    assert spec.head("easy").description.startswith("Readability")
+    load_value_model(out, base)

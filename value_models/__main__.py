@@ -1,0 +1,4 @@
+from value_models.cli import main
+
+if __name__ == "__main__":
+    main()

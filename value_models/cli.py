@@ -1,0 +1,166 @@
+"""`vas-train` / `python -m value_models`: sample, score, fit and convert value models.
+
+    vas-train sample --chitchat train --num-prompts 1000 --out data/samples.jsonl
+    vas-train score data/samples.jsonl --reward positive --reward concise
+    vas-train fit data/samples.jsonl --head positive:token --num-layers 4 --out value_models/demo/positive
+    vas-train convert-trl path/to/trl_checkpoint --out my_value_model
+
+The base defaults to the embedded SmolLM2-135M-Instruct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _base_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    from vas_server.base_model import ensure_base_model
+
+    return ensure_base_model()
+
+
+def _cmd_sample(args) -> None:
+    from value_models.prompts import chitchat_prompts, pick, read_prompts
+    from value_models.records import write_samples
+    from value_models.sample import sample
+
+    if bool(args.prompts) == bool(args.chitchat):
+        sys.exit("give exactly one of --prompts FILE or --chitchat {train,heldout}")
+    prompts = read_prompts(args.prompts) if args.prompts else chitchat_prompts(args.chitchat)
+    prompts = pick(prompts, args.num_prompts, seed=args.seed)
+    samples = sample(_base_dir(args.base), prompts, samples_per_prompt=args.samples_per_prompt,
+                     max_tokens=args.max_tokens, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len)
+    write_samples(args.out, samples)
+    print(f"wrote {len(samples)} samples to {args.out}")
+
+
+def _cmd_score(args) -> None:
+    from value_models.records import read_samples, write_samples
+    from value_models.score import score
+
+    samples = read_samples(args.samples)
+    score(samples, args.reward)
+    write_samples(args.out or args.samples, samples)
+    for spec in args.reward:
+        values = [s.rewards[spec] for s in samples]
+        mean = sum(values) / len(values)
+        print(f"{spec}: mean {mean:.4f} over {len(values)} samples")
+
+
+def _parse_head(text: str):
+    """NAME:KIND[:REWARD] -- the reward defaults to NAME."""
+    from value_models.rewards import describe
+    from value_models.train import HeadPlan
+
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"--head {text!r}: expected NAME:KIND[:REWARD], e.g. positive:token")
+    reward = parts[2] if len(parts) == 3 else parts[0]
+    try:
+        return HeadPlan(parts[0], parts[1], reward, describe(reward))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _cmd_fit(args) -> None:
+    from value_models.records import read_samples
+    from value_models.train import FitConfig, fit
+    from value_models.training_trunk import TrunkPlan
+
+    samples = read_samples(args.samples)
+    if args.standalone:
+        trunk = TrunkPlan("standalone", args.standalone, num_layers=args.num_layers, train_trunk=args.train_trunk)
+    else:
+        trunk = TrunkPlan("base_prefix", str(_base_dir(args.base)), num_layers=args.num_layers, lora_r=args.lora_r,
+                          lora_alpha=args.lora_alpha)
+    config = FitConfig(heads=args.head, trunk=trunk, lam=args.lam, epochs=args.epochs, batch_size=args.batch_size,
+                       lr=args.lr, trunk_lr=args.trunk_lr, passes_per_batch=args.passes, seed=args.seed,
+                       checkpoint_every=args.checkpoint_every, extra={"samples": Path(args.samples).name})
+    result = fit(samples, config, args.out)
+    last = result.curve[-1]["loss"] if result.curve else {}
+    print(f"saved {result.path} after {result.steps} steps; last losses {last}")
+
+
+def _cmd_convert_trl(args) -> None:
+    from value_models.trl import convert_trl
+
+    base_identity = None
+    if args.base:
+        from transformers import AutoTokenizer
+
+        from value_models.format import tokenizer_identity
+
+        base_identity = tokenizer_identity(AutoTokenizer.from_pretrained(args.base))
+    path = convert_trl(args.trl_dir, args.out, head_name=args.head_name, reward_mean=args.reward_mean,
+                       reward_std=args.reward_std, base_tokenizer=base_identity)
+    print(f"wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vas-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="sample responses from the frozen base model")
+    p.add_argument("--base", help="base model HF directory (default: the embedded SmolLM2)")
+    p.add_argument("--prompts", help="prompts file: .jsonl with a 'prompt' field, or text, one per line")
+    p.add_argument("--chitchat", choices=["train", "heldout"], help="use a split of the chitchat-dataset prompts")
+    p.add_argument("--num-prompts", type=int, help="how many prompts (a seeded random choice); default all")
+    p.add_argument("--samples-per-prompt", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("score", help="add rewards to sampled responses")
+    p.add_argument("samples")
+    p.add_argument("--reward", action="append", required=True,
+                   help="positive | concise | simple | clean | module:function | hf:DIR[#label] (repeatable)")
+    p.add_argument("--out", help="output JSONL (default: rewrite the input)")
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("fit", help="TD(lambda) training of a value model")
+    p.add_argument("samples")
+    p.add_argument("--head", action="append", required=True, type=_parse_head,
+                   help="NAME:KIND[:REWARD], kind state or token (repeatable: heads share the trunk)")
+    p.add_argument("--base", help="base model HF directory for a base_prefix trunk (default: the embedded SmolLM2)")
+    p.add_argument("--num-layers", type=int, help="base layers kept by a base_prefix trunk (or standalone layers)")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on a base_prefix trunk (0: frozen trunk)")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--standalone", help="HF directory of a standalone trunk (instead of a base prefix)")
+    p.add_argument("--train-trunk", action="store_true", help="fine-tune every weight of the standalone trunk")
+    p.add_argument("--lam", type=float, default=0.95)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--trunk-lr", type=float, default=1e-4)
+    p.add_argument("--passes", type=int, default=2, help="passes per batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("convert-trl", help="import a TRL AutoModelForCausalLMWithValueHead checkpoint")
+    p.add_argument("trl_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--head-name", default="value")
+    p.add_argument("--reward-mean", type=float, default=0.0)
+    p.add_argument("--reward-std", type=float, default=1.0)
+    p.add_argument("--base", help="refuse the checkpoint unless it shares this base model's tokenizer")
+    p.set_defaults(func=_cmd_convert_trl)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""`sample`: responses from the frozen base model, the data value models learn from (VAS_SPEC §2).
+
+The base samples at temperature 1 with no top-k / top-p truncation, so the responses follow the
+base policy p0 whose values VAS needs. Each prompt is wrapped in the base's chat template as one
+user turn, exactly as the server would see a chat request. Every (prompt, sample index) gets its
+own seed, so a prompt's responses do not depend on which other prompts share the batch.
+
+vLLM starts worker processes: scripts that call `sample` need an `if __name__ == "__main__":` guard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from value_models.records import Sample
+
+SEEDS_PER_PROMPT = 1_000  # seed of sample j of prompt i: seed + i * SEEDS_PER_PROMPT + j
+
+
+def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    # The template already contains any BOS token it wants.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt: int = 1, max_tokens: int = 96,
+           seed: int = 0, dtype: str = "auto", max_model_len: int = 1024, **engine_overrides) -> list[Sample]:
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    from value_models.format import tokenizer_identity
+    from vas_server.engine import engine_kwargs
+
+    if samples_per_prompt > SEEDS_PER_PROMPT:
+        raise ValueError(f"at most {SEEDS_PER_PROMPT} samples per prompt")
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
+    vocab_hash = tokenizer_identity(tokenizer).vocab_hash
+    prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + max_tokens > max_model_len]
+    if too_long:
+        raise ValueError(f"{len(too_long)} prompts (first: #{too_long[0]}) do not fit max_model_len={max_model_len} "
+                         f"with max_tokens={max_tokens}")
+    # No chunked prefill: vLLM 0.32 (CPU) fails on a seeded request whose prefill is split
+    # ("CPU Generator does not use offset"), and we seed every request.
+    engine_overrides.setdefault("enable_chunked_prefill", False)
+    llm = LLM(**engine_kwargs(str(base_model_dir), None, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                              **engine_overrides))
+    requests, params, owners = [], [], []
+    for i, ids in enumerate(prompt_ids):
+        for j in range(samples_per_prompt):
+            requests.append(TokensPrompt(prompt_token_ids=ids))
+            # logprobs=0: the log-prob of each sampled token under the raw base distribution.
+            params.append(SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens,
+                                         seed=seed + i * SEEDS_PER_PROMPT + j, logprobs=0))
+            owners.append(i)
+    outputs = llm.generate(requests, params)
+    result = []
+    for i, out in zip(owners, outputs):
+        completion = out.outputs[0]
+        result.append(Sample(prompt=prompts[i], prompt_token_ids=list(prompt_ids[i]), response=completion.text,
+                             response_token_ids=list(completion.token_ids),
+                             finish_reason=str(completion.finish_reason),
+                             base_logprob=completion.cumulative_logprob, vocab_hash=vocab_hash))
+    return result
