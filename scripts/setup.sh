@@ -9,7 +9,11 @@ command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 VENV=.venv
 STAMP=$VENV/.vas-setup-stamp
 
-if nvidia-smi >/dev/null 2>&1; then FLAVOUR=gpu; else FLAVOUR=cpu; fi
+# VAS_SETUP_FLAVOUR=gpu|cpu forces the build (a Docker build has no GPU to probe).
+FLAVOUR=${VAS_SETUP_FLAVOUR:-}
+if [ -z "$FLAVOUR" ]; then
+    if nvidia-smi >/dev/null 2>&1; then FLAVOUR=gpu; else FLAVOUR=cpu; fi
+fi
 WANT="$FLAVOUR $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then

@@ -69,7 +69,7 @@ def value_models(tiny_dir, tiny_base, liked_token) -> dict[str, str]:
     }
 
 
-def _engine_overrides() -> dict:
+def engine_overrides() -> dict:
     return dict(dtype="float32", max_model_len=MAX_MODEL_LEN, num_gpu_blocks_override=KV_BLOCKS,
                 max_num_seqs=16, seed=0, disable_log_stats=True)
 
@@ -81,7 +81,7 @@ def vas_llm(tiny_base, value_models):
     from vas_server.config import VASConfig
     from vas_server.engine import engine_kwargs
 
-    llm = LLM(**engine_kwargs(str(tiny_base), VASConfig(value_models=value_models), **_engine_overrides()))
+    llm = LLM(**engine_kwargs(str(tiny_base), VASConfig(value_models=value_models), **engine_overrides()))
     yield llm
     del llm
     gc.collect()
@@ -93,7 +93,7 @@ def plain_llm(tiny_base):
 
     from vas_server.engine import engine_kwargs
 
-    llm = LLM(**engine_kwargs(str(tiny_base), None, **_engine_overrides()))
+    llm = LLM(**engine_kwargs(str(tiny_base), None, **engine_overrides()))
     yield llm
     del llm
     gc.collect()

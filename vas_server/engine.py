@@ -8,6 +8,10 @@ Why each setting:
     hold placeholders for tokens not yet sampled; VAS must see committed tokens only.
   * VLLM_CPU_OMP_THREADS_BIND=nobind on small CPU machines, or the worker gets one thread.
   * enforce_eager on CPU: starts in seconds instead of compiling.
+  * enable_chunked_prefill=False on CPU: vLLM 0.32's CPU build kills the engine
+    ("CPU Generator does not use offset") when a seeded request's prefill is split over steps;
+    it rewinds the request's generator with a CUDA-only call. VAS itself is correct under chunked
+    prefill (tests/test_chunked_prefill.py runs it with greedy requests, which have no generator).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def engine_kwargs(model: str, vas: VASConfig | None = None, **overrides: Any) ->
     kwargs: dict[str, Any] = {"model": model, "async_scheduling": False}
     if not on_gpu():
         kwargs["enforce_eager"] = True
+        kwargs["enable_chunked_prefill"] = False
     if vas is not None:
         vas.heads()  # fail fast, in this process, on a bad value-model directory or a name clash
         kwargs["logits_processors"] = [PROCESSOR_FQCN]
@@ -57,6 +62,10 @@ def engine_kwargs(model: str, vas: VASConfig | None = None, **overrides: Any) ->
 
         VASLogitsProcessor.register_heads(vas.heads())
     kwargs.update(overrides)
+    if vas is not None and vas.max_requests is not None:
+        # The value cache holds max_requests requests. Capping the scheduler's concurrency at the
+        # same number makes further requests wait in vLLM's queue instead of overflowing it.
+        kwargs["max_num_seqs"] = min(kwargs.get("max_num_seqs") or vas.max_requests, vas.max_requests)
     return kwargs
 
 

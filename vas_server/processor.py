@@ -119,8 +119,8 @@ class VASLogitsProcessor(LogitsProcessor):
             self.resumed_requests += 1
         slot = runtime.allocate()
         if slot is None:
-            # Cannot happen with the default capacity (= max_num_seqs); the server also queues VAS
-            # requests beyond capacity before they reach the engine.
+            # Unreachable through engine_kwargs, which caps max_num_seqs at the cache capacity
+            # (so extra requests wait in vLLM's queue); only a hand-built engine can get here.
             self.dropped_requests += 1
             logger.error("VAS value cache full (%d requests); request runs unsteered", runtime.max_requests)
             return None
