@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     serve.add_argument("--default-top-k", type=int, default=None,
                        help="VAS candidates per step when a request sets no vas_top_k (default: 20)")
+    serve.add_argument("--max-vas-requests", type=int, default=None,
+                       help="requests that can hold a value cache at once; also caps the engine's concurrency "
+                            "(default: max_num_seqs if given, else 32)")
     serve.add_argument("--engine-arg", action="append", type=parse_engine_arg, default=[], metavar="KEY=VALUE",
                        help="any other vLLM engine argument (AsyncEngineArgs field), e.g. max_num_seqs=64; "
                             "VALUE is read as JSON when it parses, else as a string; repeatable")
@@ -118,6 +121,8 @@ def server_config(args: argparse.Namespace):
     vas = None
     if value_models:
         options = {} if args.default_top_k is None else {"default_top_k": args.default_top_k}
+        if args.max_vas_requests is not None:
+            options["max_requests"] = args.max_vas_requests
         try:
             vas = VASConfig(value_models=value_models, **options)
             vas.heads()  # a bad directory fails here, with its message, before anything starts

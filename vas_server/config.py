@@ -31,8 +31,9 @@ class HeadInfo:
 class VASConfig:
     value_models: dict[str, str] = field(default_factory=dict)  # name -> checkpoint directory
     default_top_k: int = DEFAULT_TOP_K
-    # Most VAS requests holding a value cache at once; None = the scheduler's max_num_seqs, which
-    # vLLM never exceeds, so the preallocated cache can never be full.
+    # Most requests holding a value cache at once. engine_kwargs resolves None (to max_num_seqs or
+    # DEFAULT_VAS_REQUESTS) and caps vLLM's max_num_seqs at it, so the preallocated cache is never
+    # full: extra requests wait in vLLM's queue.
     max_requests: int | None = None
     # Value-model dtype; "auto" follows the base model (bfloat16 for the embedded SmolLM2, where
     # it runs ~5x faster than float32 on this CPU), "float32" for exact reference checks.

@@ -16,11 +16,15 @@ Why each setting:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 from vas_server.config import VASConfig
 
+# Value-cache capacity when neither VASConfig.max_requests nor max_num_seqs is given. vLLM's own
+# default concurrency (256+) would preallocate gigabytes of value cache at long context lengths.
+DEFAULT_VAS_REQUESTS = 32
 PROCESSOR_FQCN = "vas_server.processor:VASLogitsProcessor"
 WORKER_EXTENSION = "vas_server.processor.VASWorkerExtension"  # adds `collective_rpc("vas_stats")`
 
@@ -52,7 +56,12 @@ def engine_kwargs(model: str, vas: VASConfig | None = None, **overrides: Any) ->
         kwargs["enforce_eager"] = True
         kwargs["enable_chunked_prefill"] = False
     if vas is not None:
-        vas.heads()  # fail fast, in this process, on a bad value-model directory or a name clash
+        heads = vas.heads()  # fails fast, here, on a bad value-model directory or a name clash
+        # The value cache holds max_requests requests. Capping the scheduler's concurrency at the
+        # same number makes further requests wait in vLLM's queue instead of overflowing it.
+        capacity = vas.max_requests or overrides.get("max_num_seqs") or DEFAULT_VAS_REQUESTS
+        vas = dataclasses.replace(vas, max_requests=capacity)
+        overrides["max_num_seqs"] = min(overrides.get("max_num_seqs") or capacity, capacity)
         kwargs["logits_processors"] = [PROCESSOR_FQCN]
         kwargs["worker_extension_cls"] = WORKER_EXTENSION
         additional = dict(overrides.pop("additional_config", None) or {})
@@ -60,12 +69,8 @@ def engine_kwargs(model: str, vas: VASConfig | None = None, **overrides: Any) ->
         kwargs["additional_config"] = additional
         from vas_server.processor import VASLogitsProcessor
 
-        VASLogitsProcessor.register_heads(vas.heads())
+        VASLogitsProcessor.register_heads(heads)
     kwargs.update(overrides)
-    if vas is not None and vas.max_requests is not None:
-        # The value cache holds max_requests requests. Capping the scheduler's concurrency at the
-        # same number makes further requests wait in vLLM's queue instead of overflowing it.
-        kwargs["max_num_seqs"] = min(kwargs.get("max_num_seqs") or vas.max_requests, vas.max_requests)
     return kwargs
 
 
