@@ -4,6 +4,7 @@
     vas-train score data/samples.jsonl --reward positive --reward concise
     vas-train fit data/samples.jsonl --head positive:token --num-layers 4 --out value_models/demo/positive
     vas-train convert-trl path/to/trl_checkpoint --out my_value_model
+    vas-train eval value_models/demo/smollm2 --num-prompts 200 --max-tokens 40 --out eval_out
 
 The base defaults to the embedded SmolLM2-135M-Instruct.
 """
@@ -100,6 +101,48 @@ def _cmd_convert_trl(args) -> None:
     print(f"wrote {path}")
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _cmd_eval(args) -> None:
+    from value_models.evaluate import EvalConfig, evaluate
+    from value_models.prompts import chitchat_prompts, pick, read_prompts
+
+    prompts = read_prompts(args.prompts) if args.prompts else chitchat_prompts(args.chitchat)
+    prompts = pick(prompts, args.num_prompts, seed=args.seed)
+    rewards = {}
+    for item in args.reward or []:
+        head, sep, spec = item.partition("=")
+        if not sep:
+            sys.exit(f"--reward {item!r}: expected HEAD=SPEC, e.g. positive=positive")
+        rewards[head] = spec
+    config = EvalConfig(value_model=args.value_model, base=str(_base_dir(args.base)), prompts=prompts,
+                        weights=args.weights, grid_heads=args.grid_heads, grid_weights=args.grid_weights,
+                        bon=args.bon, rewards=rewards or None, heads=args.heads, max_tokens=args.max_tokens,
+                        top_k=args.top_k, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len,
+                        max_num_seqs=args.max_num_seqs)
+    report = evaluate(config, args.out)
+    for head, check in report["checks"].items():
+        print(f"{head}: monotonic={check['monotonic']} negative_lowers={check['negative_lowers']} "
+              + " ".join(f"{k}={v}" for k, v in check.items() if k.startswith("beats_")))
+    print(f"wrote {args.out}/eval.json, eval.md and plots")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vas-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,6 +197,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward-std", type=float, default=1.0)
     p.add_argument("--base", help="refuse the checkpoint unless it shares this base model's tokenizer")
     p.set_defaults(func=_cmd_convert_trl)
+
+    from value_models.evaluate import DEFAULT_BON, DEFAULT_GRID_WEIGHTS, DEFAULT_WEIGHTS
+
+    p = sub.add_parser("eval", help="VAS at several weights vs Best-of-N on held-out prompts (JSON, Markdown, PNG)")
+    p.add_argument("value_model", help="value-model checkpoint directory")
+    p.add_argument("--base", help="base model HF directory (default: the embedded SmolLM2)")
+    p.add_argument("--prompts", help="prompts file (.jsonl with a 'prompt' field, or text); default: chitchat heldout")
+    p.add_argument("--chitchat", choices=["train", "heldout"], default="heldout")
+    p.add_argument("--num-prompts", type=int, default=200, help="a seeded random choice of prompts")
+    p.add_argument("--heads", type=_names, help="comma-separated heads to evaluate (default: all)")
+    p.add_argument("--weights", type=_floats, default=list(DEFAULT_WEIGHTS), help="comma-separated weights per head")
+    p.add_argument("--grid-heads", type=_names, help="two comma-separated heads for the grid (default: first two)")
+    p.add_argument("--grid-weights", type=_floats, default=list(DEFAULT_GRID_WEIGHTS))
+    p.add_argument("--bon", type=_ints, default=list(DEFAULT_BON), help="Best-of-N sizes")
+    p.add_argument("--reward", action="append", help="HEAD=SPEC: score a head with this reward (default: the "
+                                                      "reward the head was trained on)")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--top-k", type=int, default=20, help="VAS candidates per step")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 
