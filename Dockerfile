@@ -16,6 +16,7 @@ COPY docker/entrypoint.sh docker/entrypoint.sh
 # The same setup as the README's `make setup`. There is no GPU while an image builds, so the
 # setup script is told which vLLM build to install instead of probing with nvidia-smi.
 ENV VAS_SETUP_FLAVOUR=gpu \
+    VAS_VENV_SYSTEM_SITE_PACKAGES=1 \
     VAS_SERVER_CACHE=/opt/vas-server/cache
 RUN bash scripts/setup.sh
 # Convert the embedded base model now, so a container starts without the ~30 s conversion.

@@ -20,7 +20,11 @@ if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT"
     exit 0
 fi
 
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# VAS_VENV_SYSTEM_SITE_PACKAGES=1 lets the venv see the interpreter's packages (the GPU image's
+# preinstalled vllm==0.32.0 then satisfies the requirement instead of being installed again).
+VENV_FLAGS=""
+[ "${VAS_VENV_SYSTEM_SITE_PACKAGES:-0}" = 1 ] && VENV_FLAGS="--system-site-packages"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv $VENV_FLAGS "$VENV"
 PIP="$VENV/bin/python -m pip --disable-pip-version-check"
 echo "vas-server setup: installing into $VENV ($FLAVOUR build of vLLM)" >&2
 $PIP install -q --upgrade pip
