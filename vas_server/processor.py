@@ -19,12 +19,12 @@ Invariants:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Mapping
 
 import torch
 
+from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from vas_server.config import HeadInfo, VASConfig
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
     from vas_server.value_runtime import RowInput, ValueRuntime
 
-logger = logging.getLogger(__name__)
+# Under "vllm." so that the worker process, where only vLLM's loggers have handlers, prints it.
+logger = init_logger("vllm.plugins.vas")
 
 
 @dataclass
