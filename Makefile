@@ -11,7 +11,7 @@ test: setup
 	.venv/bin/python -m pytest $(ARGS)
 
 # The shipped demo value models (docs/TRAINING.md): sample the embedded SmolLM2 on chitchat train
-# prompts, score, and fit three token heads on a frozen 6-layer base_prefix trunk. About 20 minutes
+# prompts, score, and fit three token heads on a frozen 6-layer base_prefix trunk. About 30 minutes
 # on a 2-core CPU. Intermediate data goes to build/demo/ (ignored by git).
 DEMO_MODEL := value_models/demo/smollm2
 DEMO_DATA := build/demo/train.jsonl
@@ -21,9 +21,13 @@ demo-models: setup
 		--dtype bfloat16 --max-model-len 512 --seed 0 --out $(DEMO_DATA)
 	.venv/bin/vas-train score $(DEMO_DATA) --reward positive --reward concise --reward simple
 	.venv/bin/vas-train fit $(DEMO_DATA) --head positive:token --head concise:token --head simple:token \
-		--num-layers 6 --epochs 3 --batch-size 32 --lr 1e-3 --seed 0 --checkpoint-every 0 --out $(DEMO_MODEL)
+		--num-layers 6 --epochs 3 --batch-size 32 --lr 1e-3 --token-proj-lr 2e-6 --seed 0 --checkpoint-every 0 --out $(DEMO_MODEL)
 
-# The evaluation of docs/QUALITY.md (VAS vs Best-of-N on 200 held-out prompts; about 30 minutes
-# on a 2-core CPU). Writes eval.json, eval.md and PNG plots to docs/quality/.
+# The evaluation of docs/QUALITY.md: VAS at weights -2..8 per head and a 3x3 two-head grid on 200
+# held-out prompts, against Best-of-4 (200 prompts), Best-of-16 (first 50) and Best-of-64 (first 20);
+# 32 new tokens. About 40 minutes on a shared 2-core CPU. Full output (and the saved generations,
+# which let an interrupted run resume) in build/eval/; the report and plots are copied to docs/quality/.
 eval: setup
-	.venv/bin/vas-train eval $(DEMO_MODEL) --num-prompts 200 --max-tokens 40 --max-num-seqs 128 --out docs/quality
+	.venv/bin/vas-train eval $(DEMO_MODEL) --num-prompts 200 --max-tokens 32 --bon 4,16,64 --bon-prompts 200,50,20 \
+		--max-num-seqs 200 --out build/eval
+	mkdir -p docs/quality && cp build/eval/eval.json build/eval/eval.md build/eval/*.png docs/quality/

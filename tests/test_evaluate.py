@@ -80,9 +80,11 @@ def test_eval_cli_end_to_end(tmp_path, tiny_base, eval_value_model):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello, how are you\nWhat is the capital of France?\nGood morning\nThis is terrible\n")
     out = tmp_path / "eval"
-    main(["eval", str(eval_value_model), "--base", str(tiny_base), "--prompts", str(prompts), "--num-prompts", "4",
-          "--weights=-1,0,1,2,4", "--grid-weights", "0,2", "--bon", "2,4", "--max-tokens", "8",
-          "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16", "--out", str(out)])
+    argv = ["eval", str(eval_value_model), "--base", str(tiny_base), "--prompts", str(prompts), "--num-prompts", "4",
+            "--weights=-1,0,1,2,4", "--grid-weights", "0,2", "--bon", "2,4,16", "--bon-prompts", "4,4,2",
+            "--max-tokens", "8", "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16",
+            "--out", str(out)]
+    main(argv)
     for name in ("eval.json", "eval.md", "reward_vs_weight.png", "reward_vs_kl.png", "grid.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = json.loads((out / "eval.json").read_text())
@@ -94,12 +96,29 @@ def test_eval_cli_end_to_end(tmp_path, tiny_base, eval_value_model):
         zero = rows[1]
         assert zero["kl"][0] == 0 and zero["tokens"] > 0
         assert all(r["kl"][0] > 0 for i, r in enumerate(rows) if i != 1)
-        assert set(report["checks"][head]) >= {"monotonic", "negative_lowers", "beats_bon2", "beats_bon4"}
+        assert set(report["checks"][head]) >= {"monotonic", "negative_lowers", "beats_bon2", "beats_bon4", "beats_bon16"}
+        assert report["checks"][head]["vs_bon16"]["prompts"] == 2
     assert report["bon"]["4"]["kl"] == pytest.approx(math.log(4) - 3 / 4)
     bon2, bon4 = report["bon"]["2"]["reward"]["concise"][0], report["bon"]["4"]["reward"]["concise"][0]
     assert bon4 >= bon2 >= report["per_head"]["concise"][1]["reward"]["concise"][0]
     assert report["bon"]["4"]["tokens"] > report["bon"]["2"]["tokens"]
+    assert report["bon"]["16"]["prompts"] == 2 and report["base"]["responses"] == 2 * 16 + 2 * 4
+    assert set(report["per_head"]["concise"][2]["subset"]) == {"2"}
     grid = report["grid"]
     assert [[r["weights"] for r in row] for row in grid] == [
         [{}, {"concise": 2.0}], [{"simple": 2.0}, {"concise": 2.0, "simple": 2.0}]]
     assert "## Two heads" in (out / "eval.md").read_text()
+
+    # Started again with the same settings, it reuses the saved generations (no engine) and
+    # reports the same numbers.
+    import vllm
+
+    first = (out / "eval.json").read_text()
+    original = vllm.LLM
+    vllm.LLM = None  # would fail if an engine were built
+    try:
+        main(argv)
+    finally:
+        vllm.LLM = original
+    again = json.loads((out / "eval.json").read_text())
+    assert again["per_head"] == json.loads(first)["per_head"] and again["bon"] == json.loads(first)["bon"]

@@ -79,7 +79,8 @@ def _cmd_fit(args) -> None:
         trunk = TrunkPlan("base_prefix", str(_base_dir(args.base)), num_layers=args.num_layers, lora_r=args.lora_r,
                           lora_alpha=args.lora_alpha)
     config = FitConfig(heads=args.head, trunk=trunk, lam=args.lam, epochs=args.epochs, batch_size=args.batch_size,
-                       lr=args.lr, trunk_lr=args.trunk_lr, passes_per_batch=args.passes, seed=args.seed,
+                       lr=args.lr, token_proj_lr=args.token_proj_lr, trunk_lr=args.trunk_lr,
+                       passes_per_batch=args.passes, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, extra={"samples": Path(args.samples).name})
     result = fit(samples, config, args.out)
     last = result.curve[-1]["loss"] if result.curve else {}
@@ -133,7 +134,8 @@ def _cmd_eval(args) -> None:
         rewards[head] = spec
     config = EvalConfig(value_model=args.value_model, base=str(_base_dir(args.base)), prompts=prompts,
                         weights=args.weights, grid_heads=args.grid_heads, grid_weights=args.grid_weights,
-                        bon=args.bon, rewards=rewards or None, heads=args.heads, max_tokens=args.max_tokens,
+                        bon=args.bon, bon_prompts=args.bon_prompts, rewards=rewards or None, heads=args.heads,
+                        max_tokens=args.max_tokens,
                         top_k=args.top_k, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs)
     report = evaluate(config, args.out)
@@ -182,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--token-proj-lr", type=float, help="learning rate of token heads' projection (default: --lr); "
+                                                       "values move ~ lr * |h|_1 * |E|_1 per step, so use ~1e-6")
     p.add_argument("--trunk-lr", type=float, default=1e-4)
     p.add_argument("--passes", type=int, default=2, help="passes per batch")
     p.add_argument("--seed", type=int, default=0)
@@ -211,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-heads", type=_names, help="two comma-separated heads for the grid (default: first two)")
     p.add_argument("--grid-weights", type=_floats, default=list(DEFAULT_GRID_WEIGHTS))
     p.add_argument("--bon", type=_ints, default=list(DEFAULT_BON), help="Best-of-N sizes")
+    p.add_argument("--bon-prompts", type=_ints, help="comma-separated, one per --bon size: Best-of-N on the first "
+                                                     "M prompts only (default: all), e.g. 200,200,50")
     p.add_argument("--reward", action="append", help="HEAD=SPEC: score a head with this reward (default: the "
                                                       "reward the head was trained on)")
     p.add_argument("--max-tokens", type=int, default=48)

@@ -57,6 +57,9 @@ class EvalConfig:
     grid_heads: list[str] | None = None  # two heads; default: the first two
     grid_weights: list[float] = field(default_factory=lambda: list(DEFAULT_GRID_WEIGHTS))
     bon: list[int] = field(default_factory=lambda: list(DEFAULT_BON))
+    # Best-of-N for bon[k] on the first bon_prompts[k] prompts only (None: all). Large N costs
+    # N responses per prompt; a smaller subset for the largest N keeps the run affordable.
+    bon_prompts: list[int] | None = None
     rewards: dict[str, str] | None = None  # head -> reward spec; default: what each head was trained on
     heads: list[str] | None = None  # heads to evaluate; default: all
     max_tokens: int = 48
@@ -102,15 +105,17 @@ class _Gen:
         return sum(map(len, self.token_ids))
 
 
-def _generate(llm, prompt_ids: list[list[int]], *, n: int, seed: int, max_tokens: int,
+def _generate(llm, prompt_ids: list[list[int]], *, n: int | list[int], seed: int, max_tokens: int,
               weights: dict[str, float] | None, top_k: int, keep_topk: bool) -> _Gen:
+    """`n` responses per prompt (or n[i] for prompt i), in prompt order."""
     from vllm import SamplingParams, TokensPrompt
 
     from vas_server.params import make_extra_args
 
+    counts = n if isinstance(n, list) else [n] * len(prompt_ids)
     requests, params = [], []
     for i, ids in enumerate(prompt_ids):
-        for j in range(n):
+        for j in range(counts[i]):
             extra = make_extra_args(weights, top_k=top_k) if weights else None
             requests.append(TokensPrompt(prompt_token_ids=ids))
             params.append(SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens,
@@ -182,6 +187,46 @@ def vas_kl(value_model, prompt_ids: list[list[int]], gen: _Gen, weights: dict[st
     return exact_out, mc_out
 
 
+class _GenerationCache:
+    """Each run's responses, saved as soon as it is generated (generations/<hash>.json), so an
+    interrupted evaluation started again with the same settings generates only what is missing."""
+
+    def __init__(self, directory: Path, config: EvalConfig, base_counts: list[int]):
+        import hashlib
+
+        self.directory = directory
+        settings = {k: v for k, v in asdict(config).items()
+                    if k in ("value_model", "base", "prompts", "max_tokens", "top_k", "seed", "dtype")}
+        settings["value_model"] = str(Path(settings["value_model"]).resolve())
+        settings["base_counts"] = base_counts
+        self.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _path(self, key: tuple) -> Path:
+        import hashlib
+
+        name = hashlib.sha256(json.dumps([self.fingerprint, list(key)]).encode()).hexdigest()[:16]
+        return self.directory / f"{name}.json"
+
+    def complete(self, keys: list[tuple]) -> bool:
+        return all(self._path(k).is_file() for k in [(), *keys])
+
+    def get(self, key: tuple) -> _Gen | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        raw = json.loads(path.read_text())
+        topk = [[(ids, lps) for ids, lps in steps] for steps in raw["topk"]] if raw["topk"] is not None else None
+        return _Gen(raw["token_ids"], raw["texts"], topk, raw["seconds"])
+
+    def put(self, key: tuple, gen: _Gen) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(key)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": list(key), "token_ids": gen.token_ids, "texts": gen.texts,
+                                   "topk": gen.topk, "seconds": gen.seconds}))
+        tmp.replace(path)
+
+
 def _mean_se(values: list[float]) -> tuple[float, float]:
     n = len(values)
     if n == 0:
@@ -224,6 +269,13 @@ def evaluate(config: EvalConfig, out_dir: Path | str, *, progress: bool = True) 
     if grid_heads and len(grid_heads) != 2:
         raise ValueError(f"grid_heads must name two heads of {all_heads}")
     n_base = max(config.bon)
+    n_prompts = len(config.prompts)
+    bon_prompts = [min(m, n_prompts) for m in (config.bon_prompts or [n_prompts] * len(config.bon))]
+    if len(bon_prompts) != len(config.bon):
+        raise ValueError("bon_prompts needs one prompt count per Best-of-N size")
+    # Prompt i gets as many base samples as the largest N whose subset contains it (at least 1).
+    base_counts = [max([1] + [n for n, m in zip(config.bon, bon_prompts) if i < m]) for i in range(n_prompts)]
+    offsets = [sum(base_counts[:i]) for i in range(n_prompts)]
 
     tokenizer = AutoTokenizer.from_pretrained(config.base)
     prompt_ids = [chat_prompt_ids(tokenizer, p) for p in config.prompts]
@@ -246,20 +298,28 @@ def evaluate(config: EvalConfig, out_dir: Path | str, *, progress: bool = True) 
     overrides.setdefault("enable_chunked_prefill", False)  # vLLM 0.32 CPU: seeded requests (see sample.py)
     overrides.update(config.engine_overrides)
     vas = VASConfig(value_models={"eval": str(config.value_model)}, dtype="auto")
-    llm = LLM(**engine_kwargs(config.base, vas, **overrides))
+    llm = LLM(**engine_kwargs(config.base, vas, **overrides)) if not _GenerationCache(
+        out_dir / "generations", config, base_counts).complete(list(settings)) else None
     log(f"engine ready ({time.perf_counter() - t_start:.0f} s); {len(prompt_ids)} prompts, "
         f"{len(settings)} settings, base x{n_base}")
 
-    base = _generate(llm, prompt_ids, n=n_base, seed=config.seed, max_tokens=config.max_tokens, weights=None,
-                     top_k=config.top_k, keep_topk=False)
+    cache = _GenerationCache(out_dir / "generations", config, base_counts)
+    base = cache.get(())
+    if base is None:
+        base = _generate(llm, prompt_ids, n=base_counts, seed=config.seed, max_tokens=config.max_tokens, weights=None,
+                         top_k=config.top_k, keep_topk=False)
+        cache.put((), base)
     log(f"base: {len(base.token_ids)} responses, {base.tokens} tokens in {base.seconds:.0f} s "
         f"({base.tokens / base.seconds:.0f} tok/s)")
     runs: dict[tuple, _Gen] = {}
     for key, weights in settings.items():
         if not key:
             continue
-        runs[key] = _generate(llm, prompt_ids, n=1, seed=config.seed, max_tokens=config.max_tokens, weights=weights,
-                              top_k=config.top_k, keep_topk=True)
+        runs[key] = cache.get(key)
+        if runs[key] is None:
+            runs[key] = _generate(llm, prompt_ids, n=1, seed=config.seed, max_tokens=config.max_tokens,
+                                  weights=weights, top_k=config.top_k, keep_topk=True)
+            cache.put(key, runs[key])
         log(f"VAS {_label(key)}: {runs[key].tokens} tokens in {runs[key].seconds:.1f} s")
     del llm
     import gc
@@ -267,16 +327,15 @@ def evaluate(config: EvalConfig, out_dir: Path | str, *, progress: bool = True) 
     gc.collect()
 
     # Rewards of every response under every head's reward.
-    n_prompts = len(prompt_ids)
     specs = sorted(set(rewards.values()))
     scorers = {s: load_reward(s) for s in specs}
-    prompts_rep = [p for p in config.prompts for _ in range(n_base)]
+    prompts_rep = [p for p, c in zip(config.prompts, base_counts) for _ in range(c)]
     base_scores = {s: scorers[s].score(prompts_rep, base.texts) for s in specs}
     run_scores = {key: {s: scorers[s].score(config.prompts, g.texts) for s in specs} for key, g in runs.items()}
     # Weight 0: base sample 0 of every prompt.
-    zero = _Gen([base.token_ids[i * n_base] for i in range(n_prompts)], [base.texts[i * n_base] for i in range(n_prompts)],
-                None, base.seconds / n_base)
-    zero_scores = {s: [base_scores[s][i * n_base] for i in range(n_prompts)] for s in specs}
+    zero = _Gen([base.token_ids[o] for o in offsets], [base.texts[o] for o in offsets], None,
+                base.seconds * sum(len(base.token_ids[o]) for o in offsets) / base.tokens)
+    zero_scores = {s: [base_scores[s][o] for o in offsets] for s in specs}
 
     # KL of every VAS run (offline, the serving runtime in the engine's dtype).
     dtype = getattr(torch, config.dtype) if config.dtype != "auto" else torch.bfloat16
@@ -288,6 +347,8 @@ def evaluate(config: EvalConfig, out_dir: Path | str, *, progress: bool = True) 
                           batch_size=config.kl_batch_size)
     log(f"KL of {len(runs)} runs in {time.perf_counter() - t_kl:.0f} s")
 
+    subsets = sorted(set(m for m in bon_prompts if m < n_prompts))
+
     def summary(key: tuple) -> dict:
         g = runs.get(key, zero)
         scores = run_scores.get(key, zero_scores)
@@ -295,20 +356,23 @@ def evaluate(config: EvalConfig, out_dir: Path | str, *, progress: bool = True) 
         row = {"weights": dict(key), "label": _label(key), "tokens": g.tokens, "seconds": g.seconds,
                "mean_length": g.tokens / n_prompts,
                "kl": _mean_se(exact), "kl_mc": _mean_se(mc),
-               "reward": {h: _mean_se(scores[rewards[h]]) for h in heads}}
+               "reward": {h: _mean_se(scores[rewards[h]]) for h in heads},
+               # The same on the first m prompts, to compare with a Best-of-N run on that subset.
+               "subset": {str(m): {"kl": _mean_se(exact[:m]),
+                                   "reward": {h: _mean_se(scores[rewards[h]][:m]) for h in heads}}
+                          for m in subsets}}
         if not key:
-            row["note"] = "base sample 0 (seconds: the base run's time / N)"
+            row["note"] = "base sample 0 (seconds: the base run's time pro-rated by tokens)"
         return row
 
     bon = {}
-    for n in config.bon:
-        toks = sum(len(base.token_ids[i * n_base + j]) for i in range(n_prompts) for j in range(n))
-        row = {"n": n, "kl": math.log(n) - (n - 1) / n, "tokens": toks,
-               "seconds": base.seconds * toks / base.tokens, "reward": {}}
+    for n, m in zip(config.bon, bon_prompts):
+        toks = sum(len(base.token_ids[offsets[i] + j]) for i in range(m) for j in range(n))
+        row = {"n": n, "prompts": m, "kl": math.log(n) - (n - 1) / n, "tokens": toks,
+               "tokens_per_prompt": toks / m, "seconds": base.seconds * toks / base.tokens, "reward": {}}
         for h in heads:
             s = base_scores[rewards[h]]
-            best = [max(s[i * n_base:i * n_base + n]) for i in range(n_prompts)]
-            row["reward"][h] = _mean_se(best)
+            row["reward"][h] = _mean_se([max(s[offsets[i]:offsets[i] + n]) for i in range(m)])
         bon[n] = row
 
     report = {
@@ -346,10 +410,12 @@ def _examples(prompts, base_texts, runs, heads, weights, count: int = 3) -> list
 
 
 def quality_checks(report: dict, config: EvalConfig) -> dict:
-    """The quality bar of issue 5, per head."""
+    """The quality bar of issue 5, per head. Comparisons with a Best-of-N computed on a subset
+    of the prompts use VAS's numbers on that same subset."""
     out = {}
     weights = list(config.weights)
     bon = report["bon"]
+    total = report["num_prompts"]
     for h in report["heads"]:
         rows = report["per_head"][h]
         by_w = {w: r for w, r in zip(weights, rows)}
@@ -361,13 +427,21 @@ def quality_checks(report: dict, config: EvalConfig) -> dict:
         check = {"weights": positive, "means": means, "monotonic": monotonic, "negative_lowers": lowers}
         if "16" in bon:
             budget = bon["16"]["kl"]
-            within = [r for r in rows if r["kl"][0] <= budget]
-            best = max(within, key=lambda r: r["reward"][h][0]) if within else None
             check["kl_budget_bon16"] = budget
-            check["best_vas_within_budget"] = ({"weights": best["weights"], "reward": best["reward"][h][0],
-                                                "kl": best["kl"][0]} if best else None)
-            for n in bon:
-                check[f"beats_bon{n}"] = bool(best and best["reward"][h][0] >= bon[n]["reward"][h][0])
+            for n, b in bon.items():
+                m = b["prompts"]
+
+                def stats(r):
+                    return (r["kl"][0], r["reward"][h][0]) if m == total else (
+                        r["subset"][str(m)]["kl"][0], r["subset"][str(m)]["reward"][h][0])
+
+                within = [r for r in rows if stats(r)[0] <= budget]
+                best = max(within, key=lambda r: stats(r)[1]) if within else None
+                check[f"vs_bon{n}"] = {
+                    "prompts": m, "bon_reward": b["reward"][h][0],
+                    "vas_weights": best["weights"] if best else None,
+                    "vas_reward": stats(best)[1] if best else None, "vas_kl": stats(best)[0] if best else None}
+                check[f"beats_bon{n}"] = bool(best and stats(best)[1] >= b["reward"][h][0])
         best_any = max(rows, key=lambda r: r["reward"][h][0])
         check["best_vas_any_kl"] = {"weights": best_any["weights"], "reward": best_any["reward"][h][0],
                                     "kl": best_any["kl"][0]}
@@ -410,7 +484,7 @@ def markdown(report: dict) -> str:
                          + " | ".join(_fmt(r["reward"][x]) for x in heads)
                          + f" | {r['tokens']} | {r['seconds']:.1f} |")
         for n, r in bon.items():
-            lines.append(f"| BoN-{n} (by `{h}`) | {r['kl']:.2f} | "
+            lines.append(f"| BoN-{n} by `{h}` ({r['prompts']} prompts) | {r['kl']:.2f} | "
                          + " | ".join(_fmt(r["reward"][x]) if x == h else "" for x in heads)
                          + f" | {r['tokens']} | {r['seconds']:.1f} |")
         ch = report["checks"][h]
@@ -419,11 +493,13 @@ def markdown(report: dict) -> str:
         for w, ok in ch["negative_lowers"].items():
             lines.append(f"- weight {w} lowers the reward below weight 0: **{'yes' if ok else 'no'}**")
         if "kl_budget_bon16" in ch:
-            b = ch["best_vas_within_budget"]
-            where = (f"{_label(tuple(b['weights'].items()))} (reward {b['reward']:.3f}, KL {b['kl']:.2f})"
-                     if b else "none")
-            lines.append(f"- best VAS with KL <= KL(BoN-16) = {ch['kl_budget_bon16']:.2f}: {where}; reaches "
-                         + ", ".join(f"BoN-{n}: **{'yes' if ch[f'beats_bon{n}'] else 'no'}**" for n in bon))
+            lines.append(f"- VAS at KL <= KL(BoN-16) = {ch['kl_budget_bon16']:.2f} against Best-of-N:")
+            for n in bon:
+                v = ch[f"vs_bon{n}"]
+                where = (f"best VAS {_label(tuple(v['vas_weights'].items()))}: {v['vas_reward']:.3f} "
+                         f"(KL {v['vas_kl']:.2f})" if v["vas_weights"] is not None else "no VAS setting within the budget")
+                lines.append(f"  - BoN-{n} ({v['prompts']} prompts): {v['bon_reward']:.3f}; {where}; "
+                             f"reaches it: **{'yes' if ch[f'beats_bon{n}'] else 'no'}**")
         lines.append("")
     if report["grid"]:
         a, b = report["grid_heads"]
@@ -436,19 +512,24 @@ def markdown(report: dict) -> str:
             lines.append(f"| {wa:g} | " + " | ".join(
                 f"{r['reward'][a][0]:.3f} / {r['reward'][b][0]:.3f} (KL {r['kl'][0]:.1f})" for r in row) + " |")
         lines.append("")
-    lines += ["## Cost", "", "| run | responses per prompt | tokens | seconds |", "|---|---|---|---|"]
-    for h in heads:
-        for r in report["per_head"][h]:
-            if r["weights"]:
-                lines.append(f"| VAS {r['label']} | 1 | {r['tokens']} | {r['seconds']:.1f} |")
-    for n, r in bon.items():
-        lines.append(f"| BoN-{n} | {n} | {r['tokens']} | {r['seconds']:.1f} (pro-rated from the base run) |")
+    n_prompts = report["num_prompts"]
+    lines += ["## Cost", "", "Per prompt: generated tokens and wall seconds (Best-of-N: pro-rated from the base run "
+              "by tokens).", "", "| run | responses per prompt | prompts | tokens / prompt | seconds / prompt |",
+              "|---|---|---|---|---|"]
     vas_rows = [r for h in heads for r in report["per_head"][h] if r["weights"]]
+    for r in vas_rows:
+        lines.append(f"| VAS {r['label']} | 1 | {n_prompts} | {r['tokens'] / n_prompts:.1f} | "
+                     f"{r['seconds'] / n_prompts:.3f} |")
+    for n, r in bon.items():
+        lines.append(f"| BoN-{n} | {n} | {r['prompts']} | {r['tokens'] / r['prompts']:.1f} | "
+                     f"{r['seconds'] / r['prompts']:.3f} |")
     if vas_rows:
-        vt = sum(r["tokens"] for r in vas_rows) / len(vas_rows)
-        vs = sum(r["seconds"] for r in vas_rows) / len(vas_rows)
-        lines += ["", f"Average VAS run: {vt:.0f} tokens, {vs:.1f} s. Ratio VAS / BoN-N (tokens, wall time): "
-                  + "; ".join(f"N={n}: {vt / r['tokens']:.3f}, {vs / r['seconds']:.3f}" for n, r in bon.items())]
+        vt = sum(r["tokens"] for r in vas_rows) / len(vas_rows) / n_prompts
+        vs = sum(r["seconds"] for r in vas_rows) / len(vas_rows) / n_prompts
+        lines += ["", f"Average VAS run: {vt:.1f} tokens and {vs:.3f} s per prompt. Ratio VAS / BoN-N per prompt "
+                  "(tokens, wall time): "
+                  + "; ".join(f"N={n}: {vt / (r['tokens'] / r['prompts']):.3f}, {vs / (r['seconds'] / r['prompts']):.3f}"
+                              for n, r in bon.items())]
     lines += ["", "## Examples", ""]
     for ex in report.get("examples", []):
         lines.append(f"- prompt: {ex['prompt']!r}")

@@ -66,6 +66,10 @@ class FitConfig:
     epochs: int = 1
     batch_size: int = 16
     lr: float = 1e-3  # heads
+    # Token heads' [H, H] projection: None = lr. Its effect on a value is a sum over H x H
+    # products of hidden-state and embedding entries, so one Adam step of size lr moves values
+    # ~ lr * |h|_1 * |E[a]|_1 (about lr * 3e4 for SmolLM2's trunk): it needs a far smaller rate.
+    token_proj_lr: float | None = None
     trunk_lr: float = 1e-4  # LoRA or fine-tuned trunk weights
     weight_decay: float = 0.0
     passes_per_batch: int = 2
@@ -119,7 +123,9 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     # ValueHeads orders heads state-first; keep the reward rows in that same order.
     order = [[h.name for h in config.heads].index(n) for n in heads.names]
     rewards = rewards[order]
-    groups = [{"params": list(heads.parameters()), "lr": config.lr}]
+    proj_lr = config.lr if config.token_proj_lr is None else config.token_proj_lr
+    groups = [{"params": [p for n, p in heads.named_parameters() if n != "token_proj"], "lr": config.lr},
+              {"params": [heads.token_proj], "lr": proj_lr}]
     if config.trunk.trainable:
         groups.append({"params": list(trunk.trainable_parameters().values()), "lr": config.trunk_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
