@@ -156,7 +156,7 @@ def vas_kl(value_model, prompt_ids: list[list[int]], gen: _Gen, weights: dict[st
         rows = []
         for i in idx:
             slot = runtime.allocate()
-            rows.append(RowInput(slot, list(prompt_ids[i]), [], top_k, used))
+            rows.append(RowInput(slot, list(prompt_ids[i]), [], used))
         exact = torch.zeros(len(idx), dtype=torch.float64)
         mc = torch.zeros(len(idx), dtype=torch.float64)
         T = max(len(gen.token_ids[i]) for i in idx)

@@ -130,7 +130,7 @@ class VASLogitsProcessor(LogitsProcessor):
             weights[runtime.head_index[name]] = w
         top_k = request.top_k or self.config.default_top_k
         heads = frozenset(runtime.head_index[name] for name in request.weights)
-        return _Row(request, top_k, weights, RowInput(slot, prompt, outputs, top_k, heads))
+        return _Row(request, top_k, weights, RowInput(slot, prompt, outputs, heads))
 
     # -- the sampling rule ------------------------------------------------------------------------
 

@@ -34,7 +34,6 @@ class RowInput:
     slot: int
     prompt: list[int]
     outputs: list[int]  # the live list vLLM appends sampled tokens to
-    num_candidates: int  # K for this row (<= the batch's candidate width)
     heads: frozenset[int]  # indices (into ValueRuntime.head_names) of the heads this row uses
 
 
