@@ -86,7 +86,7 @@ class TrunkRunner:
         Lq = int((n + Kc).max())
         # Lq == 0 only for a token-heads-only trunk with no new token (a repeated chunked-prefill
         # step): last_hidden is already current.
-        state_values = self._forward(slots_cpu, cached, n, new_tokens, candidates, Kc, Lq) if Lq else None
+        state_values = self._forward(slots_cpu, cached, n, total, new_tokens, candidates, Kc, Lq) if Lq else None
         self.cached[slots_cpu] = total
         token_values = None
         if self.has_token:
@@ -94,7 +94,7 @@ class TrunkRunner:
             token_values = self.heads.token_values(self.last_hidden[slots], self.trunk.embed_tokens.weight, candidates)
         return state_values, token_values
 
-    def _forward(self, slots_cpu, cached, n, new_tokens, candidates, Kc: int, Lq: int):
+    def _forward(self, slots_cpu, cached, n, total, new_tokens, candidates, Kc: int, Lq: int):
         """One trunk forward over all rows; returns the candidates' state values [B, Kc, n_state]."""
         device = self.cache_k.device
         B = len(slots_cpu)
@@ -102,13 +102,14 @@ class TrunkRunner:
         n_col = n[:, None]
         committed = idx < n_col  # [B, Lq]
         is_cand = (idx >= n_col) & (idx < n_col + Kc)
+        committed_dev, is_cand_dev = committed.to(device), is_cand.to(device)
         tokens = torch.zeros(B, Lq, dtype=torch.long, device=device)
-        tokens[committed.to(device)] = torch.tensor(new_tokens, dtype=torch.long, device=device)
+        tokens[committed_dev] = torch.tensor(new_tokens, dtype=torch.long, device=device)
         if Kc:
-            tokens[is_cand.to(device)] = candidates[:, :Kc].reshape(-1)
+            tokens[is_cand_dev] = candidates[:, :Kc].reshape(-1)
         # Candidates all sit at position len(s) = cached + n: siblings share one position.
         positions = cached[:, None] + torch.minimum(idx, n_col)
-        Lk = int((cached + n).max())
+        Lk = int(total.max())
 
         # Attention mask over [cache columns 0..Lk) ++ [this step's query columns 0..Lq).
         col = torch.arange(Lk)[None, None, :]
@@ -122,7 +123,6 @@ class TrunkRunner:
 
         flat_rows = slots_cpu[:, None].expand(B, Lq)[committed]
         write_index = (flat_rows * self.max_len + positions[committed]).to(device)
-        committed_dev = committed.to(device)
         slots = slots_cpu.to(device)
         c = self.trunk.config
         cache_k = self.cache_k.view(c.num_layers, -1, c.num_kv_heads, c.head_dim)
@@ -148,7 +148,7 @@ class TrunkRunner:
             self.last_hidden[slots[sel]] = h_last[sel]
         if not Kc:
             return None
-        return self.heads.state_values(hidden[is_cand.to(device)].view(B, Kc, -1))
+        return self.heads.state_values(hidden[is_cand_dev].view(B, Kc, -1))
 
 
 class ValueRuntime:
