@@ -11,17 +11,18 @@ test: setup
 	.venv/bin/python -m pytest $(ARGS)
 
 # The shipped demo value models (docs/TRAINING.md): sample the embedded SmolLM2 on chitchat train
-# prompts, score, and fit three token heads on a frozen 6-layer base_prefix trunk. About 30 minutes
-# on a 2-core CPU. Intermediate data goes to build/demo/ (ignored by git).
+# prompts, score, and fit three token heads on a frozen 6-layer base_prefix trunk. About 35 minutes
+# on an idle 2-core CPU. Intermediate data goes to build/demo/ (ignored by git).
 DEMO_MODEL := value_models/demo/smollm2
-DEMO_DATA := build/demo/train.jsonl
+DEMO_DATA := build/demo/train32.jsonl
 
 demo-models: setup
-	.venv/bin/vas-train sample --chitchat train --num-prompts 2000 --samples-per-prompt 2 --max-tokens 40 \
+	.venv/bin/vas-train sample --chitchat train --num-prompts 8000 --samples-per-prompt 2 --max-tokens 32 \
 		--dtype bfloat16 --max-model-len 512 --seed 0 --out $(DEMO_DATA)
 	.venv/bin/vas-train score $(DEMO_DATA) --reward positive --reward concise --reward simple
 	.venv/bin/vas-train fit $(DEMO_DATA) --head positive:token --head concise:token --head simple:token \
-		--num-layers 6 --epochs 3 --batch-size 32 --lr 1e-3 --token-proj-lr 2e-6 --seed 0 --checkpoint-every 0 --out $(DEMO_MODEL)
+		--num-layers 6 --epochs 3 --batch-size 32 --lr 1e-3 --token-proj-lr 2e-6 --seed 0 --checkpoint-every 0 \
+		--states-cache build/demo/states --out $(DEMO_MODEL)
 
 # The evaluation of docs/QUALITY.md: VAS at weights -2..8 per head and a 3x3 two-head grid on 200
 # held-out prompts, against Best-of-4 (200 prompts), Best-of-16 (first 50) and Best-of-64 (first 20);

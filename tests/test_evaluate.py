@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from reference_vas import ReferenceValueModel  # noqa: E402
 
-from value_models.evaluate import _Gen, vas_kl  # noqa: E402
+from value_models.evaluate import EvalConfig, _Gen, _GenerationCache, vas_kl  # noqa: E402
 from value_models.format import TrunkSpec  # noqa: E402
 from value_models.model import load_value_model  # noqa: E402
 from value_models.synthetic import random_value_model  # noqa: E402
@@ -71,6 +71,24 @@ def test_vas_kl_matches_brute_force(tiny_base, eval_value_model):
     # Weight 0: no steering, no KL.
     zero, _ = vas_kl(vm, prompts, _Gen(responses, [""] * 3, topk, 0.0), {"simple": 0.0}, top_k=TOP_K, max_len=64)
     assert zero == pytest.approx([0.0, 0.0, 0.0], abs=1e-9)
+
+
+def test_generation_cache_shares_the_base_run_but_not_vas_runs(tmp_path, eval_value_model):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(eval_value_model, copy)
+
+    def cache(model: Path) -> _GenerationCache:
+        return _GenerationCache(tmp_path / "gen", EvalConfig(value_model=str(model), base="b", prompts=["hi"]), [4])
+
+    key = (("simple", 2.0),)
+    original, moved = cache(eval_value_model), cache(copy)
+    assert original._path(()) == moved._path(()) and original._path(key) == moved._path(key)  # content, not path
+    (copy / "heads.safetensors").write_bytes((copy / "heads.safetensors").read_bytes()[:-4] + b"\0\0\0\1")
+    retrained = cache(copy)
+    assert retrained._path(()) == original._path(())  # the base's samples do not depend on the value model
+    assert retrained._path(key) != original._path(key)  # stale VAS responses are never reused
 
 
 @pytest.mark.slow

@@ -199,6 +199,27 @@ def test_resume_after_interruption_matches_uninterrupted_run(models, vocab_hash,
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_states_cache_gives_the_same_model_and_skips_the_trunk(models, vocab_hash, tmp_path, monkeypatch):
+    import value_models.train as train
+
+    samples = synthetic_samples(32, seed=7, vocab_hash=vocab_hash)
+    config = small_run_config(models, TrunkPlan("base_prefix", str(models["base"]), num_layers=1))
+    plain = fit(samples, config, tmp_path / "plain", progress=False)
+    first = fit(samples, config, tmp_path / "first", progress=False, states_cache=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("trunk-states-*.pt"))) == 1
+
+    def no_trunk(*args, **kwargs):
+        raise AssertionError("the trunk ran although its states were cached")
+
+    monkeypatch.setattr(train, "_precompute_states", no_trunk)
+    second = fit(samples, config, tmp_path / "second", progress=False, states_cache=tmp_path / "cache")
+    assert plain.curve == first.curve == second.curve
+    # Other token ids are other states: the cache must not serve them.
+    with pytest.raises(AssertionError, match="cached"):
+        fit(synthetic_samples(32, seed=8, vocab_hash=vocab_hash), config, tmp_path / "third", progress=False,
+            states_cache=tmp_path / "cache")
+
+
 def test_resume_refuses_other_settings(models, vocab_hash, tmp_path):
     samples = synthetic_samples(16, seed=6, vocab_hash=vocab_hash)
     trunk = TrunkPlan("base_prefix", str(models["base"]), num_layers=1)

@@ -82,7 +82,7 @@ def _cmd_fit(args) -> None:
                        lr=args.lr, token_proj_lr=args.token_proj_lr, trunk_lr=args.trunk_lr,
                        passes_per_batch=args.passes, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, extra={"samples": Path(args.samples).name})
-    result = fit(samples, config, args.out)
+    result = fit(samples, config, args.out, states_cache=args.states_cache)
     last = result.curve[-1]["loss"] if result.curve else {}
     print(f"saved {result.path} after {result.steps} steps; last losses {last}")
 
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", type=int, default=2, help="passes per batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--states-cache", help="directory that keeps a frozen trunk's hidden states between fits on the same "
+                                          "data (refitting heads then skips the trunk)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_fit)
 

@@ -68,7 +68,7 @@ class EvalConfig:
     dtype: str = "bfloat16"
     max_model_len: int = 512
     max_num_seqs: int = 64
-    kl_batch_size: int = 32
+    kl_batch_size: int = 128  # rows replayed at once (value-cache slots)
     engine_overrides: dict = field(default_factory=dict)
 
 
@@ -189,23 +189,23 @@ def vas_kl(value_model, prompt_ids: list[list[int]], gen: _Gen, weights: dict[st
 
 class _GenerationCache:
     """Each run's responses, saved as soon as it is generated (generations/<hash>.json), so an
-    interrupted evaluation started again with the same settings generates only what is missing."""
+    interrupted evaluation started again with the same settings generates only what is missing.
+
+    The base run (key ()) depends only on the base and the sampling settings, so evaluations of
+    different value models share it; VAS runs are keyed by the value model's content as well, so
+    a retrained model at the same path never reuses stale responses."""
 
     def __init__(self, directory: Path, config: EvalConfig, base_counts: list[int]):
-        import hashlib
-
         self.directory = directory
         settings = {k: v for k, v in asdict(config).items()
-                    if k in ("value_model", "base", "prompts", "max_tokens", "top_k", "seed", "dtype")}
-        settings["value_model"] = str(Path(settings["value_model"]).resolve())
+                    if k in ("base", "prompts", "max_tokens", "top_k", "seed", "dtype")}
         settings["base_counts"] = base_counts
-        self.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+        self.base_fingerprint = _digest(json.dumps(settings, sort_keys=True).encode())
+        self.vas_fingerprint = _digest((self.base_fingerprint + _model_digest(config.value_model)).encode())
 
     def _path(self, key: tuple) -> Path:
-        import hashlib
-
-        name = hashlib.sha256(json.dumps([self.fingerprint, list(key)]).encode()).hexdigest()[:16]
-        return self.directory / f"{name}.json"
+        fingerprint = self.vas_fingerprint if key else self.base_fingerprint
+        return self.directory / f"{_digest(json.dumps([fingerprint, list(key)]).encode())}.json"
 
     def complete(self, keys: list[tuple]) -> bool:
         return all(self._path(k).is_file() for k in [(), *keys])
@@ -225,6 +225,25 @@ class _GenerationCache:
         tmp.write_text(json.dumps({"key": list(key), "token_ids": gen.token_ids, "texts": gen.texts,
                                    "topk": gen.topk, "seconds": gen.seconds}))
         tmp.replace(path)
+
+
+def _digest(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _model_digest(value_model_dir: str) -> str:
+    """Content hash of what a value model serves with (spec, heads, adapter), not of its path."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(value_model_dir)
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not rel.startswith("train_state") and path.name != "training_curve.json":
+            h.update(rel.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:

@@ -90,12 +90,14 @@ class FitResult:
 
 
 def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progress: bool = True,
-        stop_after_steps: int | None = None) -> FitResult:
+        stop_after_steps: int | None = None, states_cache: Path | str | None = None) -> FitResult:
     """Train a value model on scored samples and save it (§3) to `out_dir`.
 
     The samples' token ids must come from the trunk's tokenizer (their vocab_hash is checked).
     `stop_after_steps` ends the run early, leaving a resumable training state (what an
-    interruption leaves; used by the resume test).
+    interruption leaves; used by the resume test). `states_cache`: a directory where a frozen
+    trunk's hidden states are kept between runs on the same data (they do not depend on the heads
+    or on any training setting), so refitting heads skips the trunk entirely.
     """
     out_dir = Path(out_dir)
     trunk_identity = _trunk_tokenizer_identity(config.trunk.model_dir)
@@ -145,7 +147,7 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     if state_path.is_file():
         step, curve = _restore(state_path, fingerprint, heads, trunk, optimizer)
 
-    cached_hidden = None if config.trunk.trainable else _precompute_states(trunk, samples, config, progress)
+    cached_hidden = None if config.trunk.trainable else _trunk_states(trunk, samples, config, progress, states_cache)
     embed = trunk.embedding()
     bar = tqdm(total=total_steps, initial=step, desc="fit", disable=not progress)
     while step < total_steps:
@@ -187,6 +189,27 @@ def _train_batch(trunk: TrainingTrunk, heads: ValueHeads, optimizer, embed, batc
         loss.backward()
         optimizer.step()
     return [float(x.detach()) for x in per_head]  # of the last pass
+
+
+def _trunk_states(trunk: TrainingTrunk, samples: list[Sample], config: FitConfig, progress: bool,
+                  cache_dir: Path | str | None) -> list[torch.Tensor]:
+    """The frozen trunk's states of every sample, from `cache_dir` when an earlier run on the same
+    trunk and token ids left them there."""
+    if cache_dir is None:
+        return _precompute_states(trunk, samples, config, progress)
+    import hashlib
+
+    key = hashlib.sha256(json.dumps({
+        "trunk": [config.trunk.type, str(Path(config.trunk.model_dir).resolve()), config.trunk.num_layers],
+        "samples": [[s.prompt_token_ids, s.response_token_ids] for s in samples]}).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"trunk-states-{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    states = _precompute_states(trunk, samples, config, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(states, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return states
 
 
 @torch.no_grad()
