@@ -11,7 +11,7 @@ test: setup
 	.venv/bin/python -m pytest $(ARGS)
 
 # The shipped demo value models (docs/TRAINING.md): sample the embedded SmolLM2 on chitchat train
-# prompts, score, and fit three token heads on a frozen 6-layer base_prefix trunk. About 35 minutes
+# prompts, score, and fit three token heads on a frozen 6-layer base_prefix trunk. About 45 minutes
 # on an idle 2-core CPU. Intermediate data goes to build/demo/ (ignored by git).
 DEMO_MODEL := value_models/demo/smollm2
 DEMO_DATA := build/demo/train32.jsonl
