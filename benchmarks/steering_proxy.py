@@ -1,0 +1,131 @@
+"""First-order steering efficiency of value models, without generating with VAS (docs/TRAINING.md).
+
+    .venv/bin/python benchmarks/steering_proxy.py data build/proxy_data.json      # vLLM, ~2 min idle
+    .venv/bin/python benchmarks/steering_proxy.py score build/proxy_data.json MODEL_DIR... \
+        --out benchmarks/results/steering_proxy.json                                  # ~2 min per model
+
+`data`: 200 held-out chitchat prompts x 4 responses of 32 tokens from the plain base (the seeds of
+`vas-train eval`'s base run), each step's top-20 raw base log-probs (the VAS candidates C), and
+each response's built-in rewards.
+
+`score`: for a head at weight w, VAS's log-ratio to the base along a response y is
+sum_i (w c_i(y_i) - log Z_i), c the candidates' centred values (0 outside C). To first order in w
+the reward gain is w Cov(S, r) and the KL w^2/2 E[sum_i Var_p0(c_i)], with
+S = sum_i (c_i(y_i) - E_p0 c_i). So corr(S, r) ranks value models by how much reward they buy per
+unit of KL; `gain@KL` is the first-order gain at a given KL (BoN-4's 0.64 nats by default). An
+exact value function gives S = r - V(s_0), a correlation near 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+REWARDS = ("positive", "concise", "simple")
+
+
+def make_data(out: Path, responses_per_prompt: int = 4) -> None:
+    from transformers import AutoTokenizer
+    from vllm import LLM
+
+    from value_models.evaluate import _generate
+    from value_models.prompts import chitchat_prompts, pick
+    from value_models.rewards import load_reward
+    from value_models.sample import chat_prompt_ids
+    from vas_server.base_model import ensure_base_model
+    from vas_server.engine import engine_kwargs
+
+    base = str(ensure_base_model())
+    prompts = pick(chitchat_prompts("heldout"), 200, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+    llm = LLM(**engine_kwargs(base, None, dtype="bfloat16", max_model_len=512, max_num_seqs=256, seed=0,
+                              enable_chunked_prefill=False, disable_log_stats=True))
+    gen = _generate(llm, ids, n=responses_per_prompt, seed=0, max_tokens=32, weights=None, top_k=20, keep_topk=True)
+    repeated = [p for p in prompts for _ in range(responses_per_prompt)]
+    rewards = {name: load_reward(name).score(repeated, gen.texts) for name in REWARDS}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"prompt_ids": [i for i in ids for _ in range(responses_per_prompt)],
+                               "token_ids": gen.token_ids, "texts": gen.texts, "topk": gen.topk, "rewards": rewards}))
+    print(f"wrote {out}: {len(gen.token_ids)} responses, {gen.tokens} tokens")
+
+
+@torch.no_grad()
+def score(model_dir: str, data: dict, kl: float, batch_size: int = 200) -> dict[str, dict]:
+    from value_models.model import load_value_model
+    from vas_server.base_model import ensure_base_model
+    from vas_server.value_runtime import RowInput, ValueRuntime
+
+    dtype = torch.bfloat16  # what the server runs the demo models in
+    runtime = ValueRuntime([load_value_model(model_dir, str(ensure_base_model()), dtype=dtype)], batch_size, 512,
+                           "cpu", dtype)
+    n_heads, n = len(runtime.head_names), len(data["token_ids"])
+    every_head = frozenset(range(n_heads))
+    s_sum = torch.zeros(n, n_heads, dtype=torch.float64)  # S per response and head
+    var_sum = torch.zeros(n, n_heads, dtype=torch.float64)  # sum_i Var_p0(c_i)
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(n, start + batch_size)))
+        rows = [RowInput(runtime.allocate(), list(data["prompt_ids"][i]), [], every_head) for i in idx]
+        for t in range(max(len(data["token_ids"][i]) for i in idx)):
+            live = [b for b, i in enumerate(idx) if t < len(data["token_ids"][i])]
+            steps = [data["topk"][idx[b]][t] for b in live]
+            k = min(len(ids) for ids, _ in steps)
+            candidates = torch.tensor([ids[:k] for ids, _ in steps])
+            p0 = torch.tensor([lps[:k] for _, lps in steps], dtype=torch.float64).exp()[:, None, :]
+            values = runtime.score([rows[b] for b in live], candidates).double()  # [B, heads, k]
+            c = values - values.mean(-1, keepdim=True)
+            mean_c, mean_c2 = (p0 * c).sum(-1), (p0 * c * c).sum(-1)  # c = 0 outside the candidates
+            chosen = torch.tensor([data["token_ids"][idx[b]][t] for b in live])
+            c_chosen = (c * (candidates == chosen[:, None])[:, None, :]).sum(-1)
+            at = torch.tensor([idx[b] for b in live])
+            s_sum[at] += c_chosen - mean_c
+            var_sum[at] += mean_c2 - mean_c ** 2
+            for b in live:
+                rows[b].outputs.append(data["token_ids"][idx[b]][t])
+        for row in rows:
+            runtime.release(row.slot)
+    out = {}
+    for h, name in enumerate(runtime.head_names):
+        if name not in data["rewards"]:
+            continue
+        r = torch.tensor(data["rewards"][name], dtype=torch.float64)
+        s = s_sum[:, h]
+        cov = ((s - s.mean()) * (r - r.mean())).mean()
+        slope = cov / var_sum[:, h].mean().sqrt()
+        out[name] = {"corr": float(cov / (s.std(unbiased=False) * r.std(unbiased=False))),
+                     "gain_at_kl": float(slope * math.sqrt(2 * kl)),
+                     "weight_at_kl": float(math.sqrt(2 * kl / var_sum[:, h].mean()))}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("data")
+    p.add_argument("out", type=Path)
+    p = sub.add_parser("score")
+    p.add_argument("data", type=Path)
+    p.add_argument("models", nargs="+")
+    p.add_argument("--kl", type=float, default=math.log(4) - 3 / 4, help="KL (nats) for gain_at_kl; default BoN-4's")
+    p.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.command == "data":
+        make_data(args.out)
+        return
+    data = json.loads(args.data.read_text())
+    results = {m: score(m, data, args.kl) for m in args.models}
+    print(f"{'value model':40} {'head':10} {'corr(S,r)':>10} {'gain@KL':>8} {'w@KL':>6}   (KL {args.kl:.2f})")
+    for model, heads in results.items():
+        for head, r in heads.items():
+            print(f"{model:40} {head:10} {r['corr']:10.3f} {r['gain_at_kl']:8.3f} {r['weight_at_kl']:6.2f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"kl": args.kl, "responses": len(data["token_ids"]), "models": results},
+                                       indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
