@@ -55,38 +55,25 @@ def make_data(out: Path, responses_per_prompt: int = 4) -> None:
 
 @torch.no_grad()
 def score(model_dir: str, data: dict, kl: float, batch_size: int = 200) -> dict[str, dict]:
+    from value_models.evaluate import replay_steps
     from value_models.model import load_value_model
     from vas_server.base_model import ensure_base_model
-    from vas_server.value_runtime import RowInput, ValueRuntime
+    from vas_server.value_runtime import ValueRuntime
 
     dtype = torch.bfloat16  # what the server runs the demo models in
     runtime = ValueRuntime([load_value_model(model_dir, str(ensure_base_model()), dtype=dtype)], batch_size, 512,
                            "cpu", dtype)
     n_heads, n = len(runtime.head_names), len(data["token_ids"])
-    every_head = frozenset(range(n_heads))
     s_sum = torch.zeros(n, n_heads, dtype=torch.float64)  # S per response and head
     var_sum = torch.zeros(n, n_heads, dtype=torch.float64)  # sum_i Var_p0(c_i)
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
-        rows = [RowInput(runtime.allocate(), list(data["prompt_ids"][i]), [], every_head) for i in idx]
-        for t in range(max(len(data["token_ids"][i]) for i in idx)):
-            live = [b for b, i in enumerate(idx) if t < len(data["token_ids"][i])]
-            steps = [data["topk"][idx[b]][t] for b in live]
-            k = min(len(ids) for ids, _ in steps)
-            candidates = torch.tensor([ids[:k] for ids, _ in steps])
-            p0 = torch.tensor([lps[:k] for _, lps in steps], dtype=torch.float64).exp()[:, None, :]
-            values = runtime.score([rows[b] for b in live], candidates).double()  # [B, heads, k]
-            c = values - values.mean(-1, keepdim=True)
-            mean_c, mean_c2 = (p0 * c).sum(-1), (p0 * c * c).sum(-1)  # c = 0 outside the candidates
-            chosen = torch.tensor([data["token_ids"][idx[b]][t] for b in live])
-            c_chosen = (c * (candidates == chosen[:, None])[:, None, :]).sum(-1)
-            at = torch.tensor([idx[b] for b in live])
-            s_sum[at] += c_chosen - mean_c
-            var_sum[at] += mean_c2 - mean_c ** 2
-            for b in live:
-                rows[b].outputs.append(data["token_ids"][idx[b]][t])
-        for row in rows:
-            runtime.release(row.slot)
+    for live, candidates, logp0, values, chosen in replay_steps(
+            runtime, data["prompt_ids"], data["token_ids"], data["topk"], frozenset(range(n_heads)), batch_size):
+        p0 = logp0.exp()[:, None, :]
+        c = values - values.mean(-1, keepdim=True)  # [B, heads, k]
+        mean_c, mean_c2 = (p0 * c).sum(-1), (p0 * c * c).sum(-1)  # c = 0 outside the candidates
+        c_chosen = (c * (candidates == chosen[:, None])[:, None, :]).sum(-1)
+        s_sum[live] += c_chosen - mean_c
+        var_sum[live] += mean_c2 - mean_c ** 2
     out = {}
     for h, name in enumerate(runtime.head_names):
         if name not in data["rewards"]:

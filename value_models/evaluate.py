@@ -33,6 +33,7 @@ vLLM starts worker processes: scripts that call `evaluate` need an `if __name__ 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -138,53 +139,61 @@ def _generate(llm, prompt_ids: list[list[int]], *, n: int | list[int], seed: int
     return _Gen(token_ids, texts, topk, seconds)
 
 
+def replay_steps(runtime, prompt_ids: list[list[int]], token_ids: list[list[int]],
+                 topk: list[list[tuple[list[int], list[float]]]], heads: frozenset[int], batch_size: int):
+    """Replay sampled responses through the serving value runtime, one decoding step at a time, as
+    the engine scored them. Response i follows prompt_ids[i]; topk[i][t] holds step t's candidates
+    and their raw base log-probs. Per step of each batch of `batch_size` responses, yields
+    (live [B] response indices, candidates [B, k], base log-probs [B, k] float64,
+    values of every runtime head [B, n_heads, k] float64 -- only `heads` are computed --,
+    the sampled tokens [B])."""
+    from vas_server.value_runtime import RowInput
+
+    for start in range(0, len(prompt_ids), batch_size):
+        idx = list(range(start, min(start + batch_size, len(prompt_ids))))
+        rows = [RowInput(runtime.allocate(), list(prompt_ids[i]), [], heads) for i in idx]
+        try:
+            for t in range(max(len(token_ids[i]) for i in idx)):
+                live = [b for b, i in enumerate(idx) if t < len(token_ids[i])]
+                steps = [topk[idx[b]][t] for b in live]
+                k = min(len(ids) for ids, _ in steps)
+                candidates = torch.tensor([ids[:k] for ids, _ in steps], dtype=torch.long)
+                logp0 = torch.tensor([lps[:k] for _, lps in steps], dtype=torch.float64)
+                values = runtime.score([rows[b] for b in live], candidates).double()
+                chosen = torch.tensor([token_ids[idx[b]][t] for b in live])
+                yield torch.tensor([idx[b] for b in live]), candidates, logp0, values, chosen
+                for b in live:
+                    rows[b].outputs.append(token_ids[idx[b]][t])
+        finally:
+            for row in rows:
+                runtime.release(row.slot)
+
+
 @torch.no_grad()
 def vas_kl(value_model, prompt_ids: list[list[int]], gen: _Gen, weights: dict[str, float], *, top_k: int,
            max_len: int, batch_size: int = 32) -> tuple[list[float], list[float]]:
     """Per response: (exact-per-step KL summed over the steps, Monte-Carlo sum_t log p/p0 (y_t)).
     `value_model` is a loaded ValueModel; the runtime is the one the server steers with."""
-    from vas_server.value_runtime import RowInput, ValueRuntime
+    from vas_server.value_runtime import ValueRuntime
 
     runtime = ValueRuntime([value_model], batch_size, max_len, "cpu", next(value_model.trunk.parameters()).dtype)
     w = torch.zeros(len(runtime.head_names), dtype=torch.float64)
     for name, value in weights.items():
         w[runtime.head_index[name]] = value
     used = frozenset(runtime.head_index[n] for n, v in weights.items() if v != 0)
-    exact_out, mc_out = [], []
-    for start in range(0, len(prompt_ids), batch_size):
-        idx = list(range(start, min(start + batch_size, len(prompt_ids))))
-        rows = []
-        for i in idx:
-            slot = runtime.allocate()
-            rows.append(RowInput(slot, list(prompt_ids[i]), [], used))
-        exact = torch.zeros(len(idx), dtype=torch.float64)
-        mc = torch.zeros(len(idx), dtype=torch.float64)
-        T = max(len(gen.token_ids[i]) for i in idx)
-        for t in range(T):
-            live = [b for b, i in enumerate(idx) if t < len(gen.token_ids[i])]
-            steps = [gen.topk[idx[b]][t] for b in live]
-            k = min(len(s[0]) for s in steps)
-            candidates = torch.tensor([s[0][:k] for s in steps], dtype=torch.long)
-            lp0 = torch.tensor([s[1][:k] for s in steps], dtype=torch.float64)
-            values = runtime.score([rows[b] for b in live], candidates).double()  # [B, n_heads, k]
-            bonus = ((values - values.mean(-1, keepdim=True)) * w[None, :, None]).sum(1)  # [B, k]
-            p0 = lp0.exp()
-            z = torch.log1p((p0 * torch.expm1(bonus)).sum(-1))  # [B]
-            rest = (1 - p0.sum(-1)).clamp(min=0)
-            kl_t = (p0 * torch.exp(bonus - z[:, None]) * (bonus - z[:, None])).sum(-1) - rest * torch.exp(-z) * z
-            chosen = torch.tensor([gen.token_ids[idx[b]][t] for b in live])
-            hit = candidates == chosen[:, None]
-            b_y = (bonus * hit).sum(-1)
-            live_t = torch.tensor(live)
-            exact[live_t] += kl_t
-            mc[live_t] += b_y - z
-            for b in live:
-                rows[b].outputs.append(gen.token_ids[idx[b]][t])
-        for r in rows:
-            runtime.release(r.slot)
-        exact_out += exact.tolist()
-        mc_out += mc.tolist()
-    return exact_out, mc_out
+    exact = torch.zeros(len(prompt_ids), dtype=torch.float64)
+    mc = torch.zeros(len(prompt_ids), dtype=torch.float64)
+    for live, candidates, lp0, values, chosen in replay_steps(runtime, prompt_ids, gen.token_ids, gen.topk, used,
+                                                              batch_size):
+        bonus = ((values - values.mean(-1, keepdim=True)) * w[None, :, None]).sum(1)  # [B, k]
+        p0 = lp0.exp()
+        z = torch.log1p((p0 * torch.expm1(bonus)).sum(-1))  # [B]
+        rest = (1 - p0.sum(-1)).clamp(min=0)
+        kl_t = (p0 * torch.exp(bonus - z[:, None]) * (bonus - z[:, None])).sum(-1) - rest * torch.exp(-z) * z
+        b_y = (bonus * (candidates == chosen[:, None])).sum(-1)
+        exact[live] += kl_t
+        mc[live] += b_y - z
+    return exact.tolist(), mc.tolist()
 
 
 class _GenerationCache:
@@ -228,15 +237,11 @@ class _GenerationCache:
 
 
 def _digest(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()[:16]
 
 
 def _model_digest(value_model_dir: str) -> str:
     """Content hash of what a value model serves with (spec, heads, adapter), not of its path."""
-    import hashlib
-
     h = hashlib.sha256()
     root = Path(value_model_dir)
     for path in sorted(root.rglob("*")):
