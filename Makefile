@@ -11,17 +11,21 @@ test: setup
 	.venv/bin/python -m pytest $(ARGS)
 
 # The shipped demo value models (docs/TRAINING.md): sample the embedded SmolLM2 on chitchat train
-# prompts, score, and fit three token heads on a frozen 6-layer base_prefix trunk. About 45 minutes
-# on an idle 2-core CPU. Intermediate data goes to build/demo/ (ignored by git).
+# prompts (two runs: the second adds responses 2 and 3 of the same prompts, with their own seeds),
+# score, and fit three token heads on a frozen 6-layer base_prefix trunk. About 90 minutes on an
+# idle 2-core CPU. Intermediate data goes to build/demo/ (ignored by git).
 DEMO_MODEL := value_models/demo/smollm2
-DEMO_DATA := build/demo/train32.jsonl
+DEMO_SAMPLE := .venv/bin/vas-train sample --chitchat train --num-prompts 8000 --samples-per-prompt 2 --max-tokens 32 \
+	--dtype bfloat16 --max-model-len 512 --seed 0
 
 demo-models: setup
-	.venv/bin/vas-train sample --chitchat train --num-prompts 8000 --samples-per-prompt 2 --max-tokens 32 \
-		--dtype bfloat16 --max-model-len 512 --seed 0 --out $(DEMO_DATA)
-	.venv/bin/vas-train score $(DEMO_DATA) --reward positive --reward concise --reward simple
-	.venv/bin/vas-train fit $(DEMO_DATA) --head positive:token --head concise:token --head simple:token \
-		--num-layers 6 --epochs 3 --batch-size 32 --lr 1e-3 --token-proj-lr 2e-6 --seed 0 --checkpoint-every 0 \
+	$(DEMO_SAMPLE) --out build/demo/train32.jsonl
+	$(DEMO_SAMPLE) --first-sample 2 --out build/demo/more32.jsonl
+	.venv/bin/vas-train score build/demo/train32.jsonl --reward positive --reward concise --reward simple
+	.venv/bin/vas-train score build/demo/more32.jsonl --reward positive --reward concise --reward simple
+	.venv/bin/vas-train fit build/demo/train32.jsonl build/demo/more32.jsonl \
+		--head positive:token --head concise:token --head simple:token --num-layers 6 --lam 1.0 --epochs 3 \
+		--batch-size 32 --lr 1e-3 --token-proj-lr 2e-6 --lr-decay linear --seed 0 --checkpoint-every 0 \
 		--states-cache build/demo/states --out $(DEMO_MODEL)
 
 # The evaluation of docs/QUALITY.md: VAS at weights -2..8 per head and a 3x3 two-head grid on 200

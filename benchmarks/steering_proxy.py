@@ -54,13 +54,13 @@ def make_data(out: Path, responses_per_prompt: int = 4) -> None:
 
 
 @torch.no_grad()
-def score(model_dir: str, data: dict, kl: float, batch_size: int = 200) -> dict[str, dict]:
+def score(model_dir: str, data: dict, kl: float, batch_size: int = 200, dtype: str = "bfloat16") -> dict[str, dict]:
     from value_models.evaluate import replay_steps
     from value_models.model import load_value_model
     from vas_server.base_model import ensure_base_model
     from vas_server.value_runtime import ValueRuntime
 
-    dtype = torch.bfloat16  # what the server runs the demo models in
+    dtype = getattr(torch, dtype)  # bfloat16: what the server runs the demo models in
     runtime = ValueRuntime([load_value_model(model_dir, str(ensure_base_model()), dtype=dtype)], batch_size, 512,
                            "cpu", dtype)
     n_heads, n = len(runtime.head_names), len(data["token_ids"])
@@ -97,20 +97,23 @@ def main() -> None:
     p.add_argument("data", type=Path)
     p.add_argument("models", nargs="+")
     p.add_argument("--kl", type=float, default=math.log(4) - 3 / 4, help="KL (nats) for gain_at_kl; default BoN-4's")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="value-model dtype (the server runs the demo models in bfloat16)")
     p.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.command == "data":
         make_data(args.out)
         return
     data = json.loads(args.data.read_text())
-    results = {m: score(m, data, args.kl) for m in args.models}
+    results = {m: score(m, data, args.kl, dtype=args.dtype) for m in args.models}
     print(f"{'value model':40} {'head':10} {'corr(S,r)':>10} {'gain@KL':>8} {'w@KL':>6}   (KL {args.kl:.2f})")
     for model, heads in results.items():
         for head, r in heads.items():
             print(f"{model:40} {head:10} {r['corr']:10.3f} {r['gain_at_kl']:8.3f} {r['weight_at_kl']:6.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"kl": args.kl, "responses": len(data["token_ids"]), "models": results},
+        args.out.write_text(json.dumps({"kl": args.kl, "dtype": args.dtype, "responses": len(data["token_ids"]),
+                                        "models": results},
                                        indent=1) + "\n")
 
 

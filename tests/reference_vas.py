@@ -40,7 +40,8 @@ class ReferenceValueModel:
                                 for a in candidates])
         h = self.last_hidden(prefix)
         embed = self.model.embed_tokens.weight
-        return torch.stack([(h @ t[f"{head}.proj"]) @ embed[a] + t[f"{head}.bias"][a] for a in candidates])
+        baseline = h @ t[f"{head}.baseline"] if f"{head}.baseline" in t else 0.0
+        return torch.stack([baseline + (h @ t[f"{head}.proj"]) @ embed[a] + t[f"{head}.bias"][a] for a in candidates])
 
 
 @torch.no_grad()

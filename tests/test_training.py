@@ -183,11 +183,15 @@ def test_lora_checkpoint_round_trip(models, vocab_hash, tmp_path):
 
 def test_resume_after_interruption_matches_uninterrupted_run(models, vocab_hash, tmp_path):
     samples = synthetic_samples(32, seed=5, vocab_hash=vocab_hash, response_length=3)
-    config = small_run_config(models, TrunkPlan("base_prefix", str(models["base"]), num_layers=1, lora_r=4))
+    config = small_run_config(models, TrunkPlan("base_prefix", str(models["base"]), num_layers=1, lora_r=4),
+                              lr_decay="linear")
     whole = fit(samples, config, tmp_path / "whole", progress=False)
 
     interrupted = fit(samples, config, tmp_path / "resumed", progress=False, stop_after_steps=3)
     assert interrupted.steps == 3 and (tmp_path / "resumed" / "train_state" / "state.pt").is_file()
+    # Linear decay: step 3 of 8 ran at (1 - 2/8) of each group's rate (heads 1e-2, token proj 1e-2, LoRA 1e-2).
+    saved = torch.load(tmp_path / "resumed" / "train_state" / "state.pt", weights_only=True)
+    assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == pytest.approx([0.75e-2] * 3)
     resumed = fit(samples, config, tmp_path / "resumed", progress=False)
     assert resumed.steps == whole.steps == 8
     assert resumed.curve == whole.curve
@@ -218,6 +222,13 @@ def test_states_cache_gives_the_same_model_and_skips_the_trunk(models, vocab_has
     with pytest.raises(AssertionError, match="cached"):
         fit(synthetic_samples(32, seed=8, vocab_hash=vocab_hash), config, tmp_path / "third", progress=False,
             states_cache=tmp_path / "cache")
+
+
+def test_unknown_lr_decay_is_refused(models, vocab_hash, tmp_path):
+    samples = synthetic_samples(16, seed=6, vocab_hash=vocab_hash)
+    config = small_run_config(models, TrunkPlan("base_prefix", str(models["base"]), num_layers=1), lr_decay="cosine")
+    with pytest.raises(ValueError, match="lr_decay"):
+        fit(samples, config, tmp_path / "vm", progress=False)
 
 
 def test_resume_refuses_other_settings(models, vocab_hash, tmp_path):

@@ -36,13 +36,24 @@ def test_sample_score_fit(tmp_path):
     # Seeded per (prompt, sample): the three samples of a prompt differ.
     assert len({tuple(s.response_token_ids) for s in samples[:3]}) == 3
 
-    main(["score", str(samples_file), "--reward", "simple", "--reward", "concise"])
-    assert all(set(s.rewards) == {"simple", "concise"} for s in read_samples(samples_file))
+    # Extending the set: sample 2 of each prompt again, alone in its run, is the same response.
+    more_file = tmp_path / "more.jsonl"
+    main(["sample", "--base", str(base), "--prompts", str(tmp_path / "prompts.txt"), "--samples-per-prompt", "1",
+          "--first-sample", "2", "--max-tokens", "12", "--dtype", "float32", "--max-model-len", "128",
+          "--out", str(more_file)])
+    more = read_samples(more_file)
+    assert [m.response_token_ids for m in more] == [samples[2].response_token_ids, samples[5].response_token_ids]
+
+    for path in (samples_file, more_file):
+        main(["score", str(path), "--reward", "simple", "--reward", "concise"])
+        assert all(set(s.rewards) == {"simple", "concise"} for s in read_samples(path))
 
     out = tmp_path / "vm"
-    main(["fit", str(samples_file), "--base", str(base), "--head", "concise:token", "--head", "easy:state:simple",
-          "--num-layers", "1", "--epochs", "2", "--batch-size", "4", "--out", str(out)])
+    main(["fit", str(samples_file), str(more_file), "--base", str(base), "--head", "concise:token",
+          "--head", "easy:state:simple", "--num-layers", "1", "--epochs", "2", "--batch-size", "4",
+          "--lr-decay", "linear", "--out", str(out)])
     spec = load_spec(out)
     assert [h.name for h in spec.heads] == ["concise", "easy"]
+    assert spec.head("concise").num_training_samples == 8  # both files
     assert spec.head("easy").description.startswith("Readability")
     load_value_model(out, base)

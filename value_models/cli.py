@@ -34,7 +34,8 @@ def _cmd_sample(args) -> None:
     prompts = read_prompts(args.prompts) if args.prompts else chitchat_prompts(args.chitchat)
     prompts = pick(prompts, args.num_prompts, seed=args.seed)
     samples = sample(_base_dir(args.base), prompts, samples_per_prompt=args.samples_per_prompt,
-                     max_tokens=args.max_tokens, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len)
+                     max_tokens=args.max_tokens, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len,
+                     first_sample=args.first_sample)
     write_samples(args.out, samples)
     print(f"wrote {len(samples)} samples to {args.out}")
 
@@ -72,7 +73,7 @@ def _cmd_fit(args) -> None:
     from value_models.train import FitConfig, fit
     from value_models.training_trunk import TrunkPlan
 
-    samples = read_samples(args.samples)
+    samples = [s for path in args.samples for s in read_samples(path)]
     if args.standalone:
         trunk = TrunkPlan("standalone", args.standalone, num_layers=args.num_layers, train_trunk=args.train_trunk)
     else:
@@ -80,8 +81,8 @@ def _cmd_fit(args) -> None:
                           lora_alpha=args.lora_alpha)
     config = FitConfig(heads=args.head, trunk=trunk, lam=args.lam, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, token_proj_lr=args.token_proj_lr, trunk_lr=args.trunk_lr,
-                       passes_per_batch=args.passes, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every, extra={"samples": Path(args.samples).name})
+                       lr_decay=args.lr_decay, passes_per_batch=args.passes, seed=args.seed,
+                       checkpoint_every=args.checkpoint_every, extra={"samples": [Path(p).name for p in args.samples]})
     result = fit(samples, config, args.out, states_cache=args.states_cache)
     last = result.curve[-1]["loss"] if result.curve else {}
     print(f"saved {result.path} after {result.steps} steps; last losses {last}")
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chitchat", choices=["train", "heldout"], help="use a split of the chitchat-dataset prompts")
     p.add_argument("--num-prompts", type=int, help="how many prompts (a seeded random choice); default all")
     p.add_argument("--samples-per-prompt", type=int, default=1)
+    p.add_argument("--first-sample", type=int, default=0,
+                   help="index of each prompt's first sample (its seed); e.g. 2 adds samples 2, 3, ... to a set of 0, 1")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--dtype", default="auto")
@@ -171,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("fit", help="TD(lambda) training of a value model")
-    p.add_argument("samples")
+    p.add_argument("samples", nargs="+", help="scored samples (JSONL); several files are used in the given order")
     p.add_argument("--head", action="append", required=True, type=_parse_head,
                    help="NAME:KIND[:REWARD], kind state or token (repeatable: heads share the trunk)")
     p.add_argument("--base", help="base model HF directory for a base_prefix trunk (default: the embedded SmolLM2)")
@@ -187,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-proj-lr", type=float, help="learning rate of token heads' projection (default: --lr); "
                                                        "values move ~ lr * |h|_1 * |E|_1 per step, so use ~1e-6")
     p.add_argument("--trunk-lr", type=float, default=1e-4)
+    p.add_argument("--lr-decay", choices=["constant", "linear"], default="constant",
+                   help="learning-rate schedule: constant, or linear decay to 0 at the last step")
     p.add_argument("--passes", type=int, default=2, help="passes per batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=100)

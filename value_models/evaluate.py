@@ -44,7 +44,7 @@ import torch
 
 from value_models.sample import SEEDS_PER_PROMPT, chat_prompt_ids
 
-DEFAULT_WEIGHTS = (-2.0, 0.0, 1.0, 2.0, 4.0, 8.0)
+DEFAULT_WEIGHTS = (-2.0, 0.0, 1.0, 2.0, 3.0, 4.0, 8.0)
 DEFAULT_GRID_WEIGHTS = (0.0, 2.0, 4.0)
 DEFAULT_BON = (4, 16, 64)
 

@@ -3,15 +3,20 @@
 All heads of one value model live in one `ValueHeads` module so that they share the trunk's
 forward and are evaluated with one matmul per kind:
   * state heads: `V(x) = w . h_last(x) + b`, stacked as `state_weight` [n_state, H];
-  * token heads: `Q(s)[a] = (P h_last(s)) . E[a] + bias[a]`, where E is the trunk's own embedding
-    matrix (tied, not stored), P a [H, H] projection and bias a per-token vector. Only P and the
-    bias are saved, so token heads stay small on disk.
+  * token heads: `Q(s)[a] = u . h_last(s) + (P h_last(s)) . E[a] + bias[a]`, where E is the
+    trunk's own embedding matrix (tied, not stored), P a [H, H] projection, bias a per-token vector
+    and u a state baseline. Only u, P and the bias are saved, so token heads stay small on disk.
+    The baseline `u . h` is the same for every candidate, so centring (§1.3) removes it and it
+    never changes sampling; it is there for training: it carries V(s), the part of the return
+    that the state alone predicts, so that P and the bias learn what the token adds to it (the
+    advantage) instead of absorbing the reward level of the contexts a token happens to occur in.
 
 Head values are in standardised reward units (VAS_SPEC §2): weight 1.0 means one standard
 deviation of that head's training reward.
 
 Saved tensors (heads.safetensors): "<name>.weight" [H] and "<name>.bias" [] for a state head,
-"<name>.proj" [H, H] and "<name>.bias" [V] for a token head.
+"<name>.proj" [H, H], "<name>.bias" [V] and "<name>.baseline" [H] for a token head (a file without
+the baseline, written before it existed, loads with a zero baseline: same centred values).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class ValueHeads(nn.Module):
         self.state_bias = nn.Parameter(torch.zeros(len(self.state_names)))
         self.token_proj = nn.Parameter(torch.zeros(len(self.token_names), hidden_size, hidden_size))
         self.token_bias = nn.Parameter(torch.zeros(len(self.token_names), vocab_size))
+        self.token_baseline = nn.Parameter(torch.zeros(len(self.token_names), hidden_size))
 
     @property
     def names(self) -> list[str]:
@@ -45,7 +51,8 @@ class ValueHeads(nn.Module):
         """Q(s)[a] for chosen tokens. hidden [B, H] (last position of s), embed [V, H],
         tokens [B, K] -> values [n_token, B, K]."""
         u = torch.einsum("bh,nhg->nbg", hidden, self.token_proj)
-        return torch.einsum("nbg,bkg->nbk", u, embed[tokens]) + self.token_bias[:, tokens]
+        baseline = (hidden @ self.token_baseline.T).T[:, :, None]  # [n_token, B, 1]
+        return torch.einsum("nbg,bkg->nbk", u, embed[tokens]) + self.token_bias[:, tokens] + baseline
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -55,6 +62,7 @@ class ValueHeads(nn.Module):
         for i, name in enumerate(self.token_names):
             out[f"{name}.proj"] = self.token_proj[i]
             out[f"{name}.bias"] = self.token_bias[i]
+            out[f"{name}.baseline"] = self.token_baseline[i]
         return out
 
     @classmethod
@@ -68,6 +76,8 @@ class ValueHeads(nn.Module):
             for i, name in enumerate(heads.token_names):
                 heads.token_proj[i].copy_(_get(tensors, f"{name}.proj", (hidden_size, hidden_size)))
                 heads.token_bias[i].copy_(_get(tensors, f"{name}.bias", (vocab_size,)))
+                if f"{name}.baseline" in tensors:
+                    heads.token_baseline[i].copy_(_get(tensors, f"{name}.baseline", (hidden_size,)))
         return heads
 
 

@@ -25,15 +25,19 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt: int = 1, max_tokens: int = 96,
-           seed: int = 0, dtype: str = "auto", max_model_len: int = 1024, **engine_overrides) -> list[Sample]:
+           seed: int = 0, dtype: str = "auto", max_model_len: int = 1024, first_sample: int = 0,
+           **engine_overrides) -> list[Sample]:
+    """Samples j = first_sample .. first_sample + samples_per_prompt - 1 of every prompt. A later
+    call with a higher `first_sample` extends a data set with new responses to the same prompts
+    (each sample's seed depends only on its prompt's index and j)."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from value_models.format import tokenizer_identity
     from vas_server.engine import engine_kwargs
 
-    if samples_per_prompt > SEEDS_PER_PROMPT:
-        raise ValueError(f"at most {SEEDS_PER_PROMPT} samples per prompt")
+    if first_sample < 0 or first_sample + samples_per_prompt > SEEDS_PER_PROMPT:
+        raise ValueError(f"sample indices must lie in 0..{SEEDS_PER_PROMPT - 1}")
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
     vocab_hash = tokenizer_identity(tokenizer).vocab_hash
     prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
@@ -48,7 +52,7 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
                               **engine_overrides))
     requests, params, owners = [], [], []
     for i, ids in enumerate(prompt_ids):
-        for j in range(samples_per_prompt):
+        for j in range(first_sample, first_sample + samples_per_prompt):
             requests.append(TokensPrompt(prompt_token_ids=ids))
             # logprobs=0: the log-prob of each sampled token under the raw base distribution.
             params.append(SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens,

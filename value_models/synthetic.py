@@ -33,6 +33,7 @@ def random_value_model(out: Path, base_dir: Path, heads: list[tuple[str, str]], 
         module.state_bias.copy_(torch.randn(module.state_bias.shape, generator=g))
         module.token_proj.copy_(torch.randn(module.token_proj.shape, generator=g) * scale / c.hidden_size)
         module.token_bias.copy_(torch.randn(module.token_bias.shape, generator=g) * scale)
+        module.token_baseline.copy_(torch.randn(module.token_baseline.shape, generator=g) * scale / c.hidden_size ** 0.5)
     spec = ValueModelSpec(trunk=trunk, heads=specs, tokenizer=tokenizer_identity(tok))
     return save_value_model(out, spec, module, standalone_dir=standalone_dir)
 

@@ -43,6 +43,7 @@ from value_models.training_trunk import TrainingTrunk, TrunkPlan
 TRAIN_STATE_DIR = "train_state"
 TRAIN_STATE_FILE = "state.pt"
 CURVE_FILE = "training_curve.json"
+LR_DECAYS = ("constant", "linear")
 
 
 @dataclass
@@ -72,6 +73,10 @@ class FitConfig:
     token_proj_lr: float | None = None
     trunk_lr: float = 1e-4  # LoRA or fine-tuned trunk weights
     weight_decay: float = 0.0
+    # "constant", or "linear": every rate falls linearly to 0 at the last step. The per-token biases
+    # see a few noisy returns each; a decaying rate makes each one an average over all its
+    # occurrences instead of a trace of its last few (Adam's steps do not shrink with the error).
+    lr_decay: str = "constant"
     passes_per_batch: int = 2
     seed: int = 0
     checkpoint_every: int = 100  # steps; 0 = only at the end
@@ -131,6 +136,9 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     if config.trunk.trainable:
         groups.append({"params": list(trunk.trainable_parameters().values()), "lr": config.trunk_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    if config.lr_decay not in LR_DECAYS:
+        raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {config.lr_decay!r}")
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     spec = ValueModelSpec(
         trunk=TrunkSpec(type=config.trunk.type,
@@ -158,6 +166,9 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
         epoch, index_in_epoch = divmod(step, batches_per_epoch)
         permutation = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
         ids = permutation[index_in_epoch * config.batch_size:(index_in_epoch + 1) * config.batch_size].tolist()
+        scale = 1.0 - step / total_steps if config.lr_decay == "linear" else 1.0  # a function of step: resumes exactly
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base_lr * scale
         losses = _train_batch(trunk, heads, optimizer, embed, [samples[i] for i in ids], rewards[:, ids],
                               cached_hidden, ids, config)
         step += 1
@@ -197,12 +208,7 @@ def _trunk_states(trunk: TrainingTrunk, samples: list[Sample], config: FitConfig
     trunk and token ids left them there."""
     if cache_dir is None:
         return _precompute_states(trunk, samples, config, progress)
-    import hashlib
-
-    key = hashlib.sha256(json.dumps({
-        "trunk": [config.trunk.type, str(Path(config.trunk.model_dir).resolve()), config.trunk.num_layers],
-        "samples": [[s.prompt_token_ids, s.response_token_ids] for s in samples]}).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"trunk-states-{key}.pt"
+    path = states_cache_path(cache_dir, config.trunk, samples)
     if path.is_file():
         return torch.load(path, weights_only=True)
     states = _precompute_states(trunk, samples, config, progress)
@@ -210,6 +216,17 @@ def _trunk_states(trunk: TrainingTrunk, samples: list[Sample], config: FitConfig
     torch.save(states, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
     return states
+
+
+def states_cache_path(cache_dir: Path | str, trunk: TrunkPlan, samples: list[Sample]) -> Path:
+    """Where a frozen trunk's states of these samples (in this order) are cached: keyed by the
+    trunk's directory and depth and every sample's token ids."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps({
+        "trunk": [trunk.type, str(Path(trunk.model_dir).resolve()), trunk.num_layers],
+        "samples": [[s.prompt_token_ids, s.response_token_ids] for s in samples]}).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"trunk-states-{key}.pt"
 
 
 @torch.no_grad()
