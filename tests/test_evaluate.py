@@ -89,6 +89,10 @@ def test_generation_cache_shares_the_base_run_but_not_vas_runs(tmp_path, eval_va
     retrained = cache(copy)
     assert retrained._path(()) == original._path(())  # the base's samples do not depend on the value model
     assert retrained._path(key) != original._path(key)  # stale VAS responses are never reused
+    other_k = _GenerationCache(tmp_path / "gen", EvalConfig(value_model=str(eval_value_model), base="b",
+                                                            prompts=["hi"], top_k=40), [4])
+    assert other_k._path(()) == original._path(())  # VAS's top-K does not touch the base run
+    assert other_k._path(key) != original._path(key)
 
 
 @pytest.mark.slow
@@ -101,12 +105,13 @@ def test_eval_cli_end_to_end(tmp_path, tiny_base, eval_value_model):
     argv = ["eval", str(eval_value_model), "--base", str(tiny_base), "--prompts", str(prompts), "--num-prompts", "4",
             "--weights=-1,0,1,2,4", "--grid-weights", "0,2", "--bon", "2,4,16", "--bon-prompts", "4,4,2",
             "--max-tokens", "8", "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16",
-            "--out", str(out)]
+            "--top-k", "32", "--out", str(out)]  # K > 20: more log-probs than vLLM's default max_logprobs
     main(argv)
     for name in ("eval.json", "eval.md", "reward_vs_weight.png", "reward_vs_kl.png", "grid.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     report = json.loads((out / "eval.json").read_text())
     assert report["num_prompts"] == 4 and report["heads"] == ["simple", "concise"]
+    assert report["config"]["top_k"] == 32
     assert report["rewards"] == {"simple": "simple", "concise": "concise"}
     for head in ("simple", "concise"):
         rows = report["per_head"][head]

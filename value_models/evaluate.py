@@ -201,16 +201,17 @@ class _GenerationCache:
     interrupted evaluation started again with the same settings generates only what is missing.
 
     The base run (key ()) depends only on the base and the sampling settings, so evaluations of
-    different value models share it; VAS runs are keyed by the value model's content as well, so
-    a retrained model at the same path never reuses stale responses."""
+    different value models (or VAS top-K) share it; VAS runs are keyed by the value model's content
+    and the top-K as well, so a retrained model at the same path never reuses stale responses."""
 
     def __init__(self, directory: Path, config: EvalConfig, base_counts: list[int]):
         self.directory = directory
         settings = {k: v for k, v in asdict(config).items()
-                    if k in ("base", "prompts", "max_tokens", "top_k", "seed", "dtype")}
+                    if k in ("base", "prompts", "max_tokens", "seed", "dtype")}  # not top_k: unused by the base
         settings["base_counts"] = base_counts
         self.base_fingerprint = _digest(json.dumps(settings, sort_keys=True).encode())
-        self.vas_fingerprint = _digest((self.base_fingerprint + _model_digest(config.value_model)).encode())
+        self.vas_fingerprint = _digest(json.dumps([self.base_fingerprint, _model_digest(config.value_model),
+                                                   config.top_k]).encode())
 
     def _path(self, key: tuple) -> Path:
         fingerprint = self.vas_fingerprint if key else self.base_fingerprint
@@ -317,8 +318,10 @@ def evaluate(config: EvalConfig, out_dir: Path | str, *, progress: bool = True) 
             for wb in config.grid_weights:
                 settings.setdefault(_key({grid_heads[0]: wa, grid_heads[1]: wb}), {grid_heads[0]: wa, grid_heads[1]: wb})
 
+    # VAS runs return the K candidates' base log-probs (for the KL); vLLM refuses more than
+    # max_logprobs (default 20) per step.
     overrides = dict(dtype=config.dtype, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-                     seed=config.seed, disable_log_stats=True)
+                     seed=config.seed, disable_log_stats=True, max_logprobs=max(20, config.top_k))
     overrides.setdefault("enable_chunked_prefill", False)  # vLLM 0.32 CPU: seeded requests (see sample.py)
     overrides.update(config.engine_overrides)
     vas = VASConfig(value_models={"eval": str(config.value_model)}, dtype="auto")
