@@ -112,9 +112,8 @@ def main() -> None:
             print(f"{model:40} {head:10} {r['corr']:10.3f} {r['gain_at_kl']:8.3f} {r['weight_at_kl']:6.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"kl": args.kl, "dtype": args.dtype, "responses": len(data["token_ids"]),
-                                        "models": results},
-                                       indent=1) + "\n")
+        report = {"kl": args.kl, "dtype": args.dtype, "responses": len(data["token_ids"]), "models": results}
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

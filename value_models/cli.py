@@ -147,6 +147,8 @@ def _cmd_eval(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from value_models.train import LR_DECAYS
+
     parser = argparse.ArgumentParser(prog="vas-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-proj-lr", type=float, help="learning rate of token heads' projection (default: --lr); "
                                                        "values move ~ lr * |h|_1 * |E|_1 per step, so use ~1e-6")
     p.add_argument("--trunk-lr", type=float, default=1e-4)
-    p.add_argument("--lr-decay", choices=["constant", "linear"], default="constant",
+    p.add_argument("--lr-decay", choices=LR_DECAYS, default="constant",
                    help="learning-rate schedule: constant, or linear decay to 0 at the last step")
     p.add_argument("--passes", type=int, default=2, help="passes per batch")
     p.add_argument("--seed", type=int, default=0)

@@ -83,6 +83,10 @@ class FitConfig:
     precompute_batch_size: int = 16
     extra: dict = field(default_factory=dict)  # recorded in vas.json, e.g. how the data was made
 
+    def __post_init__(self):
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -136,8 +140,6 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     if config.trunk.trainable:
         groups.append({"params": list(trunk.trainable_parameters().values()), "lr": config.trunk_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
-    if config.lr_decay not in LR_DECAYS:
-        raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {config.lr_decay!r}")
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     spec = ValueModelSpec(
