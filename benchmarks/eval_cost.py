@@ -1,4 +1,4 @@
-"""Wall time of one response per prompt: plain base vs VAS (with and without top-20 logprobs).
+"""Wall time of one response per prompt: plain base vs VAS (top-K 20, 128, 256; with and without top-20 logprobs).
 
     .venv/bin/python benchmarks/eval_cost.py docs/quality/cost.json
 
@@ -24,10 +24,12 @@ if __name__ == "__main__":
                               max_model_len=512, max_num_seqs=200, seed=0, disable_log_stats=True))
     out = {}
     _generate(llm, ids[:20], n=1, seed=0, max_tokens=8, weights=None, top_k=20, keep_topk=False)  # warm-up
-    for name, w, lp in [("base", None, False), ("vas_positive4", {"positive": 4.0}, False),
-                        ("vas_positive4_logprobs20", {"positive": 4.0}, True), ("base_again", None, False),
-                        ("vas_3heads", {"positive": 2.0, "concise": 2.0, "simple": 2.0}, False)]:
-        g = _generate(llm, ids, n=1, seed=0, max_tokens=32, weights=w, top_k=20, keep_topk=lp)
+    for name, w, k, lp in [("base", None, 20, False), ("vas_positive4", {"positive": 4.0}, 20, False),
+                           ("vas_positive4_logprobs20", {"positive": 4.0}, 20, True), ("base_again", None, 20, False),
+                           ("vas_3heads", {"positive": 2.0, "concise": 2.0, "simple": 2.0}, 20, False),
+                           ("vas_positive4_k128", {"positive": 4.0}, 128, False),
+                           ("vas_positive4_k256", {"positive": 4.0}, 256, False)]:
+        g = _generate(llm, ids, n=1, seed=0, max_tokens=32, weights=w, top_k=k, keep_topk=lp)
         out[name] = {"tokens": g.tokens, "seconds": g.seconds, "tok_per_s": g.tokens / g.seconds}
         print(name, out[name], flush=True)
     json.dump(out, open(sys.argv[1], "w"), indent=1)

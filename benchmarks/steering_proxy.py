@@ -5,8 +5,9 @@
         --out benchmarks/results/steering_proxy.json                                  # ~2 min per model
 
 `data`: 200 held-out chitchat prompts x 4 responses of 32 tokens from the plain base (the seeds of
-`vas-train eval`'s base run), each step's top-20 raw base log-probs (the VAS candidates C), and
-each response's built-in rewards.
+`vas-train eval`'s base run), each step's top-K raw base log-probs (`--top-k`, default 20: the
+largest VAS candidate set C it can score), and each response's built-in rewards. `score --top-k K`
+scores with the first K of them as C (default: all the data has).
 
 `score`: for a head at weight w, VAS's log-ratio to the base along a response y is
 sum_i (w c_i(y_i) - log Z_i), c the candidates' centred values (0 outside C). To first order in w
@@ -27,7 +28,7 @@ import torch
 REWARDS = ("positive", "concise", "simple")
 
 
-def make_data(out: Path, responses_per_prompt: int = 4) -> None:
+def make_data(out: Path, top_k: int = 20, responses_per_prompt: int = 4) -> None:
     from transformers import AutoTokenizer
     from vllm import LLM
 
@@ -43,8 +44,8 @@ def make_data(out: Path, responses_per_prompt: int = 4) -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
     llm = LLM(**engine_kwargs(base, None, dtype="bfloat16", max_model_len=512, max_num_seqs=256, seed=0,
-                              enable_chunked_prefill=False, disable_log_stats=True))
-    gen = _generate(llm, ids, n=responses_per_prompt, seed=0, max_tokens=32, weights=None, top_k=20, keep_topk=True)
+                              enable_chunked_prefill=False, disable_log_stats=True, max_logprobs=max(20, top_k)))
+    gen = _generate(llm, ids, n=responses_per_prompt, seed=0, max_tokens=32, weights=None, top_k=top_k, keep_topk=True)
     repeated = [p for p in prompts for _ in range(responses_per_prompt)]
     rewards = {name: load_reward(name).score(repeated, gen.texts) for name in REWARDS}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,26 +94,34 @@ def main() -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("data")
     p.add_argument("out", type=Path)
+    p.add_argument("--top-k", type=int, default=20, help="base log-probs kept per step")
     p = sub.add_parser("score")
     p.add_argument("data", type=Path)
     p.add_argument("models", nargs="+")
     p.add_argument("--kl", type=float, default=math.log(4) - 3 / 4, help="KL (nats) for gain_at_kl; default BoN-4's")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="value-model dtype (the server runs the demo models in bfloat16)")
+    p.add_argument("--top-k", type=int, help="VAS candidates per step (default: all the data has)")
     p.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.command == "data":
-        make_data(args.out)
+        make_data(args.out, args.top_k)
         return
     data = json.loads(args.data.read_text())
+    have = min(len(ids) for steps in data["topk"] for ids, _ in steps)
+    top_k = args.top_k or have
+    if not 1 <= top_k <= have:
+        parser.error(f"--top-k must be in 1..{have}: the data keeps {have} candidates per step")
+    data["topk"] = [[(ids[:top_k], lps[:top_k]) for ids, lps in steps] for steps in data["topk"]]
     results = {m: score(m, data, args.kl, dtype=args.dtype) for m in args.models}
-    print(f"{'value model':40} {'head':10} {'corr(S,r)':>10} {'gain@KL':>8} {'w@KL':>6}   (KL {args.kl:.2f})")
+    print(f"{'value model':40} {'head':10} {'corr(S,r)':>10} {'gain@KL':>8} {'w@KL':>6}   (KL {args.kl:.2f}, K {top_k})")
     for model, heads in results.items():
         for head, r in heads.items():
             print(f"{model:40} {head:10} {r['corr']:10.3f} {r['gain_at_kl']:8.3f} {r['weight_at_kl']:6.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        report = {"kl": args.kl, "dtype": args.dtype, "responses": len(data["token_ids"]), "models": results}
+        report = {"kl": args.kl, "dtype": args.dtype, "top_k": top_k, "responses": len(data["token_ids"]),
+                  "models": results}
         args.out.write_text(json.dumps(report, indent=1) + "\n")
 
 
