@@ -30,8 +30,8 @@ demo-models: setup
 
 # The evaluation of docs/QUALITY.md: VAS at weights -2..8 per head and a 3x3 two-head grid on 200
 # held-out prompts, against Best-of-4 (200 prompts), Best-of-16 (first 50) and Best-of-64 (first 20);
-# 32 new tokens; then the same at VAS top-K 256 (weights 1.5..3, no grid). About 35 minutes on an
-# idle 2-core CPU. Full output (and the saved generations, which let an interrupted run resume) in
+# 32 new tokens; then the same at VAS top-K 256 (weights 1.5..3, no grid; it reuses the first run's base
+# samples). About 30 minutes on an idle 2-core CPU. Full output (and the saved generations, which let an interrupted run resume) in
 # build/eval/ and build/eval_k256/; the reports (and the first run's plots) are copied to docs/quality/.
 EVAL := .venv/bin/vas-train eval $(DEMO_MODEL) --num-prompts 200 --max-tokens 32 --bon 4,16,64 --bon-prompts 200,50,20 \
 	--max-num-seqs 200
@@ -39,5 +39,5 @@ EVAL := .venv/bin/vas-train eval $(DEMO_MODEL) --num-prompts 200 --max-tokens 32
 eval: setup
 	$(EVAL) --out build/eval
 	mkdir -p docs/quality && cp build/eval/eval.json build/eval/eval.md build/eval/*.png docs/quality/
-	$(EVAL) --top-k 256 --weights 1.5,2,2.5,3 --grid-weights 0 --out build/eval_k256
+	$(EVAL) --top-k 256 --weights 1.5,2,2.5,3 --grid-weights 0 --generations build/eval/generations --out build/eval_k256
 	mkdir -p docs/quality/k256 && cp build/eval_k256/eval.json build/eval_k256/eval.md docs/quality/k256/

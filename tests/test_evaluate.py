@@ -132,16 +132,17 @@ def test_eval_cli_end_to_end(tmp_path, tiny_base, eval_value_model):
         [{}, {"concise": 2.0}], [{"simple": 2.0}, {"concise": 2.0, "simple": 2.0}]]
     assert "## Two heads" in (out / "eval.md").read_text()
 
-    # Started again with the same settings, it reuses the saved generations (no engine) and
-    # reports the same numbers.
+    # Started again with the same settings, into another directory that shares the saved
+    # generations, it generates nothing (no engine) and reports the same numbers.
     import vllm
 
     first = (out / "eval.json").read_text()
     original = vllm.LLM
     vllm.LLM = None  # would fail if an engine were built
     try:
-        main(argv)
+        main(argv[:-1] + [str(tmp_path / "again"), "--generations", str(out / "generations")])
     finally:
         vllm.LLM = original
-    again = json.loads((out / "eval.json").read_text())
+    assert not (tmp_path / "again" / "generations").exists()
+    again = json.loads((tmp_path / "again" / "eval.json").read_text())
     assert again["per_head"] == json.loads(first)["per_head"] and again["bon"] == json.loads(first)["bon"]

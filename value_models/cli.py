@@ -139,7 +139,7 @@ def _cmd_eval(args) -> None:
                         max_tokens=args.max_tokens,
                         top_k=args.top_k, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len,
                         max_num_seqs=args.max_num_seqs)
-    report = evaluate(config, args.out)
+    report = evaluate(config, args.out, generations_dir=args.generations)
     for head, check in report["checks"].items():
         print(f"{head}: monotonic={check['monotonic']} negative_lowers={check['negative_lowers']} "
               + " ".join(f"{k}={v}" for k, v in check.items() if k.startswith("beats_")))
@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--generations", help="where each run's responses are kept (default: OUT/generations); "
+                                         "evaluations sharing it reuse the base run, e.g. at another --top-k")
     p.set_defaults(func=_cmd_eval)
     return parser
 

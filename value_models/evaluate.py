@@ -263,8 +263,11 @@ def _mean_se(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / n)
 
 
-def evaluate(config: EvalConfig, out_dir: Path | str, *, progress: bool = True) -> dict:
-    """Run the evaluation, write eval.json / eval.md / PNGs to `out_dir`, return the report."""
+def evaluate(config: EvalConfig, out_dir: Path | str, *, progress: bool = True,
+             generations_dir: Path | str | None = None) -> dict:
+    """Run the evaluation, write eval.json / eval.md / PNGs to `out_dir`, return the report.
+    Each run's responses are kept in `generations_dir` (default `out_dir/generations`); evaluations
+    that share it reuse each other's base run (and VAS runs of the same model and top-K)."""
     from transformers import AutoTokenizer
     from vllm import LLM
 
@@ -279,6 +282,7 @@ def evaluate(config: EvalConfig, out_dir: Path | str, *, progress: bool = True) 
             print(f"[eval {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     out_dir = Path(out_dir)
+    generations_dir = out_dir / "generations" if generations_dir is None else Path(generations_dir)
     t_start = time.perf_counter()
     spec = load_spec(config.value_model)
     all_heads = [h.name for h in spec.heads]
@@ -325,12 +329,11 @@ def evaluate(config: EvalConfig, out_dir: Path | str, *, progress: bool = True) 
     overrides.setdefault("enable_chunked_prefill", False)  # vLLM 0.32 CPU: seeded requests (see sample.py)
     overrides.update(config.engine_overrides)
     vas = VASConfig(value_models={"eval": str(config.value_model)}, dtype="auto")
-    llm = LLM(**engine_kwargs(config.base, vas, **overrides)) if not _GenerationCache(
-        out_dir / "generations", config, base_counts).complete(list(settings)) else None
+    cache = _GenerationCache(generations_dir, config, base_counts)
+    llm = LLM(**engine_kwargs(config.base, vas, **overrides)) if not cache.complete(list(settings)) else None
     log(f"engine ready ({time.perf_counter() - t_start:.0f} s); {len(prompt_ids)} prompts, "
         f"{len(settings)} settings, base x{n_base}")
 
-    cache = _GenerationCache(out_dir / "generations", config, base_counts)
     base = cache.get(())
     if base is None:
         base = _generate(llm, prompt_ids, n=base_counts, seed=config.seed, max_tokens=config.max_tokens, weights=None,
