@@ -11,9 +11,9 @@ test: setup
 	.venv/bin/python -m pytest $(ARGS)
 
 # The shipped demo value models (docs/TRAINING.md): sample the embedded SmolLM2 on chitchat train
-# prompts (two runs: the second adds responses 2 and 3 of the same prompts, with their own seeds),
-# score, and fit three token heads on a frozen 6-layer base_prefix trunk. About 90 minutes on an
-# idle 2-core CPU. Intermediate data goes to build/demo/ (ignored by git).
+# prompts (three runs: the second and third add responses 2-3 and 4-5 of the same prompts, each with
+# its own seed), score, and fit three token heads on a frozen 6-layer base_prefix trunk. About 2 hours
+# 15 minutes on an idle 2-core CPU. Intermediate data goes to build/demo/ (ignored by git).
 DEMO_MODEL := value_models/demo/smollm2
 DEMO_SAMPLE := .venv/bin/vas-train sample --chitchat train --num-prompts 8000 --samples-per-prompt 2 --max-tokens 32 \
 	--dtype bfloat16 --max-model-len 512 --seed 0
@@ -21,23 +21,26 @@ DEMO_SAMPLE := .venv/bin/vas-train sample --chitchat train --num-prompts 8000 --
 demo-models: setup
 	$(DEMO_SAMPLE) --out build/demo/train32.jsonl
 	$(DEMO_SAMPLE) --first-sample 2 --out build/demo/more32.jsonl
+	$(DEMO_SAMPLE) --first-sample 4 --out build/demo/ext32.jsonl
 	.venv/bin/vas-train score build/demo/train32.jsonl --reward positive --reward concise --reward simple
 	.venv/bin/vas-train score build/demo/more32.jsonl --reward positive --reward concise --reward simple
-	.venv/bin/vas-train fit build/demo/train32.jsonl build/demo/more32.jsonl \
+	.venv/bin/vas-train score build/demo/ext32.jsonl --reward positive --reward concise --reward simple
+	.venv/bin/vas-train fit build/demo/train32.jsonl build/demo/more32.jsonl build/demo/ext32.jsonl \
 		--head positive:token --head concise:token --head simple:token --num-layers 6 --lam 1.0 --epochs 3 \
 		--batch-size 32 --lr 1e-3 --token-proj-lr 2e-6 --lr-decay linear --seed 0 --checkpoint-every 0 \
 		--states-cache build/demo/states --out $(DEMO_MODEL)
 
 # The evaluation of docs/QUALITY.md: VAS at weights -2..8 per head and a 3x3 two-head grid on 200
 # held-out prompts, against Best-of-4 (200 prompts), Best-of-16 (first 50) and Best-of-64 (first 20);
-# 32 new tokens; then the same at VAS top-K 256 (weights 1.5..3, no grid; it reuses the first run's base
-# samples). About 30 minutes on an idle 2-core CPU. Full output (and the saved generations, which let an interrupted run resume) in
-# build/eval/ and build/eval_k256/; the reports (and the first run's plots) are copied to docs/quality/.
+# 32 new tokens; then the same at VAS top-K 256 (weights 1.5..3, no grid; it reuses the first run's
+# base samples). About 30 minutes on an idle 2-core CPU. Full output (and the saved generations,
+# which let an interrupted run resume) in build/eval/ and build/eval_k256/; the reports (and the
+# first run's plots) are copied to docs/quality/.
 EVAL := .venv/bin/vas-train eval $(DEMO_MODEL) --num-prompts 200 --max-tokens 32 --bon 4,16,64 --bon-prompts 200,50,20 \
 	--max-num-seqs 200
 
 eval: setup
 	$(EVAL) --out build/eval
 	mkdir -p docs/quality && cp build/eval/eval.json build/eval/eval.md build/eval/*.png docs/quality/
-	$(EVAL) --top-k 256 --weights 1.5,2,2.5,3 --grid-weights 0 --generations build/eval/generations --out build/eval_k256
+	$(EVAL) --top-k 256 --weights 1.5,2,2.2,2.5,3 --grid-weights 0 --generations build/eval/generations --out build/eval_k256
 	mkdir -p docs/quality/k256 && cp build/eval_k256/eval.json build/eval_k256/eval.md docs/quality/k256/
