@@ -196,6 +196,12 @@ def vas_kl(value_model, prompt_ids: list[list[int]], gen: _Gen, weights: dict[st
     return exact.tolist(), mc.tolist()
 
 
+def max_logprobs_for(top_k: int) -> int:
+    """vLLM's `max_logprobs` for an engine whose runs keep the top-K base log-probs of every step
+    (the KL needs every candidate's): vLLM refuses more than max_logprobs (default 20) per step."""
+    return max(20, top_k)
+
+
 class _GenerationCache:
     """Each run's responses, saved as soon as it is generated (generations/<hash>.json), so an
     interrupted evaluation started again with the same settings generates only what is missing.
@@ -322,10 +328,8 @@ def evaluate(config: EvalConfig, out_dir: Path | str, *, progress: bool = True,
             for wb in config.grid_weights:
                 settings.setdefault(_key({grid_heads[0]: wa, grid_heads[1]: wb}), {grid_heads[0]: wa, grid_heads[1]: wb})
 
-    # VAS runs return the K candidates' base log-probs (for the KL); vLLM refuses more than
-    # max_logprobs (default 20) per step.
     overrides = dict(dtype=config.dtype, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
-                     seed=config.seed, disable_log_stats=True, max_logprobs=max(20, config.top_k))
+                     seed=config.seed, disable_log_stats=True, max_logprobs=max_logprobs_for(config.top_k))
     overrides.setdefault("enable_chunked_prefill", False)  # vLLM 0.32 CPU: seeded requests (see sample.py)
     overrides.update(config.engine_overrides)
     vas = VASConfig(value_models={"eval": str(config.value_model)}, dtype="auto")
