@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from value_models.format import HeadSpec, TrunkSpec, load_spec
+from value_models.format import HeadSpec, TrunkSpec, ValueModelSpec, load_spec
 from vas_server.params import DEFAULT_TOP_K, TOP_K_RANGE
 
 ADDITIONAL_CONFIG_KEY = "vas"
@@ -25,6 +25,16 @@ class HeadInfo:
     path: str
     spec: HeadSpec
     trunk: TrunkSpec
+    runtime: str  # "shared" (reads the base's own hidden states) or "separate" (own trunk + value cache)
+
+
+def runtime_path(spec: ValueModelSpec) -> str:
+    """Which value runtime serves a value model: "shared" when its trunk is the base's own first
+    layers without LoRA and every head is a token head (then the base's forward pass already
+    computes the trunk's state), else "separate"."""
+    shared = (spec.trunk.type == "base_prefix" and not spec.trunk.lora
+              and all(h.kind == "token" for h in spec.heads))
+    return "shared" if shared else "separate"
 
 
 @dataclass
@@ -64,5 +74,5 @@ class VASConfig:
                     raise ValueError(
                         f"head {h.name!r} is defined by both value models "
                         f"{out[h.name].value_model!r} and {model_name!r}; head names must be unique")
-                out[h.name] = HeadInfo(h.name, model_name, str(path), h, spec.trunk)
+                out[h.name] = HeadInfo(h.name, model_name, str(path), h, spec.trunk, runtime_path(spec))
         return out
