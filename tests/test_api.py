@@ -1,9 +1,10 @@
-"""The HTTP server end to end: `python -m vas_server serve` on localhost with the real vLLM engine
-and tiny models, driven by the official `openai` client (and raw httpx where the test needs the
-exact bytes). One server for the whole module; its startup (~40 s on 2 cores) dominates.
+"""The HTTP server end to end: `python -m vas_server serve` (vLLM's own OpenAI server with VAS
+wired in) on localhost with the real vLLM engine and tiny models, driven by the official `openai`
+client (and raw httpx where the test needs the exact bytes). One server for the whole module;
+its startup (~40 s on 2 cores) dominates.
 
-Every response body is checked against the public OpenAI spec (shared/specs/openai-openapi.yaml)
-with shared/tools/openai_schema_check.py.
+Response shapes are checked with the `openai` package's own response types (`check_shape`), so
+the tests need nothing outside the repository.
 """
 
 from __future__ import annotations
@@ -11,58 +12,65 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
+import pydantic
 import pytest
+from openai.types import Completion, Model
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from conftest import MAX_MODEL_LEN
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-123"
 STARTUP_TIMEOUT_S = 240
+SERVED_NAME = "tiny"  # --served-model-name
 VALUE_MODELS = ("prefix", "liker")  # from conftest: heads s1, s2 (state), t1, t2 (token), likes (token)
 HEADS = ["likes", "s1", "s2", "t1", "t2"]
 PROMPT = "Hello, how are you"
 
 
-def _schema_checker():
-    """shared/tools/openai_schema_check.py: beside the repository (CI clones it there) or inside it."""
-    for shared in (REPO.parent / "shared", REPO / "shared"):
-        tool = shared / "tools" / "openai_schema_check.py"
-        if tool.is_file():
-            sys.path.insert(0, str(tool.parent))
-            import openai_schema_check
-
-            return openai_schema_check.errors_for
-    return None
+class _ErrorInfo(pydantic.BaseModel, extra="forbid"):
+    message: str
+    type: str
+    param: str | None
+    code: int | str | None
 
 
-_errors_for = _schema_checker()
+class ErrorResponse(pydantic.BaseModel, extra="forbid"):
+    """OpenAI's error body, as vLLM writes it."""
+
+    error: _ErrorInfo
 
 
-# An open chunk's finish_reason is null, as OpenAI sends it. The checker rejects that: the spec
-# marks it with OpenAPI 3.0's `nullable`, which JSON Schema does not know (chat chunks), or reuses
-# the final response shape for chunks (completions). It is the one tolerated difference.
-OPEN_FINISH = tuple(f"choices/{i}/finish_reason: {m}" for i in range(2) for m in (
-    "None is not of type 'string'",
-    "None is not one of ['stop', 'length', 'content_filter']",
-    "None is not one of ['stop', 'length', 'tool_calls', 'content_filter', 'function_call']"))
+def check_shape(kind: type[pydantic.BaseModel], payload: dict) -> Any:
+    """`payload` parses as `kind` (an `openai` response type, or ErrorResponse)."""
+    try:
+        return kind.model_validate(payload)
+    except pydantic.ValidationError as e:
+        pytest.fail(f"not a {kind.__name__}: {e}\n{json.dumps(payload)[:2000]}")
 
 
-def check_schema(name: str, payload: dict, allow: tuple[str, ...] = ()) -> None:
-    """Assert `payload` is a valid `name` of the OpenAI spec; `allow` lists tolerated errors."""
-    if _errors_for is None:
-        pytest.skip("shared/tools/openai_schema_check.py not found beside or inside the repository")
-    errors = [e for e in _errors_for(name, payload) if e not in allow]
-    assert not errors, f"{name} schema errors: {errors}\n{json.dumps(payload)[:2000]}"
+def check_completion_chunk(chunk: dict) -> None:
+    """A streamed completions chunk is a Completion whose open choices have finish_reason null,
+    as OpenAI sends them (the client's type, written for whole answers, lacks the null)."""
+    closed = [{**c, "finish_reason": c["finish_reason"] or "stop"} for c in chunk["choices"]]
+    check_shape(Completion, {**chunk, "choices": closed})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # -- the server ------------------------------------------------------------------------------------
@@ -106,11 +114,13 @@ class Server:
         return out
 
 
-def _start_server(tmp: Path, base: Path, value_models: dict[str, str]) -> Server:
+def _start_server(tmp: Path, base: Path, value_models: dict[str, str], *extra: str) -> Server:
     log = tmp / "server.log"
-    command = [sys.executable, "-m", "vas_server", "serve", "--model", str(base), "--port", "0",
-               "--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN),
-               "--engine-arg", "dtype=float32", "--engine-arg", "seed=0"]
+    command = [sys.executable, "-m", "vas_server", "serve", str(base), "--served-model-name", SERVED_NAME,
+               "--port", str(free_port()), "--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN),
+               "--dtype", "float32", "--seed", "0", *extra,
+               # JSON-schema answers without free whitespace: a random tiny model could pad them forever.
+               "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
     for name in VALUE_MODELS:
         command += ["--value-model", f"{name}={value_models[name]}"]
     env = {**os.environ, "VAS_SERVER_API_KEY": ""}  # the key must come from --api-key here
@@ -144,7 +154,9 @@ def server(tmp_path_factory, tiny_base, value_models):
     # Uvicorn re-raises the signal it handled once it has shut down, hence -SIGTERM.
     log = srv.log.read_text(errors="replace")
     assert code in (0, -signal.SIGTERM), f"server exited with {code}; log tail:\n{log[-3000:]}"
-    assert "Application shutdown complete" in log and "Traceback" not in log, log[-3000:]
+    # vLLM aborts its engine at shutdown and logs the dead engine's traceback; before that, none.
+    serving = log.partition("shutdown triggered")[0]
+    assert "Application shutdown complete" in log and "Traceback" not in serving, serving[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +172,8 @@ def tokenizer(tiny_base):
 
 
 @pytest.fixture(scope="module")
-def model(tiny_base) -> str:
-    return str(tiny_base)  # served under the --model argument
+def model() -> str:
+    return SERVED_NAME
 
 
 def _greedy(**kw) -> dict:
@@ -174,7 +186,7 @@ def _greedy(**kw) -> dict:
 def test_completion_non_streaming(server, client, model, tokenizer):
     raw = server.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0})
     assert raw.status_code == 200, raw.text
-    check_schema("CreateCompletionResponse", raw.json())
+    check_shape(Completion, raw.json())
     response = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0, user="u1")
     choice = response.choices[0]
     assert choice.text == raw.json()["choices"][0]["text"]  # greedy: the same text twice
@@ -193,11 +205,9 @@ def test_completion_streaming_equals_non_streaming(server, client, model):
     want = client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0)
     chunks = server.sse("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 16, "temperature": 0,
                                             "stream_options": {"include_usage": True}})
-    for chunk in chunks[:-2]:
-        check_schema("CreateCompletionResponse", chunk, allow=OPEN_FINISH)
-    for chunk in chunks[-2:]:
-        check_schema("CreateCompletionResponse", chunk)
-    assert all("usage" not in c for c in chunks[:-1])
+    for chunk in chunks:
+        check_completion_chunk(chunk)
+    assert all(c.get("usage") is None for c in chunks[:-1])
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == want.usage.model_dump(exclude_none=True)
     assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == want.choices[0].text
     assert chunks[-2]["choices"][0]["finish_reason"] == want.choices[0].finish_reason
@@ -224,7 +234,7 @@ def test_completion_batch_prompts_and_token_ids(client, model, tokenizer):
 def test_n2_non_streaming_and_streaming(server, client, model):
     raw = client.completions.with_raw_response.create(model=model, prompt=PROMPT, max_tokens=10, n=2, seed=7,
                                                       temperature=1.0)
-    check_schema("CreateCompletionResponse", raw.http_response.json())
+    check_shape(Completion, raw.http_response.json())
     response = raw.parse()
     assert [c.index for c in response.choices] == [0, 1]
     assert response.choices[0].text != response.choices[1].text  # seeds 7 and 8: different samples
@@ -240,7 +250,7 @@ def test_n2_non_streaming_and_streaming(server, client, model):
     texts = {0: "", 1: ""}
     finished = set()
     for chunk in chat:
-        check_schema("CreateChatCompletionStreamResponse", chunk, allow=OPEN_FINISH)
+        check_shape(ChatCompletionChunk, chunk)
         for c in chunk["choices"]:
             texts[c["index"]] += c["delta"].get("content") or ""
             if c["finish_reason"]:
@@ -257,14 +267,13 @@ def test_n2_non_streaming_and_streaming(server, client, model):
 def test_completion_logprobs(client, model):
     raw = client.completions.with_raw_response.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0,
                                                       logprobs=2)
-    check_schema("CreateCompletionResponse", raw.http_response.json())
+    check_shape(Completion, raw.http_response.json())
     response = raw.parse()
     lp = response.choices[0].logprobs
     n = response.usage.completion_tokens
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
     for chosen, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
-        assert value <= 0 and 1 <= len(top) <= 2
-        assert max(top.values()) == pytest.approx(value)  # greedy: the chosen token is the most likely
+        assert value <= 0 and 1 <= len(top) <= 3  # the top 2 and the chosen token, by text
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
 
@@ -289,7 +298,7 @@ def test_chat_non_streaming_and_streaming(server, client, model, tokenizer):
     raw = server.post("/v1/chat/completions", {"model": model, "messages": MESSAGES, "max_completion_tokens": 12,
                                                 "temperature": 0})
     assert raw.status_code == 200, raw.text
-    check_schema("CreateChatCompletionResponse", raw.json())
+    check_shape(ChatCompletion, raw.json())
     response = client.chat.completions.create(model=model, messages=MESSAGES, max_completion_tokens=12,
                                               temperature=0)
     message = response.choices[0].message
@@ -301,7 +310,7 @@ def test_chat_non_streaming_and_streaming(server, client, model, tokenizer):
     chunks = server.sse("/v1/chat/completions", {"model": model, "messages": MESSAGES, "max_tokens": 12,
                                                  "temperature": 0, "stream_options": {"include_usage": True}})
     for chunk in chunks:
-        check_schema("CreateChatCompletionStreamResponse", chunk, allow=OPEN_FINISH)
+        check_shape(ChatCompletionChunk, chunk)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == message.content
     assert chunks[-1]["usage"] == response.usage.model_dump(exclude_none=True)
@@ -311,10 +320,9 @@ def test_chat_non_streaming_and_streaming(server, client, model, tokenizer):
     assert "".join(p.choices[0].delta.content or "" for p in stream) == message.content
 
 
-def test_chat_content_parts_and_developer_role(client, model):
+def test_chat_content_parts(client, model):
     plain = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=6, temperature=0)
-    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
-             MESSAGES[1]]
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, MESSAGES[1]]
     same = client.chat.completions.create(model=model, messages=parts, max_tokens=6, temperature=0)
     assert same.choices[0].message.content == plain.choices[0].message.content
     assert same.usage.prompt_tokens == plain.usage.prompt_tokens
@@ -323,7 +331,7 @@ def test_chat_content_parts_and_developer_role(client, model):
 def test_chat_logprobs(client, model):
     raw = client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES, max_tokens=6,
                                                            temperature=0, logprobs=True, top_logprobs=3)
-    check_schema("CreateChatCompletionResponse", raw.http_response.json())
+    check_shape(ChatCompletion, raw.http_response.json())
     response = raw.parse()
     content = response.choices[0].logprobs.content
     assert len(content) == response.usage.completion_tokens
@@ -337,6 +345,8 @@ def test_chat_logprobs(client, model):
 
 # -- VAS through HTTP ------------------------------------------------------------------------------
 
+APPLIED_S2 = {"weights": {"s2": 1.0}, "top_k": 20, "restrict_to_top_k": False}
+
 
 def test_vas_fields_are_reported(server, client, model):
     response = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0,
@@ -347,9 +357,11 @@ def test_vas_fields_are_reported(server, client, model):
                                           extra_body={"vas_weights": {"t2": 2}, "vas_top_k": 5,
                                                       "vas_restrict_to_top_k": True})
     assert chat.model_extra["vas"] == {"weights": {"t2": 2.0}, "top_k": 5, "restrict_to_top_k": True}
-    chunks = server.sse("/v1/chat/completions", {"model": model, "messages": MESSAGES, "max_tokens": 4,
+    # Streaming: the chunk that finishes each choice says what was applied.
+    chunks = server.sse("/v1/chat/completions", {"model": model, "messages": MESSAGES, "max_tokens": 4, "n": 2,
                                                  "vas_weights": {"s2": 1}})
-    assert all(c["vas"] == {"weights": {"s2": 1.0}, "top_k": 20, "restrict_to_top_k": False} for c in chunks)
+    finishing = [c for c in chunks if any(choice["finish_reason"] for choice in c["choices"])]
+    assert len(finishing) == 2 and all(c["vas"] == APPLIED_S2 for c in finishing)
     zero = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0,
                                      extra_body={"vas_weights": {"s1": 0}})
     assert zero.model_extra["vas"] is None  # all-zero weights: plain vLLM, nothing applied
@@ -362,54 +374,84 @@ def test_zero_weights_equal_plain_and_weights_change_text(client, model):
 
     plain = text()
     assert text(vas_weights={"s1": 0, "t1": 0}) == plain
-    assert text(vas_weights={"s1": 3, "t1": -3}) != plain
+    steered = text(vas_weights={"s1": 3, "t1": -3})
+    assert steered != plain
+    # vLLM's own `vllm_xargs`, written by hand, is the same request.
+    assert text(vllm_xargs={"vas": json.dumps({"weights": {"s1": 3, "t1": -3}})}) == steered
 
 
 def test_steering_raises_liked_token_frequency(client, model, liked_token, tokenizer):
-    """The `likes` head values one token (" good"); a positive weight makes it far more frequent."""
+    """The `likes` head values one token (" good"); a positive weight makes it far more frequent,
+    also together with vLLM's own top_k / min_p (applied after VAS)."""
     liked = tokenizer.decode([liked_token])
 
-    def count(weight: float) -> int:
+    def count(weight: float, **sampling) -> int:
         response = client.completions.create(
             model=model, prompt=[PROMPT, "The quick brown fox", "Paris is the"], max_tokens=24, temperature=1.0,
-            seed=5, n=2, extra_body={"vas_weights": {"likes": weight}, "vas_top_k": 256})
+            seed=5, n=2, extra_body={"vas_weights": {"likes": weight}, "vas_top_k": 256, **sampling})
         return sum(c.text.count(liked) for c in response.choices)
 
     unsteered, steered = count(0.0), count(6.0)
     assert steered >= unsteered + 10, (unsteered, steered)
     assert count(-6.0) <= unsteered
+    assert count(6.0, top_k=50, min_p=0.01) >= count(0.0, top_k=50, min_p=0.01) + 10
+
+
+def test_structured_output_with_steering(client, model):
+    """vLLM's structured outputs (a JSON schema) hold under steering: the answer parses and
+    matches the schema whatever the value heads push for."""
+    schema = {"type": "object", "properties": {"mood": {"type": "string", "enum": ["good", "bad"]},
+                                               "score": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["mood", "score"], "additionalProperties": False}
+    for weights in ({"likes": 6.0}, {"s1": -3.0, "t2": 3.0}):
+        response = client.chat.completions.create(
+            model=model, messages=MESSAGES, max_tokens=40, temperature=1.0, seed=3,
+            response_format={"type": "json_schema", "json_schema": {"name": "mood", "schema": schema}},
+            extra_body={"vas_weights": weights})
+        answer = json.loads(response.choices[0].message.content)
+        assert set(answer) == {"mood", "score"} and answer["mood"] in ("good", "bad") and 0 <= answer["score"] <= 9
+        assert response.model_extra["vas"]["weights"] == weights
+
+
+def test_tokenize_and_model_retrieve(server, client, model, tokenizer):
+    r = server.post("/tokenize", {"model": model, "prompt": PROMPT})
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == tokenizer.encode(PROMPT)
+    assert client.models.retrieve(model).id == model
+    head = client.models.retrieve("likes")
+    assert head.model_extra["vas_head"]["value_model"] == "liker"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
 
 
 # -- errors ----------------------------------------------------------------------------------------
 
 
-def _error(response: httpx.Response, status: int, param: str | None, code: str | None = None) -> dict:
+def _error(response: httpx.Response, status: int, param: str | None = None) -> dict:
     assert response.status_code == status, response.text
-    body = response.json()
-    check_schema("ErrorResponse", body)
-    error = body["error"]
-    assert error["param"] == param
-    if code is not None:
-        assert error["code"] == code
-    return error
+    error = check_shape(ErrorResponse, response.json()).error
+    if param is not None:
+        assert error.param == param, error
+    return error.model_dump()
 
 
 def test_unknown_head_lists_known_heads(server, client, model):
     for path, body in (("/v1/completions", {"prompt": PROMPT}), ("/v1/chat/completions", {"messages": MESSAGES})):
         for stream in (False, True):  # a streaming request is refused before the stream starts
             r = server.post(path, {"model": model, **body, "stream": stream, "vas_weights": {"nice": 1.0}})
-            error = _error(r, 400, "vas_weights", "unknown_head")
+            error = _error(r, 400, "vas_weights")
             assert "'nice'" in error["message"] and ", ".join(HEADS) in error["message"]
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model=model, prompt=PROMPT, extra_body={"vas_weights": {"nice": 1}})
     assert info.value.status_code == 400 and info.value.body["param"] == "vas_weights"
 
 
-@pytest.mark.parametrize("raw_weights", ['NaN', 'Infinity', '-Infinity', '1e999', '"2.0"', 'true', 'null'])
-def test_non_finite_or_non_numeric_weight(server, model, raw_weights):
+@pytest.mark.parametrize("raw_weights", ['NaN', 'Infinity', '-Infinity', '1e999', '1e39', '"2.0"', 'true', 'null',
+                                         '101', '-1e3', '1' + '0' * 400])
+def test_non_finite_or_non_numeric_or_too_large_weight(server, model, raw_weights):
     body = '{"model": %s, "prompt": "hi", "vas_weights": {"likes": %s}}' % (json.dumps(model), raw_weights)
-    error = _error(server.post("/v1/completions", body), 400, "vas_weights", "invalid_value")
-    assert "finite number" in error["message"]
+    error = _error(server.post("/v1/completions", body), 400, "vas_weights")
+    assert "must be a number in -100..100" in error["message"]
 
 
 def test_non_numeric_weight_through_the_client(client, model):
@@ -420,90 +462,75 @@ def test_non_numeric_weight_through_the_client(client, model):
 
 
 @pytest.mark.parametrize("field, value", [("vas_weights", [1, 2]), ("vas_top_k", 0), ("vas_top_k", 257),
-                                          ("vas_top_k", 2.5), ("vas_restrict_to_top_k", "yes")])
+                                          ("vas_top_k", 2.5), ("vas_top_k", "5"), ("vas_restrict_to_top_k", "yes")])
 def test_invalid_vas_settings(server, model, field, value):
     body = {"model": model, "prompt": "hi", "vas_weights": {"likes": 1}, field: value}
-    _error(server.post("/v1/completions", body), 400, field, "invalid_value")
+    _error(server.post("/v1/completions", body), 400, field)
+
+
+@pytest.mark.parametrize("xargs", [{"vas": "not json"}, {"vas": "[1]"}, {"vas": json.dumps({"weight": {}})}])
+def test_invalid_vllm_xargs(server, model, xargs):
+    _error(server.post("/v1/completions", {"model": model, "prompt": "hi", "vllm_xargs": xargs}), 400, "vllm_xargs")
+
+
+def test_misspelt_vas_field_is_refused(server, model):
+    """A typo in a VAS field must not silently give an unsteered answer."""
+    error = _error(server.post("/v1/completions", {"model": model, "prompt": "hi", "vas_weight": {"likes": 1}}),
+                   400, "vas_weight")
+    assert "vas_weights" in error["message"]
 
 
 def test_unknown_model(server, client):
-    with pytest.raises(openai.NotFoundError) as info:
+    with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4o", prompt=PROMPT)
-    assert info.value.body["code"] == "model_not_found"
-    _error(server.post("/v1/chat/completions", {"model": "likes", "messages": MESSAGES}), 404, "model",
-           "model_not_found")
+    _error(server.post("/v1/chat/completions", {"model": "likes", "messages": MESSAGES}), 404)
+
+
+def test_request_without_model_is_served(server):
+    r = server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 3, "vas_weights": {"likes": 1}})
+    assert r.status_code == 200, r.text
+    assert r.json()["vas"]["weights"] == {"likes": 1.0}
 
 
 def test_prompt_longer_than_context(server, client, model, tokenizer):
     long_text = "The quick brown fox jumps over the lazy dog. " * 100
     assert len(tokenizer.encode(long_text)) > MAX_MODEL_LEN
-    _error(server.post("/v1/completions", {"model": model, "prompt": long_text}), 400, "prompt",
-           "context_length_exceeded")
-    _error(server.post("/v1/completions", {"model": model, "prompt": long_text, "stream": True}), 400, "prompt",
-           "context_length_exceeded")
+    _error(server.post("/v1/completions", {"model": model, "prompt": long_text}), 400)
+    _error(server.post("/v1/completions", {"model": model, "prompt": long_text, "stream": True}), 400)
     _error(server.post("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": long_text}]}),
-           400, "messages", "context_length_exceeded")
-    _error(server.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": MAX_MODEL_LEN}), 400,
-           "max_tokens", "context_length_exceeded")
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=model, messages=MESSAGES, max_completion_tokens=MAX_MODEL_LEN)
-    # Without an explicit limit, chat fills the rest of the context (or stops) instead of failing.
-    near_full = "The quick brown fox jumps over the lazy dog. " * 30
-    n_prompt = len(tokenizer.encode(near_full))
-    assert MAX_MODEL_LEN - 100 < n_prompt < MAX_MODEL_LEN - 10
-    r = server.post("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": near_full}]})
-    assert r.status_code == 200, r.text
-    usage = r.json()["usage"]
-    assert usage["total_tokens"] <= MAX_MODEL_LEN
-    if r.json()["choices"][0]["finish_reason"] == "length":
-        assert usage["total_tokens"] == MAX_MODEL_LEN
+           400)
+    # vLLM's rule: a max_tokens past the context is cut to what is left of it.
+    r = server.post("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": MAX_MODEL_LEN,
+                                        "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == MAX_MODEL_LEN, r.text
 
 
 @pytest.mark.parametrize("field, value", [
-    ("temperature", -0.5), ("temperature", 3), ("temperature", "hot"), ("top_p", 0), ("top_p", 1.5), ("n", 0),
-    ("max_tokens", 0), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("logprobs", 6), ("seed", "x"),
-    ("stop", 5), ("logit_bias", {"abc": 1}), ("logit_bias", {"1": 500}), ("echo", True), ("prompt", []),
-    ("prompt", [10**9]), ("stream_options", {"include_usage": True}),
+    ("temperature", -0.5), ("temperature", "hot"), ("top_p", 0), ("top_p", 1.5), ("n", 0),
+    ("max_tokens", 0), ("logprobs", 50), ("seed", "x"), ("stop", 5), ("prompt", []), ("prompt", [10**9]),
 ])
 def test_invalid_sampling_parameter(server, model, field, value):
     body = {"model": model, "prompt": PROMPT, field: value}
-    _error(server.post("/v1/completions", body), 400, field)
-
-
-@pytest.mark.parametrize("field, value, param", [
-    ("top_logprobs", 3, "top_logprobs"), ("top_logprobs", 25, "top_logprobs"),
-    ("messages", [], "messages"), ("messages", [{"role": "wizard", "content": "x"}], "messages[0].role"),
-    ("messages", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
-     "messages[0].content"),
-])
-def test_invalid_chat_parameter(server, model, field, value, param):
-    body = {"model": model, "messages": MESSAGES, field: value}
-    r = server.post("/v1/chat/completions", body)
-    assert r.status_code == 400, r.text
-    check_schema("ErrorResponse", r.json())
-    assert r.json()["error"]["param"].startswith(param.split("[")[0])
-
-
-def test_unknown_field_is_rejected(server, model):
-    """A typo in a VAS field must not silently give an unsteered answer."""
-    error = _error(server.post("/v1/completions", {"model": model, "prompt": "hi", "vas_weight": {"likes": 1}}),
-                   400, "vas_weight", "unknown_parameter")
-    assert "vas_weight" in error["message"]
+    _error(server.post("/v1/completions", body), 400)
 
 
 @pytest.mark.parametrize("body", ['{"model": "m", "prompt": ', "not json", "", "[1, 2]", '{"model": 1}'])
 def test_malformed_json(server, body):
-    r = server.post("/v1/completions", body)
-    assert r.status_code == 400, r.text
-    check_schema("ErrorResponse", r.json())
+    assert 400 <= server.post("/v1/completions", body).status_code < 500
+
+
+def test_body_size_limit(server, model):
+    body = {"model": model, "prompt": "x" * (9 * 2**20)}
+    _error(server.post("/v1/completions", body), 413)
 
 
 def test_api_key_required(server, model):
     for path, method in (("/v1/completions", "post"), ("/v1/chat/completions", "post"), ("/v1/models", "get")):
         for key in (None, "wrong-key"):
             headers = {} if key is None else {"Authorization": f"Bearer {key}"}
-            r = server.http.request(method, path, headers=headers, json={"model": model, "prompt": "hi"})
-            _error(r, 401, None, "invalid_api_key")
+            body = {"model": model, "prompt": "hi", "vas_weight": {"typo": 1}}  # 401 comes before the 400
+            r = server.http.request(method, path, headers=headers, json=body)
+            _error(r, 401)
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="wrong-key").completions.create(model=model, prompt=PROMPT, max_tokens=2)
     # Probes and scrapers need no key.
@@ -511,36 +538,34 @@ def test_api_key_required(server, model):
     assert server.http.get("/metrics").status_code == 200
 
 
-def test_errors_are_4xx_and_leave_the_server_healthy(server, client, model):
-    def responses(first_digit: str) -> float:
-        return sum(v for k, v in server.metrics().items()
-                   if k.startswith("vas_server_responses_total") and f'status="{first_digit}' in k)
-
-    before_4xx, before_5xx = responses("4"), responses("5")
+def test_errors_leave_the_server_healthy(server, client, model):
     bad = [{"model": model, "prompt": "hi", "vas_weights": {"nope": 1}}, {"model": "nope", "prompt": "hi"},
-           {"model": model, "prompt": "hi", "temperature": "x"}, "{", {"model": model, "prompt": "hi", "n": -1}]
+           {"model": model, "prompt": "hi", "temperature": "x"}, "{", {"model": model, "prompt": "hi", "n": -1},
+           {"model": model, "prompt": "hi", "vas_weights": {"likes": 1e39}}]
     for body in bad:
         assert 400 <= server.post("/v1/completions", body).status_code < 500
-    assert responses("4") == before_4xx + len(bad)
-    assert responses("5") == before_5xx == 0
-    assert server.metrics()["vas_server_requests_in_flight"] == 0
-    assert server.http.get("/health").json()["status"] == "ok"
-    assert client.completions.create(model=model, prompt=PROMPT, max_tokens=2).usage.completion_tokens >= 1
+    assert server.http.get("/health").status_code == 200
+    assert client.completions.create(model=model, prompt=PROMPT, max_tokens=2,
+                                      extra_body={"vas_weights": {"likes": 2}}).usage.completion_tokens >= 1
 
 
 # -- models, health, metrics -----------------------------------------------------------------------
 
 
-def test_models_lists_base_and_heads(client, server, model):
-    raw = server.http.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
-    check_schema("ListModelsResponse", raw)
+def test_models_lists_base_and_heads(client, server, model, tiny_base):
+    raw = server.http.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+    for card in raw.json()["data"]:
+        check_shape(Model, card)
+    assert str(tiny_base) not in raw.text  # no machine paths: a model's name instead
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {model, *HEADS}
     assert models[model].model_extra["max_model_len"] == MAX_MODEL_LEN
     likes = models["likes"].model_extra["vas_head"]
     assert likes["kind"] == "token" and likes["value_model"] == "liker" and likes["description"]
     assert likes["trunk"] == {"type": "base_prefix", "num_layers": 1, "lora": False}
+    assert likes["runtime"] == "shared"
     assert models["s1"].model_extra["vas_head"]["kind"] == "state"
+    assert models["s1"].model_extra["vas_head"]["runtime"] == "separate"
 
 
 def test_metrics(server, client, model):
@@ -548,14 +573,11 @@ def test_metrics(server, client, model):
     client.completions.create(model=model, prompt=PROMPT, max_tokens=5, temperature=0,
                               extra_body={"vas_weights": {"t1": 1.0}})
     after = server.metrics()
-    key = 'vas_server_vas_requests_total{endpoint="completions"}'
-    assert after[key] == before.get(key, 0) + 1
-    assert after["vas_server_completion_tokens_total"] >= before["vas_server_completion_tokens_total"] + 1
-    assert after["vas_server_prompt_tokens_total"] > before["vas_server_prompt_tokens_total"]
+    assert after["vas_engine_vas_requests_total"] == before.get("vas_engine_vas_requests_total", 0) + 1
     assert after["vas_value_runtime_steps_total"] >= before.get("vas_value_runtime_steps_total", 0) + 1
     assert after["vas_value_runtime_seconds_per_step"] > 0
-    assert after['vas_server_generation_requests_total{endpoint="completions"}'] > 0
     assert any(k.startswith("vllm:num_requests_running") for k in after)
+    assert any(k.startswith("vllm:generation_tokens_total") for k in after)
 
 
 def test_ready_line_curl_works(server):
@@ -566,7 +588,7 @@ def test_ready_line_curl_works(server):
     out = subprocess.run(["bash", "-c", server.ready_lines[1].strip() + " -s"], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "VAS_SERVER_API_KEY": API_KEY})
     body = json.loads(out.stdout)
-    check_schema("CreateCompletionResponse", body)
+    check_shape(Completion, body)
     assert body["vas"]["weights"] == {"likes": 2.0}
 
 
@@ -585,7 +607,7 @@ def test_32_concurrent_streams_equal_sequential(server, model, tokenizer):
 
     async def run(body, client):
         stream = await client.completions.create(stream=True, **body)
-        return "".join([chunk.choices[0].text async for chunk in stream])
+        return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
 
     async def main():
         client = server.async_client()
@@ -603,11 +625,11 @@ def _wait_idle(server, timeout: float = 15.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
         m = server.metrics()
-        running = sum(v for k, v in m.items() if k.startswith("vllm:num_requests_running"))
-        busy = (running, m["vas_server_engine_requests_unfinished"], m["vas_server_requests_in_flight"],
+        busy = (sum(v for k, v in m.items() if k.startswith("vllm:num_requests_running")),
+                sum(v for k, v in m.items() if k.startswith("vllm:num_requests_waiting")),
                 m.get("vas_engine_active_vas_requests", 0), m.get("vas_value_cache_slots_used", 0))
         if not any(busy) or time.monotonic() > deadline:
-            return dict(zip(("running", "unfinished", "in_flight", "vas_active", "vas_slots"), busy))
+            return dict(zip(("running", "waiting", "vas_active", "vas_slots"), busy))
         time.sleep(0.2)
 
 
@@ -629,16 +651,16 @@ def test_disconnect_mid_stream_aborts_engine_request(server, model, tokenizer):
         lines = r.iter_lines()
         for _ in range(6):
             next(lines)
-        mid = server.metrics()
-        assert mid["vas_server_engine_requests_unfinished"] == 1 and mid["vas_server_requests_in_flight"] == 1
-    # The connection is closed now; the engine must drop the request, and VAS its value cache slot.
+        assert _wait_idle(server, timeout=0)["vas_active"] == 1
+    # The connection is closed now; the engine must drop the request, and VAS its row.
     state = _wait_idle(server)
     assert all(v == 0 for v in state.values()), state
     assert _generated_tokens(server) - tokens_before < LONG - 50, "the request ran to the end"
 
 
 def test_disconnect_while_waiting_for_non_streaming_answer(server, model, tokenizer):
-    body = {"model": model, "prompt": PROMPT, "max_tokens": LONG, "logit_bias": {str(tokenizer.eos_token_id): -100}}
+    body = {"model": model, "prompt": PROMPT, "max_tokens": LONG, "logit_bias": {str(tokenizer.eos_token_id): -100},
+            "vas_weights": {"s1": 1.0}}
     tokens_before = _generated_tokens(server)
     with pytest.raises(httpx.ReadTimeout):
         server.post("/v1/completions", body, timeout=1.0)

@@ -9,34 +9,64 @@ import pytest
 
 from vas_server.config import VASConfig
 from vas_server.engine import DEFAULT_VAS_REQUESTS, PROCESSOR_FQCN, engine_kwargs
-from vas_server.params import VASParamError, make_extra_args, parse_request
+from vas_server.params import VASParamError, VASRequest, api_extra_args, make_extra_args
 
 KNOWN = ["positive", "concise"]
 
 
+def parse(extra_args):
+    return VASRequest.from_extra_args(extra_args, KNOWN)
+
+
 def test_parse_accepts_and_normalises():
-    req = parse_request(make_extra_args({"positive": 2, "concise": 0.0}, top_k=5, key="abc"), KNOWN)
-    assert req.key == "abc" and req.weights == {"positive": 2.0} and req.top_k == 5 and req.active
-    assert parse_request(None, KNOWN) is None and parse_request({}, KNOWN) is None
-    assert not parse_request(make_extra_args({"positive": 0}), KNOWN).active  # all-zero: plain vLLM
+    req = parse(make_extra_args({"positive": 2, "concise": 0.0}, top_k=5))
+    assert req.weights == {"positive": 2.0} and req.top_k == 5 and req.active and not req.restrict_to_top_k
+    assert parse(None) is None and parse({}) is None
+    assert not parse(make_extra_args({"positive": 0})).active  # all-zero: plain vLLM
+    # A direct engine user may give the settings as a dict instead of a JSON string.
+    assert parse({"vas": {"weights": {"concise": -1}, "restrict_to_top_k": True}}) == VASRequest(
+        {"concise": -1.0}, None, True)
+
+
+def test_api_fields_move_into_vllm_xargs_with_the_default_top_k():
+    assert api_extra_args({"prompt": "x"}, 20) is None
+    xargs = api_extra_args({"prompt": "x", "vas_weights": {"positive": 1}}, 7)
+    assert parse(xargs) == VASRequest({"positive": 1.0}, 7, False)
+    xargs = api_extra_args({"vas_weights": {"positive": 1}, "vas_top_k": 3, "vas_restrict_to_top_k": True}, 7)
+    assert parse(xargs) == VASRequest({"positive": 1.0}, 3, True)
+    with pytest.raises(VASParamError, match="unknown field 'vas_weight'") as e:
+        api_extra_args({"vas_weight": {"positive": 1}}, 20)
+    assert e.value.parameter == "vas_weight"
 
 
 @pytest.mark.parametrize("extra, param, message", [
     ({"weights": {"nope": 1}}, "vas_weights", "unknown head 'nope'; known heads: concise, positive"),
-    ({"weights": {"positive": math.nan}}, "vas_weights", "must be a finite number"),
-    ({"weights": {"positive": math.inf}}, "vas_weights", "must be a finite number"),
-    ({"weights": {"positive": "2"}}, "vas_weights", "must be a finite number"),
-    ({"weights": {"positive": True}}, "vas_weights", "must be a finite number"),
+    ({"weights": {"positive": math.nan}}, "vas_weights", "must be a number in -100..100"),
+    ({"weights": {"positive": math.inf}}, "vas_weights", "must be a number in -100..100"),
+    ({"weights": {"positive": 1e39}}, "vas_weights", "must be a number in -100..100"),
+    ({"weights": {"positive": -100.5}}, "vas_weights", "must be a number in -100..100"),
+    ({"weights": {"positive": 10**400}}, "vas_weights", "must be a number in -100..100"),
+    ({"weights": {"positive": "2"}}, "vas_weights", "must be a number"),
+    ({"weights": {"positive": True}}, "vas_weights", "must be a number"),
     ({"weights": [1, 2]}, "vas_weights", "must be an object"),
     ({"weights": {"positive": 1}, "top_k": 0}, "vas_top_k", "1..256"),
     ({"weights": {"positive": 1}, "top_k": 257}, "vas_top_k", "1..256"),
     ({"weights": {"positive": 1}, "top_k": 2.5}, "vas_top_k", "1..256"),
     ({"weights": {"positive": 1}, "restrict_to_top_k": "yes"}, "vas_restrict_to_top_k", "boolean"),
+    ({"weights": {"positive": 1}, "topk": 5}, "vllm_xargs", "unknown VAS setting"),
+    ("{not json", "vllm_xargs", "JSON object"),
+    ([1, 2], "vllm_xargs", "JSON object"),
 ])
 def test_parse_rejects_with_the_field_named(extra, param, message):
     with pytest.raises(VASParamError, match=message) as e:
-        parse_request({"vas": extra}, KNOWN)
-    assert e.value.param == param and param in str(e.value)
+        parse({"vas": extra})
+    assert e.value.parameter == param
+
+
+def test_param_error_is_vllms_validation_error():
+    from vllm.exceptions import VLLMValidationError
+
+    assert issubclass(VASParamError, VLLMValidationError)
 
 
 def test_engine_kwargs_plain_and_with_vas(value_models):

@@ -1,176 +1,171 @@
-"""`vas-server serve`: start the OpenAI-compatible VAS server.
+"""`vas-server serve`: vLLM's own OpenAI server (`vllm serve`) with VAS wired in.
 
     vas-server serve                                   # embedded SmolLM2 base + demo value models
-    vas-server serve --model PATH --value-model NAME=PATH [--value-model ...]
-    vas-server serve --engine-arg max_num_seqs=64 --engine-arg dtype=float32
+    vas-server serve MODEL --value-model NAME=PATH [--value-model ...] [any `vllm serve` flag]
 
-When the server accepts connections it prints its URL and a ready-to-paste curl line.
+Every `vllm serve` flag is accepted and means what it means there. Ours add the value models and
+set, through vLLM's own extension points, what VAS needs (vas_server.engine.engine_settings): the
+logits processor and its `additional_config`, the worker extension, the middleware that maps the
+`vas_*` request fields (vas_server.middleware), and engine defaults (eager mode on CPU, ...) that
+a flag given by the user overrides. Then vLLM's `serve` command runs, in its usual process layout.
+When the server answers, it prints its URL and a ready-to-paste curl line.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import logging
 import os
 import shlex
+import socket
 import sys
-from pathlib import Path
+import threading
+import time
+import urllib.request
+from importlib.resources import files
 from typing import Any, Sequence
 
-API_KEY_ENV = "VAS_SERVER_API_KEY"
+API_KEY_ENV = "VAS_SERVER_API_KEY"  # also honoured, as vLLM's own VLLM_API_KEY is
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
-# Seconds uvicorn waits for open requests on shutdown before cancelling (and so aborting) them.
-GRACEFUL_SHUTDOWN_S = 30
+MIDDLEWARE = "vas_server.middleware.VASMiddleware"
+READY_TIMEOUT_S = 900
 
 
 def demo_value_models() -> dict[str, str]:
     """The shipped demo value models (for the embedded base): every directory with a vas.json
-    under value_models/demo/, by directory name. Empty until they are trained and shipped."""
-    import value_models
-
-    demo = Path(value_models.__file__).parent / "demo"
+    under the `value_models` package's demo/ data, by directory name."""
+    demo = files("value_models").joinpath("demo")
     if not demo.is_dir():
         return {}
-    return {d.name: str(d) for d in sorted(demo.iterdir()) if (d / "vas.json").is_file()}
-
-
-def _name_equals_value(text: str, option: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"{option} expects NAME=VALUE, got {text!r}")
-    return name.strip(), value
+    return {d.name: str(d) for d in sorted(demo.iterdir(), key=lambda d: d.name) if d.joinpath("vas.json").is_file()}
 
 
 def parse_value_model(text: str) -> tuple[str, str]:
-    return _name_equals_value(text, "--value-model")
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path:
+        raise argparse.ArgumentTypeError(f"--value-model expects NAME=PATH, got {text!r}")
+    return name.strip(), path
 
 
-def parse_engine_arg(text: str) -> tuple[str, Any]:
-    key, raw = _name_equals_value(text, "--engine-arg")
-    try:
-        value = json.loads(raw)  # numbers, booleans, lists, objects
-    except ValueError:
-        value = raw  # anything else is a string
-    return key.replace("-", "_"), value
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """(the whole parser, its `serve` subparser): vLLM's serve flags plus the VAS group."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vas-server", description="Value Augmented Sampling server")
+    parser = FlexibleArgumentParser(prog="vas-server", description="Value Augmented Sampling on vLLM's OpenAI server")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="start the OpenAI-compatible server",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    serve.add_argument("--model", default=None,
-                       help="base model: a Hugging Face directory or name (default: the embedded "
-                            f"{EMBEDDED_MODEL_NAME}, converted on first use)")
-    serve.add_argument("--served-model-name", default=None,
-                       help="the `model` clients send (default: the --model argument, or "
-                            f"{EMBEDDED_MODEL_NAME} for the embedded base)")
-    serve.add_argument("--value-model", action="append", type=parse_value_model, default=None,
-                       metavar="NAME=PATH",
-                       help="a value-model checkpoint directory; repeatable (default: the shipped demo value "
-                            "models, when serving the embedded base)")
-    serve.add_argument("--no-value-models", action="store_true", help="serve without any value model")
-    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: all)")
-    serve.add_argument("--port", type=int, default=8000, help="port (0: any free port)")
-    serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                       help=f"require this bearer token on /v1 routes (default: ${API_KEY_ENV}, else none)")
-    serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    serve.add_argument("--default-top-k", type=int, default=None,
-                       help="VAS candidates per step when a request sets no vas_top_k (default: 20)")
-    serve.add_argument("--max-vas-requests", type=int, default=None,
-                       help="requests that can hold a value cache at once; also caps the engine's concurrency "
-                            "(default: max_num_seqs if given, else 32)")
-    serve.add_argument("--engine-arg", action="append", type=parse_engine_arg, default=[], metavar="KEY=VALUE",
-                       help="any other vLLM engine argument (AsyncEngineArgs field), e.g. max_num_seqs=64; "
-                            "VALUE is read as JSON when it parses, else as a string; repeatable")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    return parser
+    serve = make_arg_parser(commands.add_parser(
+        "serve", usage="vas-server serve [model_tag] [options]",
+        help="start vLLM's OpenAI-compatible server with VAS (every `vllm serve` flag works)",
+        description=f"vLLM's OpenAI server with VAS. Without a model: the embedded {EMBEDDED_MODEL_NAME} "
+                    "with the demo value heads."))
+    vas = serve.add_argument_group("VAS", "value models and steering defaults (vas-server's own flags)")
+    vas.add_argument("--value-model", action="append", type=parse_value_model, default=None, metavar="NAME=PATH",
+                     help="a value-model checkpoint directory; repeatable (default: the shipped demo value "
+                          "models, when serving the embedded base)")
+    vas.add_argument("--no-value-models", action="store_true", help="serve without any value model")
+    vas.add_argument("--default-top-k", type=int, default=None,
+                     help="VAS candidates per step when a request sets no vas_top_k (default: 20)")
+    vas.add_argument("--max-vas-requests", type=int, default=None,
+                     help="requests that can hold a value cache at once; also caps the engine's concurrency "
+                          "(default: --max-num-seqs if given, else 32)")
+    vas.add_argument("--max-body-bytes", type=int, default=None,
+                     help="largest accepted HTTP request body; larger ones get a 413 (default: 8 MiB)")
+    return parser, serve
 
 
-def engine_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from vllm.engine.arg_utils import AsyncEngineArgs
-
-    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-    overrides = dict(args.engine_arg)
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise SystemExit(f"vas-server: unknown vLLM engine argument(s): {', '.join(unknown)}")
-    if args.max_model_len is not None:
-        overrides["max_model_len"] = args.max_model_len
-    return overrides
-
-
-def server_config(args: argparse.Namespace):
-    from vas_server.api import ServerConfig
+def configure(args: argparse.Namespace, defaults: argparse.Namespace):
+    """Fill in the base model, the value models and every setting VAS needs, in place; returns
+    the VASConfig. A flag the user gave wins over our defaults (see engine.engine_settings)."""
     from vas_server.config import VASConfig
+    from vas_server.engine import engine_settings, prepare_environment
 
-    if args.model is None:
+    if args.model_tag is not None:  # `serve MODEL` as with `vllm serve MODEL`
+        args.model, args.model_tag = args.model_tag, None
+    embedded = args.model == defaults.model
+    if embedded:
         from vas_server.base_model import ensure_base_model
 
-        model, default_name = str(ensure_base_model()), EMBEDDED_MODEL_NAME
-        value_models = demo_value_models()
-    else:
-        model, default_name = args.model, args.model
-        value_models = {}  # the demo value models only fit the embedded base's tokenizer
-    if args.value_model:
-        value_models = dict(args.value_model)
+        args.model = str(ensure_base_model())
+        args.served_model_name = args.served_model_name or [EMBEDDED_MODEL_NAME]
+    if not args.api_key and os.environ.get(API_KEY_ENV):
+        args.api_key = [os.environ[API_KEY_ENV]]
+    # The demo value models only fit the embedded base's tokenizer.
+    value_models = dict(args.value_model) if args.value_model else (demo_value_models() if embedded else {})
     if args.no_value_models:
         value_models = {}
-    vas = None
-    if value_models:
-        options = {} if args.default_top_k is None else {"default_top_k": args.default_top_k}
-        if args.max_vas_requests is not None:
-            options["max_requests"] = args.max_vas_requests
-        try:
-            vas = VASConfig(value_models=value_models, **options)
-            vas.heads()  # a bad directory fails here, with its message, before anything starts
-        except (ValueError, OSError) as e:
-            raise SystemExit(f"vas-server: {e}") from None
-    return ServerConfig(model=model, served_model_name=args.served_model_name or default_name, vas=vas,
-                        engine_overrides=engine_overrides(args), api_key=args.api_key or None)
+    options = {key: value for key, value in (("default_top_k", args.default_top_k),
+                                             ("max_requests", args.max_vas_requests),
+                                             ("max_body_bytes", args.max_body_bytes)) if value is not None}
+    given = {key: value for key, value in vars(args).items() if value != getattr(defaults, key, None)}
+    try:
+        vas = VASConfig(value_models=value_models, **options)
+        settings = engine_settings(vas, given)  # reads every vas.json: a bad directory fails here
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"vas-server: {e}") from None
+    for key, value in settings.items():
+        setattr(args, key, value)
+    args.middleware = [*args.middleware, MIDDLEWARE]
+    prepare_environment()
+    return vas
 
 
-def ready_message(config, url: str) -> str:
-    """The lines printed once the server accepts connections."""
-    body: dict[str, Any] = {"model": config.served_model_name, "prompt": "Hello, my name is", "max_tokens": 32}
-    heads = sorted(config.heads())
+def ready_message(args: argparse.Namespace, heads: Sequence[str], url: str) -> str:
+    """The lines printed once the server answers."""
+    name = (args.served_model_name or [args.model])[0]
+    body: dict[str, Any] = {"model": name, "prompt": "Hello, my name is", "max_tokens": 32}
     if heads:
-        body["vas_weights"] = {heads[0]: 2.0}
-    auth = f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if config.api_key else ""
-    return (f"vas-server ready at {url}/v1 (model {config.served_model_name!r}, "
-            f"value heads: {', '.join(heads) or 'none'})\n"
+        body["vas_weights"] = {sorted(heads)[0]: 2.0}
+    auth = f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if args.api_key else ""
+    return (f"vas-server ready at {url}/v1 (model {name!r}, value heads: {', '.join(sorted(heads)) or 'none'})\n"
             f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
             f"-d {shlex.quote(json.dumps(body))}")
 
 
-def serve(args: argparse.Namespace) -> None:
-    import uvicorn
+def announce_when_ready(args: argparse.Namespace, heads: Sequence[str]) -> None:
+    """Print the ready lines from a thread once GET /health answers 200 (vLLM serves in this
+    process's event loop, which this thread must not block)."""
+    host = "localhost" if args.host in (None, "", "0.0.0.0", "::") else args.host
+    url = f"http://{host}:{args.port}"
 
-    from vas_server.api import create_app
+    def poll() -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        print(ready_message(args, heads, url), flush=True)
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
 
-    config = server_config(args)
+    threading.Thread(target=poll, name="vas-ready", daemon=True).start()
 
-    class AnnouncingServer(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
-            await super().startup(sockets)
-            if self.should_exit or not self.servers:
-                return
-            port = self.servers[0].sockets[0].getsockname()[1]  # the real port, also for --port 0
-            host = "localhost" if args.host in ("0.0.0.0", "::") else args.host
-            print(ready_message(config, f"http://{host}:{port}"), flush=True)
 
-    uv_config = uvicorn.Config(create_app(config), host=args.host, port=args.port, log_level=args.log_level,
-                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    AnnouncingServer(uv_config).run()
+def serve(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+
+    cli_env_setup()
+    vas = configure(args, defaults)
+    if args.port == 0:  # the ready line needs the real port: pick a free one now
+        with socket.socket() as s:
+            s.bind((args.host or "", 0))
+            args.port = s.getsockname()[1]
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    announce_when_ready(args, list(vas.heads()))
+    ServeSubcommand.cmd(args)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser, serve_parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args)
+        serve(args, serve_parser.parse_args([]))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ class VASConfig:
     # it runs ~5x faster than float32 on this CPU), "float32" for exact reference checks.
     dtype: str = "auto"
     device: str | None = None  # None: the worker's device
+    # HTTP request bodies past this many bytes are refused with a 413 before they are parsed.
+    max_body_bytes: int = 8 * 2**20
 
     def __post_init__(self):
         if not TOP_K_RANGE[0] <= self.default_top_k <= TOP_K_RANGE[1]:

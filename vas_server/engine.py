@@ -7,7 +7,9 @@ Why each setting:
   * async_scheduling=False: with async scheduling the output-token lists the processor reads may
     hold placeholders for tokens not yet sampled; VAS must see committed tokens only.
   * VLLM_CPU_OMP_THREADS_BIND=nobind on small CPU machines, or the worker gets one thread.
-  * enforce_eager on CPU: starts in seconds instead of compiling.
+  * enforce_eager on CPU: starts in seconds instead of compiling. On GPUs too when a value model
+    takes the shared path: its states come from a Python forward hook (vas_server.hidden_states),
+    which CUDA-graph replay would skip.
   * enable_chunked_prefill=False on CPU: vLLM 0.32's CPU build kills the engine
     ("CPU Generator does not use offset") when a seeded request's prefill is split over steps;
     it rewinds the request's generator with a CUDA-only call. VAS itself is correct under chunked
@@ -44,33 +46,43 @@ def prepare_environment() -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-def engine_kwargs(model: str, vas: VASConfig | None = None, **overrides: Any) -> dict[str, Any]:
-    """Keyword arguments for `vllm.LLM(...)` or `vllm.AsyncEngineArgs(...)`.
+def engine_settings(vas: VASConfig | None, given: dict[str, Any]) -> dict[str, Any]:
+    """The engine arguments vas-server sets, given those the user set (`given`, which win over
+    our defaults). Used by `engine_kwargs` (Python) and by `vas-server serve` (CLI flags).
 
-    With `vas=None` the engine is plain vLLM (used as the baseline in tests and benchmarks).
-    `overrides` are any other vLLM engine arguments and win over our defaults.
+    With `vas=None` the engine is plain vLLM (the baseline in tests and benchmarks).
     """
-    prepare_environment()
-    kwargs: dict[str, Any] = {"model": model, "async_scheduling": False}
+    defaults: dict[str, Any] = {"async_scheduling": False}
     if not on_gpu():
-        kwargs["enforce_eager"] = True
-        kwargs["enable_chunked_prefill"] = False
-    if vas is not None:
-        heads = vas.heads()  # fails fast, here, on a bad value-model directory or a name clash
+        defaults.update(enforce_eager=True, enable_chunked_prefill=False)
+    settings = {key: value for key, value in defaults.items() if given.get(key) is None}
+    if vas is None:
+        return settings
+    # The middleware reads the config from here too (max_body_bytes, default_top_k, the heads).
+    settings["additional_config"] = {**(given.get("additional_config") or {}), **vas.to_additional_config()}
+    if not vas.value_models:
+        return settings
+    heads = vas.heads()  # fails fast, here, on a bad value-model directory or a name clash
+    if any(h.runtime == "separate" for h in heads.values()):
         # The value cache holds max_requests requests. Capping the scheduler's concurrency at the
         # same number makes further requests wait in vLLM's queue instead of overflowing it.
-        capacity = vas.max_requests or overrides.get("max_num_seqs") or DEFAULT_VAS_REQUESTS
+        # Shared-path models (config.runtime_path) keep no cache: with only those, no cap.
+        capacity = vas.max_requests or given.get("max_num_seqs") or DEFAULT_VAS_REQUESTS
         vas = dataclasses.replace(vas, max_requests=capacity)
-        overrides["max_num_seqs"] = min(overrides.get("max_num_seqs") or capacity, capacity)
-        kwargs["logits_processors"] = [PROCESSOR_FQCN]
-        kwargs["worker_extension_cls"] = WORKER_EXTENSION
-        additional = dict(overrides.pop("additional_config", None) or {})
-        additional.update(vas.to_additional_config())
-        kwargs["additional_config"] = additional
-        from vas_server.processor import VASLogitsProcessor
+        settings["max_num_seqs"] = min(given.get("max_num_seqs") or capacity, capacity)
+    if on_gpu() and given.get("enforce_eager") is None and any(h.runtime == "shared" for h in heads.values()):
+        settings["enforce_eager"] = True  # the shared path's forward hook must run every step
+    settings["logits_processors"] = [*(given.get("logits_processors") or []), PROCESSOR_FQCN]
+    settings["worker_extension_cls"] = WORKER_EXTENSION
+    settings["additional_config"].update(vas.to_additional_config())
+    from vas_server.processor import VASLogitsProcessor
 
-        VASLogitsProcessor.register_heads(heads)
-    kwargs.update(overrides)
-    return kwargs
+    VASLogitsProcessor.register_heads(heads)  # for validate_params in this process
+    return settings
 
 
+def engine_kwargs(model: str, vas: VASConfig | None = None, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM(...)` or `vllm.AsyncEngineArgs(...)`; `overrides` are any
+    other vLLM engine arguments."""
+    prepare_environment()
+    return {"model": model, **overrides, **engine_settings(vas, overrides)}

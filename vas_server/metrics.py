@@ -1,0 +1,65 @@
+"""The VAS counters for GET /metrics, beside vLLM's own `vllm:*` metrics.
+
+They live in the engine's worker (the processor's `stats()`); the API process reads them at
+scrape time with `collective_rpc("vas_stats")` (VASWorkerExtension) and renders them as
+Prometheus text. A scrape never fails because of them: an engine that does not answer in
+WORKER_STATS_TIMEOUT_S leaves them out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+logger = logging.getLogger(__name__)
+
+WORKER_STATS_TIMEOUT_S = 5.0
+
+# processor stats key -> (metric name, kind, help)
+WORKER_METRICS = {
+    "vas_requests_total": ("vas_engine_vas_requests", "counter", "VAS requests the processor has admitted"),
+    "active_requests": ("vas_engine_active_vas_requests", "gauge", "VAS requests in the engine's batch now"),
+    "steps": ("vas_value_runtime_steps", "counter", "Decoding steps on which the value runtime ran"),
+    "runtime_seconds_total": ("vas_value_runtime_seconds", "counter", "Time spent in the value runtime"),
+    "cache_slots_used": ("vas_value_cache_slots_used", "gauge", "Value-cache slots in use"),
+    "cache_slots_total": ("vas_value_cache_slots", "gauge", "Value-cache slots allocated"),
+    "dropped_requests": ("vas_engine_dropped_requests", "counter", "VAS requests that ran unsteered: cache full"),
+    "resumed_requests": ("vas_engine_resumed_requests", "counter", "VAS requests resumed after preemption"),
+}
+
+
+async def render_vas_metrics(engine_client) -> bytes:
+    try:
+        # One entry per worker; every tensor-parallel rank runs the same processor, rank 0 speaks.
+        results = await asyncio.wait_for(engine_client.collective_rpc("vas_stats"), WORKER_STATS_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - a scrape must not fail because the engine is busy
+        logger.warning("could not read VAS worker stats: %r", e)
+        return b""
+    if not results or not results[0]:
+        return b""
+    registry = CollectorRegistry()
+    registry.register(_WorkerStats(results[0]))
+    return generate_latest(registry)
+
+
+class _WorkerStats:
+    """A one-scrape collector over a snapshot of the processor's stats."""
+
+    def __init__(self, stats: Mapping[str, float]):
+        self.stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        for key, (name, kind, help_text) in WORKER_METRICS.items():
+            if key not in self.stats:
+                continue
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, help_text, value=float(self.stats[key]))
+        steps, seconds = self.stats.get("steps"), self.stats.get("runtime_seconds_total")
+        if steps is not None and seconds is not None:
+            yield GaugeMetricFamily("vas_value_runtime_seconds_per_step",
+                                    "Mean value-runtime time per decoding step (0 before the first)",
+                                    value=seconds / steps if steps else 0.0)
