@@ -108,3 +108,32 @@ def prompts(tiny_base) -> list[list[int]]:
     texts = ["Hello, how are you", "The quick brown fox", "What is the capital of France?", "Good",
              "I love sunny days and happy people. This is", "Short answers", "Paris is the", "This is terrible"]
     return [tok.encode(t, add_special_tokens=False) for t in texts]
+
+
+# -- the HTTP server (tests/http_server.py), one per session ----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_base, value_models):
+    from http_server import serve_for_tests
+
+    yield from serve_for_tests(tmp_path_factory.mktemp("server"), tiny_base, value_models)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return server.client()
+
+
+@pytest.fixture(scope="session")
+def model() -> str:
+    from http_server import SERVED_NAME
+
+    return SERVED_NAME
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_base))
