@@ -52,7 +52,8 @@ class ValueHeads(nn.Module):
         tokens [B, K] -> values [n_token, B, K]."""
         u = torch.einsum("bh,nhg->nbg", hidden, self.token_proj)
         baseline = (hidden @ self.token_baseline.T).T[:, :, None]  # [n_token, B, 1]
-        return torch.einsum("nbg,bkg->nbk", u, embed[tokens]) + self.token_bias[:, tokens] + baseline
+        # embed may be the served base's own matrix, in the base's dtype (the shared-trunk path).
+        return torch.einsum("nbg,bkg->nbk", u, embed[tokens].to(u.dtype)) + self.token_bias[:, tokens] + baseline
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -10,9 +10,13 @@ Rows without weights are never touched, so they sample exactly as in plain vLLM.
 
 Invariants:
   * `self.rows` maps a persistent-batch index to the state of the VAS request in that row;
-    every row in it holds one value-cache slot, and a slot is released exactly when its row
-    is removed or replaced. A preempted request is removed (slot freed) and re-added with its
-    outputs, and the runtime then rebuilds its cache from prompt + outputs.
+    every row in it that uses a separate-trunk head holds one value-cache slot, and a slot is
+    released exactly when its row is removed or replaced. A preempted request is removed (slot
+    freed) and re-added with its outputs, and the runtime then rebuilds its cache from prompt +
+    outputs. Rows using only shared-trunk heads hold nothing: their state is the base's own.
+  * Shared-trunk heads read this step's hidden states (vas_server.hidden_states), captured by the
+    base's forward at the sampled positions, so logits row i and hidden-state row i are the same
+    request; `apply` clears them at its end, every step.
   * The processor is not argmax-invariant: vLLM applies it to the float32 raw logits before
     penalties, temperature and top-k/top-p, as the spec requires.
 """
@@ -20,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Mapping
 
 import torch
@@ -28,11 +33,12 @@ from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from vas_server.config import HeadInfo, VASConfig
-from vas_server.params import VASRequest, parse_request
+from vas_server.params import VASRequest
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
+    from vas_server.hidden_states import HiddenStateTap
     from vas_server.value_runtime import RowInput, ValueRuntime
 
 # Under "vllm." so that the worker process, where only vLLM's loggers have handlers, prints it.
@@ -60,17 +66,18 @@ class VASLogitsProcessor(LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         known = None if cls._known_heads is None else list(cls._known_heads)
-        parse_request(sampling_params.extra_args, known)
+        VASRequest.from_extra_args(sampling_params.extra_args, known)
 
     def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool):
         self.config = VASConfig.from_additional_config(vllm_config.additional_config)
         self.rows: dict[int, _Row] = {}
         self.runtime: ValueRuntime | None = None
+        self.tap: HiddenStateTap | None = None  # set when a value model takes the shared path
         self.dropped_requests = 0  # VAS requests that found no free cache slot
         self.resumed_requests = 0  # VAS requests re-added with outputs (after preemption)
         if not self.config.value_models:
             return
-        self.runtime = _build_runtime(self.config, vllm_config, device)
+        self.runtime, self.tap = _build_runtime(self.config, vllm_config, device)
 
     def is_argmax_invariant(self) -> bool:
         return False
@@ -78,6 +85,8 @@ class VASLogitsProcessor(LogitsProcessor):
     # -- batch bookkeeping ----------------------------------------------------------------------
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if self.tap is not None and not self.tap.attached:
+            self.tap.attach()  # first engine step: the base model is loaded by now
         if batch_update is None or self.runtime is None:
             return
         for index in batch_update.removed:
@@ -107,7 +116,7 @@ class VASLogitsProcessor(LogitsProcessor):
 
         runtime = self.runtime
         try:
-            request = parse_request(params.extra_args, runtime.head_names)
+            request = VASRequest.from_extra_args(params.extra_args, runtime.head_names)
         except ValueError as e:  # validated at admission; only a direct engine user gets here
             logger.error("VAS settings rejected in the worker, request runs unsteered: %s", e)
             return None
@@ -118,32 +127,39 @@ class VASLogitsProcessor(LogitsProcessor):
             return None
         if outputs:
             self.resumed_requests += 1
-        slot = runtime.allocate()
-        if slot is None:
-            # Unreachable through engine_kwargs, which caps max_num_seqs at the cache capacity
-            # (so extra requests wait in vLLM's queue); only a hand-built engine can get here.
-            self.dropped_requests += 1
-            logger.error("VAS value cache full (%d requests); request runs unsteered", runtime.max_requests)
-            return None
+        heads = frozenset(runtime.head_index[name] for name in request.weights)
+        slot = None
+        if runtime.needs_slot(heads):  # only separate-trunk heads keep a value cache
+            slot = runtime.allocate()
+            if slot is None:
+                # Unreachable through engine_kwargs, which caps max_num_seqs at the cache capacity
+                # (so extra requests wait in vLLM's queue); only a hand-built engine can get here.
+                self.dropped_requests += 1
+                logger.error("VAS value cache full (%d requests); request runs unsteered", runtime.max_requests)
+                return None
         weights = torch.zeros(len(runtime.head_names), dtype=torch.float32, device=runtime.device)
         for name, w in request.weights.items():
             weights[runtime.head_index[name]] = w
         top_k = request.top_k or self.config.default_top_k
-        heads = frozenset(runtime.head_index[name] for name in request.weights)
         return _Row(request, top_k, weights, RowInput(slot, prompt, outputs, heads))
 
     # -- the sampling rule ------------------------------------------------------------------------
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.rows:
-            return logits
+        if self.rows:
+            logits = self._steer(logits)
+        if self.tap is not None:
+            self.tap.clear()  # this step's hidden states are used up
+        return logits
+
+    def _steer(self, logits: torch.Tensor) -> torch.Tensor:
         indices = sorted(self.rows)
         rows = [self.rows[i] for i in indices]
         index = torch.tensor(indices, device=logits.device)
         row_logits = logits.index_select(0, index)
         k_max = min(max(r.top_k for r in rows), logits.shape[1])
         top_values, candidates = row_logits.topk(k_max, dim=1)
-        values = self.runtime.score([r.input for r in rows], candidates)  # [B, n_heads, K]
+        values = self.runtime.score([r.input for r in rows], candidates, index, logits.shape[0])  # [B, n_heads, K]
         values = values.to(logits.device)
         k = torch.tensor([min(r.top_k, k_max) for r in rows], device=logits.device)
         valid = torch.arange(k_max, device=logits.device)[None, :] < k[:, None]  # [B, K]
@@ -174,12 +190,17 @@ class VASLogitsProcessor(LogitsProcessor):
         }
 
 
-def _build_runtime(config: VASConfig, vllm_config: "VllmConfig", device: torch.device) -> "ValueRuntime":
+def _build_runtime(config: VASConfig, vllm_config: "VllmConfig",
+                   device: torch.device) -> tuple["ValueRuntime", "HiddenStateTap | None"]:
+    """The value runtime of all configured value models, and the hidden-state tap when any of
+    them takes the shared path (vas_server.config.runtime_path, read from vas.json)."""
     from transformers import AutoTokenizer
 
-    from value_models.format import tokenizer_identity
-    from value_models.model import load_value_model
-    from vas_server.value_runtime import ValueRuntime
+    from value_models.format import check_tokenizer, load_spec, tokenizer_identity
+    from value_models.model import load_value_heads, load_value_model
+    from vas_server.config import runtime_path
+    from vas_server.hidden_states import HiddenStateTap, find_model_runner
+    from vas_server.value_runtime import SharedRunner, ValueRuntime
 
     model_config = vllm_config.model_config
     base_dir = model_config.model
@@ -188,17 +209,38 @@ def _build_runtime(config: VASConfig, vllm_config: "VllmConfig", device: torch.d
     identity = tokenizer_identity(tokenizer)
     dtype = model_config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
     value_device = torch.device(config.device) if config.device else device
+    specs = {name: load_spec(Path(path)) for name, path in config.value_models.items()}
     models = [
-        load_value_model(path, base_dir, name=name, base_tokenizer=identity, base_model_name=base_dir,
-                         dtype=dtype, device=value_device)
-        for name, path in config.value_models.items()
+        load_value_model(config.value_models[name], base_dir, name=name, base_tokenizer=identity,
+                         base_model_name=base_dir, dtype=dtype, device=value_device)
+        for name, spec in specs.items() if runtime_path(spec) == "separate"
     ]
+    shared_specs = {name: spec for name, spec in specs.items() if runtime_path(spec) == "shared"}
+    tap, shared = None, []
+    if shared_specs:
+        tap = HiddenStateTap(find_model_runner(), {spec.trunk.num_layers for spec in shared_specs.values()})
+        hf = model_config.hf_config
+        for name, spec in shared_specs.items():
+            path = config.value_models[name]
+            check_tokenizer(spec, identity, value_model=path, base_model=base_dir)
+            # On the worker's device (not config.device): the base's states and embedding live there.
+            heads = load_value_heads(path, spec, hf.hidden_size, hf.vocab_size, dtype=dtype, device=device)
+            shared.append(SharedRunner(name, heads, spec.trunk.num_layers, tap))
     max_requests = config.max_requests or vllm_config.scheduler_config.max_num_seqs
-    runtime = ValueRuntime(models, max_requests, model_config.max_model_len, value_device, dtype)
+    runtime = ValueRuntime(models, max_requests, model_config.max_model_len, value_device, dtype, shared)
+    base_layers = model_config.hf_config.num_hidden_layers
+    for name, spec in specs.items():
+        if name in shared_specs:
+            logger.info("VAS value model %r: shared path (token heads on the base's own layer-%d of %d "
+                        "hidden states; no trunk, no value cache)", name, spec.trunk.num_layers, base_layers)
+        else:
+            logger.info("VAS value model %r: separate runtime (own %s trunk%s, %s heads; value cache)", name,
+                        spec.trunk.type, " with LoRA" if spec.trunk.lora else "",
+                        "/".join(sorted({h.kind for h in spec.heads})))
     logger.info("VAS: %d value model(s), heads %s, value cache %.1f MiB for %d requests x %d tokens",
-                len(models), runtime.head_names, runtime.cache_bytes / 2**20, max_requests,
+                len(specs), runtime.head_names, runtime.cache_bytes / 2**20, runtime.max_requests,
                 model_config.max_model_len)
-    return runtime
+    return runtime, tap
 
 
 class VASWorkerExtension:

@@ -1,5 +1,11 @@
 """The batched value runtime: scores the top-K candidates of every VAS row in one forward per trunk.
 
+Two kinds of value model (vas_server.config.runtime_path decides from vas.json):
+  * "separate" (TrunkRunner): the model's own trunk and a per-request KV cache, described below;
+  * "shared" (SharedRunner): token heads on a LoRA-free prefix of the base, read from the base's
+    own hidden states at the sampled positions (vas_server.hidden_states): no trunk, no cache, no
+    slot; a step costs the heads' matmul and gather.
+
 Per engine step, for each value-model trunk that at least one row needs:
   * each row feeds its newly committed tokens (the whole prompt on its first step, then usually
     one token) followed by its K candidates as siblings;
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from value_models.heads import ValueHeads
 from value_models.model import ValueModel
 
 
@@ -31,7 +38,7 @@ from value_models.model import ValueModel
 class RowInput:
     """One VAS row of the batch, as the runtime needs it."""
 
-    slot: int
+    slot: int | None  # value-cache slot; None when the row uses no separate-trunk head
     prompt: list[int]
     outputs: list[int]  # the live list vLLM appends sampled tokens to
     heads: frozenset[int]  # indices (into ValueRuntime.head_names) of the heads this row uses
@@ -151,26 +158,66 @@ class TrunkRunner:
         return self.heads.state_values(hidden[is_cand_dev].view(B, Kc, -1))
 
 
-class ValueRuntime:
-    """All value models of the server, their heads in one global order, and slot bookkeeping."""
+class SharedRunner:
+    """A token-heads-only value model on the base's first `layer` layers, without LoRA: its trunk
+    state is the base's own (vas_server.hidden_states.HiddenStateTap), so it keeps nothing per
+    request. Same `score` contract as TrunkRunner, plus the rows' logits-row indices."""
 
-    def __init__(self, models: list[ValueModel], max_requests: int, max_len: int, device, dtype):
-        self.runners = [TrunkRunner(m, max_requests, max_len, device, dtype) for m in models]
+    has_state = False
+    has_token = True
+
+    def __init__(self, name: str, heads: ValueHeads, layer: int, tap):
+        if heads.state_names:
+            raise ValueError(f"value model {name!r}: the shared-trunk path serves token heads only")
+        self.name = name
+        self.heads = heads
+        self.layer = layer
+        self.tap = tap
+        self.dtype = heads.token_proj.dtype
+
+    cache_bytes = 0
+
+    def reset(self, slot: int) -> None:
+        pass
+
+    @torch.inference_mode()
+    def score(self, rows: list[RowInput], candidates: torch.Tensor, batch_rows: torch.Tensor, num_rows: int):
+        """batch_rows [B]: each row's index in this step's logits (num_rows rows in all)."""
+        hidden = self.tap.states(self.layer, num_rows).index_select(0, batch_rows.to(self.tap.embedding.device))
+        hidden = hidden.to(device=candidates.device, dtype=self.dtype)
+        return None, self.heads.token_values(hidden, self.tap.embedding, candidates)
+
+
+class ValueRuntime:
+    """All value models of the server, their heads in one global order, and slot bookkeeping.
+
+    `models` run on their own trunk (TrunkRunner, value cache of max_requests slots); `shared` are
+    shared-trunk models (SharedRunner). Only rows using a separate-trunk head take a slot.
+    """
+
+    def __init__(self, models: list[ValueModel], max_requests: int, max_len: int, device, dtype,
+                 shared: list[SharedRunner] = ()):
+        self.runners: list[TrunkRunner | SharedRunner] = [TrunkRunner(m, max_requests, max_len, device, dtype)
+                                                          for m in models]
+        self.runners += list(shared)
         self.head_names: list[str] = []
         # global head index -> (runner index, "state" | "token", index within that kind)
         self.head_place: list[tuple[int, str, int]] = []
-        for t, m in enumerate(models):
-            for i, name in enumerate(m.heads.state_names):
+        for t, r in enumerate(self.runners):
+            for i, name in enumerate(r.heads.state_names):
                 self.head_names.append(name)
                 self.head_place.append((t, "state", i))
-            for i, name in enumerate(m.heads.token_names):
+            for i, name in enumerate(r.heads.token_names):
                 self.head_names.append(name)
                 self.head_place.append((t, "token", i))
         if len(set(self.head_names)) != len(self.head_names):
             raise ValueError(f"head names must be unique across value models: {self.head_names}")
         self.head_index = {name: i for i, name in enumerate(self.head_names)}
         self.runner_heads = [frozenset(i for i, p in enumerate(self.head_place) if p[0] == t)
-                             for t in range(len(models))]
+                             for t in range(len(self.runners))]
+        # Heads whose rows need a value-cache slot (those of separate-trunk models).
+        self.cached_heads = frozenset(i for t in range(len(models)) for i in self.runner_heads[t])
+        max_requests = max_requests if models else 0  # no separate trunk: no slots, no cache
         self.max_requests = max_requests
         self.max_len = max_len
         self.device = torch.device(device)
@@ -188,6 +235,9 @@ class ValueRuntime:
     def cache_bytes(self) -> int:
         return sum(r.cache_bytes for r in self.runners)
 
+    def needs_slot(self, heads: frozenset[int]) -> bool:
+        return bool(heads & self.cached_heads)
+
     def allocate(self) -> int | None:
         """A free cache slot, or None when all are taken."""
         if not self.free_slots:
@@ -198,13 +248,18 @@ class ValueRuntime:
         self.requests_total += 1
         return slot
 
-    def release(self, slot: int) -> None:
+    def release(self, slot: int | None) -> None:
+        if slot is None:
+            return
         for r in self.runners:
             r.reset(slot)
         self.free_slots.append(slot)
 
-    def score(self, rows: list[RowInput], candidates: torch.Tensor) -> torch.Tensor:
-        """Values q_h(a) of each row's candidates: [B, n_heads, K] (0 for heads a row does not use)."""
+    def score(self, rows: list[RowInput], candidates: torch.Tensor, batch_rows: torch.Tensor | None = None,
+              num_rows: int = 0) -> torch.Tensor:
+        """Values q_h(a) of each row's candidates: [B, n_heads, K] (0 for heads a row does not use).
+        Shared-trunk heads need `batch_rows` [B] (each row's index in this step's logits, of
+        `num_rows` rows): that is where the base's hidden state of the row sits."""
         start = time.perf_counter()
         B, K = candidates.shape
         values = torch.zeros(B, len(self.head_names), K, device=candidates.device, dtype=torch.float32)
@@ -213,7 +268,10 @@ class ValueRuntime:
             if not members:
                 continue
             sub = torch.tensor(members, device=candidates.device)
-            state, token = runner.score([rows[b] for b in members], candidates[sub])
+            if isinstance(runner, SharedRunner):
+                state, token = runner.score([rows[b] for b in members], candidates[sub], batch_rows[sub], num_rows)
+            else:
+                state, token = runner.score([rows[b] for b in members], candidates[sub])
             for g in self.runner_heads[t]:
                 _, kind, i = self.head_place[g]
                 v = state[:, :, i] if kind == "state" else token[i]
