@@ -2,7 +2,7 @@
 #   docker build -t vas-server .
 #   docker run --gpus all -p 8000:8000 vas-server
 #   docker run --gpus all -p 8000:8000 -v /models:/models vas-server \
-#       --model /models/base --value-model helpful=/models/helpful
+#       /models/base --value-model helpful=/models/helpful
 # Arguments after the image name go to `vas-server serve`.
 FROM vllm/vllm-openai:v0.32.0
 

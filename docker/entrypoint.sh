@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Entrypoint of both images (Dockerfile, docker/Dockerfile.cpu): serve on all interfaces.
-# Arguments are passed to `vas-server serve` (e.g. --model, --value-model, --engine-arg);
+# Arguments are passed to `vas-server serve` (a model, --value-model, any `vllm serve` flag);
 # VAS_SERVER_API_KEY, if set, protects the /v1 routes.
 set -euo pipefail
 cd "$(dirname "$0")/.."

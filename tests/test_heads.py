@@ -28,7 +28,7 @@ def test_baseline_shifts_every_candidate_of_a_row_by_u_dot_h():
     without = heads.token_values(hidden, embed, candidates)
     assert baseline.abs().min() > 1e-3  # the test means something
     assert torch.allclose(with_baseline - without, baseline[:, :, None].expand_as(without), atol=1e-5)
-    centred = lambda q: q - q.mean(dim=-1, keepdim=True)  # noqa: E731  (VAS_SPEC §1.3)
+    centred = lambda q: q - q.mean(dim=-1, keepdim=True)  # noqa: E731  (docs/VAS_RULE.md §1.3)
     assert torch.allclose(centred(with_baseline), centred(without), atol=1e-5)
 
 

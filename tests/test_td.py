@@ -1,4 +1,4 @@
-"""TD(λ) targets (VAS_SPEC §2) against hand-worked numbers."""
+"""TD(λ) targets (docs/VAS_RULE.md §2) against hand-worked numbers."""
 
 import pytest
 import torch

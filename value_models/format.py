@@ -1,4 +1,4 @@
-"""The value-model checkpoint format (VAS_SPEC §3): a directory with `vas.json` and safetensors.
+"""The value-model checkpoint format (docs/VAS_RULE.md §3): a directory with `vas.json` and safetensors.
 
 Layout:
     vas.json                 format version, trunk, heads, tokenizer identity

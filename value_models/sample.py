@@ -1,4 +1,4 @@
-"""`sample`: responses from the frozen base model, the data value models learn from (VAS_SPEC §2).
+"""`sample`: responses from the frozen base model, the data value models learn from (docs/VAS_RULE.md §2).
 
 The base samples at temperature 1 with no top-k / top-p truncation, so the responses follow the
 base policy p0 whose values VAS needs. Each prompt is wrapped in the base's chat template as one

@@ -1,4 +1,4 @@
-"""From (prompt, response) token ids to the states of VAS_SPEC §2 and their head values.
+"""From (prompt, response) token ids to the states of docs/VAS_RULE.md §2 and their head values.
 
 A response y of T tokens after prompt x gives the states s_i = x + y[:i], i = 0..T-1. Both head
 kinds read the trunk's final hidden state at the last position of s_i, which is position

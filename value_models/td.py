@@ -1,4 +1,4 @@
-"""TD(λ) targets for value training (VAS_SPEC §2).
+"""TD(λ) targets for value training (docs/VAS_RULE.md §2).
 
 A response of T tokens gives states s_0..s_{T-1}. The only reward is the response's scalar reward,
 given at the last step (i = T-1), and the value after the end is 0. With the current values v_i:

@@ -1,4 +1,4 @@
-"""`fit`: TD(λ) value training (VAS_SPEC §2) of one value model -- one trunk, one or more heads.
+"""`fit`: TD(λ) value training (docs/VAS_RULE.md §2) of one value model -- one trunk, one or more heads.
 
 Each head learns its own reward, standardised with the mean and std of its training rewards
 (stored in the head's spec). Every optimisation step takes one batch of responses and makes

@@ -1,4 +1,4 @@
-"""`convert-trl`: a TRL `AutoModelForCausalLMWithValueHead` checkpoint as a state head (VAS_SPEC §3).
+"""`convert-trl`: a TRL `AutoModelForCausalLMWithValueHead` checkpoint as a state head (docs/VAS_RULE.md §3).
 
 TRL saves the language model's weights with the value head's `v_head.summary.weight` [1, H] and
 `v_head.summary.bias` [1] next to them, and computes the value as that linear layer applied to

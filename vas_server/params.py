@@ -34,8 +34,10 @@ DEFAULT_TOP_K = 20
 MAX_ABS_WEIGHT = 100.0
 
 
-class VASParamError(VLLMValidationError):
-    """Invalid steering settings. `parameter` names the API field (`vas_weights`, ...)."""
+class VASParamError(VLLMValidationError, ValueError):
+    """Invalid steering settings. `parameter` names the API field (`vas_weights`, ...). A
+    VLLMValidationError, so that vLLM answers 400 naming the field; a ValueError for callers that
+    catch those."""
 
     def __init__(self, param: str, message: str):
         super().__init__(message, parameter=param)
