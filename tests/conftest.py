@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import build_llama, build_tokenizer  # noqa: E402
+from tiny_models import build_llama, build_tokenizer
 
-from value_models.format import TrunkSpec  # noqa: E402
-from value_models.synthetic import random_value_model, token_lover  # noqa: E402
+from value_models.format import TrunkSpec
+from value_models.synthetic import random_value_model, token_lover
 
 # vLLM reads these at engine start; set before any engine exists.
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from reference_vas import ReferenceValueModel  # noqa: E402
+from reference_vas import ReferenceValueModel
 
-from value_models.evaluate import EvalConfig, _Gen, _GenerationCache, vas_kl  # noqa: E402
-from value_models.format import TrunkSpec  # noqa: E402
-from value_models.model import load_value_model  # noqa: E402
-from value_models.synthetic import random_value_model  # noqa: E402
+from value_models.evaluate import EvalConfig, _Gen, _GenerationCache, vas_kl
+from value_models.format import TrunkSpec
+from value_models.model import load_value_model
+from value_models.synthetic import random_value_model
 
 TOP_K = 20
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from value_models.rewards import load_reward  # noqa: E402
+from value_models.rewards import load_reward
 
 
 def score(spec: str, *responses: str) -> list[float]:

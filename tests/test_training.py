@@ -10,22 +10,20 @@ R(y_0) with P(R = high) = 1/2, the values of the data policy are:
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import build_llama, build_tokenizer  # noqa: E402
+from tiny_models import build_llama, build_tokenizer
 
-from value_models.format import TokenizerMismatchError, load_spec, tokenizer_identity  # noqa: E402
-from value_models.model import load_value_model  # noqa: E402
-from value_models.predict import state_values  # noqa: E402
-from value_models.records import Sample  # noqa: E402
-from value_models.train import FitConfig, HeadPlan, fit  # noqa: E402
-from value_models.training_trunk import TrunkPlan  # noqa: E402
+from value_models.format import TokenizerMismatchError, load_spec, tokenizer_identity
+from value_models.model import load_value_model
+from value_models.predict import state_values
+from value_models.records import Sample
+from value_models.train import FitConfig, HeadPlan, fit
+from value_models.training_trunk import TrunkPlan
 
 CHOICES = list(range(100, 108))
 FIRST_HIGH = set(CHOICES[:4])

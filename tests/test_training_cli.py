@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import build_llama, build_tokenizer  # noqa: E402
+from tiny_models import build_llama, build_tokenizer
 
-from value_models.cli import main  # noqa: E402
-from value_models.format import load_spec  # noqa: E402
-from value_models.model import load_value_model  # noqa: E402
-from value_models.records import read_samples  # noqa: E402
+from value_models.cli import main
+from value_models.format import load_spec
+from value_models.model import load_value_model
+from value_models.records import read_samples
 
 
 @pytest.mark.slow

@@ -3,20 +3,18 @@ the LM's weights with v_head.summary.weight / bias next to them), becomes a stat
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import build_llama, build_tokenizer  # noqa: E402
+from tiny_models import build_llama, build_tokenizer
 
-from value_models.format import TokenizerIdentity, TokenizerMismatchError, load_spec  # noqa: E402
-from value_models.model import load_value_model  # noqa: E402
-from value_models.trl import convert_trl  # noqa: E402
+from value_models.format import TokenizerIdentity, TokenizerMismatchError, load_spec
+from value_models.model import load_value_model
+from value_models.trl import convert_trl
 
 
 @pytest.fixture(scope="module")
