@@ -59,6 +59,7 @@ def make_data(out: Path, top_k: int = 20, responses_per_prompt: int = 4) -> None
 def score(model_dir: str, data: dict, kl: float, batch_size: int = 200, dtype: str = "bfloat16") -> dict[str, dict]:
     from value_models.evaluate import replay_steps
     from value_models.model import load_value_model
+    from vas_server import rule
     from vas_server.base_model import ensure_base_model
     from vas_server.value_runtime import ValueRuntime
 
@@ -71,7 +72,7 @@ def score(model_dir: str, data: dict, kl: float, batch_size: int = 200, dtype: s
     for live, candidates, logp0, values, chosen in replay_steps(
             runtime, data["prompt_ids"], data["token_ids"], data["topk"], frozenset(range(n_heads)), batch_size):
         p0 = logp0.exp()[:, None, :]
-        c = values - values.mean(-1, keepdim=True)  # [B, heads, k]
+        c = rule.centred(values)  # [B, heads, k]: the processor's own centring
         mean_c, mean_c2 = (p0 * c).sum(-1), (p0 * c * c).sum(-1)  # c = 0 outside the candidates
         c_chosen = (c * (candidates == chosen[:, None])[:, None, :]).sum(-1)
         s_sum[live] += c_chosen - mean_c

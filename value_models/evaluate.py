@@ -174,18 +174,17 @@ def vas_kl(value_model, prompt_ids: list[list[int]], gen: _Gen, weights: dict[st
            max_len: int, batch_size: int = 32) -> tuple[list[float], list[float]]:
     """Per response: (exact-per-step KL summed over the steps, Monte-Carlo sum_t log p/p0 (y_t)).
     `value_model` is a loaded ValueModel; the runtime is the one the server steers with."""
+    from vas_server import rule
     from vas_server.value_runtime import ValueRuntime
 
     runtime = ValueRuntime([value_model], batch_size, max_len, "cpu", next(value_model.trunk.parameters()).dtype)
-    w = torch.zeros(len(runtime.head_names), dtype=torch.float64)
-    for name, value in weights.items():
-        w[runtime.head_index[name]] = value
+    w = rule.weight_vector(weights, runtime.head_index, dtype=torch.float64)
     used = frozenset(runtime.head_index[n] for n, v in weights.items() if v != 0)
     exact = torch.zeros(len(prompt_ids), dtype=torch.float64)
     mc = torch.zeros(len(prompt_ids), dtype=torch.float64)
     for live, candidates, lp0, values, chosen in replay_steps(runtime, prompt_ids, gen.token_ids, gen.topk, used,
                                                               batch_size):
-        bonus = ((values - values.mean(-1, keepdim=True)) * w[None, :, None]).sum(1)  # [B, k]
+        bonus = rule.bonus(values, w)  # [B, k]: the processor's own rule
         p0 = lp0.exp()
         z = torch.log1p((p0 * torch.expm1(bonus)).sum(-1))  # [B]
         rest = (1 - p0.sum(-1)).clamp(min=0)
