@@ -276,3 +276,18 @@ def test_only_shared_models_no_cap_no_cache(chunked_llm, mixed_llm, tiny_base, s
             assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (head, key)
     stats = chunked_llm.collective_rpc("vas_stats")[0]
     assert stats["cache_bytes"] == 0 and stats["cache_slots_total"] == 0 and stats["steps"] > 0
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_training_states_are_the_served_states(tiny_base, prompts, num_layers):
+    """`vas-train fit --num-layers N` (HF, N layers + final norm) computes the states the server
+    reads, for every depth of the tiny base (the engine tests above tie the server to value_models.trunk)."""
+    import torch
+
+    from value_models.training_trunk import TrainingTrunk, TrunkPlan
+    from value_models.trunk import load_trunk
+
+    tokens = torch.tensor([(prompts[4] * 4)[:24], (prompts[0] * 8)[:24]])
+    trained = TrainingTrunk(TrunkPlan("base_prefix", str(tiny_base), num_layers=num_layers)).hidden_states(tokens)
+    served = load_trunk(tiny_base, num_layers).forward_causal(tokens)
+    torch.testing.assert_close(trained.detach(), served, atol=1e-5, rtol=0)
