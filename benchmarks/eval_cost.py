@@ -6,7 +6,7 @@
 back, so the ratios compare like with like (docs/QUALITY.md, "Cost").
 """
 import json, time, sys
-from value_models.evaluate import _generate
+from value_models.evaluate import generate
 from value_models.prompts import chitchat_prompts, pick
 from value_models.sample import chat_prompt_ids
 
@@ -23,13 +23,13 @@ if __name__ == "__main__":
     llm = LLM(**engine_kwargs(base, VASConfig(value_models={"demo": "value_models/demo/smollm2"}), dtype="bfloat16",
                               max_model_len=512, max_num_seqs=200, seed=0, disable_log_stats=True))
     out = {}
-    _generate(llm, ids[:20], n=1, seed=0, max_tokens=8, weights=None, top_k=20, keep_topk=False)  # warm-up
+    generate(llm, ids[:20], n=1, seed=0, max_tokens=8, weights=None, top_k=20, keep_topk=False)  # warm-up
     for name, w, k, lp in [("base", None, 20, False), ("vas_positive4", {"positive": 4.0}, 20, False),
                            ("vas_positive4_logprobs20", {"positive": 4.0}, 20, True), ("base_again", None, 20, False),
                            ("vas_3heads", {"positive": 2.0, "concise": 2.0, "simple": 2.0}, 20, False),
                            ("vas_positive4_k128", {"positive": 4.0}, 128, False),
                            ("vas_positive4_k256", {"positive": 4.0}, 256, False)]:
-        g = _generate(llm, ids, n=1, seed=0, max_tokens=32, weights=w, top_k=k, keep_topk=lp)
+        g = generate(llm, ids, n=1, seed=0, max_tokens=32, weights=w, top_k=k, keep_topk=lp)
         out[name] = {"tokens": g.tokens, "seconds": g.seconds, "tok_per_s": g.tokens / g.seconds}
         print(name, out[name], flush=True)
     json.dump(out, open(sys.argv[1], "w"), indent=1)

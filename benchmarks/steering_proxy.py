@@ -32,7 +32,7 @@ def make_data(out: Path, top_k: int = 20, responses_per_prompt: int = 4) -> None
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from value_models.evaluate import _generate, max_logprobs_for
+    from value_models.evaluate import generate, max_logprobs_for
     from value_models.prompts import chitchat_prompts, pick
     from value_models.rewards import load_reward
     from value_models.sample import chat_prompt_ids
@@ -46,7 +46,7 @@ def make_data(out: Path, top_k: int = 20, responses_per_prompt: int = 4) -> None
     llm = LLM(**engine_kwargs(base, None, dtype="bfloat16", max_model_len=512, max_num_seqs=256, seed=0,
                               enable_chunked_prefill=False, disable_log_stats=True,
                               max_logprobs=max_logprobs_for(top_k)))
-    gen = _generate(llm, ids, n=responses_per_prompt, seed=0, max_tokens=32, weights=None, top_k=top_k, keep_topk=True)
+    gen = generate(llm, ids, n=responses_per_prompt, seed=0, max_tokens=32, weights=None, top_k=top_k, keep_topk=True)
     repeated = [p for p in prompts for _ in range(responses_per_prompt)]
     rewards = {name: load_reward(name).score(repeated, gen.texts) for name in REWARDS}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import torch
 
 from reference_vas import ReferenceValueModel
 
-from value_models.evaluate import EvalConfig, _Gen, _GenerationCache, vas_kl
+from value_models.evaluate import EvalConfig, Generation, GenerationCache, vas_kl
 from value_models.format import TrunkSpec
 from value_models.model import load_value_model
 from value_models.synthetic import random_value_model
@@ -61,13 +61,13 @@ def test_vas_kl_matches_brute_force(tiny_base, eval_value_model):
             exact_ref.append(kl_sum)
             mc_ref.append(mc_sum)
     vm = load_value_model(eval_value_model, tiny_base)
-    exact, mc = vas_kl(vm, prompts, _Gen(responses, [""] * 3, topk, 0.0), weights, top_k=TOP_K, max_len=64,
+    exact, mc = vas_kl(vm, prompts, Generation(responses, [""] * 3, topk, 0.0), weights, top_k=TOP_K, max_len=64,
                        batch_size=2)  # 2 < 3 prompts: slots are reused across batches
     assert exact == pytest.approx(exact_ref, rel=1e-4, abs=1e-5)
     assert mc == pytest.approx(mc_ref, rel=1e-4, abs=1e-5)
     assert all(k > 0 for k in exact)
     # Weight 0: no steering, no KL.
-    zero, _ = vas_kl(vm, prompts, _Gen(responses, [""] * 3, topk, 0.0), {"simple": 0.0}, top_k=TOP_K, max_len=64)
+    zero, _ = vas_kl(vm, prompts, Generation(responses, [""] * 3, topk, 0.0), {"simple": 0.0}, top_k=TOP_K, max_len=64)
     assert zero == pytest.approx([0.0, 0.0, 0.0], abs=1e-9)
 
 
@@ -77,8 +77,8 @@ def test_generation_cache_shares_the_base_run_but_not_vas_runs(tmp_path, eval_va
     copy = tmp_path / "copy"
     shutil.copytree(eval_value_model, copy)
 
-    def cache(model: Path) -> _GenerationCache:
-        return _GenerationCache(tmp_path / "gen", EvalConfig(value_model=str(model), base="b", prompts=["hi"]), [4])
+    def cache(model: Path) -> GenerationCache:
+        return GenerationCache(tmp_path / "gen", EvalConfig(value_model=str(model), base="b", prompts=["hi"]), [4])
 
     key = (("simple", 2.0),)
     original, moved = cache(eval_value_model), cache(copy)
@@ -87,7 +87,7 @@ def test_generation_cache_shares_the_base_run_but_not_vas_runs(tmp_path, eval_va
     retrained = cache(copy)
     assert retrained._path(()) == original._path(())  # the base's samples do not depend on the value model
     assert retrained._path(key) != original._path(key)  # stale VAS responses are never reused
-    other_k = _GenerationCache(tmp_path / "gen", EvalConfig(value_model=str(eval_value_model), base="b",
+    other_k = GenerationCache(tmp_path / "gen", EvalConfig(value_model=str(eval_value_model), base="b",
                                                             prompts=["hi"], top_k=40), [4])
     assert other_k._path(()) == original._path(())  # VAS's top-K does not touch the base run
     assert other_k._path(key) != original._path(key)
