@@ -1,4 +1,4 @@
-"""Value heads on a trunk's final hidden state (VAS_SPEC §1.2).
+"""Value heads on a trunk's final hidden state (docs/VAS_RULE.md §1.2).
 
 All heads of one value model live in one `ValueHeads` module so that they share the trunk's
 forward and are evaluated with one matmul per kind:
@@ -11,7 +11,7 @@ forward and are evaluated with one matmul per kind:
     that the state alone predicts, so that P and the bias learn what the token adds to it (the
     advantage) instead of absorbing the reward level of the contexts a token happens to occur in.
 
-Head values are in standardised reward units (VAS_SPEC §2): weight 1.0 means one standard
+Head values are in standardised reward units (docs/VAS_RULE.md §2): weight 1.0 means one standard
 deviation of that head's training reward.
 
 Saved tensors (heads.safetensors): "<name>.weight" [H] and "<name>.bias" [] for a state head,

@@ -1,4 +1,4 @@
-"""Load and save whole value models: spec + trunk + heads (VAS_SPEC §3)."""
+"""Load and save whole value models: spec + trunk + heads (docs/VAS_RULE.md §3)."""
 
 from __future__ import annotations
 
