@@ -71,6 +71,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                           "(default: --max-num-seqs if given, else 32)")
     vas.add_argument("--max-body-bytes", type=int, default=None,
                      help="largest accepted HTTP request body; larger ones get a 413 (default: 8 MiB)")
+    vas.add_argument("--max-sequences-per-request", type=int, default=None,
+                     help="most sequences one request may queue (prompts x n); more get a 422 (default: 128)")
     return parser, serve
 
 
@@ -96,7 +98,9 @@ def configure(args: argparse.Namespace, defaults: argparse.Namespace):
         value_models = {}
     options = {key: value for key, value in (("default_top_k", args.default_top_k),
                                              ("max_requests", args.max_vas_requests),
-                                             ("max_body_bytes", args.max_body_bytes)) if value is not None}
+                                             ("max_body_bytes", args.max_body_bytes),
+                                             ("max_sequences_per_request", args.max_sequences_per_request))
+               if value is not None}
     given = {key: value for key, value in vars(args).items() if value != getattr(defaults, key, None)}
     try:
         vas = VASConfig(value_models=value_models, **options)

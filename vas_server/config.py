@@ -51,12 +51,16 @@ class VASConfig:
     device: str | None = None  # None: the worker's device
     # HTTP request bodies past this many bytes are refused with a 413 before they are parsed.
     max_body_bytes: int = 8 * 2**20
+    # What one HTTP request may queue: prompts x n (x best_of) past this is a 422 (request_guard).
+    max_sequences_per_request: int = 128
 
     def __post_init__(self):
         if not TOP_K_RANGE[0] <= self.default_top_k <= TOP_K_RANGE[1]:
             raise ValueError(f"default_top_k must be in {TOP_K_RANGE[0]}..{TOP_K_RANGE[1]}")
         if self.max_requests is not None and self.max_requests < 1:
             raise ValueError("max_requests must be >= 1")
+        if self.max_sequences_per_request < 1:
+            raise ValueError("max_sequences_per_request must be >= 1")
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> "VASConfig":

@@ -36,6 +36,7 @@ from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX, Authe
 
 from vas_server.config import HeadInfo, VASConfig
 from vas_server.params import DEFAULT_TOP_K, VASParamError, VASRequest, api_extra_args
+from vas_server.request_guard import RequestRejected, check_request
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -127,7 +128,11 @@ class VASMiddleware:
         try:
             payload = json.loads(body)
         except (ValueError, RecursionError):
-            payload = None  # not JSON: vLLM answers it
+            payload = None  # not JSON
+        try:
+            check_request(path, payload, (server.config or VASConfig()).max_sequences_per_request)
+        except RequestRejected as e:
+            return await _send_error(send, e.status_code, e.args[0], e.parameter)
         report = None
         if isinstance(payload, dict):
             try:

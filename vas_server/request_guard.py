@@ -1,0 +1,151 @@
+"""Admission checks on a generation request's JSON body, before vLLM sees it (issue 13).
+
+The middleware (vas_server.middleware) calls `check_request(path, body, config)` on the parsed body
+of every POST to /v1/completions, /v1/chat/completions and /v1/responses. It raises
+`RequestRejected` (a `VASParamError`, i.e. vLLM's `VLLMValidationError`, naming the parameter,
+with the HTTP status to answer) for:
+
+  * what vLLM itself cannot take and answers with a 500, a hang or a dead engine
+    (docs/SERVER.md, "Hostile input", names the vLLM code):
+      - a string or object key that is not valid Unicode (a lone UTF-16 surrogate such as
+        "\\ud800" parses as JSON but cannot be encoded to UTF-8 by the tokenizer or detokenizer);
+      - an integer outside int64 (vLLM's pydantic models bound only a few fields; `top_k`, `n`,
+        `min_tokens` ... past int64 fail when the request is serialised to the engine);
+      - NaN or +-Infinity anywhere (Python's JSON parser, and vLLM's, accept them);
+      - a body nested deeper than MAX_DEPTH;
+  * the types of the standard OpenAI fields, strictly: vLLM's pydantic models are lax and take
+    `"max_tokens": "5"`, `"stream": "yes"`, `"temperature": "1"`, `"n": true`; OpenAI does not.
+    A string is not a number, a bool is not an integer, a float is not an integer; a logit_bias
+    value is a number in -100..100, as OpenAI documents (vLLM adds 1e308 to a float32 logit: +inf);
+  * what one request may queue: prompts x n (x best_of) past `VASConfig.max_sequences_per_request`
+    is a 422 (the request is well-formed, but more than this server takes at once).
+
+Each rule is checked once, here; values vLLM validates correctly itself (ranges such as n >= 1,
+temperature >= 0, token ids within the vocabulary) are left to vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from vas_server.params import VASParamError
+
+MAX_DEPTH = 64  # JSON nesting; chat messages with content parts and a JSON schema need ~10
+INT64 = (-2**63, 2**63 - 1)
+MAX_LOGIT_BIAS = 100
+
+# The standard fields of the three routes, by the JSON type OpenAI's API gives them. A field that is
+# absent or null is left to vLLM's defaults. ("logprobs" is an integer for completions, a boolean for chat.)
+INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of", "seed", "top_k",
+                  "min_tokens", "top_logprobs", "prompt_logprobs", "truncate_prompt_tokens", "priority",
+                  "max_tool_calls")
+NUMBER_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                 "length_penalty")
+BOOLEAN_FIELDS = ("stream", "echo", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+                  "include_stop_str_in_output", "add_special_tokens", "use_beam_search", "add_generation_prompt",
+                  "continue_final_message", "return_tokens_as_token_ids", "return_token_ids", "parallel_tool_calls",
+                  "store", "background", "include_reasoning")
+STRING_FIELDS = ("model", "user", "suffix", "instructions", "previous_response_id")
+TOKEN_LIST_FIELDS = ("stop_token_ids", "allowed_token_ids", "logprob_token_ids")
+COMPLETIONS = "/v1/completions"
+
+
+class RequestRejected(VASParamError):
+    """A request refused at admission; `status_code` is the HTTP status to answer."""
+
+    def __init__(self, param: str, message: str, status_code: int = 400):
+        super().__init__(param, message)
+        self.status_code = status_code
+
+
+def check_request(path: str, body: Any, max_sequences: int) -> None:
+    """Raise RequestRejected if `body` (the parsed JSON of a POST to `path`; None when the body did
+    not parse) must not reach vLLM."""
+    if not isinstance(body, dict):
+        # Not JSON, not UTF-8, nested past Python's recursion limit, or not an object: vLLM would
+        # answer some of these in FastAPI's own shape ({"detail": ...}), not OpenAI's.
+        raise RequestRejected("body", "the request body must be a JSON object (UTF-8)")
+    _check_values(body)
+    for field in INTEGER_FIELDS + ("logprobs",) * (path == COMPLETIONS):
+        _check_type(body, field, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
+    for field in NUMBER_FIELDS:
+        _check_type(body, field, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
+    for field in BOOLEAN_FIELDS + ("logprobs",) * (path != COMPLETIONS):
+        _check_type(body, field, "a boolean", lambda v: isinstance(v, bool))
+    for field in STRING_FIELDS:
+        _check_type(body, field, "a string", lambda v: isinstance(v, str))
+    _check_type(body, "stop", "a string or a list of strings",
+                lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(s, str) for s in v))
+    for field in TOKEN_LIST_FIELDS:
+        _check_type(body, field, "a list of integers",
+                    lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v))
+    # OpenAI documents -100..100; vLLM takes any float, and 1e308 becomes an infinite logit.
+    _check_type(body, "logit_bias", f"an object mapping token ids to numbers in -{MAX_LOGIT_BIAS}..{MAX_LOGIT_BIAS}",
+                lambda v: isinstance(v, dict) and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                      and abs(b) <= MAX_LOGIT_BIAS for b in v.values()))
+    sequences = _num_prompts(body) * max(_count(body, "n"), _count(body, "best_of"))
+    if sequences > max_sequences:
+        raise RequestRejected("n", f"this request asks for {sequences} sequences (prompts x n); this server takes "
+                                   f"at most {max_sequences} per request", 422)
+
+
+def _check_type(body: dict, field: str, kind: str, ok) -> None:
+    value = body.get(field)
+    if value is not None and not ok(value):
+        raise RequestRejected(field, f"{field} must be {kind}, got {_describe(value)}")
+
+
+def _check_values(body: Any) -> None:
+    """Every string valid Unicode, every number finite and every integer within int64, nesting at
+    most MAX_DEPTH; walked without recursion, so no body can exhaust the stack."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise RequestRejected(_top(where), f"the request is nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, where or key)
+                stack.append((item, f"{where}.{key}" if where else key, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, where)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise RequestRejected(_top(where), f"{where} must be a finite number, got {value}")
+        elif isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
+            raise RequestRejected(_top(where), f"{where} is outside the 64-bit integer range")
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestRejected(_top(where), f"{where} is not valid Unicode (a lone UTF-16 surrogate such as "
+                                           f"\\ud800)") from None
+
+
+def _num_prompts(body: dict) -> int:
+    """How many prompts a completions body holds: a list of strings or of token lists is a batch."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        return len(prompt)
+    return 1
+
+
+def _count(body: dict, field: str) -> int:
+    value = body.get(field)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
+
+
+def _top(where: str) -> str:
+    """The top-level field of a path such as `messages[0].content`."""
+    return where.split(".")[0].split("[")[0] or "body"
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "a boolean", str: "a string", list: "a list", dict: "an object", float: "a float",
+            int: "an integer"}.get(type(value), type(value).__name__)
+    text = repr(value) if isinstance(value, (bool, int, float)) or isinstance(value, str) and len(value) < 30 else ""
+    return f"{kind} {text}".strip()
