@@ -30,13 +30,15 @@ def test_value_model_needs_name_equals_path(bad, capsys):
 def test_vas_is_wired_through_vllm_flags(value_models, tiny_base):
     args, vas = _configure(str(tiny_base), "--value-model", f"liker={value_models['liker']}",
                            "--value-model", f"prefix={value_models['prefix']}", "--default-top-k", "7",
-                           "--served-model-name", "tiny", "--tensor-parallel-size", "1")
+                           "--max-sequences-per-request", "9", "--served-model-name", "tiny",
+                           "--tensor-parallel-size", "1")
     assert args.model == str(tiny_base) and args.served_model_name == ["tiny"]
     assert args.logits_processors == [PROCESSOR_FQCN] and args.worker_extension_cls == WORKER_EXTENSION
     assert args.middleware == [cli.MIDDLEWARE]
     config = VASConfig.from_additional_config(args.additional_config)
     assert config.value_models == {"liker": value_models["liker"], "prefix": value_models["prefix"]}
     assert config.default_top_k == 7 == vas.default_top_k
+    assert config.max_sequences_per_request == 9 == vas.max_sequences_per_request
     assert sorted(vas.heads()) == ["likes", "s1", "s2", "t1", "t2"]
     assert args.async_scheduling is False
 

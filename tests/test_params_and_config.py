@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -96,3 +97,47 @@ def test_duplicate_head_names_are_refused(value_models):
 def test_config_rejects_bad_top_k():
     with pytest.raises(ValueError, match="default_top_k"):
         VASConfig(default_top_k=0)
+
+
+# -- request_guard: the admission checks before vLLM (the HTTP side: tests/test_fuzz.py) ------------
+
+
+@pytest.mark.parametrize("path, body, param, status", [
+    ("/v1/completions", {"max_tokens": "5"}, "max_tokens", 400),
+    ("/v1/completions", {"max_tokens": 1.0}, "max_tokens", 400),
+    ("/v1/chat/completions", {"n": True}, "n", 400),
+    ("/v1/chat/completions", {"temperature": "1"}, "temperature", 400),
+    ("/v1/chat/completions", {"stream": "yes"}, "stream", 400),
+    ("/v1/completions", {"logprobs": True}, "logprobs", 400),  # an integer for completions
+    ("/v1/chat/completions", {"logprobs": 1}, "logprobs", 400),  # a boolean for chat
+    ("/v1/completions", {"stop": ["a", 5]}, "stop", 400),
+    ("/v1/completions", {"stop": "\ud800"}, "stop", 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}, "messages", 400),
+    ("/v1/completions", {"top_k": 2**64}, "top_k", 400),
+    ("/v1/completions", {"vas_weights": {"likes": 10**400}}, "vas_weights", 400),
+    ("/v1/completions", {"logit_bias": {"5": float("nan")}}, "logit_bias", 400),
+    ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias", 400),
+    ("/v1/completions", {"stop_token_ids": ["1"]}, "stop_token_ids", 400),
+    ("/v1/completions", {"prompt": json.loads("[" * 80 + "]" * 80)}, "prompt", 400),
+    ("/v1/completions", None, "body", 400),
+    ("/v1/completions", {"prompt": ["a"] * 64, "n": 3}, "n", 422),
+    ("/v1/completions", {"prompt": [[1]] * 200}, "n", 422),
+    ("/v1/chat/completions", {"n": 129}, "n", 422),
+])
+def test_request_guard_refuses(path, body, param, status):
+    from vas_server.request_guard import RequestRejected, check_request
+
+    with pytest.raises(RequestRejected) as info:
+        check_request(path, body, 128)
+    assert info.value.parameter == param and info.value.status_code == status
+
+
+def test_request_guard_passes_well_formed_requests():
+    from vas_server.request_guard import check_request
+
+    check_request("/v1/completions", {"model": "m", "prompt": ["a", "b"], "n": 64, "max_tokens": 5, "temperature": 1,
+                                      "top_p": 0.5, "stop": ["x"], "logprobs": 2, "logit_bias": {"5": -100},
+                                      "stop_token_ids": [1, 2], "seed": -1, "vas_weights": {"likes": 2.5},
+                                      "stream": False, "user": None}, 128)
+    check_request("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "é"}]}],
+                                           "logprobs": True, "top_logprobs": 2, "stop": "x", "n": 128}, 128)
