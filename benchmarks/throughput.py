@@ -9,6 +9,13 @@ value cache, every candidate recomputed), for contrast.
     python benchmarks/throughput.py [--batches 1 8 32] [--tokens 64] [--out benchmarks/results/throughput.json]
 
 Prints a table and writes JSON. Ratios are to plain vLLM measured in the same run.
+
+`--shared` runs the shared-trunk benchmark instead (issue 11): token-head models that read the
+base's own layer-N hidden states (N = 6 and N = all 30 layers), 1 and 3 heads, against plain vLLM
+at every batch size; value-model memory per request on both paths; and a context-length sweep
+(prompt lengths `--contexts`, batch `--context-batch`) for plain vLLM, the shared path and the
+separate runtime (same heads on the same 6-layer trunk, plus a state head so that it cannot take
+the shared path).
 """
 
 from __future__ import annotations
@@ -37,6 +44,144 @@ CONFIGS = {
 }
 
 
+# name -> (value model, heads); both value models have token heads only on a LoRA-free prefix.
+SHARED_CONFIGS = {
+    "token x1 shared": ("shared6", ["a1"]),
+    "token x3 shared": ("shared6", ["a1", "a2", "a3"]),
+    "token x1 shared, N=all": ("shared30", ["b1"]),
+    "token x3 shared, N=all": ("shared30", ["b1", "b2", "b3"]),
+}
+
+
+def build_shared_value_models(base: Path, root: Path) -> dict[str, str]:
+    import json
+
+    from value_models.format import TrunkSpec
+    from value_models.synthetic import random_value_model
+
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    return {
+        "shared6": str(random_value_model(root / "shared6", base, [(f"a{i}", "token") for i in (1, 2, 3)], seed=3,
+                                          trunk=TrunkSpec("base_prefix", num_layers=6))),
+        "shared30": str(random_value_model(root / "shared30", base, [(f"b{i}", "token") for i in (1, 2, 3)], seed=4,
+                                           trunk=TrunkSpec("base_prefix", num_layers=layers))),
+        # Separate runtime: the same kind of token head on the same 6-layer trunk, plus a state head.
+        "separate6": str(random_value_model(root / "separate6", base, [("c1", "token"), ("cs", "state")], seed=5,
+                                            trunk=TrunkSpec("base_prefix", num_layers=6))),
+    }
+
+
+def long_prompts(llm, n: int, length: int) -> list[dict]:
+    """n prompts of exactly `length` tokens: chat prompts repeated and cut (contents do not matter)."""
+    ids = [chat_ids(llm.get_tokenizer(), p) for p in PROMPTS]
+    return [{"prompt_token_ids": (ids[i % len(ids)] * (length // len(ids[i % len(ids)]) + 1))[:length]}
+            for i in range(n)]
+
+
+def timed_generate(llm, prompts: list[dict], new_tokens: int, extra_args, repeats: int) -> float:
+    """Tokens/s (new tokens / wall time, prefill included), best of `repeats` after a warm-up."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.8, seed=0, max_tokens=new_tokens, ignore_eos=True, extra_args=extra_args)
+    llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = llm.generate(prompts, params, use_tqdm=False)
+        best = min(best, time.perf_counter() - start)
+        assert all(len(o.outputs[0].token_ids) == new_tokens for o in out)
+    return len(prompts) * new_tokens / best
+
+
+def shared_main(args) -> None:
+    """Issue 11's benchmark: the shared-trunk path against plain vLLM, memory, context sweep."""
+    from vllm import LLM
+
+    from vas_server.base_model import ensure_base_model
+    from vas_server.config import VASConfig
+    from vas_server.engine import engine_kwargs
+    from vas_server.params import make_extra_args
+
+    base = ensure_base_model()
+    root = Path(tempfile.mkdtemp(prefix="vas-bench-"))
+    models = build_shared_value_models(base, root)
+    max_len = max(args.contexts) + args.tokens
+    common = dict(dtype="bfloat16", max_model_len=max_len, seed=0, disable_log_stats=True)
+    shared_only = {k: models[k] for k in ("shared6", "shared30")}
+    results: dict[str, dict[int, float]] = {}
+    sweep: dict[str, dict[int, float]] = {}
+
+    # One engine at a time: on CPU an idle vLLM engine keeps polling, which would slow the others.
+    # Neither the plain nor the shared engine is given max_num_seqs: vLLM's default (256 on CPU).
+    def measure(name, llm, extra, batches=True, context=True):
+        if batches:
+            results[name] = {b: timed_generate(llm, chat_prompts(llm, b), args.tokens, extra, args.repeats)
+                             for b in args.batches}
+            print(f"  {name}: " + ", ".join(f"b={b} {v:.1f}" for b, v in results[name].items()), flush=True)
+        if context:
+            sweep[name] = {n: timed_generate(llm, long_prompts(llm, args.context_batch, n), args.tokens, extra,
+                                             args.repeats) for n in args.contexts}
+            print(f"  {name}: " + ", ".join(f"prompt {n} {v:.1f}" for n, v in sweep[name].items()), flush=True)
+
+    max_num_seqs = {}
+    llm = LLM(**engine_kwargs(str(base), None, **common))
+    max_num_seqs["plain"] = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+    measure("plain vLLM", llm, None)
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+
+    llm = LLM(**engine_kwargs(str(base), VASConfig(value_models=shared_only), **common))
+    max_num_seqs["shared"] = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+    for name, (_, heads) in SHARED_CONFIGS.items():
+        measure(name, llm, make_extra_args({h: 1.0 for h in heads}), context=name == "token x1 shared")
+    shared_stats = llm.collective_rpc("vas_stats")[0]
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+
+    # Separate runtime: context sweep only (engine_kwargs caps it at its 32-slot value cache).
+    llm = LLM(**engine_kwargs(str(base), VASConfig(value_models={"separate6": models["separate6"]}), **common))
+    max_num_seqs["separate"] = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+    measure("token x1 separate", llm, make_extra_args({"c1": 1.0}), batches=False)
+    separate_stats = llm.collective_rpc("vas_stats")[0]
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+
+    plain, plain_sweep = results["plain vLLM"], sweep["plain vLLM"]
+    header = f"{'config':<24}" + "".join(f"{'b=' + str(b):>10}{'ratio':>7}" for b in args.batches)
+    lines = [header, "-" * len(header)]
+    for name, row in results.items():
+        lines.append(f"{name:<24}" + "".join(f"{row[b]:>10.1f}{row[b] / plain[b]:>7.3f}" for b in args.batches))
+    lines += ["", f"context sweep, batch {args.context_batch}: tokens/s (ratio to plain)"]
+    for name, row in sweep.items():
+        lines.append(f"{name:<24}" + "".join(f"{n:>7} tok {row[n]:>8.1f} ({row[n] / plain_sweep[n]:.3f})"
+                                              for n in args.contexts))
+    per_request = separate_stats["cache_bytes"] / separate_stats["cache_slots_total"]
+    lines += ["", f"value-model memory per request: shared {shared_stats['cache_bytes']} B; separate "
+                  f"{per_request:.0f} B ({max_len} tokens x 6 layers of K/V), max_num_seqs {max_num_seqs}"]
+    print("\n".join(lines))
+
+    out = {
+        "command": "python benchmarks/throughput.py --shared " + " ".join(
+            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items() if k in ("batches", "tokens", "repeats", "contexts", "context_batch")),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": __import__("os").cpu_count()},
+        "new_tokens": args.tokens,
+        "tokens_per_second": {n: {str(b): v for b, v in row.items()} for n, row in results.items()},
+        "ratio_to_plain": {n: {str(b): v / plain[b] for b, v in row.items()} for n, row in results.items()},
+        "context_sweep": {"batch": args.context_batch,
+                          "tokens_per_second": {n: {str(c): v for c, v in row.items()} for n, row in sweep.items()},
+                          "ratio_to_plain": {n: {str(c): v / plain_sweep[c] for c, v in row.items()}
+                                             for n, row in sweep.items()}},
+        "value_memory_bytes_per_request": {"shared": shared_stats["cache_bytes"], "separate": per_request,
+                                           "separate_max_model_len": max_len},
+        "max_num_seqs": max_num_seqs,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
 def build_value_models(base: Path, root: Path) -> dict[str, str]:
     from value_models.format import TrunkSpec
     from value_models.synthetic import random_value_model
@@ -61,18 +206,7 @@ def chat_prompts(llm, n: int) -> list[dict]:
 
 
 def tokens_per_second(llm, batch: int, new_tokens: int, extra_args, repeats: int) -> float:
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0.8, seed=0, max_tokens=new_tokens, ignore_eos=True, extra_args=extra_args)
-    prompts = chat_prompts(llm, batch)
-    llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = llm.generate(prompts, params, use_tqdm=False)
-        best = min(best, time.perf_counter() - start)
-        assert all(len(o.outputs[0].token_ids) == new_tokens for o in out)
-    return batch * new_tokens / best
+    return timed_generate(llm, chat_prompts(llm, batch), new_tokens, extra_args, repeats)
 
 
 def paper_loop_tokens_per_second(base: Path, value_model: str, head: str, top_k: int, new_tokens: int) -> float:
@@ -104,8 +238,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--paper-tokens", type=int, default=16)
-    ap.add_argument("--out", default="benchmarks/results/throughput.json")
+    ap.add_argument("--out", help="default: benchmarks/results/throughput.json (shared_trunk.json with --shared)")
+    ap.add_argument("--shared", action="store_true", help="the shared-trunk benchmark (issue 11) instead")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 2048], help="--shared: prompt lengths")
+    ap.add_argument("--context-batch", type=int, default=8, help="--shared: batch of the context sweep")
     args = ap.parse_args()
+    if args.shared:
+        args.out = args.out or "benchmarks/results/shared_trunk.json"
+        return shared_main(args)
+    args.out = args.out or "benchmarks/results/throughput.json"
 
     from vllm import LLM
 

@@ -73,6 +73,7 @@ class VASLogitsProcessor(LogitsProcessor):
         self.rows: dict[int, _Row] = {}
         self.runtime: ValueRuntime | None = None
         self.tap: HiddenStateTap | None = None  # set when a value model takes the shared path
+        self.requests_total = 0  # VAS requests admitted (rows steered), shared-path ones included
         self.dropped_requests = 0  # VAS requests that found no free cache slot
         self.resumed_requests = 0  # VAS requests re-added with outputs (after preemption)
         if not self.config.value_models:
@@ -141,6 +142,7 @@ class VASLogitsProcessor(LogitsProcessor):
         for name, w in request.weights.items():
             weights[runtime.head_index[name]] = w
         top_k = request.top_k or self.config.default_top_k
+        self.requests_total += 1
         return _Row(request, top_k, weights, RowInput(slot, prompt, outputs, heads))
 
     # -- the sampling rule ------------------------------------------------------------------------
@@ -178,7 +180,7 @@ class VASLogitsProcessor(LogitsProcessor):
     def stats(self) -> dict:
         rt = self.runtime
         return {
-            "vas_requests_total": rt.requests_total if rt else 0,
+            "vas_requests_total": self.requests_total,
             "active_requests": len(self.rows),
             "steps": rt.steps if rt else 0,
             "runtime_seconds_total": rt.seconds if rt else 0.0,

@@ -225,7 +225,6 @@ class ValueRuntime:
         # Counters for metrics.
         self.steps = 0
         self.seconds = 0.0
-        self.requests_total = 0
 
     @property
     def slots_in_use(self) -> int:
@@ -245,7 +244,6 @@ class ValueRuntime:
         slot = self.free_slots.pop()
         for r in self.runners:
             r.reset(slot)
-        self.requests_total += 1
         return slot
 
     def release(self, slot: int | None) -> None:
