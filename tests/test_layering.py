@@ -111,12 +111,6 @@ def test_tools_import_no_private_names():
     assert not bad, "private names imported from another module:\n" + "\n".join(bad)
 
 
-# These two still cite the old external spec in their docstrings (vas_server/processor.py line 6:
-# "§1", vas_server/value_runtime.py line 13: "§1.2", docs/VAS_RULE.md's sections of the same
-# numbers); their owners are changing them. Remove them from here once they do.
-NOT_YET = {"vas_server/processor.py", "vas_server/value_runtime.py"}
-
-
 def test_nothing_cites_the_external_spec():
     try:
         listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
@@ -124,6 +118,6 @@ def test_nothing_cites_the_external_spec():
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
     needles = [("VAS" + "_SPEC").encode(), ("../" + "shared").encode()]  # split so this file does not match
-    bad = [f"{rel}: {needle.decode()}" for rel in listed if rel not in NOT_YET and (ROOT / rel).is_file()
+    bad = [f"{rel}: {needle.decode()}" for rel in listed if (ROOT / rel).is_file()
            for needle in needles if needle in (ROOT / rel).read_bytes()]
     assert not bad, "cite docs/VAS_RULE.md, not files outside the repository:\n" + "\n".join(bad)

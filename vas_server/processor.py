@@ -3,10 +3,11 @@
 Importing this module loads no model: vLLM imports the class in the API process too (for
 `validate_params`). Value models are loaded in the worker, in __init__.
 
-Per step, for the rows whose request carries non-zero VAS weights (VAS_SPEC §1):
+Per step, for the rows whose request carries non-zero VAS weights (docs/VAS_RULE.md §1):
     C = top-K of the raw logits; q_h(a) from the value runtime; c_h = q_h - mean_C q_h;
     l'(a) = l(a) + sum_h w_h c_h(a) for a in C; outside C, l is kept (or -inf if restricted).
-Rows without weights are never touched, so they sample exactly as in plain vLLM.
+The rule itself is vas_server.rule (shared with the evaluation's exact KL). Rows without weights
+are never touched, so they sample exactly as in plain vLLM.
 
 Invariants:
   * `self.rows` maps a persistent-batch index to the state of the VAS request in that row;
@@ -17,8 +18,13 @@ Invariants:
   * Shared-trunk heads read this step's hidden states (vas_server.hidden_states), captured by the
     base's forward at the sampled positions, so logits row i and hidden-state row i are the same
     request; `apply` clears them at its end, every step.
+  * `self.batch` holds the per-batch tensors of `self.rows` (row indices, weights, top-K mask,
+    restriction), rebuilt in `update_state` whenever the rows change, so `apply` only computes.
+  * Nothing a request carries can make `apply` raise or write a NaN or +inf logit: settings are
+    validated at admission (and again, without raising, when a row is added), weights are
+    bounded, and rule.bonus is finite and clipped.
   * The processor is not argmax-invariant: vLLM applies it to the float32 raw logits before
-    penalties, temperature and top-k/top-p, as the spec requires.
+    penalties, temperature and top-k/top-p, as the rule requires.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from vas_server import rule
 from vas_server.config import HeadInfo, VASConfig
 from vas_server.params import VASRequest
 
@@ -49,8 +56,36 @@ logger = init_logger("vllm.plugins.vas")
 class _Row:
     request: VASRequest
     top_k: int
-    weights: torch.Tensor  # [n_heads] on the runtime device, 0 for heads not requested
     input: "RowInput"
+
+
+@dataclass
+class _Batch:
+    """The VAS rows of the persistent batch as tensors, in ascending row order."""
+
+    index: torch.Tensor  # [B] persistent-batch row indices
+    inputs: list  # [B] RowInput, for the value runtime
+    weights: torch.Tensor  # [B, n_heads] float32, 0 for heads a row does not weight
+    k_max: int  # the largest top-K of the rows
+    valid: torch.Tensor  # [B, k_max] bool: candidate j counts for row b iff j < top_k(b)
+    restrict: torch.Tensor  # [B] bool: vas_restrict_to_top_k
+
+    @classmethod
+    def of(cls, rows: Mapping[int, _Row], head_index: Mapping[str, int], device: torch.device) -> "_Batch | None":
+        if not rows:
+            return None
+        indices = sorted(rows)
+        ordered = [rows[i] for i in indices]
+        k_max = max(r.top_k for r in ordered)
+        top_k = torch.tensor([r.top_k for r in ordered], device=device)
+        return cls(
+            index=torch.tensor(indices, device=device),
+            inputs=[r.input for r in ordered],
+            weights=torch.stack([rule.weight_vector(r.request.weights, head_index, device=device) for r in ordered]),
+            k_max=k_max,
+            valid=torch.arange(k_max, device=device)[None, :] < top_k[:, None],
+            restrict=torch.tensor([r.request.restrict_to_top_k for r in ordered], device=device),
+        )
 
 
 class VASLogitsProcessor(LogitsProcessor):
@@ -71,6 +106,8 @@ class VASLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config: "VllmConfig", device: torch.device, is_pin_memory: bool):
         self.config = VASConfig.from_additional_config(vllm_config.additional_config)
         self.rows: dict[int, _Row] = {}
+        self.batch: _Batch | None = None  # self.rows as tensors (invariant: rebuilt when rows change)
+        self.device = device
         self.runtime: ValueRuntime | None = None
         self.tap: HiddenStateTap | None = None  # set when a value model takes the shared path
         self.requests_total = 0  # VAS requests admitted (rows steered), shared-path ones included
@@ -106,6 +143,7 @@ class VASLogitsProcessor(LogitsProcessor):
                 self.runtime.release(row_b.input.slot)
             if row_a is not None:
                 self.rows[b] = row_a
+        self.batch = _Batch.of(self.rows, self.runtime.head_index, self.device)
 
     def _drop(self, index: int) -> None:
         row = self.rows.pop(index, None)
@@ -138,12 +176,9 @@ class VASLogitsProcessor(LogitsProcessor):
                 self.dropped_requests += 1
                 logger.error("VAS value cache full (%d requests); request runs unsteered", runtime.max_requests)
                 return None
-        weights = torch.zeros(len(runtime.head_names), dtype=torch.float32, device=runtime.device)
-        for name, w in request.weights.items():
-            weights[runtime.head_index[name]] = w
         top_k = request.top_k or self.config.default_top_k
         self.requests_total += 1
-        return _Row(request, top_k, weights, RowInput(slot, prompt, outputs, heads))
+        return _Row(request, top_k, RowInput(slot, prompt, outputs, heads))
 
     # -- the sampling rule ------------------------------------------------------------------------
 
@@ -155,24 +190,14 @@ class VASLogitsProcessor(LogitsProcessor):
         return logits
 
     def _steer(self, logits: torch.Tensor) -> torch.Tensor:
-        indices = sorted(self.rows)
-        rows = [self.rows[i] for i in indices]
-        index = torch.tensor(indices, device=logits.device)
-        row_logits = logits.index_select(0, index)
-        k_max = min(max(r.top_k for r in rows), logits.shape[1])
-        top_values, candidates = row_logits.topk(k_max, dim=1)
-        values = self.runtime.score([r.input for r in rows], candidates, index, logits.shape[0])  # [B, n_heads, K]
-        values = values.to(logits.device)
-        k = torch.tensor([min(r.top_k, k_max) for r in rows], device=logits.device)
-        valid = torch.arange(k_max, device=logits.device)[None, :] < k[:, None]  # [B, K]
-        mean = (values * valid[:, None]).sum(-1, keepdim=True) / k[:, None, None]
-        weights = torch.stack([r.weights for r in rows]).to(logits.device)  # [B, n_heads]
-        bonus = ((values - mean) * weights[:, :, None]).sum(1) * valid  # [B, K]
-        restrict = torch.tensor([r.request.restrict_to_top_k for r in rows], device=logits.device)
-        steered = torch.where(restrict[:, None], torch.full_like(row_logits, float("-inf")), row_logits)
-        new_values = torch.where(valid, top_values + bonus, steered.gather(1, candidates))
-        steered.scatter_(1, candidates, new_values)
-        logits.index_copy_(0, index, steered)
+        batch = self.batch
+        row_logits = logits.index_select(0, batch.index)
+        k = min(batch.k_max, logits.shape[1])
+        candidates = row_logits.topk(k, dim=1).indices  # C, best first
+        values = self.runtime.score(batch.inputs, candidates, batch.index, logits.shape[0])  # [B, n_heads, k]
+        valid = batch.valid[:, :k]
+        bonus = rule.bonus(values.to(logits.device), batch.weights, valid)
+        logits.index_copy_(0, batch.index, rule.steer(row_logits, candidates, bonus, valid, batch.restrict))
         return logits
 
     # -- introspection (metrics, tests) -----------------------------------------------------------

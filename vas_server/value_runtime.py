@@ -10,7 +10,7 @@ Per engine step, for each value-model trunk that at least one row needs:
   * each row feeds its newly committed tokens (the whole prompt on its first step, then usually
     one token) followed by its K candidates as siblings;
   * a committed token attends causally to the row's cache; a candidate attends to the row's
-    cache, the row's new tokens and itself, never to its siblings (VAS_SPEC §1.2: V(s + [a]));
+    cache, the row's new tokens and itself, never to its siblings (docs/VAS_RULE.md §1.2: V(s + [a]));
   * only committed tokens are written to the cache; candidates are discarded after the step;
   * state heads read the candidates' final hidden states, token heads the last committed one.
 
