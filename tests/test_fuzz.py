@@ -243,19 +243,9 @@ def status_counts(results: list[Result]) -> Counter:
     return Counter(r.status if not (r.status == 200 and stream_error(r)) else "200+stream error" for r in results)
 
 
-# The routes whose bodies the middleware reads, limits and checks (vas_server.request_guard), and
-# the GET routes it answers. vLLM's other POST routes (/tokenize, /detokenize, /invocations,
-# /v1/messages, /v1/chat/completions/batch, /generative_scoring) bypass it; their faults are listed
-# in docs/SERVER.md, "Hostile input" (`python tests/test_fuzz.py URL` still sends them everything).
-GUARDED = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
-
-
-def guarded(case: Case) -> bool:
-    return case.method == "GET" or case.path in GUARDED
-
-
 def test_fuzz(server, model):
-    all_cases = [c for c in cases() if guarded(c)]
+    # Every route: the middleware reads, limits and checks (request_guard) every JSON POST body.
+    all_cases = cases()
     assert len(all_cases) >= 300 and model == MODEL
     steered = completion(max_tokens=8, temperature=0, vas_weights={HEAD: 4.0})
     before = server.post("/v1/completions", steered)
@@ -268,6 +258,8 @@ def test_fuzz(server, model):
     faults = [f"{r.case.name}: {r.status} {r.body[:300]!r}" for r in results if r.status >= 500]
     assert not faults, "\n".join(faults)
     for r in results:
+        if r.case.path == "/v1/messages" and r.status in (400, 422) and b'"type":"error"' in r.body.replace(b" ", b""):
+            continue  # vLLM's Anthropic route answers in Anthropic's error shape, as it should
         if 400 <= r.status < 500 and r.status not in (404, 405):  # unknown routes and methods: Starlette's
             ErrorResponse.model_validate_json(r.body)
     errors_in_streams = [f"{r.case.name}: {stream_error(r)}" for r in results if r.status == 200 and stream_error(r)]

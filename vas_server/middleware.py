@@ -6,7 +6,7 @@ it). It reads the VAS configuration from the engine's `additional_config["vas"]`
 `vllm serve ... --additional-config ... --middleware ...` gets the same behaviour.
 
 What it adds to vLLM's routes, and nothing else:
-  * POST /v1/completions, /v1/chat/completions, /v1/responses: the top-level `vas_weights`,
+  * POST /v1/completions, /v1/chat/completions, /v1/responses, /invocations: the top-level `vas_weights`,
     `vas_top_k`, `vas_restrict_to_top_k` move into the body's `vllm_xargs` (params.api_extra_args);
     a misspelt `vas_*` field is a 400. vLLM validates the values at admission through the
     processor's `validate_params`. Chat and completions answers (JSON, or the SSE chunks that
@@ -14,7 +14,9 @@ What it adds to vLLM's routes, and nothing else:
   * GET /v1/models: one card per value head after vLLM's own cards; `GET /v1/models/{id}` (which
     vLLM lacks) answers one card from the same list. Machine paths in `root` become model names.
   * GET /metrics: the VAS counters (vas_server.metrics) after vLLM's own metrics.
-  * Every body is read with a size limit (VASConfig.max_body_bytes): 413 past it.
+  * Every JSON POST body (any route: also /tokenize, /v1/messages, /invocations, ...) is read with
+    a size limit (VASConfig.max_body_bytes, 413 past it) and checked by request_guard before
+    vLLM parses it.
   * With an API key, a request without it is refused here, first, in OpenAI's error shape.
 
 vLLM internals it relies on (vllm 0.32.0): `app.state.vllm_config`, `app.state.args`
@@ -43,8 +45,9 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-STEERABLE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses")
-REPORTING_PATHS = ("/v1/completions", "/v1/chat/completions")  # answers that gain the `vas` field
+# /invocations is SageMaker's route: vLLM answers it with the chat or completions handler.
+STEERABLE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/invocations")
+REPORTING_PATHS = ("/v1/completions", "/v1/chat/completions", "/invocations")  # answers that gain `vas`
 MODELS_PATH = "/v1/models"
 METRICS_PATH = "/metrics"
 
@@ -108,17 +111,17 @@ class VASMiddleware:
             # OpenAI's error shape (vLLM's AuthenticationMiddleware answers {"error": "Unauthorized"}).
             return await _send_error(send, 401, "Invalid or missing API key: send 'Authorization: Bearer <key>'",
                                      None, "AuthenticationError")
-        if method == "POST" and path in STEERABLE_PATHS:
-            return await self.generate(server, path, scope, receive, send)
+        if method == "POST" and (path in STEERABLE_PATHS or _is_json(scope)):
+            return await self.post(server, path, scope, receive, send)
         if method == "GET" and (path == MODELS_PATH or path.startswith(MODELS_PATH + "/")):
             return await self.models(server, path[len(MODELS_PATH) + 1:] or None, scope, receive, send)
         if method == "GET" and path == METRICS_PATH:
             return await self.metrics(server, scope, receive, send)
         return await self.app(scope, receive, send)
 
-    # -- generation ---------------------------------------------------------------------------------
+    # -- POST bodies: limits and checks on every JSON route, steering on the generation routes ------
 
-    async def generate(self, server: _Server, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+    async def post(self, server: _Server, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         limit = server.config.max_body_bytes if server.config else VASConfig.max_body_bytes
         try:
             body = await _read_body(receive, limit)
@@ -129,10 +132,18 @@ class VASMiddleware:
             payload = json.loads(body)
         except (ValueError, RecursionError):
             payload = None  # not JSON
+        if path not in STEERABLE_PATHS and not body:
+            return await self.app(scope, _replay(body, receive), send)  # an empty POST: vLLM's business
         try:
             check_request(path, payload, (server.config or VASConfig()).max_sequences_per_request)
         except RequestRejected as e:
             return await _send_error(send, e.status_code, e.args[0], e.parameter)
+        if path not in STEERABLE_PATHS:
+            steering = sorted(k for k in payload if k.startswith("vas_"))
+            if steering:  # never a silently unsteered answer
+                return await _send_error(send, 400, f"{path} does not take steering fields; "
+                                                    f"{', '.join(STEERABLE_PATHS)} do", steering[0])
+            return await self.app(scope, _replay(body, receive), send)
         report = None
         if isinstance(payload, dict):
             try:
@@ -298,6 +309,11 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()
 
     return replay
+
+
+def _is_json(scope: Scope) -> bool:
+    content_type = dict(scope["headers"]).get(b"content-type", b"")
+    return content_type.split(b";")[0].strip().lower() == b"application/json"
 
 
 def _with_length(scope: Scope, length: int) -> Scope:

@@ -75,8 +75,12 @@ def check_request(path: str, body: Any, max_sequences: int) -> None:
         _check_type(body, field, "a boolean", lambda v: isinstance(v, bool))
     for field in STRING_FIELDS:
         _check_type(body, field, "a string", lambda v: isinstance(v, str))
-    _check_type(body, "stop", "a string or a list of strings",
-                lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(s, str) for s in v))
+    # Non-empty strings: vLLM refuses an empty stop string too, but its Anthropic route
+    # (/v1/messages, `stop_sequences`) logs a traceback for it.
+    for field in ("stop", "stop_sequences"):
+        _check_type(body, field, "a non-empty string or a list of non-empty strings",
+                    lambda v: isinstance(v, str) and v != "" or isinstance(v, list)
+                    and all(isinstance(s, str) and s != "" for s in v))
     for field in TOKEN_LIST_FIELDS:
         _check_type(body, field, "a list of integers",
                     lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v))
