@@ -1,4 +1,4 @@
-"""A reduced shared-trunk throughput check: one engine per process, a few batch sizes.
+"""A reduced shared-trunk throughput check: one engine per process, a few batch sizes, best of 2 timed runs.
 
     python benchmarks/shared_quick.py plain  MAX_LEN NEW_TOKENS BATCH [BATCH ...]
     python benchmarks/shared_quick.py shared MAX_LEN NEW_TOKENS BATCH [BATCH ...]
@@ -47,7 +47,7 @@ def main() -> None:
             configs[f"shared N={n} x3"] = make_extra_args({h: 1.0 for h in names})
     out = {}
     for name, extra in configs.items():
-        out[name] = {b: timed_generate(llm, chat_prompts(llm, b), new_tokens, extra, 1) for b in batches}
+        out[name] = {b: timed_generate(llm, chat_prompts(llm, b), new_tokens, extra, 2) for b in batches}
         print("RESULT", name, out[name], flush=True)
     Path(f"/tmp/tp_{mode}_{max_len}.json").write_text(json.dumps(out))
 
