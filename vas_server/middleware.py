@@ -37,7 +37,7 @@ from vllm.entrypoints.serve.exception_handling.error_response import create_erro
 from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX, AuthenticationMiddleware
 
 from vas_server.config import HeadInfo, VASConfig
-from vas_server.params import DEFAULT_TOP_K, VASParamError, VASRequest, api_extra_args
+from vas_server.params import VASParamError, VASRequest, api_extra_args
 from vas_server.request_guard import RequestRejected, check_request
 
 Scope = dict[str, Any]
@@ -56,25 +56,24 @@ METRICS_PATH = "/metrics"
 class _Server:
     """What the middleware needs from the running server, read once from app.state."""
 
-    config: VASConfig | None
+    config: VASConfig  # the defaults when the engine has no additional_config["vas"]
     heads: dict[str, HeadInfo]
-    default_top_k: int
     auth: AuthenticationMiddleware | None
     state: Any  # app.state: engine_client for /metrics
 
     @classmethod
     def of(cls, state) -> "_Server":
         additional = getattr(state.vllm_config, "additional_config", None) or {}
-        config = VASConfig.from_additional_config(additional) if "vas" in additional else None
-        heads = config.heads() if config is not None else {}
-        if config is not None:
+        config = VASConfig.from_additional_config(additional)
+        heads = config.heads()
+        if "vas" in additional:
             # validate_params runs in this (API) process and is a classmethod without any config:
             # tell it the heads so that an unknown head is a 400 at admission.
             from vas_server.processor import VASLogitsProcessor
 
             VASLogitsProcessor.register_heads(heads)
         tokens = [key for key in (getattr(state.args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
-        return cls(config, heads, config.default_top_k if config else DEFAULT_TOP_K,
+        return cls(config, heads,
                    AuthenticationMiddleware(None, tokens) if tokens else None, state)
 
     def authorized(self, scope: Scope) -> bool:
@@ -122,7 +121,7 @@ class VASMiddleware:
     # -- POST bodies: limits and checks on every JSON route, steering on the generation routes ------
 
     async def post(self, server: _Server, path: str, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = server.config.max_body_bytes if server.config else VASConfig.max_body_bytes
+        limit = server.config.max_body_bytes
         try:
             body = await _read_body(receive, limit)
         except BodyTooLarge:
@@ -135,7 +134,7 @@ class VASMiddleware:
         if path not in STEERABLE_PATHS and not body:
             return await self.app(scope, _replay(body, receive), send)  # an empty POST: vLLM's business
         try:
-            check_request(path, payload, (server.config or VASConfig()).max_sequences_per_request)
+            check_request(path, payload, server.config.max_sequences_per_request)
         except RequestRejected as e:
             return await _send_error(send, e.status_code, e.args[0], e.parameter)
         if path not in STEERABLE_PATHS:
@@ -147,7 +146,7 @@ class VASMiddleware:
         report = None
         if isinstance(payload, dict):
             try:
-                xargs = api_extra_args(payload, server.default_top_k)
+                xargs = api_extra_args(payload, server.config.default_top_k)
                 if xargs is not None:
                     for field in list(payload):
                         if field.startswith("vas_"):
@@ -196,7 +195,7 @@ class VASMiddleware:
         # vLLM's metrics app gzips when asked to; we append plain text, so ask for plain text.
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"]
         status, out_headers, body = await _capture(self.app, dict(scope, headers=headers), receive)
-        if status == 200 and server.config is not None:
+        if status == 200 and server.config.value_models:  # else no processor, no worker extension
             body += await render_vas_metrics(server.state.engine_client)
         await _send_raw(send, status, out_headers, body)
 
@@ -205,12 +204,12 @@ def _report(payload: dict, server: _Server) -> dict | None:
     """The `vas` field of the answer: the settings applied, None when unsteered. Raises
     VASParamError for invalid settings (the same check as the processor's validate_params)."""
     xargs = payload.get("vllm_xargs")
-    known = server.heads if server.config is not None and server.config.value_models else None
+    known = server.heads if server.config.value_models else None
     request = VASRequest.from_extra_args(xargs if isinstance(xargs, dict) else None, known)
     if request is None or not request.active:
         return None
     report = request.report()
-    report["top_k"] = report["top_k"] or server.default_top_k
+    report["top_k"] = report["top_k"] or server.config.default_top_k
     return report
 
 
