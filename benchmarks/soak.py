@@ -102,6 +102,7 @@ async def soak(url: str, pid: int, model: str, heads: list[str], args) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
     memory = {"start": tree_rss_mib(pid)}
+    trace: list[tuple[int, int]] = []  # (requests done, RSS MiB) every 500 requests
     done = 0
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(args.requests):
@@ -126,7 +127,8 @@ async def soak(url: str, pid: int, model: str, heads: list[str], args) -> dict:
                 if done == args.requests // 5:  # after 1,000 of 5,000
                     memory[f"after {done}"] = tree_rss_mib(pid)
                 if done % 500 == 0:
-                    print(f"  {done} requests, {len(errors)} errors, RSS {tree_rss_mib(pid):.0f} MiB", flush=True)
+                    trace.append((done, round(tree_rss_mib(pid))))
+                    print(f"  {done} requests, {len(errors)} errors, RSS {trace[-1][1]} MiB", flush=True)
 
         started = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
@@ -145,7 +147,7 @@ async def soak(url: str, pid: int, model: str, heads: list[str], args) -> dict:
             "requests_per_s": round(done / elapsed, 2),
             "latency_p50_s": round(statistics.median(latencies), 3),
             "latency_p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
-            "rss_mib": {k: round(v) for k, v in memory.items()}, "running_at_end": running, "mix": mix}
+            "rss_mib": {k: round(v) for k, v in memory.items()}, "rss_mib_every_500": trace, "running_at_end": running, "mix": mix}
 
 
 def start_server(port: int, extra: list[str], log: Path) -> subprocess.Popen:

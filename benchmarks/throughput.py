@@ -53,6 +53,19 @@ SHARED_CONFIGS = {
 }
 
 
+# Unsteered requests in the shared-path engine: the reference that runs interleaved with the VAS rows.
+SAME_ENGINE_PLAIN = "unsteered, VAS engine"
+
+
+def shared_engine_configs() -> dict:
+    """What runs in the shared-path engine: unsteered requests, then each SHARED_CONFIGS entry
+    (weight 1 on each of its heads), as name -> extra_args."""
+    from vas_server.params import make_extra_args
+
+    return {SAME_ENGINE_PLAIN: None,
+            **{name: make_extra_args({h: 1.0 for h in heads}) for name, (_, heads) in SHARED_CONFIGS.items()}}
+
+
 def build_shared_value_models(base: Path, root: Path) -> dict[str, str]:
     import json
 
@@ -71,6 +84,16 @@ def build_shared_value_models(base: Path, root: Path) -> dict[str, str]:
     }
 
 
+def dtype_arg(args) -> dict:
+    """`--dtype` if given; else none, so that the engine takes the dtype `vas-server serve` would
+    (float32 on an x86 CPU without native bfloat16, the checkpoint's bfloat16 elsewhere)."""
+    return {"dtype": args.dtype} if args.dtype else {}
+
+
+def engine_dtype(llm) -> str:
+    return str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
+
+
 def long_prompts(llm, n: int, length: int) -> list[dict]:
     """n prompts of exactly `length` tokens: chat prompts repeated and cut (contents do not matter)."""
     ids = [chat_ids(llm.get_tokenizer(), p) for p in PROMPTS]
@@ -78,19 +101,59 @@ def long_prompts(llm, n: int, length: int) -> list[dict]:
             for i in range(n)]
 
 
-def timed_generate(llm, prompts: list[dict], new_tokens: int, extra_args, repeats: int) -> float:
-    """Tokens/s (new tokens / wall time, prefill included), best of `repeats` after a warm-up."""
+def generate_seconds(llm, prompts: list[dict], new_tokens: int, extra_args) -> float:
+    """Wall time of one `generate` call (prefill included), every prompt getting exactly `new_tokens`."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.8, seed=0, max_tokens=new_tokens, ignore_eos=True, extra_args=extra_args)
-    llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = llm.generate(prompts, params, use_tqdm=False)
-        best = min(best, time.perf_counter() - start)
-        assert all(len(o.outputs[0].token_ids) == new_tokens for o in out)
+    start = time.perf_counter()
+    out = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == new_tokens for o in out)
+    return seconds
+
+
+def timed_generate(llm, prompts: list[dict], new_tokens: int, extra_args, repeats: int) -> float:
+    """Tokens/s (new tokens / wall time, prefill included), best of `repeats` after a warm-up."""
+    generate_seconds(llm, prompts[:1], new_tokens, extra_args)  # warm-up
+    best = min(generate_seconds(llm, prompts, new_tokens, extra_args) for _ in range(repeats))
     return len(prompts) * new_tokens / best
+
+
+def steering_seconds(llm) -> float:
+    """The VAS processor's own time so far (candidates, value heads, logits update), from the worker."""
+    return llm.collective_rpc("vas_stats")[0]["runtime_seconds_total"]
+
+
+def interleaved_tokens_per_second(llm, configs: dict, batches: list[int], new_tokens: int, repeats: int
+                                  ) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+    """Tokens/s of each config (name -> extra_args) at each batch size, best of `repeats` rounds,
+    the configs taking turns within each round: every config then runs under the same machine
+    speed, so a drift of that speed (large on a shared 2-core VM) does not enter the ratios.
+
+    Also returns each config's steering share: the processor's own time over the wall time of its
+    timed runs. It is measured inside the step, so machine noise scales both alike; it is the
+    precise form of "what VAS costs" when the throughput ratios are within noise of 1."""
+    best: dict[str, dict[int, float]] = {name: {} for name in configs}
+    share: dict[str, dict[int, float]] = {name: {} for name in configs}
+    for b in batches:
+        prompts = chat_prompts(llm, b)
+        for extra in configs.values():
+            generate_seconds(llm, prompts[:1], new_tokens, extra)  # warm-up
+        wall = {name: 0.0 for name in configs}
+        steer = {name: 0.0 for name in configs}
+        for _ in range(repeats):
+            for name, extra in configs.items():
+                before = steering_seconds(llm)
+                seconds = generate_seconds(llm, prompts, new_tokens, extra)
+                steer[name] += steering_seconds(llm) - before
+                wall[name] += seconds
+                best[name][b] = max(best[name].get(b, 0.0), b * new_tokens / seconds)
+        for name in configs:
+            share[name][b] = steer[name] / wall[name]
+        print(f"  b={b}: " + ", ".join(f"{name} {row[b]:.1f} ({share[name][b]:.2%} steering)"
+                                       for name, row in best.items()), flush=True)
+    return best, share
 
 
 def shared_main(args) -> None:
@@ -106,7 +169,7 @@ def shared_main(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="vas-bench-"))
     models = build_shared_value_models(base, root)
     max_len = max(args.contexts) + args.tokens
-    common = dict(dtype="bfloat16", max_model_len=max_len, seed=0, disable_log_stats=True)
+    common = dict(max_model_len=max_len, seed=0, disable_log_stats=True, **dtype_arg(args))
     shared_only = {k: models[k] for k in ("shared6", "shared30")}
     results: dict[str, dict[int, float]] = {}
     sweep: dict[str, dict[int, float]] = {}
@@ -123,17 +186,29 @@ def shared_main(args) -> None:
                                              args.repeats) for n in args.contexts}
             print(f"  {name}: " + ", ".join(f"prompt {n} {v:.1f}" for n, v in sweep[name].items()), flush=True)
 
+    # Plain vLLM is measured before and after the VAS engines; the ratios use the faster of the
+    # two runs (the conservative choice) and the table shows both, so that a drift of the
+    # machine's speed during the run is visible instead of hidden in the ratios.
     max_num_seqs = {}
-    llm = LLM(**engine_kwargs(str(base), None, **common))
-    max_num_seqs["plain"] = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
-    measure("plain vLLM", llm, None)
-    llm.llm_engine.engine_core.shutdown()
-    del llm
+
+    def measure_plain(name):
+        llm = LLM(**engine_kwargs(str(base), None, **common))
+        max_num_seqs["plain"] = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        dtype = engine_dtype(llm)
+        measure(name, llm, None)
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        return dtype
+
+    dtype = measure_plain("plain vLLM (before)")
 
     llm = LLM(**engine_kwargs(str(base), VASConfig(value_models=shared_only), **common))
     max_num_seqs["shared"] = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
-    for name, (_, heads) in SHARED_CONFIGS.items():
-        measure(name, llm, make_extra_args({h: 1.0 for h in heads}), context=name == "token x1 shared")
+    # Within this engine, unsteered requests and each shared config take turns at every batch size.
+    configs = shared_engine_configs()
+    rates, steering_share = interleaved_tokens_per_second(llm, configs, args.batches, args.tokens, args.repeats)
+    results.update(rates)
+    measure("token x1 shared", llm, configs["token x1 shared"], batches=False)
     shared_stats = llm.collective_rpc("vas_stats")[0]
     llm.llm_engine.engine_core.shutdown()
     del llm
@@ -146,11 +221,22 @@ def shared_main(args) -> None:
     llm.llm_engine.engine_core.shutdown()
     del llm
 
-    plain, plain_sweep = results["plain vLLM"], sweep["plain vLLM"]
+    measure_plain("plain vLLM (after)")
+    runs = [k for k in results if k.startswith("plain vLLM")]
+    plain = {b: max(results[k][b] for k in runs) for b in args.batches}
+    plain_sweep = {n: max(sweep[k][n] for k in runs) for n in args.contexts}
     header = f"{'config':<24}" + "".join(f"{'b=' + str(b):>10}{'ratio':>7}" for b in args.batches)
     lines = [header, "-" * len(header)]
     for name, row in results.items():
         lines.append(f"{name:<24}" + "".join(f"{row[b]:>10.1f}{row[b] / plain[b]:>7.3f}" for b in args.batches))
+    lines.insert(0, f"dtype {dtype}; ratios to the faster plain run at each size")
+    same = results[SAME_ENGINE_PLAIN]
+    lines += ["", "interleaved in the VAS engine: ratio to its unsteered requests (same rounds)"]
+    for name in SHARED_CONFIGS:
+        lines.append(f"{name:<24}" + "".join(f"{'':>10}{results[name][b] / same[b]:>7.3f}" for b in args.batches))
+    lines += ["", "steering share: the VAS processor's own time / wall time of the timed runs"]
+    for name in SHARED_CONFIGS:
+        lines.append(f"{name:<24}" + "".join(f"{'':>10}{steering_share[name][b]:>7.2%}" for b in args.batches))
     lines += ["", f"context sweep, batch {args.context_batch}: tokens/s (ratio to plain)"]
     for name, row in sweep.items():
         lines.append(f"{name:<24}" + "".join(f"{n:>7} tok {row[n]:>8.1f} ({row[n] / plain_sweep[n]:.3f})"
@@ -163,12 +249,17 @@ def shared_main(args) -> None:
     out = {
         "command": "python benchmarks/throughput.py --shared " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if k in ("batches", "tokens", "repeats", "contexts", "context_batch")),
+            for k, v in vars(args).items() if k in ("batches", "tokens", "repeats", "contexts", "context_batch", "dtype")
+            and v is not None),
+        "dtype": dtype,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": __import__("os").cpu_count()},
         "new_tokens": args.tokens,
         "tokens_per_second": {n: {str(b): v for b, v in row.items()} for n, row in results.items()},
         "ratio_to_plain": {n: {str(b): v / plain[b] for b, v in row.items()} for n, row in results.items()},
+        "ratio_to_unsteered_same_engine_interleaved": {n: {str(b): results[n][b] / same[b] for b in args.batches}
+                                                       for n in SHARED_CONFIGS},
+        "steering_share": {n: {str(b): steering_share[n][b] for b in args.batches} for n in SHARED_CONFIGS},
         "context_sweep": {"batch": args.context_batch,
                           "tokens_per_second": {n: {str(c): v for c, v in row.items()} for n, row in sweep.items()},
                           "ratio_to_plain": {n: {str(c): v / plain_sweep[c] for c, v in row.items()}
@@ -242,6 +333,7 @@ def main() -> None:
     ap.add_argument("--shared", action="store_true", help="the shared-trunk benchmark (issue 11) instead")
     ap.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 2048], help="--shared: prompt lengths")
     ap.add_argument("--context-batch", type=int, default=8, help="--shared: batch of the context sweep")
+    ap.add_argument("--dtype", help="engine dtype (default: the one `vas-server serve` picks on this machine)")
     args = ap.parse_args()
     if args.shared:
         args.out = args.out or "benchmarks/results/shared_trunk.json"
@@ -256,8 +348,8 @@ def main() -> None:
     from vas_server.params import make_extra_args
 
     base = ensure_base_model()
-    common = dict(dtype="bfloat16", max_model_len=1024, max_num_seqs=max(args.batches), seed=0,
-                  disable_log_stats=True)
+    common = dict(max_model_len=1024, max_num_seqs=max(args.batches), seed=0, disable_log_stats=True,
+                  **dtype_arg(args))
     results: dict[str, dict[int, float]] = {}
 
     llm = LLM(**engine_kwargs(str(base), None, **common))

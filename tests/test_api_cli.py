@@ -89,3 +89,17 @@ def test_ready_message_is_a_working_curl_line(value_models, tiny_base):
     assert "secret" not in curl and "Authorization: Bearer $VAS_SERVER_API_KEY" in words
     body = json.loads(words[words.index("-d") + 1])
     assert body["model"] == str(tiny_base) and body["vas_weights"] == {"likes": 2.0}
+
+
+@pytest.mark.parametrize("slow_bf16, argv, dtype", [
+    (True, [], "float32"),            # emulated bfloat16: float32 is several times faster
+    (True, ["--dtype", "bfloat16"], "bfloat16"),  # the user's flag wins
+    (False, [], "auto"),              # native bfloat16 (AVX512-BF16, AMX, ARM): the checkpoint's dtype
+])
+def test_dtype_default_follows_the_cpu(slow_bf16, argv, dtype, tiny_base, monkeypatch):
+    from vas_server import engine
+
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    monkeypatch.setattr(engine, "cpu_lacks_fast_bfloat16", lambda: slow_bf16)
+    args, _ = _configure(str(tiny_base), "--no-value-models", *argv)
+    assert args.dtype == dtype

@@ -29,15 +29,57 @@ def test_parse_accepts_and_normalises():
         {"concise": -1.0}, None, True)
 
 
-def test_api_fields_move_into_vllm_xargs_with_the_default_top_k():
-    assert api_extra_args({"prompt": "x"}, 20) is None
-    xargs = api_extra_args({"prompt": "x", "vas_weights": {"positive": 1}}, 7)
-    assert parse(xargs) == VASRequest({"positive": 1.0}, 7, False)
-    xargs = api_extra_args({"vas_weights": {"positive": 1}, "vas_top_k": 3, "vas_restrict_to_top_k": True}, 7)
+def test_api_fields_move_into_vllm_xargs():
+    assert api_extra_args({"prompt": "x"}) is None
+    xargs = api_extra_args({"prompt": "x", "vas_weights": {"positive": 1}})
+    assert parse(xargs) == VASRequest({"positive": 1.0}, None, False)  # top-K: VASConfig.top_k_for
+    xargs = api_extra_args({"vas_weights": {"positive": 1}, "vas_top_k": 3, "vas_restrict_to_top_k": True})
     assert parse(xargs) == VASRequest({"positive": 1.0}, 3, True)
     with pytest.raises(VASParamError, match="unknown field 'vas_weight'") as e:
-        api_extra_args({"vas_weight": {"positive": 1}}, 20)
+        api_extra_args({"vas_weight": {"positive": 1}})
     assert e.value.parameter == "vas_weight"
+
+
+def _heads_with_default_top_k(**declared):
+    from types import SimpleNamespace
+
+    return {name: SimpleNamespace(default_top_k=k) for name, k in declared.items()}
+
+
+def test_top_k_request_then_server_then_value_model_then_spec():
+    heads = _heads_with_default_top_k(positive=256, concise=None, simple=40)
+    unset = VASConfig()
+    assert unset.top_k_for(VASRequest({"positive": 1.0}, 7), heads) == 7  # the request's vas_top_k
+    assert VASConfig(default_top_k=5).top_k_for(VASRequest({"positive": 1.0}), heads) == 5  # --default-top-k
+    assert unset.top_k_for(VASRequest({"positive": 1.0}), heads) == 256  # the value model's vas.json
+    assert unset.top_k_for(VASRequest({"simple": 1.0, "positive": -1.0}), heads) == 256  # the largest declared
+    assert unset.top_k_for(VASRequest({"simple": 1.0, "concise": 1.0}), heads) == 40
+    assert unset.top_k_for(VASRequest({"concise": 1.0}), heads) == 20  # none declared: the spec's 20
+
+
+def test_value_model_declares_its_default_top_k(tmp_path, value_models):
+    from value_models.format import ValueModelFormatError, load_spec, save_spec
+
+    spec = load_spec(value_models["prefix"])
+    assert spec.default_top_k is None  # optional: older checkpoints have none
+    spec.default_top_k = 64
+    save_spec(tmp_path / "k64", spec)
+    assert load_spec(tmp_path / "k64").default_top_k == 64
+    assert {h.default_top_k for h in VASConfig(value_models={"m": str(tmp_path / "k64")}).heads().values()} == {64}
+    for bad in (0, 257, 2.5, True):
+        raw = json.loads((tmp_path / "k64" / "vas.json").read_text())
+        raw["default_top_k"] = bad
+        (tmp_path / "bad").mkdir(exist_ok=True)
+        (tmp_path / "bad" / "vas.json").write_text(json.dumps(raw))
+        with pytest.raises(ValueModelFormatError, match="default_top_k must be an integer in 1..256"):
+            load_spec(tmp_path / "bad")
+
+
+def test_the_demo_model_steers_with_top_k_256_by_default():
+    from vas_server.cli import demo_value_models
+
+    heads = VASConfig(value_models=demo_value_models()).heads()
+    assert VASConfig().top_k_for(VASRequest({"positive": 2.0}), heads) == 256
 
 
 @pytest.mark.parametrize("extra, param, message", [

@@ -29,7 +29,7 @@ class FakeRuntime:
         self.free_slots = list(range(slots))
         self.slot_rows: dict[int, list[int]] = {}  # slot -> prompt + outputs the row had when added
         self._needs_slot = needs_slot
-        self.steps = self.seconds = self.cache_bytes = 0
+        self.cache_bytes = 0
 
     @property
     def slots_in_use(self) -> int:
@@ -47,7 +47,6 @@ class FakeRuntime:
             self.free_slots.append(slot)
 
     def score(self, rows, candidates, batch_rows, num_rows):
-        self.steps += 1
         self.last_rows = [list(r.prompt) for r in rows]
         return candidates.to(torch.float32)[:, None, :]  # q(t) = t
 
@@ -88,6 +87,7 @@ def test_added_rows_get_slots_and_are_steered_by_the_rule():
     assert torch.allclose(out[0] - before[0], torch.tensor([0, 0, 0, 0, 0, -2, 0, 2.0]))
     # Row 2, top-2 {7, 6}, mean 6.5, weight -1: 7 -> -0.5, 6 -> +0.5.
     assert torch.allclose(out[2] - before[2], torch.tensor([0, 0, 0, 0, 0, 0, 0.5, -0.5]))
+    assert proc.stats()["steps"] == 1 and proc.stats()["runtime_seconds_total"] > 0  # the steering time
 
 
 def test_removed_rows_release_their_slot_once():
@@ -158,6 +158,7 @@ def test_bad_settings_that_skip_admission_run_unsteered_not_crash(extra_args):
     assert proc.rows == {}
     before = logits(1)
     assert torch.equal(proc.apply(before.clone()), before)
+    assert proc.stats()["steps"] == 0  # only steps with steered rows count
 
 
 def test_restricted_rows_sample_only_their_candidates_and_logits_stay_finite():
@@ -174,3 +175,15 @@ def test_non_finite_values_never_reach_the_sampler():
     proc.update_state(update(1, added=[add(0, 100.0)]))
     out = proc.apply(logits(1))
     assert torch.isfinite(out).all()
+
+
+def test_rows_without_top_k_take_the_value_models_declared_default():
+    config = SimpleNamespace(additional_config={"vas": {"value_models": {}}})  # no --default-top-k
+    proc = VASLogitsProcessor(config, torch.device("cpu"), False)
+    proc.runtime = FakeRuntime(4)
+    proc.heads = {"h": SimpleNamespace(default_top_k=2)}  # as vas.json's default_top_k would say
+    proc.update_state(update(2, added=[add(0, 1.0), add(1, 1.0, top_k=4)]))
+    assert proc.rows[0].top_k == 2 and proc.rows[1].top_k == 4  # the request's vas_top_k wins
+    before = logits(2)
+    out = proc.apply(before.clone())
+    assert torch.count_nonzero(out[0] - before[0]) == 2 and torch.count_nonzero(out[1] - before[1]) == 4

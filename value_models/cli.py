@@ -82,7 +82,8 @@ def _cmd_fit(args) -> None:
     config = FitConfig(heads=args.head, trunk=trunk, lam=args.lam, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, token_proj_lr=args.token_proj_lr, trunk_lr=args.trunk_lr,
                        lr_decay=args.lr_decay, passes_per_batch=args.passes, seed=args.seed,
-                       checkpoint_every=args.checkpoint_every, extra={"samples": [Path(p).name for p in args.samples]})
+                       checkpoint_every=args.checkpoint_every, extra={"samples": [Path(p).name for p in args.samples]},
+                       default_top_k=args.default_top_k)
     result = fit(samples, config, args.out, states_cache=args.states_cache)
     last = result.curve[-1]["loss"] if result.curve else {}
     print(f"saved {result.path} after {result.steps} steps; last losses {last}")
@@ -199,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--states-cache", help="directory that keeps a frozen trunk's hidden states between fits on the same "
                                           "data (refitting heads then skips the trunk)")
+    p.add_argument("--default-top-k", type=int, help="record the top-K the model steers best with (chosen by "
+                                                     "evaluation) in vas.json; the server uses it for requests "
+                                                     "without vas_top_k (default: none, so the spec's 20)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_fit)
 
@@ -229,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reward", action="append", help="HEAD=SPEC: score a head with this reward (default: the "
                                                       "reward the head was trained on)")
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--top-k", type=int, default=20, help="VAS candidates per step")
+    p.add_argument("--top-k", type=int, help="VAS candidates per step (default: the value model's default_top_k "
+                                              "from its vas.json, else 20)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)

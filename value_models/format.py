@@ -1,7 +1,7 @@
 """The value-model checkpoint format (docs/VAS_RULE.md §3): a directory with `vas.json` and safetensors.
 
 Layout:
-    vas.json                 format version, trunk, heads, tokenizer identity
+    vas.json                 format version, trunk, heads, tokenizer identity, optional default top-K
     heads.safetensors        head tensors, keys "<head>.<tensor>" (see value_models.heads)
     lora/                    optional PEFT adapter for a `base_prefix` trunk
     trunk/                   the Hugging Face causal-LM directory of a `standalone` trunk
@@ -26,6 +26,10 @@ LORA_DIR = "lora"
 STANDALONE_DIR = "trunk"
 HEAD_KINDS = ("state", "token")
 TRUNK_TYPES = ("base_prefix", "standalone")
+# VAS candidates per step (docs/VAS_RULE.md §1): the spec's default, and the range a request or a
+# checkpoint may set.
+DEFAULT_TOP_K = 20
+TOP_K_RANGE = (1, 256)
 
 
 class ValueModelFormatError(ValueError):
@@ -67,6 +71,9 @@ class ValueModelSpec:
     tokenizer: TokenizerIdentity
     format_version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
+    # The top-K this model steers best with, chosen by evaluation (None: the spec's DEFAULT_TOP_K).
+    # A request's vas_top_k and the server's --default-top-k win over it.
+    default_top_k: int | None = None
 
     def head(self, name: str) -> HeadSpec:
         for h in self.heads:
@@ -114,6 +121,10 @@ def _validate(spec: ValueModelSpec, where: str) -> None:
             raise ValueModelFormatError(f"{where}: head {h.name!r} kind must be one of {HEAD_KINDS}")
         if not h.reward_std > 0:
             raise ValueModelFormatError(f"{where}: head {h.name!r} reward_std must be > 0")
+    k = spec.default_top_k
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not TOP_K_RANGE[0] <= k <= TOP_K_RANGE[1]):
+        raise ValueModelFormatError(f"{where}: default_top_k must be an integer in {TOP_K_RANGE[0]}..{TOP_K_RANGE[1]}, "
+                                    f"got {k!r}")
 
 
 def save_spec(path: Path | str, spec: ValueModelSpec) -> None:
@@ -138,6 +149,7 @@ def load_spec(path: Path | str) -> ValueModelSpec:
             tokenizer=TokenizerIdentity(**raw["tokenizer"]),
             format_version=raw.get("format_version", 0),
             extra=raw.get("extra", {}),
+            default_top_k=raw.get("default_top_k"),
         )
     except (KeyError, TypeError) as e:
         raise ValueModelFormatError(f"{path / SPEC_FILE}: malformed ({e})") from None

@@ -82,6 +82,9 @@ class FitConfig:
     checkpoint_every: int = 100  # steps; 0 = only at the end
     precompute_batch_size: int = 16
     extra: dict = field(default_factory=dict)  # recorded in vas.json, e.g. how the data was made
+    # Recorded as vas.json's default_top_k: the top-K the model steers best with, chosen by
+    # evaluation (docs/QUALITY.md); it does not change the training.
+    default_top_k: int | None = None
 
     def __post_init__(self):
         if self.lr_decay not in LR_DECAYS:
@@ -147,7 +150,7 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
                         num_layers=config.trunk.num_layers if config.trunk.type == "base_prefix" else None,
                         lora=bool(config.trunk.lora_r)),
         heads=specs, tokenizer=trunk_identity,
-        extra={"training": config.to_json()})
+        extra={"training": config.to_json()}, default_top_k=config.default_top_k)
 
     batches_per_epoch = math.ceil(len(samples) / config.batch_size)
     total_steps = batches_per_epoch * config.epochs

@@ -65,7 +65,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                           "models, when serving the embedded base)")
     vas.add_argument("--no-value-models", action="store_true", help="serve without any value model")
     vas.add_argument("--default-top-k", type=int, default=None,
-                     help="VAS candidates per step when a request sets no vas_top_k (default: 20)")
+                     help="VAS candidates per step when a request sets no vas_top_k (default: each value "
+                          "model's own default_top_k from its vas.json, else 20)")
     vas.add_argument("--max-vas-requests", type=int, default=None,
                      help="requests that can hold a value cache at once; also caps the engine's concurrency "
                           "(default: --max-num-seqs if given, else 32)")

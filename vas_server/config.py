@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from value_models.format import HeadSpec, TrunkSpec, ValueModelSpec, load_spec
-from vas_server.params import DEFAULT_TOP_K, TOP_K_RANGE
+from value_models.format import DEFAULT_TOP_K, TOP_K_RANGE, HeadSpec, TrunkSpec, ValueModelSpec, load_spec
+from vas_server.params import VASRequest
 
 ADDITIONAL_CONFIG_KEY = "vas"
 
@@ -26,6 +26,7 @@ class HeadInfo:
     spec: HeadSpec
     trunk: TrunkSpec
     runtime: str  # "shared" (reads the base's own hidden states) or "separate" (own trunk + value cache)
+    default_top_k: int | None = None  # its value model's declared top-K (vas.json), if any
 
 
 def runtime_path(spec: ValueModelSpec) -> str:
@@ -40,7 +41,8 @@ def runtime_path(spec: ValueModelSpec) -> str:
 @dataclass
 class VASConfig:
     value_models: dict[str, str] = field(default_factory=dict)  # name -> checkpoint directory
-    default_top_k: int = DEFAULT_TOP_K
+    # The server's --default-top-k; None: each value model's own (vas.json), else the spec's 20.
+    default_top_k: int | None = None
     # Most requests holding a value cache at once. engine_kwargs resolves None (to max_num_seqs or
     # DEFAULT_VAS_REQUESTS) and caps vLLM's max_num_seqs at it, so the preallocated cache is never
     # full: extra requests wait in vLLM's queue.
@@ -55,7 +57,7 @@ class VASConfig:
     max_sequences_per_request: int = 128
 
     def __post_init__(self):
-        if not TOP_K_RANGE[0] <= self.default_top_k <= TOP_K_RANGE[1]:
+        if self.default_top_k is not None and not TOP_K_RANGE[0] <= self.default_top_k <= TOP_K_RANGE[1]:
             raise ValueError(f"default_top_k must be in {TOP_K_RANGE[0]}..{TOP_K_RANGE[1]}")
         if self.max_requests is not None and self.max_requests < 1:
             raise ValueError("max_requests must be >= 1")
@@ -80,5 +82,17 @@ class VASConfig:
                     raise ValueError(
                         f"head {h.name!r} is defined by both value models "
                         f"{out[h.name].value_model!r} and {model_name!r}; head names must be unique")
-                out[h.name] = HeadInfo(h.name, model_name, str(path), h, spec.trunk, runtime_path(spec))
+                out[h.name] = HeadInfo(h.name, model_name, str(path), h, spec.trunk, runtime_path(spec),
+                                       spec.default_top_k)
         return out
+
+    def top_k_for(self, request: VASRequest, heads: Mapping[str, HeadInfo]) -> int:
+        """A request's VAS top-K: its `vas_top_k`; else the server's `--default-top-k`; else the
+        largest top-K declared by the value models of the heads it weights (for token heads the
+        cost does not depend on K, so the larger choice costs nothing); else the spec's 20."""
+        if request.top_k is not None:
+            return request.top_k
+        if self.default_top_k is not None:
+            return self.default_top_k
+        declared = [heads[h].default_top_k for h in request.weights if h in heads]
+        return max((k for k in declared if k is not None), default=DEFAULT_TOP_K)

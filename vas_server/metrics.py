@@ -23,8 +23,9 @@ WORKER_STATS_TIMEOUT_S = 5.0
 WORKER_METRICS = {
     "vas_requests_total": ("vas_engine_vas_requests", "counter", "VAS requests the processor has admitted"),
     "active_requests": ("vas_engine_active_vas_requests", "gauge", "VAS requests in the engine's batch now"),
-    "steps": ("vas_value_runtime_steps", "counter", "Decoding steps on which the value runtime ran"),
-    "runtime_seconds_total": ("vas_value_runtime_seconds", "counter", "Time spent in the value runtime"),
+    "steps": ("vas_value_runtime_steps", "counter", "Decoding steps with steered rows"),
+    "runtime_seconds_total": ("vas_value_runtime_seconds", "counter",
+                              "Time spent steering: candidates, value heads, logits update"),
     "cache_slots_used": ("vas_value_cache_slots_used", "gauge", "Value-cache slots in use"),
     "cache_slots_total": ("vas_value_cache_slots", "gauge", "Value-cache slots allocated"),
     "dropped_requests": ("vas_engine_dropped_requests", "counter", "VAS requests that ran unsteered: cache full"),

@@ -146,7 +146,7 @@ class VASMiddleware:
         report = None
         if isinstance(payload, dict):
             try:
-                xargs = api_extra_args(payload, server.config.default_top_k)
+                xargs = api_extra_args(payload)
                 if xargs is not None:
                     for field in list(payload):
                         if field.startswith("vas_"):
@@ -209,7 +209,7 @@ def _report(payload: dict, server: _Server) -> dict | None:
     if request is None or not request.active:
         return None
     report = request.report()
-    report["top_k"] = report["top_k"] or server.config.default_top_k
+    report["top_k"] = server.config.top_k_for(request, server.heads)
     return report
 
 

@@ -3,8 +3,8 @@
 The path from HTTP to logits (docs/VAS_RULE.md has the rule itself):
   1. The client sends `vas_weights`, `vas_top_k`, `vas_restrict_to_top_k` at the top level of a
      chat or completions body. The middleware (vas_server.middleware) moves them, with
-     `api_extra_args`, into the body's `vllm_xargs` (a misspelt `vas_*` field is an error), filling
-     in the server's default top-K; vLLM copies `vllm_xargs` into `SamplingParams.extra_args`.
+     `api_extra_args`, into the body's `vllm_xargs` (a misspelt `vas_*` field is an error); vLLM
+     copies `vllm_xargs` into `SamplingParams.extra_args`.
   2. vLLM calls the processor's `validate_params` at admission, in the API process: it runs
      `from_extra_args`, whose `VASParamError` is a `VLLMValidationError`, so vLLM answers 400
      naming the field.
@@ -24,10 +24,10 @@ from typing import Any, Collection, Mapping
 
 from vllm.exceptions import VLLMValidationError
 
+from value_models.format import TOP_K_RANGE
+
 EXTRA_ARGS_KEY = "vas"
 API_FIELDS = {"weights": "vas_weights", "top_k": "vas_top_k", "restrict_to_top_k": "vas_restrict_to_top_k"}
-TOP_K_RANGE = (1, 256)
-DEFAULT_TOP_K = 20
 # |w| above this is refused. Weights are in standard deviations of a head's reward: the demo heads
 # are evaluated up to 8, and 100 already makes the value bonus dominate any logit gap. A bound keeps
 # every logit the processor writes finite (docs/VAS_RULE.md, "Numerical safety").
@@ -46,7 +46,7 @@ class VASParamError(VLLMValidationError, ValueError):
 @dataclass(frozen=True)
 class VASRequest:
     weights: dict[str, float]  # head name -> weight; only non-zero weights
-    top_k: int | None = None  # None: the engine's default (VASConfig.default_top_k)
+    top_k: int | None = None  # None: the default, resolved by VASConfig.top_k_for
     restrict_to_top_k: bool = False
 
     @property
@@ -91,9 +91,9 @@ class VASRequest:
                    restrict_to_top_k=_restrict(raw.get("restrict_to_top_k")))
 
 
-def api_extra_args(body: Mapping[str, Any], default_top_k: int) -> dict[str, str] | None:
-    """The `vllm_xargs` entry for an API body's top-level `vas_*` fields, with the default top-K
-    filled in; None when the body has none. The values are only moved here: they are checked
+def api_extra_args(body: Mapping[str, Any]) -> dict[str, str] | None:
+    """The `vllm_xargs` entry for an API body's top-level `vas_*` fields; None when the body has
+    none. The values are only moved here: they are checked
     once, by `VASRequest.from_extra_args` at admission, so that vLLM's error path reports them."""
     unknown = sorted(k for k in body if k.startswith("vas_") and k not in API_FIELDS.values())
     if unknown:
@@ -102,8 +102,6 @@ def api_extra_args(body: Mapping[str, Any], default_top_k: int) -> dict[str, str
     if not any(field in body for field in API_FIELDS.values()):
         return None
     raw = {key: body[field] for key, field in API_FIELDS.items() if field in body}
-    if raw.get("top_k") is None:
-        raw["top_k"] = default_top_k
     return {EXTRA_ARGS_KEY: json.dumps(raw)}
 
 

@@ -29,6 +29,7 @@ Invariants:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Mapping
@@ -113,8 +114,14 @@ class VASLogitsProcessor(LogitsProcessor):
         self.requests_total = 0  # VAS requests admitted (rows steered), shared-path ones included
         self.dropped_requests = 0  # VAS requests that found no free cache slot
         self.resumed_requests = 0  # VAS requests re-added with outputs (after preemption)
+        # Steps with steered rows, and the time of their whole VAS work (candidates, values, logits
+        # update): the processor's own share of a step, on any runtime path.
+        self.steps = 0
+        self.seconds = 0.0
+        self.heads: dict[str, HeadInfo] = {}  # by name, from vas.json (each model's default top-K)
         if not self.config.value_models:
             return
+        self.heads = self.config.heads()
         self.runtime, self.tap = _build_runtime(self.config, vllm_config, device)
 
     def is_argmax_invariant(self) -> bool:
@@ -176,7 +183,7 @@ class VASLogitsProcessor(LogitsProcessor):
                 self.dropped_requests += 1
                 logger.error("VAS value cache full (%d requests); request runs unsteered", runtime.max_requests)
                 return None
-        top_k = request.top_k or self.config.default_top_k
+        top_k = self.config.top_k_for(request, self.heads)
         self.requests_total += 1
         return _Row(request, top_k, RowInput(slot, prompt, outputs, heads))
 
@@ -184,7 +191,10 @@ class VASLogitsProcessor(LogitsProcessor):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.rows:
+            start = time.perf_counter()
             logits = self._steer(logits)
+            self.steps += 1
+            self.seconds += time.perf_counter() - start
         if self.tap is not None:
             self.tap.clear()  # this step's hidden states are used up
         return logits
@@ -207,8 +217,8 @@ class VASLogitsProcessor(LogitsProcessor):
         return {
             "vas_requests_total": self.requests_total,
             "active_requests": len(self.rows),
-            "steps": rt.steps if rt else 0,
-            "runtime_seconds_total": rt.seconds if rt else 0.0,
+            "steps": self.steps,
+            "runtime_seconds_total": self.seconds,
             "cache_slots_used": rt.slots_in_use if rt else 0,
             "cache_slots_total": rt.max_requests if rt else 0,
             "cache_bytes": rt.cache_bytes if rt else 0,

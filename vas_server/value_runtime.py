@@ -24,7 +24,6 @@ Invariants:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -223,8 +222,6 @@ class ValueRuntime:
         self.device = torch.device(device)
         self.free_slots = list(range(max_requests - 1, -1, -1))
         # Counters for metrics.
-        self.steps = 0
-        self.seconds = 0.0
 
     @property
     def slots_in_use(self) -> int:
@@ -258,7 +255,6 @@ class ValueRuntime:
         """Values q_h(a) of each row's candidates: [B, n_heads, K] (0 for heads a row does not use).
         Shared-trunk heads need `batch_rows` [B] (each row's index in this step's logits, of
         `num_rows` rows): that is where the base's hidden state of the row sits."""
-        start = time.perf_counter()
         B, K = candidates.shape
         values = torch.zeros(B, len(self.head_names), K, device=candidates.device, dtype=torch.float32)
         for t, runner in enumerate(self.runners):
@@ -274,6 +270,4 @@ class ValueRuntime:
                 _, kind, i = self.head_place[g]
                 v = state[:, :, i] if kind == "state" else token[i]
                 values[sub, g] = v.float()
-        self.steps += 1
-        self.seconds += time.perf_counter() - start
         return values

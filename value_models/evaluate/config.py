@@ -24,7 +24,7 @@ class EvalConfig:
     rewards: dict[str, str] | None = None  # head -> reward spec; default: what each head was trained on
     heads: list[str] | None = None  # heads to evaluate; default: all
     max_tokens: int = 48
-    top_k: int = 20
+    top_k: int | None = None  # None: the value model's own default (vas.json), else the spec's 20
     seed: int = 0
     dtype: str = "bfloat16"
     max_model_len: int = 512

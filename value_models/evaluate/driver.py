@@ -3,9 +3,10 @@ compute their KL, and write the report (the package docstring says what is measu
 
 from __future__ import annotations
 
+
 import gc
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -215,6 +216,10 @@ def evaluate(config: EvalConfig, out_dir: Path | str, *, progress: bool = True,
     out_dir = Path(out_dir)
     generations_dir = out_dir / "generations" if generations_dir is None else Path(generations_dir)
     t_start = time.perf_counter()
+    if config.top_k is None:  # what a request without vas_top_k gets from the server
+        from value_models.format import DEFAULT_TOP_K, load_spec
+
+        config = replace(config, top_k=load_spec(config.value_model).default_top_k or DEFAULT_TOP_K)
     plan = _plan(config)
     tokenizer = AutoTokenizer.from_pretrained(config.base)
     prompt_ids = _prompt_ids(config, tokenizer)
