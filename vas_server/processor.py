@@ -69,7 +69,7 @@ class _Batch:
     weights: torch.Tensor  # [B, n_heads] float32, 0 for heads a row does not weight
     k_max: int  # the largest top-K of the rows
     valid: torch.Tensor  # [B, k_max] bool: candidate j counts for row b iff j < top_k(b)
-    restrict: torch.Tensor  # [B] bool: vas_restrict_to_top_k
+    restrict: torch.Tensor | None  # [B] bool: vas_restrict_to_top_k; None when no row restricts
 
     @classmethod
     def of(cls, rows: Mapping[int, _Row], head_index: Mapping[str, int], device: torch.device) -> "_Batch | None":
@@ -85,7 +85,8 @@ class _Batch:
             weights=torch.stack([rule.weight_vector(r.request.weights, head_index, device=device) for r in ordered]),
             k_max=k_max,
             valid=torch.arange(k_max, device=device)[None, :] < top_k[:, None],
-            restrict=torch.tensor([r.request.restrict_to_top_k for r in ordered], device=device),
+            restrict=(torch.tensor([r.request.restrict_to_top_k for r in ordered], device=device)
+                      if any(r.request.restrict_to_top_k for r in ordered) else None),
         )
 
 
@@ -201,13 +202,18 @@ class VASLogitsProcessor(LogitsProcessor):
 
     def _steer(self, logits: torch.Tensor) -> torch.Tensor:
         batch = self.batch
-        row_logits = logits.index_select(0, batch.index)
+        # When every row of the step is a VAS row (batch.index is then 0..B-1), steer the logits in
+        # place; else steer a copy of the VAS rows and write them back.
+        every_row = len(batch.inputs) == logits.shape[0]
+        row_logits = logits if every_row else logits.index_select(0, batch.index)
         k = min(batch.k_max, logits.shape[1])
         candidates = row_logits.topk(k, dim=1).indices  # C, best first
         values = self.runtime.score(batch.inputs, candidates, batch.index, logits.shape[0])  # [B, n_heads, k]
         valid = batch.valid[:, :k]
         bonus = rule.bonus(values.to(logits.device), batch.weights, valid)
-        logits.index_copy_(0, batch.index, rule.steer(row_logits, candidates, bonus, valid, batch.restrict))
+        rule.steer_(row_logits, candidates, bonus, valid, batch.restrict)
+        if not every_row:
+            logits.index_copy_(0, batch.index, row_logits)
         return logits
 
     # -- introspection (metrics, tests) -----------------------------------------------------------

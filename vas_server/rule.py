@@ -42,13 +42,17 @@ def bonus(values: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor | Non
     return torch.nan_to_num(total, nan=0.0, posinf=0.0, neginf=0.0).clamp(-MAX_BONUS, MAX_BONUS)
 
 
-def steer(row_logits: torch.Tensor, candidates: torch.Tensor, row_bonus: torch.Tensor, valid: torch.Tensor,
-          restrict: torch.Tensor) -> torch.Tensor:
-    """§1.4: the steered logits of B rows. row_logits [B, V] (not modified), candidates [B, K] with
-    bonus and validity [B, K], restrict [B] bool: outside its candidates a restricted row is -inf,
-    an unrestricted one keeps its logits."""
+def steer_(row_logits: torch.Tensor, candidates: torch.Tensor, row_bonus: torch.Tensor, valid: torch.Tensor,
+           restrict: torch.Tensor | None) -> torch.Tensor:
+    """§1.4, in place: row_logits [B, V] become the steered logits of B rows (and are returned).
+    candidates [B, K] with bonus and validity [B, K]; restrict [B] bool, or None when no row is
+    restricted: outside its candidates a restricted row is -inf, an unrestricted one keeps its
+    logits. In place because a step's logits are [B, V]: each extra copy of them cost more than
+    the value heads themselves (measured at batch 64 on a 2-core CPU)."""
     base = row_logits.gather(1, candidates)
-    steered = torch.where(restrict[:, None], torch.full_like(row_logits, float("-inf")), row_logits)
-    # Invalid candidates of a restricted row stay -inf; of an unrestricted row, keep their logit.
-    outside = steered.gather(1, candidates)
-    return steered.scatter(1, candidates, torch.where(valid, base + row_bonus, outside))
+    if restrict is None:
+        outside = base
+    else:
+        row_logits.masked_fill_(restrict[:, None], float("-inf"))
+        outside = row_logits.gather(1, candidates)
+    return row_logits.scatter_(1, candidates, torch.where(valid, base + row_bonus, outside))

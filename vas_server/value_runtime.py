@@ -59,6 +59,7 @@ class TrunkRunner:
         self.last_hidden = torch.zeros(max_requests, c.hidden_size, device=device, dtype=dtype)
         self.has_state = bool(self.heads.state_names)
         self.has_token = bool(self.heads.token_names)
+        self.candidate_rows = CandidateRows()
 
     @property
     def cache_bytes(self) -> int:
@@ -97,7 +98,9 @@ class TrunkRunner:
         token_values = None
         if self.has_token:
             slots = slots_cpu.to(device)
-            token_values = self.heads.token_values(self.last_hidden[slots], self.trunk.embed_tokens.weight, candidates)
+            embed = self.trunk.embed_tokens.weight
+            token_values = self.heads.token_values(self.last_hidden[slots], embed, candidates,
+                                                   rows_out=self.candidate_rows.get(embed, candidates.numel()))
         return state_values, token_values
 
     def _forward(self, slots_cpu, cached, n, total, new_tokens, candidates, Kc: int, Lq: int):
@@ -157,6 +160,20 @@ class TrunkRunner:
         return self.heads.state_values(hidden[is_cand_dev].view(B, Kc, -1))
 
 
+class CandidateRows:
+    """A grow-only buffer for the candidates' embedding rows (ValueHeads.token_values' rows_out):
+    allocated once at the largest B x K seen, instead of a fresh tensor every step."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def get(self, embed: torch.Tensor, count: int) -> torch.Tensor:
+        b = self.buffer
+        if b is None or b.shape[0] < count or b.dtype != embed.dtype or b.device != embed.device:
+            self.buffer = b = torch.empty(count, embed.shape[1], dtype=embed.dtype, device=embed.device)
+        return b
+
+
 class SharedRunner:
     """A token-heads-only value model on the base's first `layer` layers, without LoRA: its trunk
     state is the base's own (vas_server.hidden_states.HiddenStateTap), so it keeps nothing per
@@ -173,6 +190,7 @@ class SharedRunner:
         self.layer = layer
         self.tap = tap
         self.dtype = heads.token_proj.dtype
+        self.candidate_rows = CandidateRows()
 
     cache_bytes = 0
 
@@ -184,7 +202,9 @@ class SharedRunner:
         """batch_rows [B]: each row's index in this step's logits (num_rows rows in all)."""
         hidden = self.tap.states(self.layer, num_rows).index_select(0, batch_rows.to(self.tap.embedding.device))
         hidden = hidden.to(device=candidates.device, dtype=self.dtype)
-        return None, self.heads.token_values(hidden, self.tap.embedding, candidates)
+        embed = self.tap.embedding
+        return None, self.heads.token_values(hidden, embed, candidates,
+                                             rows_out=self.candidate_rows.get(embed, candidates.numel()))
 
 
 class ValueRuntime:
