@@ -5,7 +5,8 @@ sends --requests requests (default 5,000) at --concurrency (default 64), cycling
 completions, chat steered with each head, streamed chat (steered and plain), n > 1, and streams the
 client drops after the first chunk. Reports errors, p50/p99 latency, the resident memory (RSS) of
 the server's whole process tree (API server, engine core, worker) at start, after a fifth of the
-requests (1,000 of 5,000) and at the end, and vllm:num_requests_running once the load has stopped.
+requests (1,000 of 5,000) and at the end (and per process every 500 requests), and
+vllm:num_requests_running once the load has stopped.
 
     python benchmarks/soak.py [--requests 5000] [--concurrency 64] [--max-tokens 16] [--port 8013]
                               [--out benchmarks/results/soak.json] [-- extra `vas-server serve` flags]
@@ -36,16 +37,23 @@ PROMPTS = ["How was your weekend?", "Tell me about your favourite holiday.", "Wh
            "Write a short note to a friend.", "Why is the sky blue?", "Describe a cat in two sentences."]
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MiB."""
+def rss_by_process(pid: int) -> dict[str, float]:
+    """Resident memory (MiB) of a process and each descendant, keyed by process name (the API
+    server, "VLLM::EngineCore", "VLLM::Worker", ...; several of one name are summed)."""
     root = psutil.Process(pid)
-    total = 0
+    out: dict[str, float] = {}
     for p in [root, *root.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            name = "api server" if p.pid == pid else p.name()
+            out[name] = out.get(name, 0.0) + p.memory_info().rss / 2**20
         except psutil.NoSuchProcess:
             pass
-    return total / 2**20
+    return out
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants, in MiB."""
+    return sum(rss_by_process(pid).values())
 
 
 def kinds(heads: list[str]) -> list[str]:
@@ -102,7 +110,7 @@ async def soak(url: str, pid: int, model: str, heads: list[str], args) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
     memory = {"start": tree_rss_mib(pid)}
-    trace: list[tuple[int, int]] = []  # (requests done, RSS MiB) every 500 requests
+    trace: list[tuple] = []  # (requests done, RSS MiB, RSS MiB by process) every 500 requests
     done = 0
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(args.requests):
@@ -127,8 +135,9 @@ async def soak(url: str, pid: int, model: str, heads: list[str], args) -> dict:
                 if done == args.requests // 5:  # after 1,000 of 5,000
                     memory[f"after {done}"] = tree_rss_mib(pid)
                 if done % 500 == 0:
-                    trace.append((done, round(tree_rss_mib(pid))))
-                    print(f"  {done} requests, {len(errors)} errors, RSS {trace[-1][1]} MiB", flush=True)
+                    by_process = {name: round(mib) for name, mib in rss_by_process(pid).items()}
+                    trace.append((done, sum(by_process.values()), by_process))
+                    print(f"  {done} requests, {len(errors)} errors, RSS {trace[-1][1]} MiB {by_process}", flush=True)
 
         started = time.monotonic()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
