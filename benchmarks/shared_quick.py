@@ -6,7 +6,8 @@
 `plain` times plain vLLM; `shared` times, in one engine, unsteered requests and token heads on the
 base's own layer 6 and layer 30 (all layers) hidden states, 1 and 3 heads, taking turns at each
 batch size, with each config's steering share (the VAS processor's own time over wall time).
-Prints a RESULT line (JSON) and writes /tmp/tp_<mode>_<max_len>.json. `benchmarks/throughput.py --shared` is the full benchmark.
+Prints a RESULT line (JSON) and writes /tmp/tp_<mode>_<max_len>.json. `benchmarks/throughput.py
+--shared` is the full benchmark.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> None:
         out = {"tokens_per_second": rates, "steering_share": share}
     print("RESULT", json.dumps(out), flush=True)
     Path(f"/tmp/tp_{mode}_{max_len}.json").write_text(json.dumps(out))
+
 
 if __name__ == "__main__":
     main()

@@ -226,10 +226,9 @@ def shared_main(args) -> None:
     plain = {b: max(results[k][b] for k in runs) for b in args.batches}
     plain_sweep = {n: max(sweep[k][n] for k in runs) for n in args.contexts}
     header = f"{'config':<24}" + "".join(f"{'b=' + str(b):>10}{'ratio':>7}" for b in args.batches)
-    lines = [header, "-" * len(header)]
+    lines = [f"dtype {dtype}; ratios to the faster plain run at each size", header, "-" * len(header)]
     for name, row in results.items():
         lines.append(f"{name:<24}" + "".join(f"{row[b]:>10.1f}{row[b] / plain[b]:>7.3f}" for b in args.batches))
-    lines.insert(0, f"dtype {dtype}; ratios to the faster plain run at each size")
     same = results[SAME_ENGINE_PLAIN]
     lines += ["", "interleaved in the VAS engine: ratio to its unsteered requests (same rounds)"]
     for name in SHARED_CONFIGS:

@@ -32,6 +32,11 @@ DEFAULT_TOP_K = 20
 TOP_K_RANGE = (1, 256)
 
 
+def is_top_k(k) -> bool:
+    """An integer (not a bool) in TOP_K_RANGE."""
+    return isinstance(k, int) and not isinstance(k, bool) and TOP_K_RANGE[0] <= k <= TOP_K_RANGE[1]
+
+
 class ValueModelFormatError(ValueError):
     """A value-model directory that does not follow the format."""
 
@@ -121,10 +126,9 @@ def _validate(spec: ValueModelSpec, where: str) -> None:
             raise ValueModelFormatError(f"{where}: head {h.name!r} kind must be one of {HEAD_KINDS}")
         if not h.reward_std > 0:
             raise ValueModelFormatError(f"{where}: head {h.name!r} reward_std must be > 0")
-    k = spec.default_top_k
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not TOP_K_RANGE[0] <= k <= TOP_K_RANGE[1]):
+    if spec.default_top_k is not None and not is_top_k(spec.default_top_k):
         raise ValueModelFormatError(f"{where}: default_top_k must be an integer in {TOP_K_RANGE[0]}..{TOP_K_RANGE[1]}, "
-                                    f"got {k!r}")
+                                    f"got {spec.default_top_k!r}")
 
 
 def save_spec(path: Path | str, spec: ValueModelSpec) -> None:

@@ -10,7 +10,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from value_models.format import DEFAULT_TOP_K, TOP_K_RANGE, HeadSpec, TrunkSpec, ValueModelSpec, load_spec
+from value_models.format import (
+    DEFAULT_TOP_K,
+    TOP_K_RANGE,
+    HeadSpec,
+    TrunkSpec,
+    ValueModelSpec,
+    is_top_k,
+    load_spec,
+)
 from vas_server.params import VASRequest
 
 ADDITIONAL_CONFIG_KEY = "vas"
@@ -57,8 +65,8 @@ class VASConfig:
     max_sequences_per_request: int = 128
 
     def __post_init__(self):
-        if self.default_top_k is not None and not TOP_K_RANGE[0] <= self.default_top_k <= TOP_K_RANGE[1]:
-            raise ValueError(f"default_top_k must be in {TOP_K_RANGE[0]}..{TOP_K_RANGE[1]}")
+        if self.default_top_k is not None and not is_top_k(self.default_top_k):
+            raise ValueError(f"default_top_k must be an integer in {TOP_K_RANGE[0]}..{TOP_K_RANGE[1]}")
         if self.max_requests is not None and self.max_requests < 1:
             raise ValueError("max_requests must be >= 1")
         if self.max_sequences_per_request < 1:

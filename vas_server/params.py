@@ -24,7 +24,7 @@ from typing import Any, Collection, Mapping
 
 from vllm.exceptions import VLLMValidationError
 
-from value_models.format import TOP_K_RANGE
+from value_models.format import TOP_K_RANGE, is_top_k
 
 EXTRA_ARGS_KEY = "vas"
 API_FIELDS = {"weights": "vas_weights", "top_k": "vas_top_k", "restrict_to_top_k": "vas_restrict_to_top_k"}
@@ -131,8 +131,7 @@ def _weights(weights: Any, known_heads: Collection[str] | None) -> dict[str, flo
 
 
 def _top_k(top_k: Any) -> int | None:
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                              or not TOP_K_RANGE[0] <= top_k <= TOP_K_RANGE[1]):
+    if top_k is not None and not is_top_k(top_k):
         raise VASParamError("vas_top_k", f"vas_top_k must be an integer in {TOP_K_RANGE[0]}..{TOP_K_RANGE[1]}, "
                                          f"got {_short(top_k)}")
     return top_k

@@ -116,7 +116,8 @@ class VASLogitsProcessor(LogitsProcessor):
         self.dropped_requests = 0  # VAS requests that found no free cache slot
         self.resumed_requests = 0  # VAS requests re-added with outputs (after preemption)
         # Steps with steered rows, and the time of their whole VAS work (candidates, values, logits
-        # update): the processor's own share of a step, on any runtime path.
+        # update): the processor's own share of a step, on any runtime path. Host wall time: on a
+        # GPU, where kernels run asynchronously, it counts launches and any syncs, not kernel time.
         self.steps = 0
         self.seconds = 0.0
         self.heads: dict[str, HeadInfo] = {}  # by name, from vas.json (each model's default top-K)

@@ -241,7 +241,6 @@ class ValueRuntime:
         self.max_len = max_len
         self.device = torch.device(device)
         self.free_slots = list(range(max_requests - 1, -1, -1))
-        # Counters for metrics.
 
     @property
     def slots_in_use(self) -> int:

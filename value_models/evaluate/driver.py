@@ -3,7 +3,6 @@ compute their KL, and write the report (the package docstring says what is measu
 
 from __future__ import annotations
 
-
 import gc
 import time
 from dataclasses import asdict, dataclass, replace
