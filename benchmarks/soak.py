@@ -51,6 +51,12 @@ def rss_by_process(pid: int) -> dict[str, float]:
     return out
 
 
+def metric(text: str, name: str) -> float:
+    """The sum of a metric's samples in a Prometheus text page (0 when absent)."""
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
 def tree_rss_mib(pid: int) -> float:
     """Resident memory of a process and all its descendants, in MiB."""
     return sum(rss_by_process(pid).values())
@@ -146,17 +152,18 @@ async def soak(url: str, pid: int, model: str, heads: list[str], args) -> dict:
         running = None
         for _ in range(60):  # aborted streams must leave the engine too
             text = (await http.get("/metrics")).text
-            running = sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
-                          if line.startswith("vllm:num_requests_running"))
+            running = metric(text, "vllm:num_requests_running")
             if running == 0:
                 break
             await asyncio.sleep(1)
+        heap = {name: metric(text, name) for name in ("vas_worker_heap_trims_total", "vas_worker_heap_trim_seconds_total")}
     latencies.sort()
     return {"requests": done, "errors": len(errors), "first_errors": errors[:10], "seconds": round(elapsed, 1),
             "requests_per_s": round(done / elapsed, 2),
             "latency_p50_s": round(statistics.median(latencies), 3),
             "latency_p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3),
-            "rss_mib": {k: round(v) for k, v in memory.items()}, "rss_mib_every_500": trace, "running_at_end": running, "mix": mix}
+            "rss_mib": {k: round(v) for k, v in memory.items()}, "rss_mib_every_500": trace, "running_at_end": running,
+            "heap_trims": heap, "mix": mix}
 
 
 def start_server(port: int, extra: list[str], log: Path) -> subprocess.Popen:
@@ -211,6 +218,7 @@ def main() -> None:
     print(f"{result['requests']:>10} {result['errors']:>7} {result['requests_per_s']:>7} {result['latency_p50_s']:>7} "
           f"{result['latency_p99_s']:>7} " + " ".join(f"{str(v) + ' MiB':>16}" for v in rss.values())
           + f" {result['running_at_end']:>15}")
+    print(f"worker heap trims: {result['heap_trims']}")
     for error in result["first_errors"]:
         print("  error:", error)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
+from vas_server.heap import HeapTrimmer
 from vas_server.params import make_extra_args
 from vas_server.processor import VASLogitsProcessor
 
@@ -187,3 +188,11 @@ def test_rows_without_top_k_take_the_value_models_declared_default():
     before = logits(2)
     out = proc.apply(before.clone())
     assert torch.count_nonzero(out[0] - before[0]) == 2 and torch.count_nonzero(out[1] - before[1]) == 4
+
+
+def test_the_processor_checks_the_heap_trimmer_every_engine_step():
+    proc = processor()
+    proc.heap = HeapTrimmer(interval_s=0, trim=lambda pad: 1)  # interval 0: trims at every check
+    for step in range(4):
+        proc.update_state(update(0) if step % 2 else None)  # vLLM passes None when the batch is unchanged
+    assert proc.stats()["heap_trims"] == 4

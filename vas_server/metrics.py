@@ -30,6 +30,8 @@ WORKER_METRICS = {
     "cache_slots_total": ("vas_value_cache_slots", "gauge", "Value-cache slots allocated"),
     "dropped_requests": ("vas_engine_dropped_requests", "counter", "VAS requests that ran unsteered: cache full"),
     "resumed_requests": ("vas_engine_resumed_requests", "counter", "VAS requests resumed after preemption"),
+    "heap_trims": ("vas_worker_heap_trims", "counter", "Times the worker gave freed heap memory back (malloc_trim)"),
+    "heap_trim_seconds_total": ("vas_worker_heap_trim_seconds", "counter", "Time spent in those heap trims"),
 }
 
 

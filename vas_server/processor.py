@@ -23,6 +23,8 @@ Invariants:
   * Nothing a request carries can make `apply` raise or write a NaN or +inf logit: settings are
     validated at admission (and again, without raising, when a row is added), weights are
     bounded, and rule.bonus is finite and clipped.
+  * The worker's heap is trimmed every `HeapTrimmer.interval_s` seconds (vas_server.heap):
+    vLLM's CPU worker otherwise keeps freed memory and grows under long load.
   * The processor is not argmax-invariant: vLLM applies it to the float32 raw logits before
     penalties, temperature and top-k/top-p, as the rule requires.
 """
@@ -41,6 +43,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 
 from vas_server import rule
 from vas_server.config import HeadInfo, VASConfig
+from vas_server.heap import HeapTrimmer
 from vas_server.params import VASRequest
 
 if TYPE_CHECKING:
@@ -121,6 +124,7 @@ class VASLogitsProcessor(LogitsProcessor):
         self.steps = 0
         self.seconds = 0.0
         self.heads: dict[str, HeadInfo] = {}  # by name, from vas.json (each model's default top-K)
+        self.heap = HeapTrimmer()
         if not self.config.value_models:
             return
         self.heads = self.config.heads()
@@ -132,6 +136,7 @@ class VASLogitsProcessor(LogitsProcessor):
     # -- batch bookkeeping ----------------------------------------------------------------------
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
+        self.heap.step()  # vLLM calls update_state once per engine step
         if self.tap is not None and not self.tap.attached:
             self.tap.attach()  # first engine step: the base model is loaded by now
         if batch_update is None or self.runtime is None:
@@ -231,6 +236,8 @@ class VASLogitsProcessor(LogitsProcessor):
             "cache_bytes": rt.cache_bytes if rt else 0,
             "dropped_requests": self.dropped_requests,
             "resumed_requests": self.resumed_requests,
+            "heap_trims": self.heap.trims,
+            "heap_trim_seconds_total": self.heap.seconds,
         }
 
 

@@ -1,0 +1,40 @@
+"""The worker's heap trimming (vas_server.heap): how often it trims, and that it finds glibc."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+
+from vas_server.heap import HeapTrimmer, glibc_malloc_trim
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_trims_at_most_once_per_interval_and_counts_it():
+    calls, clock = [], Clock()
+    trimmer = HeapTrimmer(interval_s=10, trim=lambda pad: calls.append(pad) or 1, clock=clock)
+    for now in (0, 5, 9.9, 10, 12, 19.9, 20.1, 45):
+        clock.now = now
+        trimmer.step()
+    assert calls == [0, 0, 0] and trimmer.trims == 3 and trimmer.seconds >= 0  # at 10, 20.1 and 45
+
+
+def test_none_means_never():
+    clock = Clock()
+    trimmer = HeapTrimmer(interval_s=None, trim=lambda pad: pytest.fail("trimmed"), clock=clock)
+    clock.now = 1e9
+    trimmer.step()
+    assert trimmer.trims == 0
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_finds_glibc_malloc_trim():
+    trim = glibc_malloc_trim()
+    assert trim is not None and trim(0) in (0, 1)  # 1: memory was given back, 0: none to give
