@@ -14,9 +14,14 @@ test: setup
 # prompts (three runs: the second and third add responses 2-3 and 4-5 of the same prompts, each with
 # its own seed), score, and fit three token heads on a frozen 6-layer base_prefix trunk. About 2 hours
 # 15 minutes on an idle 2-core CPU. Intermediate data goes to build/demo/ (ignored by git).
+# The shipped model and docs/quality were made in bfloat16 on a CPU with native bfloat16. On an x86
+# CPU without AVX512-BF16 or AMX bfloat16 is emulated and sampling runs 3-5x slower than in
+# float32 (docs/BENCHMARKS.md): there, `make demo-models DTYPE=float32` (same distribution, other
+# rounding, so other samples and Best-of-N sets than the shipped ones).
+DTYPE ?= bfloat16
 DEMO_MODEL := value_models/demo/smollm2
 DEMO_SAMPLE := .venv/bin/vas-train sample --chitchat train --num-prompts 8000 --samples-per-prompt 2 --max-tokens 32 \
-	--dtype bfloat16 --max-model-len 512 --seed 0
+	--dtype $(DTYPE) --max-model-len 512 --seed 0
 
 demo-models: setup
 	$(DEMO_SAMPLE) --out build/demo/train32.jsonl
@@ -38,7 +43,7 @@ demo-models: setup
 # generations, which let an interrupted run resume) in build/eval/ and build/eval_k256/; the
 # reports (and the first run's plots) are copied to docs/quality/.
 EVAL := .venv/bin/vas-train eval $(DEMO_MODEL) --num-prompts 200 --max-tokens 32 --bon 4,16,64 --bon-prompts 200,50,20 \
-	--max-num-seqs 200
+	--max-num-seqs 200 --dtype $(DTYPE)
 
 eval: setup
 	$(EVAL) --top-k 20 --out build/eval

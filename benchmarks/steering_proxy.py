@@ -28,7 +28,7 @@ import torch
 REWARDS = ("positive", "concise", "simple")
 
 
-def make_data(out: Path, top_k: int = 20, responses_per_prompt: int = 4) -> None:
+def make_data(out: Path, top_k: int = 20, responses_per_prompt: int = 4, dtype: str = "bfloat16") -> None:
     from transformers import AutoTokenizer
     from vllm import LLM
 
@@ -43,7 +43,7 @@ def make_data(out: Path, top_k: int = 20, responses_per_prompt: int = 4) -> None
     prompts = pick(chitchat_prompts("heldout"), 200, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(base)
     ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
-    llm = LLM(**engine_kwargs(base, None, dtype="bfloat16", max_model_len=512, max_num_seqs=256, seed=0,
+    llm = LLM(**engine_kwargs(base, None, dtype=dtype, max_model_len=512, max_num_seqs=256, seed=0,
                               enable_chunked_prefill=False, disable_log_stats=True,
                               max_logprobs=max_logprobs_for(top_k)))
     gen = generate(llm, ids, n=responses_per_prompt, seed=0, max_tokens=32, weights=None, top_k=top_k, keep_topk=True)
@@ -97,6 +97,8 @@ def main() -> None:
     p = sub.add_parser("data")
     p.add_argument("out", type=Path)
     p.add_argument("--top-k", type=int, default=20, help="base log-probs kept per step")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="base-model dtype (float32 where bfloat16 is emulated: x86 without AVX512-BF16 or AMX)")
     p = sub.add_parser("score")
     p.add_argument("data", type=Path)
     p.add_argument("models", nargs="+")
@@ -107,7 +109,7 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.command == "data":
-        make_data(args.out, args.top_k)
+        make_data(args.out, args.top_k, dtype=args.dtype)
         return
     data = json.loads(args.data.read_text())
     have = min(len(ids) for steps in data["topk"] for ids, _ in steps)
