@@ -5,7 +5,8 @@
 200 held-out chitchat prompts, 32 new tokens, the demo value model; one engine, runs back to
 back, so the ratios compare like with like (docs/QUALITY.md, "Cost").
 """
-import json, time, sys
+import json
+import sys
 from value_models.evaluate import generate
 from value_models.prompts import chitchat_prompts, pick
 from value_models.sample import chat_prompt_ids

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 from vllm import SamplingParams
 
 from reference_vas import ReferenceValueModel, reference_greedy
