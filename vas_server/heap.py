@@ -20,7 +20,6 @@ with another allocator preloaded the call finds glibc's heap empty: a no-op.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import time
 from typing import Callable
 
@@ -30,8 +29,7 @@ DEFAULT_INTERVAL_S = 10.0
 def glibc_malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None where the C library has none."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim  # the C library the process already runs on
     except (OSError, AttributeError):
         return None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
