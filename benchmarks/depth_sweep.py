@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -74,7 +73,7 @@ def main() -> None:
 
     from value_models.records import read_samples
     from value_models.rewards import describe
-    from value_models.train import FitConfig, HeadPlan, fit, states_cache_path
+    from value_models.train import FitConfig, HeadPlan, fit, save_trunk_states, states_cache_path
     from value_models.training_trunk import TrunkPlan
     from vas_server.base_model import ensure_base_model
 
@@ -88,10 +87,7 @@ def main() -> None:
     if missing:
         started = time.perf_counter()
         for n, states in states_by_depth(base, samples, missing).items():
-            path = states_cache_path(cache, plans[n], samples)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(states, path.with_suffix(".tmp"))
-            os.replace(path.with_suffix(".tmp"), path)
+            save_trunk_states(states_cache_path(cache, plans[n], samples), states)
         timings["states_s"] = round(time.perf_counter() - started, 1)
 
     heads = [HeadPlan(name, "token", name, describe(name)) for name in REWARDS]

@@ -217,10 +217,15 @@ def _trunk_states(trunk: TrainingTrunk, samples: list[Sample], config: FitConfig
     if path.is_file():
         return torch.load(path, weights_only=True)
     states = _precompute_states(trunk, samples, config, progress)
+    save_trunk_states(path, states)
+    return states
+
+
+def save_trunk_states(path: Path, states: list[torch.Tensor]) -> None:
+    """Write cached trunk states to `path` (a states_cache_path) whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(states, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
-    return states
 
 
 def states_cache_path(cache_dir: Path | str, trunk: TrunkPlan, samples: list[Sample]) -> Path:
