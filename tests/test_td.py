@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from value_models.td import td_lambda_returns
+from value_models.td import td_lambda_returns, value_loss
 
 
 def test_hand_worked_example():
@@ -42,3 +42,31 @@ def test_lambda_limits(lam):
 def test_no_gradient_through_targets():
     values = torch.tensor([[0.5, 0.2]], requires_grad=True)
     assert not td_lambda_returns(values, torch.tensor([1.0]), torch.tensor([2])).requires_grad
+
+
+def test_value_loss_without_beta_is_the_spec_squared_error():
+    v, g = torch.tensor([0.3, -1.0, 2.0]), torch.tensor([1.0, -1.0, -0.5])
+    assert torch.equal(value_loss(v, g), 0.5 * (g - v) ** 2)
+    # The soft loss tends to it as beta -> 0 (its Taylor series starts with e^2 / 2 + beta e^3 / 6).
+    v, g = v.double(), g.double()
+    assert torch.allclose(value_loss(v, g, 1e-5), 0.5 * (g - v) ** 2, atol=1e-4)
+
+
+@pytest.mark.parametrize("beta", [2.0, -1.5])
+def test_soft_value_loss_is_minimised_by_the_soft_value(beta):
+    # Returns 1 and -1 with equal probability: the mean is 0, the soft value (1/beta) log cosh(beta),
+    # 0.66 for beta = 2 and -0.47 for beta = -1.5 (risk-averse): far from the mean either way.
+    g = torch.tensor([1.0, -1.0])
+    soft = float(torch.log(torch.cosh(torch.tensor(beta))) / beta)
+    v = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([v], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = value_loss(v.expand(2), g, beta).mean()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert abs(soft) > 0.4
+    assert float(v) == pytest.approx(soft, abs=1e-4)

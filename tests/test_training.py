@@ -10,6 +10,7 @@ R(y_0) with P(R = high) = 1/2, the values of the data policy are:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,30 @@ def test_fit_on_shuffled_rewards_does_not_learn(models, vocab_hash, tmp_path):
     result = fit(train, frozen_prefix_config(models["base"]), tmp_path / "vm", progress=False)
     rmse = value_rmse(result.path, models["base"], fresh)
     assert rmse["first"] > 1.75 * FIRST_THRESHOLD and rmse["other"] > 1.75 * OTHER_THRESHOLD, rmse
+
+
+def test_soft_fit_learns_soft_values(models, vocab_hash, tmp_path):
+    """With soft_beta the state head's value before the choice is the soft value (1/β) log E[exp(β r)]
+    of the standardised reward, not its mean; after the choice the outcome is certain and both agree."""
+    beta = 2.0
+    train = synthetic_samples(512, seed=1, vocab_hash=vocab_hash)
+    fresh = synthetic_samples(64, seed=2, vocab_hash=vocab_hash)
+    result = fit(train, frozen_prefix_config(models["base"], soft_beta=beta), tmp_path / "vm", progress=False)
+    first = load_spec(result.path).head("first")
+    rewards = torch.tensor([s.rewards["first"] for s in train], dtype=torch.float64)
+    standardised = (rewards - first.reward_mean) / first.reward_std
+    soft = first.reward_mean + first.reward_std * float(torch.logsumexp(beta * standardised, 0)
+                                                        - math.log(len(train))) / beta
+    assert soft - 0.5 > 0.3  # the mean (what the squared error learns, test_fit_learns_true_values) is 0.5
+
+    model = load_value_model(result.path, models["base"])
+    values = state_values(model, [s.prompt_token_ids for s in fresh], [s.response_token_ids for s in fresh])
+    h = model.heads.names.index("first")
+    before = torch.tensor([float(v[h, 0]) for v in values])
+    after = torch.cat([v[h, 1:] - first_reward(s.response_token_ids[0]) for s, v in zip(fresh, values)])
+    assert float(before.mean()) == pytest.approx(soft, abs=0.1)
+    assert float(after.pow(2).mean().sqrt()) < FIRST_THRESHOLD, after
+    assert load_spec(result.path).extra["training"]["soft_beta"] == beta
 
 
 def small_run_config(models, trunk: TrunkPlan, **overrides) -> FitConfig:

@@ -81,7 +81,7 @@ def _cmd_fit(args) -> None:
                           lora_alpha=args.lora_alpha)
     config = FitConfig(heads=args.head, trunk=trunk, lam=args.lam, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, token_proj_lr=args.token_proj_lr, trunk_lr=args.trunk_lr,
-                       lr_decay=args.lr_decay, passes_per_batch=args.passes, seed=args.seed,
+                       lr_decay=args.lr_decay, soft_beta=args.soft_beta, passes_per_batch=args.passes, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, extra={"samples": [Path(p).name for p in args.samples]},
                        default_top_k=args.default_top_k)
     result = fit(samples, config, args.out, states_cache=args.states_cache)
@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trunk-lr", type=float, default=1e-4)
     p.add_argument("--lr-decay", choices=LR_DECAYS, default="constant",
                    help="learning-rate schedule: constant, or linear decay to 0 at the last step")
+    p.add_argument("--soft-beta", type=float, default=0.0,
+                   help="0 (default): the spec's squared error, the base policy's values. B != 0: soft values "
+                        "(1/B) log E[exp(B G)], the KL-regularised optimum's values for steering at weight B")
     p.add_argument("--passes", type=int, default=2, help="passes per batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=100)

@@ -3,8 +3,8 @@
 Each head learns its own reward, standardised with the mean and std of its training rewards
 (stored in the head's spec). Every optimisation step takes one batch of responses and makes
 `passes_per_batch` passes over it; each pass computes the TD(λ) targets from the values of its own
-forward pass (detached, so held fixed during the pass) and minimises 0.5 * mean (v - G)^2, averaged
-over real states and summed over heads.
+forward pass (detached, so held fixed during the pass) and minimises 0.5 * mean (v - G)^2 (or, with
+`soft_beta`, its soft form: td.value_loss), averaged over real states and summed over heads.
 
 Resume: every `checkpoint_every` steps the value model (usable as is) and a training state
 (heads, trainable trunk weights, optimiser, step, loss history) are written to the output
@@ -37,7 +37,7 @@ from value_models.heads import ValueHeads
 from value_models.model import save_value_model
 from value_models.records import Sample, vocab_hash_of
 from value_models.states import gather_states, head_values, make_batch
-from value_models.td import DEFAULT_GAMMA, DEFAULT_LAMBDA, td_lambda_returns
+from value_models.td import DEFAULT_GAMMA, DEFAULT_LAMBDA, td_lambda_returns, value_loss
 from value_models.training_trunk import TrainingTrunk, TrunkPlan
 
 TRAIN_STATE_DIR = "train_state"
@@ -77,6 +77,9 @@ class FitConfig:
     # see a few noisy returns each; a decaying rate makes each one an average over all its
     # occurrences instead of a trace of its last few (Adam's steps do not shrink with the error).
     lr_decay: str = "constant"
+    # 0: the spec's squared error, values of the base policy. β != 0: soft values (td.value_loss),
+    # the KL-regularised optimum's values for steering at weight β; every head of the fit uses it.
+    soft_beta: float = 0.0
     passes_per_batch: int = 2
     seed: int = 0
     checkpoint_every: int = 100  # steps; 0 = only at the end
@@ -199,7 +202,7 @@ def _train_batch(trunk: TrainingTrunk, heads: ValueHeads, optimizer, embed, batc
         per_head = []
         for h in range(values.shape[0]):
             targets = td_lambda_returns(values[h], batch_rewards[h], batch.lengths, lam=config.lam, gamma=config.gamma)
-            per_head.append(0.5 * ((values[h] - targets) ** 2)[batch.mask].mean())
+            per_head.append(value_loss(values[h], targets, config.soft_beta)[batch.mask].mean())
         loss = torch.stack(per_head).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
