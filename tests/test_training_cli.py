@@ -54,3 +54,19 @@ def test_sample_score_fit(tmp_path):
     assert spec.head("concise").num_training_samples == 8  # both files
     assert spec.head("easy").description.startswith("Readability")
     load_value_model(out, base)
+    assert all(s.policy == {} for s in samples)
+
+    # Iterated values: the same prompts and seeds, sampled with VAS steered by the fitted model. A
+    # huge weight makes any spread in the head's values decide the candidates' order, so the
+    # responses cannot all be the base's (which they would be, seed for seed, without steering).
+    steered_file = tmp_path / "steered.jsonl"
+    main(["sample", "--base", str(base), "--prompts", str(tmp_path / "prompts.txt"), "--samples-per-prompt", "3",
+          "--max-tokens", "12", "--dtype", "float32", "--max-model-len", "128", "--value-model", str(out),
+          "--weight", "concise=100", "--top-k", "8", "--out", str(steered_file)])
+    steered = read_samples(steered_file)
+    assert all(s.policy == {"value_model": "vm", "weights": {"concise": 100.0}, "top_k": 8} for s in steered)
+    assert [s.prompt_token_ids for s in steered] == [s.prompt_token_ids for s in samples]
+    assert [s.response_token_ids for s in steered] != [s.response_token_ids for s in samples]
+    with pytest.raises(SystemExit):
+        main(["sample", "--base", str(base), "--prompts", str(tmp_path / "prompts.txt"), "--weight", "concise=1",
+              "--out", str(tmp_path / "refused.jsonl")])

@@ -33,9 +33,12 @@ def _cmd_sample(args) -> None:
         sys.exit("give exactly one of --prompts FILE or --chitchat {train,heldout}")
     prompts = read_prompts(args.prompts) if args.prompts else chitchat_prompts(args.chitchat)
     prompts = pick(prompts, args.num_prompts, seed=args.seed)
+    if bool(args.value_model) != bool(args.weight):
+        sys.exit("steered sampling needs both --value-model DIR and --weight NAME=W")
     samples = sample(_base_dir(args.base), prompts, samples_per_prompt=args.samples_per_prompt,
                      max_tokens=args.max_tokens, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len,
-                     first_sample=args.first_sample)
+                     first_sample=args.first_sample, value_model=args.value_model,
+                     weights=dict(args.weight or []), top_k=args.top_k)
     write_samples(args.out, samples)
     print(f"wrote {len(samples)} samples to {args.out}")
 
@@ -118,6 +121,16 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _head_weight(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        if sep and name:
+            return name, float(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT, e.g. positive=2.2, got {text!r}")
+
+
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -166,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--value-model", help="sample with VAS steered by this value model (iterated values) "
+                                         "instead of from the base; needs --weight")
+    p.add_argument("--weight", action="append", type=_head_weight, help="NAME=W: a head's VAS weight (repeatable)")
+    p.add_argument("--top-k", type=int, help="VAS candidates per step (default: the value model's default_top_k)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_sample)
 

@@ -3,8 +3,9 @@
 Fields: prompt (the user text), prompt_token_ids (chat template applied), response,
 response_token_ids (as sampled, end-of-sequence token included when the model stopped),
 finish_reason, base_logprob (sum of the base's log-probs of the response tokens), vocab_hash
-(of the tokenizer that made the ids, checked before training), and after `score`,
-rewards {reward spec: value}.
+(of the tokenizer that made the ids, checked before training), policy ({} for the base;
+for VAS-steered samples the value model's directory name, weights and top-K), and after
+`score`, rewards {reward spec: value}.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Sample:
     finish_reason: str = ""
     base_logprob: float | None = None
     vocab_hash: str = ""
+    policy: dict = field(default_factory=dict)
     rewards: dict[str, float] = field(default_factory=dict)
 
 

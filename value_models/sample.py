@@ -5,6 +5,9 @@ base policy p0 whose values VAS needs. Each prompt is wrapped in the base's chat
 user turn, exactly as the server would see a chat request. Every (prompt, sample index) gets its
 own seed, so a prompt's responses do not depend on which other prompts share the batch.
 
+With a value model and weights, the responses come from the VAS-steered policy instead (iterated
+values, docs/TRAINING.md): values fitted to them are the steered policy's, not p0's.
+
 vLLM starts worker processes: scripts that call `sample` need an `if __name__ == "__main__":` guard.
 """
 
@@ -26,18 +29,27 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt: int = 1, max_tokens: int = 96,
            seed: int = 0, dtype: str = "auto", max_model_len: int = 1024, first_sample: int = 0,
+           value_model: str | None = None, weights: dict[str, float] | None = None, top_k: int | None = None,
            **engine_overrides) -> list[Sample]:
     """Samples j = first_sample .. first_sample + samples_per_prompt - 1 of every prompt. A later
     call with a higher `first_sample` extends a data set with new responses to the same prompts
-    (each sample's seed depends only on its prompt's index and j)."""
+    (each sample's seed depends only on its prompt's index and j). `value_model` and `weights`
+    (and optionally `top_k`, else the model's default): sample with VAS at those weights; every
+    record's `policy` says so. base_logprob stays the raw base's (vLLM's log-probs are taken
+    before logits processors)."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from value_models.format import tokenizer_identity
+    from vas_server.config import VASConfig
     from vas_server.engine import engine_kwargs
+    from vas_server.params import make_extra_args
 
     if first_sample < 0 or first_sample + samples_per_prompt > SEEDS_PER_PROMPT:
         raise ValueError(f"sample indices must lie in 0..{SEEDS_PER_PROMPT - 1}")
+    if bool(value_model) != bool(weights):
+        raise ValueError("steered sampling needs both a value model and weights")
+    policy = {"value_model": Path(value_model).name, "weights": dict(weights), "top_k": top_k} if value_model else {}
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
     vocab_hash = tokenizer_identity(tokenizer).vocab_hash
     prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
@@ -48,7 +60,9 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
     # No chunked prefill: vLLM 0.32 (CPU) fails on a seeded request whose prefill is split
     # ("CPU Generator does not use offset"), and we seed every request.
     engine_overrides.setdefault("enable_chunked_prefill", False)
-    llm = LLM(**engine_kwargs(str(base_model_dir), None, dtype=dtype, max_model_len=max_model_len, seed=seed,
+    extra = make_extra_args(weights, top_k=top_k) if value_model else None
+    vas = VASConfig(value_models={"sample": str(value_model)}) if value_model else None
+    llm = LLM(**engine_kwargs(str(base_model_dir), vas, dtype=dtype, max_model_len=max_model_len, seed=seed,
                               **engine_overrides))
     requests, params, owners = [], [], []
     for i, ids in enumerate(prompt_ids):
@@ -56,7 +70,7 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
             requests.append(TokensPrompt(prompt_token_ids=ids))
             # logprobs=0: the log-prob of each sampled token under the raw base distribution.
             params.append(SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens,
-                                         seed=seed + i * SEEDS_PER_PROMPT + j, logprobs=0))
+                                         seed=seed + i * SEEDS_PER_PROMPT + j, logprobs=0, extra_args=extra))
             owners.append(i)
     outputs = llm.generate(requests, params)
     result = []
@@ -65,5 +79,5 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
         result.append(Sample(prompt=prompts[i], prompt_token_ids=list(prompt_ids[i]), response=completion.text,
                              response_token_ids=list(completion.token_ids),
                              finish_reason=str(completion.finish_reason),
-                             base_logprob=completion.cumulative_logprob, vocab_hash=vocab_hash))
+                             base_logprob=completion.cumulative_logprob, vocab_hash=vocab_hash, policy=policy))
     return result
