@@ -38,7 +38,8 @@ def _cmd_sample(args) -> None:
     samples = sample(_base_dir(args.base), prompts, samples_per_prompt=args.samples_per_prompt,
                      max_tokens=args.max_tokens, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len,
                      first_sample=args.first_sample, value_model=args.value_model,
-                     weights=dict(args.weight or []), top_k=args.top_k)
+                     weights=dict(args.weight or []), top_k=args.top_k,
+                     **({"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}))
     write_samples(args.out, samples)
     print(f"wrote {len(samples)} samples to {args.out}")
 
@@ -183,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "instead of from the base; needs --weight")
     p.add_argument("--weight", action="append", type=_head_weight, help="NAME=W: a head's VAS weight (repeatable)")
     p.add_argument("--top-k", type=int, help="VAS candidates per step (default: the value model's default_top_k)")
+    p.add_argument("--max-num-seqs", type=int, help="requests decoded at once (default: vLLM's; with --value-model "
+                                                    "the server's 32)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_sample)
 
