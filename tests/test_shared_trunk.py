@@ -11,7 +11,6 @@ The probe wraps the worker's `ValueRuntime.score` and logs every row's candidate
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import os
@@ -22,7 +21,7 @@ import cloudpickle
 import pytest
 from vllm import SamplingParams
 
-from conftest import engine_overrides
+from conftest import engine_overrides, heads_registry_kept
 from reference_vas import ReferenceValueModel, reference_greedy
 from value_models.format import TrunkSpec, ValueModelSpec, load_head_tensors, load_spec, save_head_tensors, save_spec
 from value_models.synthetic import random_value_model
@@ -81,17 +80,6 @@ def _take_log(worker):
     return out
 
 
-@contextlib.contextmanager
-def _heads_registry_kept():
-    """engine_kwargs registers its heads process-wide (for admission checks); restore the session
-    engines' registration afterwards so that later test modules admit their heads."""
-    from vas_server.processor import VASLogitsProcessor
-
-    known = VASLogitsProcessor._known_heads
-    yield
-    VASLogitsProcessor._known_heads = known
-
-
 def _engine(tiny_base, models, **overrides):
     from vllm import LLM
 
@@ -112,7 +100,7 @@ def _engine(tiny_base, models, **overrides):
 
 @pytest.fixture(scope="module")
 def mixed_llm(tiny_base, value_models, shared_models):
-    with _heads_registry_kept():
+    with heads_registry_kept():
         llm = _engine(tiny_base, {"prefix": value_models["prefix"], **shared_models}, **engine_overrides())
         yield llm
     llm.llm_engine.engine_core.shutdown()
@@ -123,7 +111,7 @@ def mixed_llm(tiny_base, value_models, shared_models):
 @pytest.fixture(scope="module")
 def chunked_llm(tiny_base, shared_models):
     overrides = {k: v for k, v in engine_overrides().items() if k != "max_num_seqs"}
-    with _heads_registry_kept():
+    with heads_registry_kept():
         llm = _engine(tiny_base, {"shared1": shared_models["shared1"], "shared2": shared_models["shared2"]},
                       **overrides, enable_chunked_prefill=True, max_num_batched_tokens=BUDGET)
         yield llm
@@ -250,7 +238,7 @@ def test_only_shared_models_no_cap_no_cache(chunked_llm, mixed_llm, tiny_base, s
     from vas_server.engine import DEFAULT_VAS_REQUESTS, engine_kwargs
 
     only_shared = {"shared1": shared_models["shared1"], "shared2": shared_models["shared2"]}
-    with _heads_registry_kept():
+    with heads_registry_kept():
         assert "max_num_seqs" not in engine_kwargs(str(tiny_base), VASConfig(value_models=only_shared))
         mixed = engine_kwargs(str(tiny_base), VASConfig(value_models={**only_shared, "prefix": value_models["prefix"]}))
     assert mixed["max_num_seqs"] == DEFAULT_VAS_REQUESTS
