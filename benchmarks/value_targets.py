@@ -86,13 +86,15 @@ def main() -> None:
     models: dict[str, dict] = {}
     for beta in betas:
         model_dir = args.work / f"{'_'.join(heads)}_b{beta:g}"
-        started = time.perf_counter()
         # The same FitConfig as `vas-train fit` with these settings, so either makes the same model.
         config = FitConfig(heads=[HeadPlan(h, "token", h, describe(h)) for h in heads], trunk=trunk,
                            soft_beta=beta, extra={"samples": [p.name for p in args.samples]}, **FIT_SETTINGS)
-        if not _fitted(model_dir, config):  # a repeated command keeps the models it already made
+        fit_s = None  # a repeated command keeps the models it already made (and has no fit time for them)
+        if not _fitted(model_dir, config):
+            started = time.perf_counter()
             fit(samples, config, model_dir, progress=False, states_cache=args.states_cache or args.work / "states")
-        models[f"beta {beta:g}"] = {"dir": model_dir, "beta": beta, "fit_s": round(time.perf_counter() - started, 1)}
+            fit_s = round(time.perf_counter() - started, 1)
+        models[f"beta {beta:g}"] = {"dir": model_dir, "beta": beta, "fit_s": fit_s}
     if args.reference:
         models["reference"] = {"dir": args.reference, "beta": None}
 
