@@ -47,15 +47,16 @@ class FakeRuntime:
             assert slot not in self.free_slots, "slot released twice"
             self.free_slots.append(slot)
 
-    def score(self, rows, candidates, batch_rows, num_rows):
+    def score(self, rows, candidates, batch_rows, num_rows, new_tokens=None):
         self.last_rows = [list(r.prompt) for r in rows]
         return candidates.to(torch.float32)[:, None, :]  # q(t) = t
 
 
-def processor(slots: int = 4, needs_slot: bool = True) -> VASLogitsProcessor:
-    config = SimpleNamespace(additional_config={"vas": {"value_models": {}, "default_top_k": 3}})
+def processor(slots: int = 4, needs_slot: bool = True):
+    config = SimpleNamespace(additional_config={"vas": {"value_models": {}, "default_top_k": 3}},
+                             use_v2_model_runner=False)
     proc = VASLogitsProcessor(config, torch.device("cpu"), False)
-    proc.runtime = FakeRuntime(slots, needs_slot)
+    proc.steering.runtime = FakeRuntime(slots, needs_slot)
     return proc
 
 
@@ -80,7 +81,7 @@ def logits(rows: int) -> torch.Tensor:
 def test_added_rows_get_slots_and_are_steered_by_the_rule():
     proc = processor()
     proc.update_state(update(3, added=[add(0, 2.0), add(1, None), add(2, -1.0, top_k=2)]))
-    assert sorted(proc.rows) == [0, 2] and proc.runtime.slots_in_use == 2  # the plain row holds nothing
+    assert sorted(proc.rows) == [0, 2] and proc.steering.runtime.slots_in_use == 2  # the plain row holds nothing
     before = logits(3)
     out = proc.apply(before.clone())
     assert torch.equal(out[1], before[1])  # plain rows are never touched
@@ -95,18 +96,18 @@ def test_removed_rows_release_their_slot_once():
     proc = processor()
     proc.update_state(update(2, added=[add(0, 1.0), add(1, 1.0)]))
     proc.update_state(update(1, removed=[1]))
-    assert list(proc.rows) == [0] and proc.runtime.slots_in_use == 1
+    assert list(proc.rows) == [0] and proc.steering.runtime.slots_in_use == 1
     proc.update_state(update(1, removed=[1]))  # removing an empty row again changes nothing
-    assert proc.runtime.slots_in_use == 1
+    assert proc.steering.runtime.slots_in_use == 1
 
 
 def test_a_row_added_over_another_replaces_it_and_frees_its_slot():
     proc = processor()
     proc.update_state(update(1, added=[add(0, 1.0, prompt=(1,))]))
     proc.update_state(update(1, added=[add(0, 1.0, prompt=(2,))]))
-    assert proc.runtime.slots_in_use == 1
+    assert proc.steering.runtime.slots_in_use == 1
     proc.apply(logits(1))
-    assert proc.runtime.last_rows == [[2]]
+    assert proc.steering.runtime.last_rows == [[2]]
 
 
 def test_swap_exchanges_rows_and_their_settings():
@@ -124,29 +125,29 @@ def test_one_way_move_overwrites_the_target_and_frees_its_slot():
     proc.update_state(update(3, added=[add(0, 1.0, prompt=(10,)), add(2, 1.0, prompt=(12,))]))
     proc.update_state(update(2, removed=[1], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
     assert list(proc.rows) == [0] and proc.rows[0].input.prompt == [12]
-    assert proc.runtime.slots_in_use == 1
+    assert proc.steering.runtime.slots_in_use == 1
 
 
 def test_preempted_request_is_re_added_with_its_outputs():
     proc = processor()
     proc.update_state(update(1, added=[add(0, 1.0, prompt=(1, 2))]))
     proc.update_state(update(0, removed=[0]))  # preempted: removed, its slot freed
-    assert proc.runtime.slots_in_use == 0
+    assert proc.steering.runtime.slots_in_use == 0
     proc.update_state(update(1, added=[add(0, 1.0, prompt=(1, 2), outputs=(3, 4))]))
-    assert proc.resumed_requests == 1 and proc.rows[0].input.outputs == [3, 4]
-    assert proc.runtime.slots_in_use == 1
+    assert proc.steering.resumed_requests == 1 and proc.rows[0].input.outputs == [3, 4]
+    assert proc.steering.runtime.slots_in_use == 1
 
 
 def test_full_cache_leaves_the_request_unsteered_instead_of_failing():
     proc = processor(slots=1)
     proc.update_state(update(2, added=[add(0, 1.0), add(1, 1.0)]))
-    assert list(proc.rows) == [0] and proc.dropped_requests == 1
+    assert list(proc.rows) == [0] and proc.steering.dropped_requests == 1
 
 
 def test_shared_path_rows_take_no_slot():
     proc = processor(slots=0, needs_slot=False)
     proc.update_state(update(2, added=[add(0, 1.0), add(1, 1.0)]))
-    assert sorted(proc.rows) == [0, 1] and proc.dropped_requests == 0
+    assert sorted(proc.rows) == [0, 1] and proc.steering.dropped_requests == 0
 
 
 @pytest.mark.parametrize("extra_args", [
@@ -172,17 +173,18 @@ def test_restricted_rows_sample_only_their_candidates_and_logits_stay_finite():
 
 def test_non_finite_values_never_reach_the_sampler():
     proc = processor()
-    proc.runtime.score = lambda rows, candidates, *a: torch.full((len(rows), 1, candidates.shape[1]), math.nan)
+    proc.steering.runtime.score = lambda rows, candidates, *a: torch.full((len(rows), 1, candidates.shape[1]), math.nan)
     proc.update_state(update(1, added=[add(0, 100.0)]))
     out = proc.apply(logits(1))
     assert torch.isfinite(out).all()
 
 
 def test_rows_without_top_k_take_the_value_models_declared_default():
-    config = SimpleNamespace(additional_config={"vas": {"value_models": {}}})  # no --default-top-k
+    config = SimpleNamespace(additional_config={"vas": {"value_models": {}}},  # no --default-top-k
+                             use_v2_model_runner=False)
     proc = VASLogitsProcessor(config, torch.device("cpu"), False)
-    proc.runtime = FakeRuntime(4)
-    proc.heads = {"h": SimpleNamespace(default_top_k=2)}  # as vas.json's default_top_k would say
+    proc.steering.runtime = FakeRuntime(4)
+    proc.steering.heads = {"h": SimpleNamespace(default_top_k=2)}  # as vas.json's default_top_k would say
     proc.update_state(update(2, added=[add(0, 1.0), add(1, 1.0, top_k=4)]))
     assert proc.rows[0].top_k == 2 and proc.rows[1].top_k == 4  # the request's vas_top_k wins
     before = logits(2)
@@ -192,7 +194,7 @@ def test_rows_without_top_k_take_the_value_models_declared_default():
 
 def test_the_processor_checks_the_heap_trimmer_every_engine_step():
     proc = processor()
-    proc.heap = HeapTrimmer(interval_s=0, trim=lambda pad: 1)  # interval 0: trims at every check
+    proc.steering.heap = HeapTrimmer(interval_s=0, trim=lambda pad: 1)  # interval 0: trims at every check
     for step in range(4):
         proc.update_state(update(0) if step % 2 else None)  # vLLM passes None when the batch is unchanged
     assert proc.stats()["heap_trims"] == 4

@@ -59,8 +59,8 @@ def shared_models(tiny_dir, tiny_base, value_models) -> dict[str, str]:
 
 def _install_probe(worker):
     proc = next(p for p in worker.model_runner.input_batch.logitsprocs.non_argmax_invariant
-                if type(p).__name__ == "VASLogitsProcessor")
-    runtime, log = proc.runtime, []
+                if type(p).__name__ == "V1Processor")
+    runtime, log = proc.steering.runtime, []
     score = runtime.score
 
     def logged(rows, candidates, *args):

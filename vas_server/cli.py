@@ -77,9 +77,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return parser, serve
 
 
-def configure(args: argparse.Namespace, defaults: argparse.Namespace):
+def explicit_args(argv: Sequence[str]) -> dict[str, Any]:
+    """The serve arguments the user gave on the command line (or in a --config file), whatever
+    their values: `--no-enforce-eager` is given even though it equals vLLM's default, and must
+    win over vas-server's CPU default."""
+    _, serve_parser = build_parser()
+    for action in serve_parser._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return vars(serve_parser.parse_args(list(argv)))
+
+
+def configure(args: argparse.Namespace, defaults: argparse.Namespace, given: dict[str, Any] | None = None):
     """Fill in the base model, the value models and every setting VAS needs, in place; returns
-    the VASConfig. A flag the user gave wins over our defaults (see engine.engine_settings)."""
+    the VASConfig. A flag the user gave (`given`, from explicit_args) wins over our defaults
+    (see engine.engine_settings)."""
     from vas_server.config import VASConfig
     from vas_server.engine import engine_settings, prepare_environment
 
@@ -102,7 +114,10 @@ def configure(args: argparse.Namespace, defaults: argparse.Namespace):
                                              ("max_body_bytes", args.max_body_bytes),
                                              ("max_sequences_per_request", args.max_sequences_per_request))
                if value is not None}
-    given = {key: value for key, value in vars(args).items() if value != getattr(defaults, key, None)}
+    if given is None:  # called from Python: whatever differs from the defaults counts as given
+        given = {key: value for key, value in vars(args).items() if value != getattr(defaults, key, None)}
+    else:
+        given = {key: getattr(args, key) for key in given}  # as resolved above (model, api key)
     try:
         vas = VASConfig(value_models=value_models, **options)
         settings = engine_settings(vas, given)  # reads every vas.json: a bad directory fails here
@@ -148,14 +163,14 @@ def announce_when_ready(args: argparse.Namespace, heads: Sequence[str]) -> None:
     threading.Thread(target=poll, name="vas-ready", daemon=True).start()
 
 
-def serve(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
+def serve(args: argparse.Namespace, defaults: argparse.Namespace, given: dict[str, Any] | None = None) -> None:
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.launchers.cli_args import validate_parsed_serve_args
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
     cli_env_setup()
-    vas = configure(args, defaults)
+    vas = configure(args, defaults, given)
     if args.port == 0:  # the ready line needs the real port: pick a free one now
         with socket.socket() as s:
             s.bind((args.host or "", 0))
@@ -167,10 +182,11 @@ def serve(args: argparse.Namespace, defaults: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser, serve_parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
-        serve(args, serve_parser.parse_args([]))
+        serve(args, serve_parser.parse_args([]), explicit_args(argv[1:]))  # argv[0] is "serve"
 
 
 if __name__ == "__main__":

@@ -1,23 +1,25 @@
 """Build vLLM engine arguments with the VAS processor wired in. Both the server and the tests
 use this, so the environment and flags that VAS needs are set in exactly one place.
 
-Why each setting:
-  * VLLM_USE_V2_MODEL_RUNNER=0: vLLM 0.32 GPU builds default to the V2 model runner, which
-    rejects V1-interface logits processors such as ours.
-  * async_scheduling=False: with async scheduling the output-token lists the processor reads may
-    hold placeholders for tokens not yet sampled; VAS must see committed tokens only.
-  * VLLM_CPU_OMP_THREADS_BIND=nobind on small CPU machines, or the worker gets one thread.
-  * enforce_eager on CPU: starts in seconds instead of compiling. On GPUs too when a value model
-    takes the shared path: its states come from a Python forward hook (vas_server.hidden_states),
-    which CUDA-graph replay would skip.
-  * enable_chunked_prefill=False on CPU: vLLM 0.32's CPU build kills the engine
-    ("CPU Generator does not use offset") when a seeded request's prefill is split over steps;
-    it rewinds the request's generator with a CUDA-only call. VAS itself is correct under chunked
-    prefill (tests/test_chunked_prefill.py runs it with greedy requests, which have no generator).
-  * dtype=float32 on an x86 CPU without AVX512-BF16 or AMX: vLLM's CPU build would follow the
-    checkpoint's bfloat16 there too, and emulated bfloat16 is several times slower than float32
-    (measured on a 2-core AVX2 EPYC: 14.8 against 39.9 tokens/s at batch 8, 18.3 against 86.3 at
-    batch 64; torch's bf16 matmul 0.3 GFLOP/s against 100 for float32).
+VAS runs on vLLM's default execution path: either model runner (vas_server.processor picks the
+processor interface), async scheduling, torch.compile and CUDA graphs (the hidden-state tap lives
+inside the model's forward: vas_server.hidden_states). What it sets, each only when the user did
+not set it (docs/SERVER.md, "What vas-server changes in vLLM's engine"):
+  * the processor, its `additional_config` and the worker extension (`vas_stats`);
+  * max_num_seqs capped at the value-cache capacity when a value model runs on the separate
+    runtime: extra requests wait in vLLM's queue instead of overflowing the preallocated cache;
+  * on CPUs only:
+    - enforce_eager: starts in ~16 s instead of ~3 min of inductor compilation the first time
+      (then from vLLM's disk cache); `--no-enforce-eager` compiles, with VAS as without;
+    - enable_chunked_prefill=False: vLLM 0.32's CPU build kills the engine ("CPU Generator does
+      not use offset") when a seeded request's prefill is split over steps; it rewinds the
+      request's generator with a CUDA-only call. VAS itself is correct under chunked prefill
+      (tests/test_chunked_prefill.py runs it with greedy requests, which have no generator);
+    - dtype=float32 on an x86 CPU without AVX512-BF16 or AMX: vLLM's CPU build would follow the
+      checkpoint's bfloat16 there too, and emulated bfloat16 is several times slower than float32
+      (measured on a 2-core AVX2 EPYC: 14.8 against 39.9 tokens/s at batch 8, 18.3 against 86.3 at
+      batch 64; torch's bf16 matmul 0.3 GFLOP/s against 100 for float32);
+    - VLLM_CPU_OMP_THREADS_BIND=nobind on small machines, or the worker gets one thread.
 """
 
 from __future__ import annotations
@@ -54,7 +56,6 @@ def cpu_lacks_fast_bfloat16() -> bool:
 
 def prepare_environment() -> None:
     """Environment variables vLLM reads at engine start (inherited by its worker processes)."""
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     if not on_gpu():
         if (os.cpu_count() or 1) <= 8:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -62,12 +63,13 @@ def prepare_environment() -> None:
 
 
 def engine_settings(vas: VASConfig | None, given: dict[str, Any]) -> dict[str, Any]:
-    """The engine arguments vas-server sets, given those the user set (`given`, which win over
-    our defaults). Used by `engine_kwargs` (Python) and by `vas-server serve` (CLI flags).
+    """The engine arguments vas-server sets, given those the user set (`given`: every argument the
+    user gave, whatever its value, and nothing else; they win over our defaults). Used by
+    `engine_kwargs` (Python) and by `vas-server serve` (CLI flags).
 
     With `vas=None` the engine is plain vLLM (the baseline in tests and benchmarks).
     """
-    defaults: dict[str, Any] = {"async_scheduling": False}
+    defaults: dict[str, Any] = {}
     if not on_gpu():
         defaults.update(enforce_eager=True, enable_chunked_prefill=False)
         if cpu_lacks_fast_bfloat16():
@@ -87,14 +89,9 @@ def engine_settings(vas: VASConfig | None, given: dict[str, Any]) -> dict[str, A
         capacity = vas.max_requests or given.get("max_num_seqs") or DEFAULT_VAS_REQUESTS
         vas = dataclasses.replace(vas, max_requests=capacity)
         settings["max_num_seqs"] = min(given.get("max_num_seqs") or capacity, capacity)
-    if on_gpu() and given.get("enforce_eager") is None and any(h.runtime == "shared" for h in heads.values()):
-        settings["enforce_eager"] = True  # the shared path's forward hook must run every step
     settings["logits_processors"] = [*(given.get("logits_processors") or []), PROCESSOR_FQCN]
     settings["worker_extension_cls"] = WORKER_EXTENSION
     settings["additional_config"].update(vas.to_additional_config())
-    from vas_server.processor import VASLogitsProcessor
-
-    VASLogitsProcessor.register_heads(heads)  # for validate_params in this process
     return settings
 
 

@@ -1,115 +1,131 @@
-"""The hidden-state tap: the served base's own layer-N states, read from vLLM's forward pass.
+"""The hidden-state tap: the served base's own layer-N states, handed over at `compute_logits`.
 
 For a value model on the shared-trunk path (vas_server.config.runtime_path), the trunk state at a
-row's sampled position is the base's residual stream after its first N layers, passed through the
-base's final norm: exactly what value_models.trunk.Trunk (N layers, final norm) computes, and what
-training uses (value_models.training_trunk: HF's `last_hidden_state` of the base cut to N layers).
-vLLM computes that residual stream for every scheduled token anyway; the tap copies it out at the
-positions vLLM samples from, one row per logits row, so the value heads need no trunk and no cache.
+row's sampled position is the base's residual stream after its first N layers, through the base's
+final norm: exactly what value_models.trunk.Trunk (N layers, final norm) computes and what
+training uses. vLLM computes that residual stream for every scheduled token anyway. The tap gets
+it out of vLLM's own forward without hooks, so it survives torch.compile and CUDA graphs:
 
-Everything here that depends on vLLM internals (pinned at vllm 0.32.0; tests/test_shared_trunk.py
-checks the values against an HF reference and against the separate value runtime):
-  1. Logits processors are built inside `GPUModelRunner.__init__` (also the CPU runner's), via
-     `InputBatch(...)` -> `build_logitsprocs`, before the model is loaded. `find_model_runner`
-     finds that runner on the call stack; `HiddenStateTap.attach` installs the hooks later, on the
-     processor's first `update_state` (the first engine step, after `load_model`).
-  2. `runner.get_model().model` has `layers` (decoder layers whose forward returns
-     `(hidden_states, residual)`, the residual stream after the layer being their sum; their
-     successor's fused add-norm updates `residual` in place, so the hook copies first), `norm`
-     (an RMSNorm with `weight` and `variance_epsilon`) and `embed_tokens` (weight [>= vocab, H]):
-     vLLM's llama, mistral and qwen2 models, the trunk types value models support.
-  3. Without speculative decoding, logits row i belongs to request i of `runner.input_batch`
-     (`input_batch.num_reqs` rows) and is sampled at that request's last scheduled token:
-     `logits_indices = query_start_loc[1:] - 1` (`_prepare_inputs`), where `query_start_loc` is
-     the runner's persistent buffer `runner.query_start_loc.gpu` (on CPU the same tensor as
-     `.cpu`), filled before the forward runs. Partial chunked-prefill rows are sampled too (the
-     token is discarded), so they get a state as well; it is simply unused.
-  4. The decoder layers run eagerly, so a Python forward hook runs at every forward. CUDA-graph
-     replay would skip it: engine_kwargs sets `enforce_eager` when a shared-path model is loaded,
-     and `states()` raises if this step's forward did not fill a layer.
+  1. vas_server.tap_models registers, for the base's architecture, vLLM's own model class with
+     three small overrides. At init it turns on vLLM's auxiliary hidden-state outputs (the EAGLE-3
+     mechanism, `EagleModelMixin._set_aux_hidden_state_layers`) for the value models' depths
+     N < num_layers: the compiled decoder then returns `hidden + residual` after layer N as an
+     extra output, computed inside the compiled graph (and captured by CUDA graphs).
+  2. `forward` returns one tensor, [tokens, H * (1 + depths)]: the final hidden state with the
+     aux states appended as columns. Both model runners (V1 and V2) select the sampled rows of
+     the forward's output (`hidden_states[logits_indices]`) and pass exactly those rows, in logits
+     order, to `compute_logits`, eagerly, right before sampling.
+  3. `compute_logits` splits the columns again: the first H go to the LM head as usual, and the
+     rows are published here (`publish`), one row per logits row. For N = num_layers the
+     state is `compute_logits`'s own input (the final norm is already applied); for N < num_layers
+     the final norm is applied here, on the sampled rows only.
+
+The processor (built by the runner before the model, on the same VllmConfig) reads the rows in
+`apply`, which runs after `compute_logits` in the same step. Model and processor meet through
+`HiddenStateTap.for_config(vllm_config)`: one tap per engine configuration in the process.
+
+Invariants: `states(n, rows)` returns rows published by this step's `compute_logits` (the
+processor `clear()`s the tap after each use, so a step whose forward published nothing fails
+loudly instead of reusing an earlier step's rows); row i is logits row i.
 """
 
 from __future__ import annotations
 
-import sys
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
 from value_models.trunk import rms_norm
 
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
-def find_model_runner():
-    """The vLLM model runner whose __init__ is building the calling logits processor (internal 1)."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, GPUModelRunner):
-            return candidate
-        frame = frame.f_back
-    raise RuntimeError("the shared-trunk value path needs vLLM's V1 model runner (GPUModelRunner or "
-                       "CPUModelRunner), which was not found building the logits processor")
+def shared_depths(vllm_config: "VllmConfig") -> tuple[int, ...]:
+    """The trunk depths N of the shared-path value models in this engine's VAS config (sorted)."""
+    from value_models.format import load_spec
+    from vas_server.config import VASConfig, runtime_path
+
+    config = VASConfig.from_additional_config(vllm_config.additional_config)
+    specs = [load_spec(path) for path in config.value_models.values()]
+    return tuple(sorted({s.trunk.num_layers for s in specs if runtime_path(s) == "shared"}))
 
 
 class HiddenStateTap:
-    """Per engine step: for each requested depth N, `states(N)` is [num_reqs, H], row i the base's
-    residual stream after layer N at request i's sampled position, through the final norm.
+    """Per engine step, `states(N, rows)` is [rows, H]: row i the base's state after layer N at
+    logits row i's sampled position, through the final norm."""
 
-    Invariant: a state is set by this step's forward (hooks) and dropped by `clear()`, which the
-    processor calls at the end of every `apply`; so `states` never returns an earlier step's rows.
-    """
+    # One tap per VllmConfig object alive in this process (the model runner hands the same object
+    # to the logits processors and to the model). Keyed by id() with the object kept alongside,
+    # so that an id is never reused while its tap exists.
+    _by_config: ClassVar[dict[int, tuple["VllmConfig", "HiddenStateTap"]]] = {}
 
-    def __init__(self, runner, layers: set[int]):
-        config = runner.vllm_config
-        if config.speculative_config is not None:
-            raise ValueError("the shared-trunk value path does not support speculative decoding")
-        if config.parallel_config.pipeline_parallel_size > 1:
-            raise ValueError("the shared-trunk value path does not support pipeline parallelism")
-        total = config.model_config.hf_config.num_hidden_layers
-        bad = [n for n in layers if not 1 <= n <= total]
+    def __init__(self, depths: tuple[int, ...], num_layers: int, hidden_size: int, reject_reason: str | None):
+        bad = [n for n in depths if not 1 <= n <= num_layers]
         if bad:
-            raise ValueError(f"value-model trunk depth {bad} outside the base's 1..{total} layers")
-        self.runner = runner
-        self.layers = sorted(layers)
-        self.attached = False
-        self._states: dict[int, torch.Tensor] = {}
-        self._norm_weight: torch.Tensor | None = None
-        self._eps = 0.0
-        self.embedding: torch.Tensor | None = None  # the base's input embedding [>= V, H]
+            raise ValueError(f"value-model trunk depth {bad} outside the base's 1..{num_layers} layers")
+        if reject_reason and depths:
+            raise ValueError(f"the shared-trunk value path does not support {reject_reason}")
+        self.depths = depths
+        self.num_layers = num_layers
+        self.hidden_size = hidden_size
+        # Depths the decoder must output as extra columns (N = num_layers is compute_logits' input).
+        self.aux_layers = tuple(n for n in depths if n < num_layers)
+        self.model = None  # the loaded base (bound by the model class): final norm and embedding
+        self._rows: torch.Tensor | None = None  # this step's published rows [R, H * (1 + aux)]
 
-    def attach(self) -> None:
-        """Install one forward hook per depth on the loaded base model (internal 2)."""
-        decoder = self.runner.get_model().model
-        self._norm_weight = decoder.norm.weight
-        self._eps = decoder.norm.variance_epsilon
-        self.embedding = decoder.embed_tokens.weight
-        for n in self.layers:
-            decoder.layers[n - 1].register_forward_hook(self._hook(n))
-        self.attached = True
+    @classmethod
+    def for_config(cls, vllm_config: "VllmConfig") -> "HiddenStateTap":
+        entry = cls._by_config.get(id(vllm_config))
+        if entry is not None and entry[0] is vllm_config:
+            return entry[1]
+        hf = vllm_config.model_config.hf_config
+        parallel = vllm_config.parallel_config
+        reason = ("speculative decoding" if vllm_config.speculative_config is not None else
+                  "pipeline parallelism" if parallel.pipeline_parallel_size > 1 else None)
+        tap = cls(shared_depths(vllm_config), hf.num_hidden_layers, hf.hidden_size, reason)
+        cls._by_config[id(vllm_config)] = (vllm_config, tap)
+        return tap
 
-    def _hook(self, n: int):
-        def capture(module, args, output) -> None:
-            hidden, residual = output
-            runner = self.runner
-            num_reqs = runner.input_batch.num_reqs
-            if num_reqs == 0:  # profiling and warm-up runs
-                return
-            sampled = runner.query_start_loc.gpu[1:num_reqs + 1] - 1  # = logits_indices (internal 3)
-            stream = hidden.index_select(0, sampled) + residual.index_select(0, sampled)
-            self._states[n] = rms_norm(stream, self._norm_weight, self._eps)
+    @property
+    def active(self) -> bool:
+        return bool(self.depths)
 
-        return capture
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The base's input embedding matrix [>= V, H] (token heads use the trunk's own)."""
+        return self.model.model.embed_tokens.weight
+
+    # -- the model side (vas_server.tap_models) ------------------------------------------------
+
+    def output(self, model_output):
+        """The forward's return value: (final, [aux...]) from the decoder -> one tensor."""
+        if not self.aux_layers:
+            return model_output
+        final, aux = model_output
+        return torch.cat([final, *aux], dim=-1)
+
+    def publish(self, rows: torch.Tensor) -> torch.Tensor:
+        """compute_logits' input (the sampled rows of `output`); returns the LM head's input."""
+        self._rows = rows
+        return rows[:, :self.hidden_size] if self.aux_layers else rows
+
+    # -- the processor side ---------------------------------------------------------------------
 
     def states(self, n: int, rows: int) -> torch.Tensor:
         """This step's layer-n states, [rows, H] (rows = the logits' row count)."""
-        state = self._states.get(n)
-        if state is None or state.shape[0] != rows:
+        published = self._rows
+        if published is None or published.shape[0] != rows:
             raise RuntimeError(
-                f"no layer-{n} hidden states for this step's {rows} logits rows: the base's forward "
-                "did not run the VAS hook (CUDA graphs or torch.compile? the shared-trunk path needs "
-                "enforce_eager) or vLLM's batch layout differs from the one vas_server.hidden_states expects")
-        return state
+                f"no layer-{n} hidden states for this step's {rows} logits rows: the base model "
+                "class is not vas_server.tap_models' (is the vas_server plugin installed in this "
+                "environment?), or vLLM's runner did not call compute_logits on the sampled rows")
+        H = self.hidden_size
+        if n == self.num_layers:
+            return published[:, :H]
+        i = 1 + self.aux_layers.index(n)
+        norm = self.model.model.norm
+        return rms_norm(published[:, i * H:(i + 1) * H], norm.weight, norm.variance_epsilon)
 
     def clear(self) -> None:
-        self._states.clear()
+        self._rows = None

@@ -66,12 +66,6 @@ class _Server:
         additional = getattr(state.vllm_config, "additional_config", None) or {}
         config = VASConfig.from_additional_config(additional)
         heads = config.heads()
-        if "vas" in additional:
-            # validate_params runs in this (API) process and is a classmethod without any config:
-            # tell it the heads so that an unknown head is a 400 at admission.
-            from vas_server.processor import VASLogitsProcessor
-
-            VASLogitsProcessor.register_heads(heads)
         tokens = [key for key in (getattr(state.args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
         return cls(config, heads,
                    AuthenticationMiddleware(None, tokens) if tokens else None, state)

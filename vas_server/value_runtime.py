@@ -25,6 +25,7 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +39,42 @@ class RowInput:
     """One VAS row of the batch, as the runtime needs it."""
 
     slot: int | None  # value-cache slot; None when the row uses no separate-trunk head
-    prompt: list[int]
-    outputs: list[int]  # the live list vLLM appends sampled tokens to
+    prompt: list[int] | None  # V1: the request's token lists (None when `length` is given)
+    outputs: list[int] | None  # V1: the live list vLLM appends sampled tokens to
     heads: frozenset[int]  # indices (into ValueRuntime.head_names) of the heads this row uses
+    # V2: the request's slot in the model runner's token buffer (req_states.all_token_ids), and the
+    # length of s this step (its sampled position + 1); the tokens themselves stay on the device.
+    token_slot: int | None = None
+    length: int | None = None
+
+
+# new_tokens(rows, cached) -> (the rows' committed tokens from index cached[b] on, concatenated,
+# as a long tensor on the runtime's device; their counts). Where the tokens live differs by vLLM
+# interface: host lists under V1 (list_new_tokens), the runner's device buffer under V2.
+NewTokens = Callable[[list[RowInput], list[int]], tuple[torch.Tensor, list[int]]]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built tensor on `device`, without a host sync on CUDA (pinned, non-blocking copy)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def list_new_tokens(device: torch.device) -> NewTokens:
+    """V1 and the evaluation: each row's tokens are `prompt + outputs` (host lists)."""
+
+    def new_tokens(rows: list[RowInput], cached: list[int]) -> tuple[torch.Tensor, list[int]]:
+        flat: list[int] = []
+        counts = []
+        for r, c in zip(rows, cached):
+            p = len(r.prompt)
+            toks = r.outputs[c - p:] if c >= p else r.prompt[c:] + r.outputs
+            flat += toks
+            counts.append(len(toks))
+        return to_device(torch.tensor(flat, dtype=torch.long), device), counts
+
+    return new_tokens
 
 
 class TrunkRunner:
@@ -55,7 +89,7 @@ class TrunkRunner:
         shape = (c.num_layers, max_requests, max_len, c.num_kv_heads, c.head_dim)
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
-        self.cached = torch.zeros(max_requests, dtype=torch.long)  # on CPU: read by Python each step
+        self.cached = [0] * max_requests  # host-side: read by Python every step, never synced
         self.last_hidden = torch.zeros(max_requests, c.hidden_size, device=device, dtype=dtype)
         self.has_state = bool(self.heads.state_names)
         self.has_token = bool(self.heads.token_names)
@@ -69,56 +103,49 @@ class TrunkRunner:
         self.cached[slot] = 0
 
     @torch.inference_mode()
-    def score(self, rows: list[RowInput], candidates: torch.Tensor):
+    def score(self, rows: list[RowInput], candidates: torch.Tensor, new_tokens: NewTokens):
         """Feed new committed tokens, score candidates [B, K].
 
         Returns (state values [B, K, n_state] or None, token values [n_token, B, K] or None).
+        All bookkeeping is host-side (`cached`, token counts); the device only computes.
         """
         device = self.cache_k.device
-        B, K = candidates.shape
-        slots_cpu = torch.tensor([r.slot for r in rows], dtype=torch.long)
-        cached = self.cached[slots_cpu]
-        new_tokens: list[int] = []
-        n_new = []
-        for r, c in zip(rows, cached.tolist()):
-            p = len(r.prompt)
-            toks = r.outputs[c - p:] if c >= p else r.prompt[c:] + r.outputs
-            new_tokens += toks
-            n_new.append(len(toks))
-        n = torch.tensor(n_new, dtype=torch.long)
-        total = cached + n
-        if int(total.max()) > self.max_len:
-            raise RuntimeError(f"value cache length {self.max_len} exceeded ({int(total.max())} tokens)")
-        Kc = K if self.has_state else 0
-        Lq = int((n + Kc).max())
+        slots = [r.slot for r in rows]
+        cached = [self.cached[s] for s in slots]
+        tokens, n = new_tokens(rows, cached)
+        total = [c + k for c, k in zip(cached, n)]
+        if max(total) > self.max_len:
+            raise RuntimeError(f"value cache length {self.max_len} exceeded ({max(total)} tokens)")
+        Kc = candidates.shape[1] if self.has_state else 0
+        Lq = max(k + Kc for k in n)
         # Lq == 0 only for a token-heads-only trunk with no new token (a repeated chunked-prefill
         # step): last_hidden is already current.
-        state_values = self._forward(slots_cpu, cached, n, total, new_tokens, candidates, Kc, Lq) if Lq else None
-        self.cached[slots_cpu] = total
+        state_values = self._forward(slots, cached, n, tokens, candidates, Kc, Lq) if Lq else None
+        for s, t in zip(slots, total):
+            self.cached[s] = t
         token_values = None
         if self.has_token:
-            slots = slots_cpu.to(device)
             embed = self.trunk.embed_tokens.weight
-            token_values = self.heads.token_values(self.last_hidden[slots], embed, candidates,
-                                                   rows_out=self.candidate_rows.get(embed, candidates.numel()))
+            token_values = self.heads.token_values(self.last_hidden[to_device(torch.tensor(slots), device)], embed,
+                                                   candidates, rows_out=self.candidate_rows.get(embed, candidates.numel()))
         return state_values, token_values
 
-    def _forward(self, slots_cpu, cached, n, total, new_tokens, candidates, Kc: int, Lq: int):
-        """One trunk forward over all rows; returns the candidates' state values [B, Kc, n_state]."""
+    def _forward(self, slot_list, cached_list, n_list, new_tokens, candidates, Kc: int, Lq: int):
+        """One trunk forward over all rows; returns the candidates' state values [B, Kc, n_state].
+        Masks and indices are built on the host and copied once, so no step syncs the device."""
         device = self.cache_k.device
-        B = len(slots_cpu)
+        B = len(slot_list)
+        slots_cpu = torch.tensor(slot_list)
+        cached, n = torch.tensor(cached_list), torch.tensor(n_list)
         idx = torch.arange(Lq)[None, :]
         n_col = n[:, None]
         committed = idx < n_col  # [B, Lq]
         is_cand = (idx >= n_col) & (idx < n_col + Kc)
-        committed_dev, is_cand_dev = committed.to(device), is_cand.to(device)
-        tokens = torch.zeros(B, Lq, dtype=torch.long, device=device)
-        tokens[committed_dev] = torch.tensor(new_tokens, dtype=torch.long, device=device)
-        if Kc:
-            tokens[is_cand_dev] = candidates[:, :Kc].reshape(-1)
+        committed_flat = committed.reshape(-1).nonzero().squeeze(1)  # host: positions in [B * Lq]
+        cand_flat = is_cand.reshape(-1).nonzero().squeeze(1)
         # Candidates all sit at position len(s) = cached + n: siblings share one position.
         positions = cached[:, None] + torch.minimum(idx, n_col)
-        Lk = int(total.max())
+        Lk = int((cached + n).max())
 
         # Attention mask over [cache columns 0..Lk) ++ [this step's query columns 0..Lq).
         col = torch.arange(Lk)[None, None, :]
@@ -128,36 +155,41 @@ class TrunkRunner:
         mask = torch.cat([cache_part, own], dim=2)
         mask[~(committed | is_cand)] = False
         mask[~(committed | is_cand), 0] = True  # padding queries: any valid column, output unused
-        mask = mask[:, None].to(device)
-
         flat_rows = slots_cpu[:, None].expand(B, Lq)[committed]
-        write_index = (flat_rows * self.max_len + positions[committed]).to(device)
-        slots = slots_cpu.to(device)
+        write_index = flat_rows * self.max_len + positions[committed]
+        has_new = (n > 0).nonzero().squeeze(1)
+        last = (n - 1).clamp(min=0)
+        (mask, write_index, committed_dev, cand_dev, positions_dev, slots, has_new_dev, last_dev) = (
+            to_device(t, device) for t in (mask[:, None], write_index, committed_flat, cand_flat, positions,
+                                           slots_cpu, has_new, last))
+
+        tokens = torch.zeros(B * Lq, dtype=torch.long, device=device)
+        tokens.index_copy_(0, committed_dev, new_tokens)
+        if Kc:
+            tokens.index_copy_(0, cand_dev, candidates[:, :Kc].reshape(-1))
         c = self.trunk.config
         cache_k = self.cache_k.view(c.num_layers, -1, c.num_kv_heads, c.head_dim)
         cache_v = self.cache_v.view(c.num_layers, -1, c.num_kv_heads, c.head_dim)
 
         def attend(layer: int, q, k, v):
             # k, v: [B, kvh, Lq, d]; write committed entries into the cache, then attend.
-            k_rows, v_rows = k.transpose(1, 2), v.transpose(1, 2)  # [B, Lq, kvh, d]
-            cache_k[layer].index_copy_(0, write_index, k_rows[committed_dev])
-            cache_v[layer].index_copy_(0, write_index, v_rows[committed_dev])
+            k_rows = k.transpose(1, 2).reshape(B * Lq, c.num_kv_heads, c.head_dim)
+            v_rows = v.transpose(1, 2).reshape(B * Lq, c.num_kv_heads, c.head_dim)
+            cache_k[layer].index_copy_(0, write_index, k_rows.index_select(0, committed_dev))
+            cache_v[layer].index_copy_(0, write_index, v_rows.index_select(0, committed_dev))
             keys = torch.cat([self.cache_k[layer, slots, :Lk].transpose(1, 2), k], dim=2)
             values = torch.cat([self.cache_v[layer, slots, :Lk].transpose(1, 2), v], dim=2)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=q.shape[1] != k.shape[1])
             return out.transpose(1, 2).reshape(B, Lq, -1)
 
-        hidden = self.trunk(tokens, positions.to(device), attend)  # [B, Lq, H]
-        has_new = n > 0
-        if bool(has_new.any()):
-            last = (n - 1).clamp(min=0).to(device)
-            h_last = hidden[torch.arange(B, device=device), last]
-            sel = has_new.to(device)
-            self.last_hidden[slots[sel]] = h_last[sel]
+        hidden = self.trunk(tokens.view(B, Lq), positions_dev, attend)  # [B, Lq, H]
+        if len(has_new):
+            h_last = hidden[torch.arange(B, device=device), last_dev]
+            self.last_hidden[slots.index_select(0, has_new_dev)] = h_last.index_select(0, has_new_dev)
         if not Kc:
             return None
-        return self.heads.state_values(hidden[is_cand_dev].view(B, Kc, -1))
+        return self.heads.state_values(hidden.reshape(B * Lq, -1).index_select(0, cand_dev).view(B, Kc, -1))
 
 
 class CandidateRows:
@@ -270,21 +302,24 @@ class ValueRuntime:
         self.free_slots.append(slot)
 
     def score(self, rows: list[RowInput], candidates: torch.Tensor, batch_rows: torch.Tensor | None = None,
-              num_rows: int = 0) -> torch.Tensor:
+              num_rows: int = 0, new_tokens: NewTokens | None = None) -> torch.Tensor:
         """Values q_h(a) of each row's candidates: [B, n_heads, K] (0 for heads a row does not use).
         Shared-trunk heads need `batch_rows` [B] (each row's index in this step's logits, of
-        `num_rows` rows): that is where the base's hidden state of the row sits."""
+        `num_rows` rows): that is where the base's hidden state of the row sits. Separate-trunk
+        heads read the rows' committed tokens with `new_tokens` (default: the rows' host lists)."""
         B, K = candidates.shape
+        new_tokens = new_tokens or list_new_tokens(candidates.device)
         values = torch.zeros(B, len(self.head_names), K, device=candidates.device, dtype=torch.float32)
         for t, runner in enumerate(self.runners):
             members = [b for b, r in enumerate(rows) if r.heads & self.runner_heads[t]]
             if not members:
                 continue
-            sub = torch.tensor(members, device=candidates.device)
+            sub = (slice(None) if len(members) == B
+                   else to_device(torch.tensor(members), candidates.device))
             if isinstance(runner, SharedRunner):
                 state, token = runner.score([rows[b] for b in members], candidates[sub], batch_rows[sub], num_rows)
             else:
-                state, token = runner.score([rows[b] for b in members], candidates[sub])
+                state, token = runner.score([rows[b] for b in members], candidates[sub], new_tokens)
             for g in self.runner_heads[t]:
                 _, kind, i = self.head_place[g]
                 v = state[:, :, i] if kind == "state" else token[i]

@@ -1,0 +1,103 @@
+"""VAS under vLLM's Model Runner V2 logits-processor interface
+(`vllm.v1.worker.gpu.sample.logits_processor.interface`): the GPU default runner in vLLM 0.32.
+
+Requests live in persistent slots (`add_request(slot, params)`; a slot is recycled by the next
+`add_request` on it, with no removal call), logits rows are reordered every step, and the token
+history is on the device (`req_states.all_token_ids`, valid up to each row's sampled position).
+
+Invariants:
+  * `self.slots` maps a request slot to its current occupant's Row when that occupant is
+    steered; `add_request` replaces a slot's entry and gives back its value-cache slot first, so
+    a cache slot is held by at most one runner slot. Engines built by vas_server.engine cap
+    `max_num_seqs` at the cache capacity, so every occupied runner slot can hold one.
+  * `apply` reads only host data (`ctx.idx_mapping_np`, `ctx.seq_lens_upper_bound_np`, its own
+    tables) and launches device work: no `.item()`, `.tolist()` or copy back to the host, so
+    async scheduling overlaps the steps. Separate-trunk heads read committed tokens from
+    `all_token_ids` on the device, gathered with indices built on the host.
+  * One logits row per request: speculative decoding is refused when the processor is built.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vllm.v1.worker.gpu.sample.logits_processor.interface import (
+    LogitsContext,
+    LogitsProcessor,
+    LogitsProcRequestState,
+)
+
+from vas_server.steering import Row, StepBatch, Steering
+from vas_server.value_runtime import RowInput, to_device
+
+
+class V2Processor(LogitsProcessor):
+    def __init__(self, vllm_config, req_states: LogitsProcRequestState):
+        self.steering = Steering(vllm_config, req_states.device)
+        self.req_states = req_states
+        self.slots: dict[int, Row] = {}
+        self._batch: StepBatch | None = None
+        self._batch_slots: np.ndarray | None = None  # the slot order self._batch was built for
+        self._positions: list[int] = []  # the batch positions of self._batch's rows
+        if self.steering.runtime is not None and vllm_config.speculative_config is not None:
+            raise ValueError("VAS does not support speculative decoding (one logits row per request)")
+
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        steering = self.steering
+        old = self.slots.pop(req_idx, None)
+        self._batch_slots = None  # the batch's rows changed
+        if steering.runtime is None:
+            return False
+        if old is not None:
+            steering.runtime.release(old.input.slot)
+        request = steering.request(sampling_params)
+        if request is None:
+            return False
+        slot = None
+        if steering.runtime.needs_slot(steering.head_ids(request)):
+            slot = steering.runtime.allocate()
+            if slot is None:
+                steering.dropped_requests += 1
+                return False
+        rs = self.req_states
+        if rs.prefill_len.np[req_idx] > rs.prompt_len.np[req_idx]:
+            steering.resumed_requests += 1  # re-added after preemption, with its outputs
+        row = steering.row(request, slot, None, None)
+        row.input.token_slot = req_idx
+        self.slots[req_idx] = row
+        return True
+
+    def apply_staged_writes(self) -> None:
+        self.steering.heap.step()  # called once per engine step, before the forward
+
+    def apply(self, logits: torch.Tensor, ctx: LogitsContext) -> torch.Tensor:
+        if self.steering.runtime is None:
+            return logits
+        order = ctx.idx_mapping_np  # batch position (= logits row) -> slot, on the host
+        if self._batch_slots is None or not np.array_equal(order, self._batch_slots):
+            rows = [(i, self.slots[s]) for i, s in enumerate(order.tolist()) if s in self.slots]
+            self._batch = StepBatch.of(rows, self.steering.runtime.head_index, self.steering.device)
+            self._batch_slots = order.copy()
+            self._positions = [i for i, _ in rows]
+        batch = self._batch
+        if batch is not None:
+            lengths = ctx.seq_lens_upper_bound_np  # = sampled position + 1 without spec decoding
+            for i, row_input in zip(self._positions, batch.inputs):
+                row_input.length = int(lengths[i])
+            logits = self.steering.steer(logits, batch, self._device_tokens)
+        self.steering.end_step()
+        return logits
+
+    def _device_tokens(self, rows: list[RowInput], cached: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """The rows' committed tokens from cached[b] on, gathered from all_token_ids on the device."""
+        buffer = self.req_states.all_token_ids.gpu
+        width = buffer.shape[1]
+        counts = [r.length - c for r, c in zip(rows, cached)]
+        index = np.concatenate([np.arange(r.token_slot * width + c, r.token_slot * width + r.length)
+                                for r, c in zip(rows, cached)])
+        flat = buffer.view(-1).index_select(0, to_device(torch.from_numpy(index), buffer.device))
+        return flat.long(), counts
+
+    def stats(self) -> dict:
+        return self.steering.stats(len(self._positions))

@@ -1,0 +1,215 @@
+"""What both VAS logits processors share: the value runtime, one request's row, one step's batch,
+and the steering of a step's logits (docs/VAS_RULE.md §1):
+
+    C = top-K of the raw logits; q_h(a) from the value runtime; c_h = q_h - mean_C q_h;
+    l'(a) = l(a) + sum_h w_h c_h(a) for a in C; outside C, l is kept (or -inf if restricted).
+
+The rule itself is vas_server.rule. vLLM 0.32 has two logits-processor interfaces, and
+vas_server.processor picks the one the engine's model runner uses; each keeps its own
+bookkeeping (which logits row is which request) and hands `Steering.steer` a `StepBatch`.
+
+Invariants:
+  * Rows without weights are never touched, so they sample exactly as in plain vLLM.
+  * Nothing a request carries can make `steer` raise or write a NaN or +inf logit: settings are
+    validated at admission (and again, without raising, when a row is added), weights are
+    bounded, and rule.bonus is finite and clipped.
+  * `steer` builds nothing on the host that it must wait for: the batch's tensors are built by
+    the bookkeeping (and copied without a sync), and the candidates never leave the device.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from vllm.logger import init_logger
+
+from vas_server import rule
+from vas_server.config import HeadInfo, VASConfig
+from vas_server.heap import HeapTrimmer
+from vas_server.hidden_states import HiddenStateTap
+from vas_server.params import VASRequest
+from vas_server.value_runtime import NewTokens, RowInput, ValueRuntime, to_device
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+# Under "vllm." so that the worker process, where only vLLM's loggers have handlers, prints it.
+logger = init_logger("vllm.plugins.vas")
+
+
+@dataclass
+class Row:
+    """One steered request: its settings, resolved top-K, and what the value runtime needs."""
+
+    request: VASRequest
+    top_k: int
+    input: RowInput
+
+
+@dataclass
+class StepBatch:
+    """The steered rows of one step as tensors, in ascending logits-row order."""
+
+    index: torch.Tensor  # [B] logits row of each steered row
+    inputs: list[RowInput]  # [B], for the value runtime
+    weights: torch.Tensor  # [B, n_heads] float32, 0 for heads a row does not weight
+    k_max: int  # the largest top-K of the rows
+    valid: torch.Tensor  # [B, k_max] bool: candidate j counts for row b iff j < top_k(b)
+    restrict: torch.Tensor | None  # [B] bool: vas_restrict_to_top_k; None when no row restricts
+
+    @classmethod
+    def of(cls, rows: Sequence[tuple[int, Row]], head_index, device: torch.device) -> "StepBatch | None":
+        """rows: (logits row, Row) in ascending logits-row order."""
+        if not rows:
+            return None
+        ordered = [r for _, r in rows]
+        k_max = max(r.top_k for r in ordered)
+        restrict = [r.request.restrict_to_top_k for r in ordered]
+        top_k = torch.tensor([r.top_k for r in ordered])
+        return cls(
+            index=to_device(torch.tensor([i for i, _ in rows]), device),
+            inputs=[r.input for r in ordered],
+            weights=to_device(torch.stack([rule.weight_vector(r.request.weights, head_index) for r in ordered]),
+                              device),
+            k_max=k_max,
+            valid=to_device(torch.arange(k_max)[None, :] < top_k[:, None], device),
+            restrict=to_device(torch.tensor(restrict), device) if any(restrict) else None,
+        )
+
+
+class Steering:
+    """The value runtime of this engine's value models and the per-step steering of logits.
+
+    Counters for /metrics: `requests_total` rows steered (shared-path ones included), `steps`
+    with steered rows and `seconds` of their whole VAS work (candidates, values, logits update);
+    host wall time: on a GPU, where kernels run asynchronously, it counts launches, not kernels.
+    """
+
+    def __init__(self, vllm_config: "VllmConfig", device: torch.device):
+        self.config = VASConfig.from_additional_config(vllm_config.additional_config)
+        self.device = device
+        self.runtime: ValueRuntime | None = None
+        self.tap: HiddenStateTap | None = None  # set when a value model takes the shared path
+        self.heads: dict[str, HeadInfo] = {}  # by name, from vas.json (each model's default top-K)
+        self.heap = HeapTrimmer()
+        self.requests_total = 0
+        self.dropped_requests = 0  # VAS requests that found no free cache slot (V1)
+        self.resumed_requests = 0  # VAS requests re-added with outputs (after preemption)
+        self.steps = 0
+        self.seconds = 0.0
+        if self.config.value_models:
+            self.heads = self.config.heads()
+            self.runtime, self.tap = _build_runtime(self.config, vllm_config, device)
+
+    def request(self, params) -> VASRequest | None:
+        """A new row's settings, or None when it is not steered. Settings were validated at
+        admission; one that fails here (a direct engine user) runs unsteered, logged."""
+        try:
+            request = VASRequest.from_extra_args(params.extra_args, self.runtime.head_names)
+        except ValueError as e:
+            logger.error("VAS settings rejected in the worker, request runs unsteered: %s", e)
+            return None
+        return request if request is not None and request.active else None
+
+    def row(self, request: VASRequest, slot: int | None, prompt, outputs) -> Row:
+        self.requests_total += 1
+        heads = frozenset(self.runtime.head_index[name] for name in request.weights)
+        return Row(request, self.config.top_k_for(request, self.heads), RowInput(slot, prompt, outputs, heads))
+
+    def head_ids(self, request: VASRequest) -> frozenset[int]:
+        return frozenset(self.runtime.head_index[name] for name in request.weights)
+
+    def steer(self, logits: torch.Tensor, batch: StepBatch, new_tokens: NewTokens | None = None) -> torch.Tensor:
+        """Steer the batch's rows of `logits` [R, V] (in place when every row is steered)."""
+        start = time.perf_counter()
+        every_row = len(batch.inputs) == logits.shape[0]  # batch.index is then 0..R-1
+        row_logits = logits if every_row else logits.index_select(0, batch.index)
+        k = min(batch.k_max, logits.shape[1])
+        candidates = row_logits.topk(k, dim=1).indices  # C, best first
+        values = self.runtime.score(batch.inputs, candidates, batch.index, logits.shape[0], new_tokens)
+        valid = batch.valid[:, :k]
+        bonus = rule.bonus(values.to(logits.device), batch.weights, valid)
+        rule.steer_(row_logits, candidates, bonus, valid, batch.restrict)
+        if not every_row:
+            logits.index_copy_(0, batch.index, row_logits)
+        self.steps += 1
+        self.seconds += time.perf_counter() - start
+        return logits
+
+    def end_step(self) -> None:
+        if self.tap is not None:
+            self.tap.clear()  # this step's hidden states are used up
+
+    def stats(self, active_requests: int) -> dict:
+        rt = self.runtime
+        return {
+            "vas_requests_total": self.requests_total,
+            "active_requests": active_requests,
+            "steps": self.steps,
+            "runtime_seconds_total": self.seconds,
+            "cache_slots_used": rt.slots_in_use if rt else 0,
+            "cache_slots_total": rt.max_requests if rt else 0,
+            "cache_bytes": rt.cache_bytes if rt else 0,
+            "dropped_requests": self.dropped_requests,
+            "resumed_requests": self.resumed_requests,
+            "heap_trims": self.heap.trims,
+            "heap_trim_seconds_total": self.heap.seconds,
+        }
+
+
+def _build_runtime(config: VASConfig, vllm_config: "VllmConfig",
+                   device: torch.device) -> tuple[ValueRuntime, HiddenStateTap | None]:
+    """The value runtime of all configured value models, and the hidden-state tap when any of
+    them takes the shared path (vas_server.config.runtime_path, read from vas.json)."""
+    from transformers import AutoTokenizer
+
+    from value_models.format import check_tokenizer, load_spec, tokenizer_identity
+    from value_models.model import load_value_heads, load_value_model
+    from vas_server.config import runtime_path
+    from vas_server.value_runtime import SharedRunner
+
+    model_config = vllm_config.model_config
+    base_dir = model_config.model
+    tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or base_dir,
+                                              trust_remote_code=model_config.trust_remote_code)
+    identity = tokenizer_identity(tokenizer)
+    dtype = model_config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
+    value_device = torch.device(config.device) if config.device else device
+    specs = {name: load_spec(Path(path)) for name, path in config.value_models.items()}
+    models = [
+        load_value_model(config.value_models[name], base_dir, name=name, base_tokenizer=identity,
+                         base_model_name=base_dir, dtype=dtype, device=value_device)
+        for name, spec in specs.items() if runtime_path(spec) == "separate"
+    ]
+    shared_specs = {name: spec for name, spec in specs.items() if runtime_path(spec) == "shared"}
+    tap, shared = None, []
+    if shared_specs:
+        tap = HiddenStateTap.for_config(vllm_config)
+        hf = model_config.hf_config
+        for name, spec in shared_specs.items():
+            path = config.value_models[name]
+            check_tokenizer(spec, identity, value_model=path, base_model=base_dir)
+            # On the worker's device (not config.device): the base's states and embedding live there.
+            heads = load_value_heads(path, spec, hf.hidden_size, hf.vocab_size, dtype=dtype, device=device)
+            shared.append(SharedRunner(name, heads, spec.trunk.num_layers, tap))
+    max_requests = config.max_requests or vllm_config.scheduler_config.max_num_seqs
+    runtime = ValueRuntime(models, max_requests, model_config.max_model_len, value_device, dtype, shared)
+    base_layers = model_config.hf_config.num_hidden_layers
+    for name, spec in specs.items():
+        if name in shared_specs:
+            logger.info("VAS value model %r: shared path (token heads on the base's own layer-%d of %d "
+                        "hidden states, read inside its forward; no trunk, no value cache)", name,
+                        spec.trunk.num_layers, base_layers)
+        else:
+            logger.info("VAS value model %r: separate runtime (own %s trunk%s, %s heads; value cache)", name,
+                        spec.trunk.type, " with LoRA" if spec.trunk.lora else "",
+                        "/".join(sorted({h.kind for h in spec.heads})))
+    logger.info("VAS: %d value model(s), heads %s, value cache %.1f MiB for %d requests x %d tokens",
+                len(specs), runtime.head_names, runtime.cache_bytes / 2**20, runtime.max_requests,
+                model_config.max_model_len)
+    return runtime, tap
