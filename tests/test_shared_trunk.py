@@ -109,6 +109,19 @@ def mixed_llm(tiny_base, value_models, shared_models):
 
 
 @pytest.fixture(scope="module")
+def compiled_llm(tiny_base, value_models, shared_models):
+    """mixed_llm's value models on vLLM's compiled forward (torch.compile with inductor; on GPUs
+    the same path CUDA graphs capture): the tap's states are outputs of the compiled graph."""
+    with heads_registry_kept():
+        llm = _engine(tiny_base, {"prefix": value_models["prefix"], **shared_models}, **engine_overrides(),
+                      enforce_eager=False)
+        yield llm
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
 def chunked_llm(tiny_base, shared_models):
     overrides = {k: v for k, v in engine_overrides().items() if k != "max_num_seqs"}
     with heads_registry_kept():
@@ -279,3 +292,30 @@ def test_training_states_are_the_served_states(tiny_base, prompts, num_layers):
     trained = TrainingTrunk(TrunkPlan("base_prefix", str(tiny_base), num_layers=num_layers)).hidden_states(tokens)
     served = load_trunk(tiny_base, num_layers).forward_causal(tokens)
     torch.testing.assert_close(trained.detach(), served, atol=1e-5, rtol=0)
+
+
+def test_compiled_forward_steers_like_eager_and_the_reference(compiled_llm, mixed_llm, tiny_base, shared_models,
+                                                              value_models, prompts):
+    """One batch on the compiled forward: shared heads at N = 1 and N = all layers, separate-runtime
+    heads (own trunk, state and token heads), a plain row. Greedy tokens equal the eager engine's,
+    the shared rows equal the HF no-cache reference, and steering changed what it steered."""
+    from vllm.config import CompilationMode
+
+    config = compiled_llm.llm_engine.vllm_config
+    assert not config.model_config.enforce_eager and config.compilation_config.mode != CompilationMode.NONE
+    cases = [{"u1": 2.5, "u2": -2.0}, {"e1": 3.0}, None, {"t1": 2.0, "s1": -1.5}, {"d1": 2.0, "ds": 1.0},
+             {"u1": -3.0, "e1": 2.0, "t2": 1.0}]
+    batch = [prompts[i % len(prompts)] for i in range(len(cases))]
+    params = [_greedy(w, 16) for w in cases]
+    compiled, _ = _run(compiled_llm, batch, params)
+    eager, _ = _run(mixed_llm, batch, params)
+    plain, _ = _run(mixed_llm, batch, _greedy(None, 16))
+    assert _tokens(compiled) == _tokens(eager)
+    assert _tokens(compiled)[2] == _tokens(plain)[2]
+    assert sum(a != b for a, b in zip(_tokens(compiled), _tokens(plain))) >= 4, "steering changed little"
+    refs = {"shared1": ReferenceValueModel(shared_models["shared1"], str(tiny_base)),
+            "shared2": ReferenceValueModel(shared_models["shared2"], str(tiny_base))}
+    for i in (0, 1, 5):
+        if "t2" in cases[i]:
+            refs["prefix"] = ReferenceValueModel(value_models["prefix"], str(tiny_base))
+        assert _tokens(compiled)[i] == reference_greedy(str(tiny_base), refs, cases[i], batch[i], 16)
