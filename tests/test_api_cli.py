@@ -14,9 +14,10 @@ from vas_server.engine import PROCESSOR_FQCN, WORKER_EXTENSION
 
 
 def _configure(*argv: str):
+    """What `vas-server serve ARGV` does before vLLM starts (cli.main)."""
     parser, serve = cli.build_parser()
     args = parser.parse_args(["serve", *argv])
-    vas = cli.configure(args, serve.parse_args([]))
+    vas = cli.configure(args, serve.parse_args([]), cli.explicit_args(argv))
     return args, vas
 
 
@@ -40,7 +41,15 @@ def test_vas_is_wired_through_vllm_flags(value_models, tiny_base):
     assert config.default_top_k == 7 == vas.default_top_k
     assert config.max_sequences_per_request == 9 == vas.max_sequences_per_request
     assert sorted(vas.heads()) == ["likes", "s1", "s2", "t1", "t2"]
-    assert args.async_scheduling is False
+    assert args.async_scheduling is None  # vLLM's default: on where the platform supports it
+
+
+@pytest.mark.parametrize("flag, eager", [((), True), (("--no-enforce-eager",), False), (("--enforce-eager",), True)])
+def test_enforce_eager_is_only_a_default(value_models, tiny_base, flag, eager):
+    """On CPU vas-server defaults to eager mode (seconds to start instead of minutes of inductor
+    compilation); `--no-enforce-eager` equals vLLM's own default value and must still win."""
+    args, _ = _configure(str(tiny_base), "--value-model", f"liker={value_models['liker']}", *flag)
+    assert args.enforce_eager is eager
 
 
 def test_flags_the_user_gives_win_over_our_defaults(value_models, tiny_base):

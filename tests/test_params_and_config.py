@@ -114,8 +114,10 @@ def test_param_error_is_vllms_validation_error():
 
 def test_engine_kwargs_plain_and_with_vas(value_models):
     plain = engine_kwargs("/m", None)
-    assert "logits_processors" not in plain and plain["async_scheduling"] is False
-    assert os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    assert "logits_processors" not in plain
+    # vLLM's default execution path: no model-runner switch, async scheduling left to vLLM.
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ and "async_scheduling" not in plain
+    assert engine_kwargs("/m", None, enforce_eager=False)["enforce_eager"] is False  # a user's choice wins
 
     vas = engine_kwargs("/m", VASConfig(value_models=value_models))
     assert vas["logits_processors"] == [PROCESSOR_FQCN]

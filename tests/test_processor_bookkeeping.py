@@ -49,6 +49,7 @@ class FakeRuntime:
 
     def score(self, rows, candidates, batch_rows, num_rows, new_tokens=None):
         self.last_rows = [list(r.prompt) for r in rows]
+        self.last_tokens = [list(r.prompt) + list(r.outputs) for r in rows]  # what the trunk would read
         return candidates.to(torch.float32)[:, None, :]  # q(t) = t
 
 
@@ -198,3 +199,15 @@ def test_the_processor_checks_the_heap_trimmer_every_engine_step():
     for step in range(4):
         proc.update_state(update(0) if step % 2 else None)  # vLLM passes None when the batch is unchanged
     assert proc.stats()["heap_trims"] == 4
+
+
+def test_async_scheduling_placeholders_are_never_read():
+    """Under async scheduling a re-added row's output list ends in -1 placeholders when update_state
+    runs; vLLM fills them in place just before apply. The runtime must read the filled list, so the
+    processor keeps vLLM's live list instead of a copy."""
+    proc = processor()
+    outputs = [3, -1]
+    proc.update_state(update(1, added=[(0, params(1.0), [1, 2], outputs)]))
+    outputs[-1] = 7  # vLLM's update_async_output_token_ids
+    proc.apply(logits(1))
+    assert proc.steering.runtime.last_tokens == [[1, 2, 3, 7]]
