@@ -15,7 +15,11 @@ base's own layer-N hidden states (N = 6 and N = all 30 layers), 1 and 3 heads, a
 at every batch size; value-model memory per request on both paths; and a context-length sweep
 (prompt lengths `--contexts`, batch `--context-batch`) for plain vLLM, the shared path and the
 separate runtime (same heads on the same 6-layer trunk, plus a state head so that it cannot take
-the shared path).
+the shared path). `--compiled` runs every engine on vLLM's compiled forward (torch.compile with
+inductor, vLLM's default) instead of eager mode; `--contexts` with no lengths skips the sweep:
+
+    python benchmarks/throughput.py --shared --batches 1 8 32 128 --tokens 32 --contexts \
+        [--compiled] --out benchmarks/results/default_path_{eager,compiled}.json
 """
 
 from __future__ import annotations
@@ -168,8 +172,10 @@ def shared_main(args) -> None:
     base = ensure_base_model()
     root = Path(tempfile.mkdtemp(prefix="vas-bench-"))
     models = build_shared_value_models(base, root)
-    max_len = max(args.contexts) + args.tokens
-    common = dict(max_model_len=max_len, seed=0, disable_log_stats=True, **dtype_arg(args))
+    max_len = max(args.contexts or [448]) + args.tokens
+    # --compiled: vLLM's own default forward (torch.compile with inductor; CUDA graphs on GPUs).
+    common = dict(max_model_len=max_len, seed=0, disable_log_stats=True, enforce_eager=not args.compiled,
+                  **dtype_arg(args))
     shared_only = {k: models[k] for k in ("shared6", "shared30")}
     results: dict[str, dict[int, float]] = {}
     sweep: dict[str, dict[int, float]] = {}
@@ -181,7 +187,7 @@ def shared_main(args) -> None:
             results[name] = {b: timed_generate(llm, chat_prompts(llm, b), args.tokens, extra, args.repeats)
                              for b in args.batches}
             print(f"  {name}: " + ", ".join(f"b={b} {v:.1f}" for b, v in results[name].items()), flush=True)
-        if context:
+        if context and args.contexts:
             sweep[name] = {n: timed_generate(llm, long_prompts(llm, args.context_batch, n), args.tokens, extra,
                                              args.repeats) for n in args.contexts}
             print(f"  {name}: " + ", ".join(f"prompt {n} {v:.1f}" for n, v in sweep[name].items()), flush=True)
@@ -214,17 +220,19 @@ def shared_main(args) -> None:
     del llm
 
     # Separate runtime: context sweep only (engine_kwargs caps it at its 32-slot value cache).
-    llm = LLM(**engine_kwargs(str(base), VASConfig(value_models={"separate6": models["separate6"]}), **common))
-    max_num_seqs["separate"] = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
-    measure("token x1 separate", llm, make_extra_args({"c1": 1.0}), batches=False)
-    separate_stats = llm.collective_rpc("vas_stats")[0]
-    llm.llm_engine.engine_core.shutdown()
-    del llm
+    separate_stats = None
+    if args.contexts:
+        llm = LLM(**engine_kwargs(str(base), VASConfig(value_models={"separate6": models["separate6"]}), **common))
+        max_num_seqs["separate"] = llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        measure("token x1 separate", llm, make_extra_args({"c1": 1.0}), batches=False)
+        separate_stats = llm.collective_rpc("vas_stats")[0]
+        llm.llm_engine.engine_core.shutdown()
+        del llm
 
     measure_plain("plain vLLM (after)")
     runs = [k for k in results if k.startswith("plain vLLM")]
     plain = {b: max(results[k][b] for k in runs) for b in args.batches}
-    plain_sweep = {n: max(sweep[k][n] for k in runs) for n in args.contexts}
+    plain_sweep = {n: max(sweep[k][n] for k in runs) for n in args.contexts or []}
     header = f"{'config':<24}" + "".join(f"{'b=' + str(b):>10}{'ratio':>7}" for b in args.batches)
     lines = [f"dtype {dtype}; ratios to the faster plain run at each size", header, "-" * len(header)]
     for name, row in results.items():
@@ -236,20 +244,22 @@ def shared_main(args) -> None:
     lines += ["", "steering share: the VAS processor's own time / wall time of the timed runs"]
     for name in SHARED_CONFIGS:
         lines.append(f"{name:<24}" + "".join(f"{'':>10}{steering_share[name][b]:>7.2%}" for b in args.batches))
-    lines += ["", f"context sweep, batch {args.context_batch}: tokens/s (ratio to plain)"]
-    for name, row in sweep.items():
-        lines.append(f"{name:<24}" + "".join(f"{n:>7} tok {row[n]:>8.1f} ({row[n] / plain_sweep[n]:.3f})"
-                                              for n in args.contexts))
-    per_request = separate_stats["cache_bytes"] / separate_stats["cache_slots_total"]
-    lines += ["", f"value-model memory per request: shared {shared_stats['cache_bytes']} B; separate "
-                  f"{per_request:.0f} B ({max_len} tokens x 6 layers of K/V), max_num_seqs {max_num_seqs}"]
+    if args.contexts:
+        lines += ["", f"context sweep, batch {args.context_batch}: tokens/s (ratio to plain)"]
+        for name, row in sweep.items():
+            lines.append(f"{name:<24}" + "".join(f"{n:>7} tok {row[n]:>8.1f} ({row[n] / plain_sweep[n]:.3f})"
+                                                  for n in args.contexts))
+        per_request = separate_stats["cache_bytes"] / separate_stats["cache_slots_total"]
+        lines += ["", f"value-model memory per request: shared {shared_stats['cache_bytes']} B; separate "
+                      f"{per_request:.0f} B ({max_len} tokens x 6 layers of K/V), max_num_seqs {max_num_seqs}"]
     print("\n".join(lines))
 
     out = {
         "command": "python benchmarks/throughput.py --shared " + " ".join(
             f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items() if k in ("batches", "tokens", "repeats", "contexts", "context_batch", "dtype")
-            and v is not None),
+            and v is not None) + (" --compiled" if args.compiled else ""),
+        "forward": "compiled (torch.compile, inductor)" if args.compiled else "eager",
         "dtype": dtype,
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": __import__("os").cpu_count()},
@@ -263,7 +273,8 @@ def shared_main(args) -> None:
                           "tokens_per_second": {n: {str(c): v for c, v in row.items()} for n, row in sweep.items()},
                           "ratio_to_plain": {n: {str(c): v / plain_sweep[c] for c, v in row.items()}
                                              for n, row in sweep.items()}},
-        "value_memory_bytes_per_request": {"shared": shared_stats["cache_bytes"], "separate": per_request,
+        "value_memory_bytes_per_request": {"shared": shared_stats["cache_bytes"],
+                                           "separate": per_request if args.contexts else None,
                                            "separate_max_model_len": max_len},
         "max_num_seqs": max_num_seqs,
     }
@@ -330,7 +341,10 @@ def main() -> None:
     ap.add_argument("--paper-tokens", type=int, default=16)
     ap.add_argument("--out", help="default: benchmarks/results/throughput.json (shared_trunk.json with --shared)")
     ap.add_argument("--shared", action="store_true", help="the shared-trunk benchmark (issue 11) instead")
-    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 512, 2048], help="--shared: prompt lengths")
+    ap.add_argument("--contexts", type=int, nargs="*", default=[64, 512, 2048],
+                    help="--shared: prompt lengths of the context sweep (none: no sweep, no separate runtime)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="--shared: vLLM's compiled forward (enforce_eager=False) instead of eager mode")
     ap.add_argument("--context-batch", type=int, default=8, help="--shared: batch of the context sweep")
     ap.add_argument("--dtype", help="engine dtype (default: the one `vas-server serve` picks on this machine)")
     args = ap.parse_args()
