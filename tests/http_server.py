@@ -31,6 +31,9 @@ STARTUP_TIMEOUT_S = 240
 SERVED_NAME = "tiny"  # --served-model-name
 VALUE_MODELS = ("prefix", "liker")  # from conftest: heads s1, s2 (state), t1, t2 (token), likes (token)
 HEADS = ["likes", "s1", "s2", "t1", "t2"]
+# --preset flags of the test server: the liker's one token strongly, over every candidate; two
+# separate-runtime heads with a small restricted top-K (tests/test_presets.py)
+PRESETS = {"cheerful": "likes:8@K=256", "mixed": "t1:2,s1:-1@K=5@restrict"}
 PROMPT = "Hello, how are you"
 
 
@@ -118,6 +121,8 @@ def _start_server(tmp: Path, base: Path, value_models: dict[str, str], *extra: s
                "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
     for name in VALUE_MODELS:
         command += ["--value-model", f"{name}={value_models[name]}"]
+    for name, spec in PRESETS.items():
+        command += ["--preset", f"{name}={spec}"]
     env = {**os.environ, "VAS_SERVER_API_KEY": ""}  # the key must come from --api-key here
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)

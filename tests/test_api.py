@@ -20,7 +20,7 @@ from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from conftest import MAX_MODEL_LEN
-from http_server import API_KEY, HEADS, PROMPT, ErrorResponse, check_completion_chunk, check_shape
+from http_server import API_KEY, HEADS, PRESETS, PROMPT, ErrorResponse, check_completion_chunk, check_shape
 
 
 def _greedy(**kw) -> dict:
@@ -332,7 +332,7 @@ def test_misspelt_vas_field_is_refused(server, model):
 def test_unknown_model(server, client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4o", prompt=PROMPT)
-    _error(server.post("/v1/chat/completions", {"model": "likes", "messages": MESSAGES}), 404)
+    _error(server.post("/v1/chat/completions", {"model": "no-such-model", "messages": MESSAGES}), 404)
 
 
 def test_request_without_model_is_served(server):
@@ -407,7 +407,7 @@ def test_models_lists_base_and_heads(client, server, model, tiny_base):
         check_shape(Model, card)
     assert str(tiny_base) not in raw.text  # no machine paths: a model's name instead
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {model, *HEADS}
+    assert set(models) == {model, *HEADS, *PRESETS}
     assert models[model].model_extra["max_model_len"] == MAX_MODEL_LEN
     likes = models["likes"].model_extra["vas_head"]
     assert likes["kind"] == "token" and likes["value_model"] == "liker" and likes["description"]

@@ -20,7 +20,6 @@ request's steered row must be the same in both.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -32,15 +31,8 @@ from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext, LogitsProcRequestState
 
-from value_models.format import (
-    DEFAULT_TOP_K,
-    TrunkSpec,
-    ValueModelSpec,
-    load_head_tensors,
-    load_spec,
-    save_head_tensors,
-    save_spec,
-)
+from tiny_models import token_copy
+from value_models.format import DEFAULT_TOP_K, TrunkSpec
 from value_models.synthetic import random_value_model
 from vas_server.config import VASConfig
 from vas_server.params import make_extra_args
@@ -54,24 +46,12 @@ SEPARATE_HEADS = ("s1", "s2", "t1", "t2")  # the "prefix" model: own trunk, valu
 SHARED_HEADS = ("u1", "u2", "e1")  # shared path: the base's own hidden states
 
 
-def _token_copy(src: str, out, rename: dict[str, str]) -> str:
-    """As tests/test_shared_trunk.py: some of `src`'s token heads under new names and nothing else
-    (same trunk depth, no state head, no LoRA), so the model takes the shared path."""
-    spec = load_spec(src)
-    heads = [dataclasses.replace(h, name=rename[h.name]) for h in spec.heads if h.name in rename]
-    save_spec(out, ValueModelSpec(TrunkSpec("base_prefix", num_layers=spec.trunk.num_layers), heads, spec.tokenizer))
-    tensors = load_head_tensors(src)
-    save_head_tensors(out, {f"{rename[k.split('.')[0]]}.{k.split('.', 1)[1]}": v for k, v in tensors.items()
-                            if k.split(".")[0] in rename})
-    return str(out)
-
-
 @pytest.fixture(scope="module")
 def models(tiny_dir, tiny_base, value_models) -> dict[str, str]:
     vm = tiny_dir / "processor_v2_value_models"
     return {
         "prefix": value_models["prefix"],  # separate runtime, N = 1: s1, s2, t1, t2
-        "shared1": _token_copy(value_models["prefix"], vm / "shared1", {"t1": "u1", "t2": "u2"}),  # shared, N = 1
+        "shared1": token_copy(value_models["prefix"], vm / "shared1", {"t1": "u1", "t2": "u2"}),  # shared, N = 1
         "shared2": str(random_value_model(vm / "shared2", tiny_base, [("e1", "token")], seed=21,
                                           trunk=TrunkSpec("base_prefix", num_layers=2), scale=3.0)),  # shared, N = 2
     }
@@ -308,7 +288,9 @@ def test_v2_processor_steers_exactly_like_v1(tiny_base, models, base, seed):
 
         for i, r in enumerate(batch.rows):
             got1, got2, before = out1[i], out2[order.index(r)], raw[r.name]
-            torch.testing.assert_close(got2, got1, atol=1e-5, rtol=0,
+            # Float32 rounding of the batched trunk in two row orders: measured up to 7.6e-6 here; a
+            # wrong row or token differs by whole logits.
+            torch.testing.assert_close(got2, got1, atol=1e-4, rtol=1e-5,
                                        msg=lambda m: f"step {step}, request {r.name}: {m}")
             if not r.steered:
                 assert torch.equal(got1, before) and torch.equal(got2, before), (step, r.name)

@@ -11,7 +11,6 @@ The probe wraps the worker's `ValueRuntime.score` and logs every row's candidate
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import os
 import random
@@ -23,7 +22,8 @@ from vllm import SamplingParams
 
 from conftest import engine_overrides, heads_registry_kept
 from reference_vas import ReferenceValueModel, reference_greedy
-from value_models.format import TrunkSpec, ValueModelSpec, load_head_tensors, load_spec, save_head_tensors, save_spec
+from tiny_models import token_copy
+from value_models.format import TrunkSpec
 from value_models.synthetic import random_value_model
 from vas_server.params import make_extra_args
 
@@ -33,18 +33,6 @@ BUDGET = 64  # chunked_llm: tokens per engine step
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the probe functions run in the worker
 
 
-def _token_copy(src: str, out, rename: dict[str, str]) -> str:
-    """A value model with some of `src`'s token heads under new names and nothing else: same
-    trunk depth, no state head, no LoRA, so it takes the shared path."""
-    spec = load_spec(src)
-    heads = [dataclasses.replace(h, name=rename[h.name]) for h in spec.heads if h.name in rename]
-    save_spec(out, ValueModelSpec(TrunkSpec("base_prefix", num_layers=spec.trunk.num_layers), heads, spec.tokenizer))
-    tensors = load_head_tensors(src)
-    save_head_tensors(out, {f"{rename[k.split('.')[0]]}.{k.split('.', 1)[1]}": v for k, v in tensors.items()
-                            if k.split(".")[0] in rename})
-    return str(out)
-
-
 @pytest.fixture(scope="module")
 def shared_models(tiny_dir, tiny_base, value_models) -> dict[str, str]:
     vm = tiny_dir / "shared_value_models"
@@ -52,21 +40,32 @@ def shared_models(tiny_dir, tiny_base, value_models) -> dict[str, str]:
                                   trunk=TrunkSpec("base_prefix", num_layers=2), scale=3.0))
     return {
         "deep": deep,  # separate (has a state head), all layers
-        "shared1": _token_copy(value_models["prefix"], vm / "shared1", {"t1": "u1", "t2": "u2"}),
-        "shared2": _token_copy(deep, vm / "shared2", {"d1": "e1"}),
+        "shared1": token_copy(value_models["prefix"], vm / "shared1", {"t1": "u1", "t2": "u2"}),
+        "shared2": token_copy(deep, vm / "shared2", {"d1": "e1"}),
     }
 
 
 def _install_probe(worker):
-    proc = next(p for p in worker.model_runner.input_batch.logitsprocs.non_argmax_invariant
-                if type(p).__name__ == "V1Processor")
+    runner = worker.model_runner
+    if hasattr(runner, "input_batch"):  # the V1 runner (CPU)
+        procs = runner.input_batch.logitsprocs.non_argmax_invariant
+    else:  # Model Runner V2 (GPU default): token history on the device
+        procs = runner.sampler.logits_processors
+    proc = next(p for p in procs if type(p).__name__ in ("V1Processor", "V2Processor"))
     runtime, log = proc.steering.runtime, []
     score = runtime.score
+
+    def history(row) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        if row.prompt is not None:
+            return tuple(row.prompt), tuple(row.outputs)
+        tokens = runner.req_states.all_token_ids.gpu[row.token_slot, :row.length].tolist()
+        prompt_len = int(runner.req_states.prompt_len.np[row.token_slot])
+        return tuple(tokens[:prompt_len]), tuple(tokens[prompt_len:])
 
     def logged(rows, candidates, *args):
         values = score(rows, candidates, *args)
         for row, c, v in zip(rows, candidates.tolist(), values.tolist()):
-            log.append((tuple(row.prompt), tuple(row.outputs), c, v))
+            log.append((*history(row), c, v))
         return values
 
     runtime.score = logged
@@ -101,7 +100,10 @@ def _engine(tiny_base, models, **overrides):
 @pytest.fixture(scope="module")
 def mixed_llm(tiny_base, value_models, shared_models):
     with heads_registry_kept():
-        llm = _engine(tiny_base, {"prefix": value_models["prefix"], **shared_models}, **engine_overrides())
+        # Eager on any device (vas-server's CPU default; on GPUs vLLM would compile and capture
+        # CUDA graphs): the reference for compiled_llm.
+        llm = _engine(tiny_base, {"prefix": value_models["prefix"], **shared_models}, **engine_overrides(),
+                      enforce_eager=True)
         yield llm
     llm.llm_engine.engine_core.shutdown()
     del llm

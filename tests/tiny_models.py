@@ -60,3 +60,19 @@ def build_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int, num_layers: in
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+def token_copy(src: str, out: Path, rename: dict[str, str]) -> str:
+    """A value model with some of `src`'s token heads under new names and nothing else: same trunk
+    depth, no state head, no LoRA, so it takes the shared path (the base's own hidden states)."""
+    import dataclasses
+
+    from value_models.format import TrunkSpec, ValueModelSpec, load_head_tensors, load_spec, save_head_tensors, save_spec
+
+    spec = load_spec(src)
+    heads = [dataclasses.replace(h, name=rename[h.name]) for h in spec.heads if h.name in rename]
+    save_spec(out, ValueModelSpec(TrunkSpec("base_prefix", num_layers=spec.trunk.num_layers), heads, spec.tokenizer))
+    tensors = load_head_tensors(src)
+    save_head_tensors(out, {f"{rename[k.split('.')[0]]}.{k.split('.', 1)[1]}": v for k, v in tensors.items()
+                            if k.split(".")[0] in rename})
+    return str(out)

@@ -25,6 +25,8 @@ import urllib.request
 from importlib.resources import files
 from typing import Any, Sequence
 
+from vas_server.presets import DEFAULT_HEAD_WEIGHT
+
 API_KEY_ENV = "VAS_SERVER_API_KEY"  # also honoured, as vLLM's own VLLM_API_KEY is
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 MIDDLEWARE = "vas_server.middleware.VASMiddleware"
@@ -47,6 +49,25 @@ def parse_value_model(text: str) -> tuple[str, str]:
     return name.strip(), path
 
 
+def parse_preset(text: str):
+    from vas_server.presets import parse
+
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def demo_presets() -> list[tuple[str, Any]]:
+    """The shipped presets for the demo heads (value_models/demo/presets.yaml, a --config file)."""
+    import yaml
+
+    path = files("value_models").joinpath("demo", "presets.yaml")
+    if not path.is_file():
+        return []
+    return [parse_preset(text) for text in yaml.safe_load(path.read_text()).get("preset", [])]
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """(the whole parser, its `serve` subparser): vLLM's serve flags plus the VAS group."""
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -60,9 +81,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         description=f"vLLM's OpenAI server with VAS. Without a model: the embedded {EMBEDDED_MODEL_NAME} "
                     "with the demo value heads."))
     vas = serve.add_argument_group("VAS", "value models and steering defaults (vas-server's own flags)")
-    vas.add_argument("--value-model", action="append", type=parse_value_model, default=None, metavar="NAME=PATH",
+    vas.add_argument("--value-model", action="extend", nargs="+", type=parse_value_model, default=None,
+                     metavar="NAME=PATH",
                      help="a value-model checkpoint directory; repeatable (default: the shipped demo value "
                           "models, when serving the embedded base)")
+    vas.add_argument("--preset", action="extend", nargs="+", type=parse_preset, default=None,
+                     metavar="NAME=HEAD:W[,HEAD:W...][@K=N][@restrict]",
+                     help="a steering preset served as a model named NAME; repeatable (default: the demo "
+                          "presets, value_models/demo/presets.yaml, when serving the embedded base). Every "
+                          f"head is also a preset under its own name, at weight {DEFAULT_HEAD_WEIGHT:g}")
     vas.add_argument("--no-value-models", action="store_true", help="serve without any value model")
     vas.add_argument("--default-top-k", type=int, default=None,
                      help="VAS candidates per step when a request sets no vas_top_k (default: each value "
@@ -107,8 +134,13 @@ def configure(args: argparse.Namespace, defaults: argparse.Namespace, given: dic
         args.api_key = [os.environ[API_KEY_ENV]]
     # The demo value models only fit the embedded base's tokenizer.
     value_models = dict(args.value_model) if args.value_model else (demo_value_models() if embedded else {})
+    names = [name for name, _ in args.preset or []]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise SystemExit(f"vas-server: preset {twice[0]!r} is given twice")
+    presets = dict(args.preset) if args.preset else (dict(demo_presets()) if embedded and not args.value_model else {})
     if args.no_value_models:
-        value_models = {}
+        value_models, presets = {}, {}
     options = {key: value for key, value in (("default_top_k", args.default_top_k),
                                              ("max_requests", args.max_vas_requests),
                                              ("max_body_bytes", args.max_body_bytes),
@@ -119,8 +151,9 @@ def configure(args: argparse.Namespace, defaults: argparse.Namespace, given: dic
     else:
         given = {key: getattr(args, key) for key in given}  # as resolved above (model, api key)
     try:
-        vas = VASConfig(value_models=value_models, **options)
+        vas = VASConfig(value_models=value_models, presets={n: p.to_json() for n, p in presets.items()}, **options)
         settings = engine_settings(vas, given)  # reads every vas.json: a bad directory fails here
+        vas.preset_table(vas.heads(), args.served_model_name or [args.model])  # a bad preset fails here
     except (ValueError, OSError) as e:
         raise SystemExit(f"vas-server: {e}") from None
     for key, value in settings.items():
@@ -184,9 +217,28 @@ def serve(args: argparse.Namespace, defaults: argparse.Namespace, given: dict[st
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, serve_parser = build_parser()
+    if argv[:1] == ["serve"] and _config_without_model(argv):
+        # vLLM's --config handling insists on a model; ours defaults to the embedded base.
+        argv.insert(1, serve_parser.get_default("model"))
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args, serve_parser.parse_args([]), explicit_args(argv[1:]))  # argv[0] is "serve"
+
+
+def _config_without_model(argv: list[str]) -> bool:
+    """`serve --config FILE` with no model on the command line or in FILE."""
+    import yaml
+
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return False
+    if len(argv) > 1 and not argv[1].startswith("-"):
+        return False  # serve MODEL ...
+    try:
+        with open(argv[argv.index("--config") + 1]) as f:
+            config = yaml.safe_load(f) or {}
+    except OSError:
+        return False  # vLLM reports the missing file
+    return isinstance(config, dict) and "model" not in config
 
 
 if __name__ == "__main__":

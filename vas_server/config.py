@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Mapping
 
 from value_models.format import (
     DEFAULT_TOP_K,
@@ -20,6 +20,9 @@ from value_models.format import (
     load_spec,
 )
 from vas_server.params import VASRequest
+
+if TYPE_CHECKING:
+    from vas_server.presets import PresetTable
 
 ADDITIONAL_CONFIG_KEY = "vas"
 
@@ -63,6 +66,8 @@ class VASConfig:
     max_body_bytes: int = 8 * 2**20
     # What one HTTP request may queue: prompts x n (x best_of) past this is a 422 (request_guard).
     max_sequences_per_request: int = 128
+    # Named steering settings served as models (vas_server.presets): name -> Preset fields.
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.default_top_k is not None and not is_top_k(self.default_top_k):
@@ -93,6 +98,13 @@ class VASConfig:
                 out[h.name] = HeadInfo(h.name, model_name, str(path), h, spec.trunk, runtime_path(spec),
                                        spec.default_top_k)
         return out
+
+    def preset_table(self, heads: Mapping[str, HeadInfo], served_names: Collection[str]) -> "PresetTable":
+        """Every preset the server offers (the configured ones and one per head), checked:
+        ValueError naming the preset for an unknown head, a bad weight or top-K, or a name clash."""
+        from vas_server.presets import PresetTable
+
+        return PresetTable.build(self.presets, list(heads), served_names)
 
     def top_k_for(self, request: VASRequest, heads: Mapping[str, HeadInfo]) -> int:
         """A request's VAS top-K: its `vas_top_k`; else the server's `--default-top-k`; else the

@@ -35,18 +35,34 @@ WORKER_METRICS = {
 }
 
 
-async def render_vas_metrics(engine_client) -> bytes:
+async def render_vas_metrics(engine_client, preset_requests: Mapping[str, int]) -> bytes:
+    """The worker's VAS counters and the API process's requests per preset, as Prometheus text."""
+    presets = CounterMetricFamily("vas_preset_requests", "Requests that chose a preset as their model",
+                                  labels=["preset"])
+    for name, count in sorted(preset_requests.items()):
+        presets.add_metric([name], count)
+    text = generate_latest(_Families([presets]))
     try:
         # One entry per worker; every tensor-parallel rank runs the same processor, rank 0 speaks.
         results = await asyncio.wait_for(engine_client.collective_rpc("vas_stats"), WORKER_STATS_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001 - a scrape must not fail because the engine is busy
         logger.warning("could not read VAS worker stats: %r", e)
-        return b""
+        return text
     if not results or not results[0]:
-        return b""
+        return text
     registry = CollectorRegistry()
     registry.register(_WorkerStats(results[0]))
-    return generate_latest(registry)
+    return text + generate_latest(registry)
+
+
+class _Families:
+    """A one-scrape collector over ready metric families."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return iter(self.families)
 
 
 class _WorkerStats:

@@ -11,16 +11,22 @@ What it adds to vLLM's routes, and nothing else:
     a misspelt `vas_*` field is a 400. vLLM validates the values at admission through the
     processor's `validate_params`. Chat and completions answers (JSON, or the SSE chunks that
     finish a choice) gain `"vas"`: the settings applied, or null when the request was not steered.
-  * GET /v1/models: one card per value head after vLLM's own cards; `GET /v1/models/{id}` (which
-    vLLM lacks) answers one card from the same list. Machine paths in `root` become model names.
-  * GET /metrics: the VAS counters (vas_server.metrics) after vLLM's own metrics.
+  * Presets (vas_server.presets): a request whose `model` is a preset runs the base with the
+    preset's settings (request `vas_*` fields override them field by field), and its answer (JSON,
+    or every SSE chunk) names the preset as `model`. An unknown `model` is a 404 listing every id.
+  * GET /v1/models: one card per preset (every head is one) after vLLM's own cards, `parent` the
+    base; `GET /v1/models/{id}` (which vLLM lacks) answers one card from the same list. Machine
+    paths in `root` become model names.
+  * GET /metrics: the VAS counters (vas_server.metrics) after vLLM's own metrics, and requests per
+    preset (`vas_preset_requests_total{preset=...}`).
   * Every JSON POST body (any route: also /tokenize, /v1/messages, /invocations, ...) is read with
     a size limit (VASConfig.max_body_bytes, 413 past it) and checked by request_guard before
     vLLM parses it.
   * With an API key, a request without it is refused here, first, in OpenAI's error shape.
 
 vLLM internals it relies on (vllm 0.32.0): `app.state.vllm_config`, `app.state.args`
-(`api_key`), `app.state.engine_client.collective_rpc`, the JSON / SSE shapes of vLLM's answers
+(`api_key`), `app.state.engine_client.collective_rpc`, `app.state.openai_serving_models` (served
+names, LoRA adapters), the JSON / SSE shapes of vLLM's answers
 and `create_error_response` for vLLM's error body. Starlette puts the app in `scope["app"]`.
 """
 
@@ -38,6 +44,7 @@ from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX, Authe
 
 from vas_server.config import HeadInfo, VASConfig
 from vas_server.params import VASParamError, VASRequest, api_extra_args
+from vas_server.presets import Preset, PresetTable, override
 from vas_server.request_guard import RequestRejected, check_request
 
 Scope = dict[str, Any]
@@ -58,17 +65,35 @@ class _Server:
 
     config: VASConfig  # the defaults when the engine has no additional_config["vas"]
     heads: dict[str, HeadInfo]
+    presets: PresetTable
     auth: AuthenticationMiddleware | None
-    state: Any  # app.state: engine_client for /metrics
+    state: Any  # app.state: engine_client for /metrics, openai_serving_models for model ids
+    preset_requests: dict[str, int]  # requests per preset, for /metrics
 
     @classmethod
     def of(cls, state) -> "_Server":
         additional = getattr(state.vllm_config, "additional_config", None) or {}
         config = VASConfig.from_additional_config(additional)
         heads = config.heads()
+        presets = config.preset_table(heads, [m.name for m in state.openai_serving_models.base_model_paths])
         tokens = [key for key in (getattr(state.args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
-        return cls(config, heads,
-                   AuthenticationMiddleware(None, tokens) if tokens else None, state)
+        return cls(config, heads, presets,
+                   AuthenticationMiddleware(None, tokens) if tokens else None, state, {})
+
+    @property
+    def base_name(self) -> str:
+        """The name vLLM answers to first (its responses' `model`)."""
+        return self.state.openai_serving_models.base_model_paths[0].name
+
+    def unknown_model(self, model: Any) -> str | None:
+        """The 404 message for a `model` that is no served name, LoRA adapter or preset."""
+        models = self.state.openai_serving_models
+        served = [m.name for m in models.base_model_paths]
+        if (not isinstance(model, str) or not model or model in served or model in models.lora_requests
+                or self.presets.get(model) or envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING):
+            return None
+        valid = [*served, *models.lora_requests, *self.presets.presets]
+        return f"The model `{model}` does not exist. Valid models: {', '.join(valid)}."
 
     def authorized(self, scope: Scope) -> bool:
         from starlette.datastructures import Headers
@@ -137,8 +162,18 @@ class VASMiddleware:
                 return await _send_error(send, 400, f"{path} does not take steering fields; "
                                                     f"{', '.join(STEERABLE_PATHS)} do", steering[0])
             return await self.app(scope, _replay(body, receive), send)
-        report = None
+        report, preset_id = None, None
         if isinstance(payload, dict):
+            missing = server.unknown_model(payload.get("model"))
+            if missing:
+                return await _send_error(send, 404, missing, "model", "NotFoundError")
+            preset = server.presets.get(payload.get("model"))
+            if preset is not None:  # run the base with the preset's settings, the request's on top
+                preset_id = payload["model"]
+                payload.update(override(preset, payload))
+                payload["model"] = server.base_name
+                server.preset_requests[preset_id] = server.preset_requests.get(preset_id, 0) + 1
+                body = json.dumps(payload).encode()
             try:
                 xargs = api_extra_args(payload)
                 if xargs is not None:
@@ -153,9 +188,12 @@ class VASMiddleware:
                 # validate_params would refuse it too, but a streaming request would then get its
                 # 400 inside a 200 event stream (vLLM validates streams lazily): refuse it here.
                 return await _send_error(send, 400, e.args[0], e.parameter)
-        if path not in REPORTING_PATHS or not isinstance(payload, dict):
+        reporting = path in REPORTING_PATHS and isinstance(payload, dict)
+        if not reporting and preset_id is None:
             return await self.app(_with_length(scope, len(body)), _replay(body, receive), send)
-        await self.app(_with_length(scope, len(body)), _replay(body, receive), _ReportingSend(send, report))
+        rename = (server.base_name, preset_id) if preset_id is not None else None
+        await self.app(_with_length(scope, len(body)), _replay(body, receive),
+                       _ReportingSend(send, report, reporting, rename))
 
     # -- /v1/models ---------------------------------------------------------------------------------
 
@@ -172,7 +210,8 @@ class VASMiddleware:
                 card["root"] = card["id"]  # a model's name, never the serving machine's path
         parent = cards[0]["id"] if cards else None
         created = cards[0]["created"] if cards else 0
-        cards += [_head_card(head, parent, created) for _, head in sorted(server.heads.items())]
+        cards += [_preset_card(name, preset, server, parent, created)
+                  for name, preset in sorted(server.presets.presets.items())]
         if model_id is None:
             return await _send_json(send, 200, listing)
         card = next((c for c in cards if c["id"] == model_id), None)
@@ -190,7 +229,7 @@ class VASMiddleware:
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"]
         status, out_headers, body = await _capture(self.app, dict(scope, headers=headers), receive)
         if status == 200 and server.config.value_models:  # else no processor, no worker extension
-            body += await render_vas_metrics(server.state.engine_client)
+            body += await render_vas_metrics(server.state.engine_client, server.preset_requests)
         await _send_raw(send, status, out_headers, body)
 
 
@@ -207,24 +246,40 @@ def _report(payload: dict, server: _Server) -> dict | None:
     return report
 
 
-def _head_card(head: HeadInfo, parent: str | None, created: int) -> dict:
+def _preset_card(name: str, preset: Preset, server: _Server, parent: str | None, created: int) -> dict:
+    """A preset's /v1/models card: a model whose parent is the base, with its settings (`vas_preset`,
+    top_k as it will apply) and, for a head's own preset, the head's card (`vas_head`)."""
     from dataclasses import asdict
 
-    return {
-        "id": head.name, "object": "model", "created": created, "owned_by": "vas-server", "root": head.name,
+    request = VASRequest(dict(preset.weights), preset.top_k, preset.restrict_to_top_k)
+    card = {
+        "id": name, "object": "model", "created": created, "owned_by": "vas-server", "root": parent,
         "parent": parent, "max_model_len": None, "permission": [],
-        "vas_head": {"value_model": head.value_model, "kind": head.spec.kind, "description": head.spec.description,
-                     "trunk": asdict(head.trunk), "runtime": head.runtime, "reward_mean": head.spec.reward_mean,
-                     "reward_std": head.spec.reward_std, "num_training_samples": head.spec.num_training_samples},
+        "vas_preset": {**request.report(), "top_k": server.config.top_k_for(request, server.heads)},
     }
+    if preset.head:
+        head = server.heads[name]
+        card["vas_head"] = {"value_model": head.value_model, "kind": head.spec.kind,
+                            "description": head.spec.description, "trunk": asdict(head.trunk),
+                            "runtime": head.runtime, "reward_mean": head.spec.reward_mean,
+                            "reward_std": head.spec.reward_std,
+                            "num_training_samples": head.spec.num_training_samples}
+    return card
 
 
 class _ReportingSend:
-    """Adds `"vas": report` to a chat or completions answer on its way out: to the JSON object
-    of a 200 answer, or to each SSE chunk in which a choice finishes. Other answers pass as they are."""
+    """Adds `"vas": report` to a chat or completions answer on its way out (when `reporting`): to
+    the JSON object of a 200 answer, or to each SSE chunk in which a choice finishes. With
+    `rename` = (base name, preset id), the answer's `model` (JSON, every SSE chunk) becomes the
+    preset's id. Other answers pass as they are."""
 
-    def __init__(self, send: Send, report: dict | None):
-        self.send, self.report = send, report
+    def __init__(self, send: Send, report: dict | None, reporting: bool = True,
+                 rename: tuple[str, str] | None = None):
+        self.send, self.report, self.reporting, self.rename = send, report, reporting, rename
+        # SSE chunks are rewritten as bytes: vLLM writes compact JSON, and a string inside content
+        # has its quotes escaped, so `"model":"<base>"` only matches the field itself.
+        self.model_field = (tuple(f'"model":{json.dumps(name)}'.encode() for name in rename)
+                            if rename else None)
         self.mode = "pass"  # "json": buffer and rewrite; "sse": rewrite finishing chunks
         self.start: Message | None = None
         self.parts: list[bytes] = []
@@ -248,14 +303,19 @@ class _ReportingSend:
         body = b"".join(self.parts)
         try:
             answer = json.loads(body)
-            answer["vas"] = self.report
+            if self.reporting:
+                answer["vas"] = self.report
+            if self.rename and "model" in answer:
+                answer["model"] = self.rename[1]
             body = json.dumps(answer).encode()
         except (ValueError, TypeError):
             pass
         await _send_raw(self.send, self.start["status"], self.start["headers"], body)
 
     def _sse(self, chunk: bytes) -> bytes:
-        if b'"finish_reason":"' not in chunk.replace(b'": "', b'":"'):
+        if self.model_field:
+            chunk = chunk.replace(*self.model_field)
+        if not self.reporting or b'"finish_reason":"' not in chunk.replace(b'": "', b'":"'):
             return chunk
         events = chunk.split(b"\n\n")
         for i, event in enumerate(events):

@@ -212,4 +212,8 @@ def _build_runtime(config: VASConfig, vllm_config: "VllmConfig",
     logger.info("VAS: %d value model(s), heads %s, value cache %.1f MiB for %d requests x %d tokens",
                 len(specs), runtime.head_names, runtime.cache_bytes / 2**20, runtime.max_requests,
                 model_config.max_model_len)
+    compilation = vllm_config.compilation_config
+    logger.info("VAS steers the base's %s forward (compilation mode %s, CUDA graphs %s), %s runner",
+                "eager" if model_config.enforce_eager else "compiled", compilation.mode.name,
+                compilation.cudagraph_mode.name, "Model Runner V2" if vllm_config.use_v2_model_runner else "V1")
     return runtime, tap
