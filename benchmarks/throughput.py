@@ -94,10 +94,6 @@ def dtype_arg(args) -> dict:
     return {"dtype": args.dtype} if args.dtype else {}
 
 
-def engine_dtype(llm) -> str:
-    return str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
-
-
 def long_prompts(llm, n: int, length: int) -> list[dict]:
     """n prompts of exactly `length` tokens: chat prompts repeated and cut (contents do not matter)."""
     ids = [chat_ids(llm.get_tokenizer(), p) for p in PROMPTS]
@@ -166,7 +162,7 @@ def shared_main(args) -> None:
 
     from vas_server.base_model import ensure_base_model
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine import engine_dtype, engine_kwargs
     from vas_server.params import make_extra_args
 
     base = ensure_base_model()

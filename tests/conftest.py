@@ -6,7 +6,6 @@ Engines run the real vLLM (CPU build) in float32 with a deliberately small KV ca
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 from pathlib import Path
@@ -23,18 +22,6 @@ from value_models.synthetic import random_value_model, token_lover
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-@contextlib.contextmanager
-def heads_registry_kept():
-    """engine_kwargs registers its heads process-wide (for admission checks); a test that starts an
-    engine of its own restores the session engines' registration afterwards, so that later test
-    modules admit their heads."""
-    from vas_server.processor import VASLogitsProcessor
-
-    known = VASLogitsProcessor._known_heads
-    yield
-    VASLogitsProcessor._known_heads = known
-
 
 MAX_MODEL_LEN = 512
 KV_BLOCKS = 6  # x 128 tokens (the CPU block size) = 768 tokens of base KV cache: 16 concurrent requests must preempt

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from vllm import SamplingParams
+from vllm.config import CompilationConfig
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext, LogitsProcRequestState
 
@@ -82,7 +83,9 @@ def _vllm_config(tiny_base, models, base, v2: bool) -> SimpleNamespace:
         parallel_config=SimpleNamespace(pipeline_parallel_size=1, enable_batch_sharded_sampling=False),
         scheduler_config=SimpleNamespace(max_num_seqs=MAX_NUM_REQS),
         model_config=SimpleNamespace(model=str(tiny_base), tokenizer=None, trust_remote_code=False,
-                                     dtype=torch.float32, max_model_len=MAX_MODEL_LEN, hf_config=base.hf_config),
+                                     dtype=torch.float32, max_model_len=MAX_MODEL_LEN, hf_config=base.hf_config,
+                                     enforce_eager=True),
+        compilation_config=CompilationConfig(),
     )
 
 

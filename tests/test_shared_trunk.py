@@ -20,7 +20,7 @@ import cloudpickle
 import pytest
 from vllm import SamplingParams
 
-from conftest import engine_overrides, heads_registry_kept
+from conftest import engine_overrides
 from reference_vas import ReferenceValueModel, reference_greedy
 from tiny_models import token_copy
 from value_models.format import TrunkSpec
@@ -89,22 +89,18 @@ def _engine(tiny_base, models, **overrides):
     from vas_server.config import VASConfig
     from vas_server.engine import engine_kwargs
 
-    from vas_server.processor import VASLogitsProcessor
-
     llm = LLM(**engine_kwargs(str(tiny_base), VASConfig(value_models=models), **overrides))
     llm.vas_head_names = llm.collective_rpc(_install_probe)[0]
-    llm.vas_known_heads = VASLogitsProcessor._known_heads  # what _run registers before generating
     return llm
 
 
 @pytest.fixture(scope="module")
 def mixed_llm(tiny_base, value_models, shared_models):
-    with heads_registry_kept():
-        # Eager on any device (vas-server's CPU default; on GPUs vLLM would compile and capture
-        # CUDA graphs): the reference for compiled_llm.
-        llm = _engine(tiny_base, {"prefix": value_models["prefix"], **shared_models}, **engine_overrides(),
-                      enforce_eager=True)
-        yield llm
+    # Eager on any device (vas-server's CPU default; on GPUs vLLM would compile and capture
+    # CUDA graphs): the reference for compiled_llm.
+    llm = _engine(tiny_base, {"prefix": value_models["prefix"], **shared_models}, **engine_overrides(),
+                  enforce_eager=True)
+    yield llm
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
@@ -114,10 +110,9 @@ def mixed_llm(tiny_base, value_models, shared_models):
 def compiled_llm(tiny_base, value_models, shared_models):
     """mixed_llm's value models on vLLM's compiled forward (torch.compile with inductor; on GPUs
     the same path CUDA graphs capture): the tap's states are outputs of the compiled graph."""
-    with heads_registry_kept():
-        llm = _engine(tiny_base, {"prefix": value_models["prefix"], **shared_models}, **engine_overrides(),
-                      enforce_eager=False)
-        yield llm
+    llm = _engine(tiny_base, {"prefix": value_models["prefix"], **shared_models}, **engine_overrides(),
+                  enforce_eager=False)
+    yield llm
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
@@ -126,10 +121,9 @@ def compiled_llm(tiny_base, value_models, shared_models):
 @pytest.fixture(scope="module")
 def chunked_llm(tiny_base, shared_models):
     overrides = {k: v for k, v in engine_overrides().items() if k != "max_num_seqs"}
-    with heads_registry_kept():
-        llm = _engine(tiny_base, {"shared1": shared_models["shared1"], "shared2": shared_models["shared2"]},
-                      **overrides, enable_chunked_prefill=True, max_num_batched_tokens=BUDGET)
-        yield llm
+    llm = _engine(tiny_base, {"shared1": shared_models["shared1"], "shared2": shared_models["shared2"]},
+                  **overrides, enable_chunked_prefill=True, max_num_batched_tokens=BUDGET)
+    yield llm
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
@@ -137,9 +131,6 @@ def chunked_llm(tiny_base, shared_models):
 
 def _run(llm, prompts, params):
     """Generate; return (token lists, the probe's log of this run)."""
-    from vas_server.processor import VASLogitsProcessor
-
-    VASLogitsProcessor.register_heads(llm.vas_known_heads)  # two engines with different heads
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     return outs, llm.collective_rpc(_take_log)[0]
 
@@ -253,9 +244,8 @@ def test_only_shared_models_no_cap_no_cache(chunked_llm, mixed_llm, tiny_base, s
     from vas_server.engine import DEFAULT_VAS_REQUESTS, engine_kwargs
 
     only_shared = {"shared1": shared_models["shared1"], "shared2": shared_models["shared2"]}
-    with heads_registry_kept():
-        assert "max_num_seqs" not in engine_kwargs(str(tiny_base), VASConfig(value_models=only_shared))
-        mixed = engine_kwargs(str(tiny_base), VASConfig(value_models={**only_shared, "prefix": value_models["prefix"]}))
+    assert "max_num_seqs" not in engine_kwargs(str(tiny_base), VASConfig(value_models=only_shared))
+    mixed = engine_kwargs(str(tiny_base), VASConfig(value_models={**only_shared, "prefix": value_models["prefix"]}))
     assert mixed["max_num_seqs"] == DEFAULT_VAS_REQUESTS
     # vLLM's own choice with chunked prefill: min(CPU default 256, max_num_batched_tokens).
     assert chunked_llm.llm_engine.vllm_config.scheduler_config.max_num_seqs == BUDGET > DEFAULT_VAS_REQUESTS

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 
-from conftest import heads_registry_kept
 from tiny_models import build_llama, build_tokenizer
 
 from value_models.cli import main
@@ -61,10 +60,9 @@ def test_sample_score_fit(tmp_path):
     # huge weight makes any spread in the head's values decide the candidates' order, so the
     # responses cannot all be the base's (which they would be, seed for seed, without steering).
     steered_file = tmp_path / "steered.jsonl"
-    with heads_registry_kept():
-        main(["sample", "--base", str(base), "--prompts", str(tmp_path / "prompts.txt"), "--samples-per-prompt",
-              "3", "--max-tokens", "12", "--dtype", "float32", "--max-model-len", "128", "--value-model", str(out),
-              "--weight", "concise=100", "--top-k", "8", "--out", str(steered_file)])
+    main(["sample", "--base", str(base), "--prompts", str(tmp_path / "prompts.txt"), "--samples-per-prompt",
+          "3", "--max-tokens", "12", "--dtype", "float32", "--max-model-len", "128", "--value-model", str(out),
+          "--weight", "concise=100", "--top-k", "8", "--out", str(steered_file)])
     steered = read_samples(steered_file)
     assert all(s.policy == {"value_model": "vm", "weights": {"concise": 100.0}, "top_k": 8} for s in steered)
     assert [s.prompt_token_ids for s in steered] == [s.prompt_token_ids for s in samples]

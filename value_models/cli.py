@@ -62,9 +62,10 @@ def _parse_head(text: str):
     from value_models.rewards import describe
     from value_models.train import HeadPlan
 
-    parts = text.split(":")
-    if len(parts) not in (2, 3):
-        raise argparse.ArgumentTypeError(f"--head {text!r}: expected NAME:KIND[:REWARD], e.g. positive:token")
+    parts = text.split(":", 2)  # the reward spec may hold colons itself (module:function, hf:C:/dir)
+    if len(parts) < 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"--head {text!r}: expected NAME:KIND[:REWARD], e.g. positive:token or "
+                                         "food:token:mymodule:food_words")
     reward = parts[2] if len(parts) == 3 else parts[0]
     try:
         return HeadPlan(parts[0], parts[1], reward, describe(reward))
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="index of each prompt's first sample (its seed); e.g. 2 adds samples 2, 3, ... to a set of 0, 1")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--max-model-len", type=int, default=1024)
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--dtype", help="engine dtype (default: the one `vas-server serve` picks on this machine: the checkpoint's, or float32 on an x86 CPU that emulates bfloat16); printed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--value-model", help="sample with VAS steered by this value model (iterated values) "
                                          "instead of from the base; needs --weight")
@@ -199,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="TD(lambda) training of a value model")
     p.add_argument("samples", nargs="+", help="scored samples (JSONL); several files are used in the given order")
     p.add_argument("--head", action="append", required=True, type=_parse_head,
-                   help="NAME:KIND[:REWARD], kind state or token (repeatable: heads share the trunk)")
+                   help="NAME:KIND[:REWARD], kind state or token; REWARD is any reward spec, colons included "
+                        "(positive, mymodule:my_function, hf:DIR); default NAME (repeatable: heads share the trunk)")
     p.add_argument("--base", help="base model HF directory for a base_prefix trunk (default: the embedded SmolLM2)")
     p.add_argument("--num-layers", type=int, help="base layers kept by a base_prefix trunk (or standalone layers)")
     p.add_argument("--lora-r", type=int, default=0, help="LoRA rank on a base_prefix trunk (0: frozen trunk)")
@@ -258,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--top-k", type=int, help="VAS candidates per step (default: the value model's default_top_k "
                                               "from its vas.json, else 20)")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", help="engine dtype (default: the one `vas-server serve` picks on this machine: the checkpoint's, or float32 on an x86 CPU that emulates bfloat16); printed")
     p.add_argument("--max-model-len", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)

@@ -13,6 +13,7 @@ vLLM starts worker processes: scripts that call `sample` need an `if __name__ ==
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from value_models.records import Sample
@@ -28,7 +29,7 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt: int = 1, max_tokens: int = 96,
-           seed: int = 0, dtype: str = "auto", max_model_len: int = 1024, first_sample: int = 0,
+           seed: int = 0, dtype: str | None = None, max_model_len: int = 1024, first_sample: int = 0,
            value_model: str | None = None, weights: dict[str, float] | None = None, top_k: int | None = None,
            **engine_overrides) -> list[Sample]:
     """Samples j = first_sample .. first_sample + samples_per_prompt - 1 of every prompt. A later
@@ -36,13 +37,14 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
     (each sample's seed depends only on its prompt's index and j). `value_model` and `weights`
     (and optionally `top_k`, else the model's default): sample with VAS at those weights; every
     record's `policy` says so. base_logprob stays the raw base's (vLLM's log-probs are taken
-    before logits processors)."""
+    before logits processors). `dtype` None: the engine's own choice, the one `vas-server serve`
+    makes on this machine (float32 on an x86 CPU that emulates bfloat16); it is printed."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from value_models.format import tokenizer_identity
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine import engine_dtype, engine_kwargs
     from vas_server.params import make_extra_args
 
     if first_sample < 0 or first_sample + samples_per_prompt > SEEDS_PER_PROMPT:
@@ -62,8 +64,10 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
     engine_overrides.setdefault("enable_chunked_prefill", False)
     extra = make_extra_args(weights, top_k=top_k) if value_model else None
     vas = VASConfig(value_models={"sample": str(value_model)}) if value_model else None
-    llm = LLM(**engine_kwargs(str(base_model_dir), vas, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                              **engine_overrides))
+    if dtype is not None:
+        engine_overrides["dtype"] = dtype
+    llm = LLM(**engine_kwargs(str(base_model_dir), vas, max_model_len=max_model_len, seed=seed, **engine_overrides))
+    print(f"vas-train sample: engine dtype {engine_dtype(llm)}", file=sys.stderr, flush=True)
     requests, params, owners = [], [], []
     for i, ids in enumerate(prompt_ids):
         for j in range(first_sample, first_sample + samples_per_prompt):

@@ -100,3 +100,16 @@ def engine_kwargs(model: str, vas: VASConfig | None = None, **overrides: Any) ->
     other vLLM engine arguments."""
     prepare_environment()
     return {"model": model, **overrides, **engine_settings(vas, overrides)}
+
+
+def engine_dtype(llm) -> str:
+    """The dtype a running `vllm.LLM` chose, e.g. "float32"."""
+    return str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
+
+
+def default_dtype(dtype: str | None) -> str | None:
+    """What `dtype` the engine gets when the user gave `dtype` (None: none): the one vas-server
+    passes on (None: vLLM's own choice, the checkpoint's dtype)."""
+    if dtype is None and not on_gpu() and cpu_lacks_fast_bfloat16():
+        return "float32"
+    return None if dtype in (None, "auto") else dtype

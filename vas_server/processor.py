@@ -24,10 +24,13 @@ from vas_server.params import VASRequest
 
 
 class VASLogitsProcessor(V1Interface, V2Interface):
-    # Heads known to this process (registered by vas_server.plugin when an engine configuration
-    # with VAS value models is created), so that validate_params, which vLLM calls as a
-    # classmethod without any config, can reject unknown heads at admission with a 400.
-    _known_heads: ClassVar[Mapping[str, HeadInfo] | None] = None
+    # Heads of every engine configuration with VAS settings created in this process (registered
+    # by vas_server.plugin when its VllmConfig is built), so that validate_params, which vLLM
+    # calls as a classmethod with the request alone, can refuse an unknown head at admission with
+    # a 400, with or without vas-server's middleware. A server process has one engine, so these
+    # are exactly its heads. A Python process that builds several engines admits the heads of all
+    # of them; a head another engine defines is then refused in the worker (logged, unsteered).
+    _known_heads: ClassVar[dict[str, HeadInfo] | None] = None
 
     def __new__(cls, vllm_config, *args):
         if vllm_config.use_v2_model_runner:
@@ -40,7 +43,7 @@ class VASLogitsProcessor(V1Interface, V2Interface):
 
     @classmethod
     def register_heads(cls, heads: Mapping[str, HeadInfo]) -> None:
-        cls._known_heads = dict(heads)
+        cls._known_heads = {**(cls._known_heads or {}), **heads}
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:

@@ -214,6 +214,6 @@ def _build_runtime(config: VASConfig, vllm_config: "VllmConfig",
                 model_config.max_model_len)
     compilation = vllm_config.compilation_config
     logger.info("VAS steers the base's %s forward (compilation mode %s, CUDA graphs %s), %s runner",
-                "eager" if model_config.enforce_eager else "compiled", compilation.mode.name,
-                compilation.cudagraph_mode.name, "Model Runner V2" if vllm_config.use_v2_model_runner else "V1")
+                "eager" if model_config.enforce_eager else "compiled", compilation.mode,
+                compilation.cudagraph_mode, "Model Runner V2" if vllm_config.use_v2_model_runner else "V1")
     return runtime, tap

@@ -26,7 +26,7 @@ class EvalConfig:
     max_tokens: int = 48
     top_k: int | None = None  # None: the value model's own default (vas.json), else the spec's 20
     seed: int = 0
-    dtype: str = "bfloat16"
+    dtype: str | None = None  # None: the engine's own choice (what `vas-server serve` picks here)
     max_model_len: int = 512
     max_num_seqs: int = 64
     kl_batch_size: int = 128  # rows replayed at once (value-cache slots)

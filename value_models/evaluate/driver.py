@@ -95,15 +95,18 @@ def _generate_runs(config: EvalConfig, plan: _Plan, prompt_ids: list[list[int]],
     from vllm import LLM
 
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine import engine_dtype, engine_kwargs
 
-    overrides = dict(dtype=config.dtype, max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
+    overrides = dict(max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
                      seed=config.seed, disable_log_stats=True, max_logprobs=max_logprobs_for(config.top_k))
+    if config.dtype is not None:  # else the engine's own choice, as `vas-server serve` makes it
+        overrides["dtype"] = config.dtype
     overrides.setdefault("enable_chunked_prefill", False)  # vLLM 0.32 CPU: seeded requests (see sample.py)
     overrides.update(config.engine_overrides)
     vas = VASConfig(value_models={"eval": str(config.value_model)}, dtype="auto")
     llm = LLM(**engine_kwargs(config.base, vas, **overrides)) if not cache.complete(list(plan.settings)) else None
-    log(f"engine ready ({time.perf_counter() - t_start:.0f} s); {len(prompt_ids)} prompts, "
+    log(f"engine ready ({time.perf_counter() - t_start:.0f} s, dtype {engine_dtype(llm) if llm else 'unused'}); "
+        f"{len(prompt_ids)} prompts, "
         f"{len(plan.settings)} settings, base x{max(config.bon)}")
 
     base = cache.get(())
@@ -154,7 +157,13 @@ def _kls(config: EvalConfig, tokenizer, prompt_ids: list[list[int]], runs: dict[
     from value_models.format import tokenizer_identity
     from value_models.model import load_value_model
 
-    dtype = getattr(torch, config.dtype) if config.dtype != "auto" else torch.bfloat16
+    from transformers import AutoConfig
+
+    from vas_server.engine import default_dtype
+
+    # The engine's dtype: the one given, else float32 where the CPU emulates bfloat16, else the checkpoint's.
+    chosen = default_dtype(config.dtype)
+    dtype = getattr(torch, chosen) if chosen else AutoConfig.from_pretrained(config.base).dtype or torch.float32
     vm = load_value_model(config.value_model, config.base, base_tokenizer=tokenizer_identity(tokenizer), dtype=dtype)
     kls: dict[tuple, tuple[list[float], list[float]]] = {}
     t_kl = time.perf_counter()
