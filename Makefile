@@ -33,7 +33,7 @@ demo-models: setup
 	.venv/bin/vas-train fit build/demo/train32.jsonl build/demo/more32.jsonl build/demo/ext32.jsonl \
 		--head positive:token --head concise:token --head simple:token --num-layers 6 --lam 1.0 --epochs 3 \
 		--batch-size 32 --lr 1e-3 --token-proj-lr 2e-6 --lr-decay linear --seed 0 --checkpoint-every 0 \
-		--states-cache build/demo/states --default-top-k 256 --out $(DEMO_MODEL)
+		--states-cache build/demo/states --default-top-k 256 --validation-fraction 0 --out $(DEMO_MODEL)
 
 # The evaluation of docs/QUALITY.md: VAS at weights -2..8 per head and a 3x3 two-head grid on 200
 # held-out prompts, against Best-of-4 (200 prompts), Best-of-16 (first 50) and Best-of-64 (first 20);

@@ -30,7 +30,7 @@ from steering_proxy import REWARDS, score  # noqa: E402
 
 # The shipped demo model's settings (Makefile, demo-models), except the trunk depth.
 FIT_SETTINGS = dict(lam=1.0, epochs=3, batch_size=32, lr=1e-3, token_proj_lr=2e-6, lr_decay="linear", seed=0,
-                    checkpoint_every=0, passes_per_batch=2)
+                    checkpoint_every=0, passes_per_batch=2, validation_fraction=0.0)
 
 
 @torch.no_grad()

@@ -88,10 +88,12 @@ def _cmd_fit(args) -> None:
                        lr=args.lr, token_proj_lr=args.token_proj_lr, trunk_lr=args.trunk_lr,
                        lr_decay=args.lr_decay, soft_beta=args.soft_beta, passes_per_batch=args.passes, seed=args.seed,
                        checkpoint_every=args.checkpoint_every, extra={"samples": [Path(p).name for p in args.samples]},
-                       default_top_k=args.default_top_k)
+                       default_top_k=args.default_top_k, validation_fraction=args.validation_fraction)
     result = fit(samples, config, args.out, states_cache=args.states_cache)
-    last = result.curve[-1]["loss"] if result.curve else {}
-    print(f"saved {result.path} after {result.steps} steps; last losses {last}")
+    last = next((c["loss"] for c in reversed(result.curve) if "loss" in c), {})
+    held_out = next((c["validation"] for c in reversed(result.curve) if "validation" in c), None)
+    print(f"saved {result.path} after {result.steps} steps; last losses {last}"
+          + (f"; held-out Monte-Carlo return error {held_out}" if held_out else ""))
 
 
 def _cmd_convert_trl(args) -> None:
@@ -228,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-top-k", type=int, help="record the top-K the model steers best with (chosen by "
                                                      "evaluation) in vas.json; the server uses it for requests "
                                                      "without vas_top_k (default: none, so the spec's 20)")
+    p.add_argument("--validation-fraction", type=float, default=0.05,
+                   help="responses held out of training to report the Monte-Carlo return error before training "
+                        "and after each epoch, with a warning when it rises (0: none; fewer than 8: none)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_fit)
 
@@ -273,7 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except ValueError as e:  # bad input (a reward spec, scores, samples): the message, no traceback
+        sys.exit(f"vas-train {args.command}: {e}")
 
 
 if __name__ == "__main__":

@@ -89,14 +89,20 @@ def _vader():
     return _VADER
 
 
-def _per_text(fn: Callable[[str, str], float]) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
+def _per_text(fn: Callable[[str, str], float], spec: str) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
+    """A per-response function as a batched scorer; anything but a finite number from it, or an
+    exception, is a ValueError naming the reward and the response."""
     def score(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         out = []
         for p, r in zip(prompts, responses, strict=True):
-            value = float(fn(p, r))
-            if not math.isfinite(value):
-                raise ValueError(f"reward {fn.__name__} returned {value} for response {r[:60]!r}")
-            out.append(value)
+            try:
+                value = fn(p, r)
+            except Exception as e:  # noqa: BLE001 - the user's function: report it, whatever it raised
+                raise ValueError(f"reward {spec!r} raised {type(e).__name__}: {e} (response {r[:60]!r})") from e
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"reward {spec!r} returned {value!r} ({type(value).__name__}) for response "
+                                 f"{r[:60]!r}; a reward must return a finite number")
+            out.append(float(value))
         return out
 
     return score
@@ -117,7 +123,7 @@ def load_reward(spec: str) -> Reward:
     """The reward named by `spec` (see the module docstring)."""
     if spec in BUILTINS:
         fn = BUILTINS[spec]
-        return Reward(spec, describe(spec), _per_text(fn))
+        return Reward(spec, describe(spec), _per_text(fn, spec))
     if spec.startswith(HF_PREFIX):
         return _classifier_reward(spec)
     if ":" in spec:
@@ -128,7 +134,7 @@ def load_reward(spec: str) -> Reward:
             raise ValueError(f"reward {spec!r}: cannot import {attr!r} from {module_name!r} ({e})") from None
         if not callable(fn):
             raise ValueError(f"reward {spec!r} is not callable")
-        return Reward(spec, _first_line(fn.__doc__) or f"user reward {spec}", _per_text(fn))
+        return Reward(spec, _first_line(fn.__doc__) or f"user reward {spec}", _per_text(fn, spec))
     raise ValueError(
         f"unknown reward {spec!r}: use one of {', '.join(BUILTINS)}, a Python 'module:function', "
         f"or '{HF_PREFIX}<classifier directory>[#label]'")
@@ -142,6 +148,12 @@ def _classifier_reward(spec: str, batch_size: int = 32) -> Reward:
     directory = Path(location)
     if not (directory / "config.json").is_file():
         raise ValueError(f"reward {spec!r}: {directory} is not a local Hugging Face model directory")
+    import json
+
+    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ValueError(f"reward {spec!r}: {directory} is not a sequence-classification model (its architectures: "
+                         f"{', '.join(architectures) or 'none'}); hf: rewards need one, e.g. a sentiment classifier")
     tokenizer = AutoTokenizer.from_pretrained(str(directory))
     model = AutoModelForSequenceClassification.from_pretrained(str(directory)).eval()
     num_labels = model.config.num_labels

@@ -44,6 +44,8 @@ TRAIN_STATE_DIR = "train_state"
 TRAIN_STATE_FILE = "state.pt"
 CURVE_FILE = "training_curve.json"
 LR_DECAYS = ("constant", "linear")
+MIN_VALIDATION = 8
+RISE = 0.1  # a held-out error more than 10% above the previous epoch's is warned about
 
 
 @dataclass
@@ -88,10 +90,17 @@ class FitConfig:
     # Recorded as vas.json's default_top_k: the top-K the model steers best with, chosen by
     # evaluation (docs/QUALITY.md); it does not change the training.
     default_top_k: int | None = None
+    # Responses held out of training (a seeded choice) to report, before training and after each
+    # epoch, an error that does not move with the model's own targets: the Monte-Carlo return
+    # error, mean (v - G)^2 with G the standardised reward itself (λ = 1). Fewer than
+    # MIN_VALIDATION held-out responses: none.
+    validation_fraction: float = 0.05
 
     def __post_init__(self):
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError("validation_fraction must be in [0, 1)")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -101,7 +110,7 @@ class FitConfig:
 class FitResult:
     path: Path
     steps: int
-    curve: list[dict]  # per step: step, epoch, loss per head
+    curve: list[dict]  # per step: step, epoch, loss per head; per epoch: step, epoch, validation per head
 
 
 def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progress: bool = True,
@@ -125,12 +134,10 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     samples = [s for s in samples if s.response_token_ids]
     if not samples:
         raise ValueError("no samples with a non-empty response to train on")
-    raw_rewards = _reward_matrix(samples, config.heads)
-    reward_mean, reward_std = raw_rewards.mean(dim=1), raw_rewards.std(dim=1)
-    for h, std in zip(config.heads, reward_std.tolist()):
-        if not std > 0:
-            raise ValueError(f"head {h.name!r}: every training reward is the same; there is nothing to learn")
-    rewards = (raw_rewards - reward_mean[:, None]) / reward_std[:, None]
+    samples, held_out = _split(samples, config)
+    raw_rewards = _reward_matrix(samples + held_out, config.heads)
+    reward_mean, reward_std = _training_stats(raw_rewards[:, :len(samples)], config.heads)
+    rewards = (raw_rewards - reward_mean[:, None]) / reward_std[:, None]  # [n_heads, train + held out]
 
     torch.manual_seed(config.seed)  # LoRA initialisation
     trunk = TrainingTrunk(config.trunk)
@@ -163,8 +170,30 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     if state_path.is_file():
         step, curve = _restore(state_path, fingerprint, heads, trunk, optimizer)
 
-    cached_hidden = None if config.trunk.trainable else _trunk_states(trunk, samples, config, progress, states_cache)
+    cached_hidden = (None if config.trunk.trainable
+                     else _trunk_states(trunk, samples + held_out, config, progress, states_cache))
     embed = trunk.embedding()
+    held_ids = list(range(len(samples), len(samples) + len(held_out)))
+
+    def validate(epoch: int) -> None:
+        if not held_out or any("validation" in c and c["epoch"] == epoch for c in curve):
+            return
+        errors = dict(zip(heads.names, _validation_error(trunk, heads, embed, held_out, rewards[:, held_ids],
+                                                         cached_hidden, held_ids, config)))
+        curve.append({"step": step, "epoch": epoch, "validation": errors})
+        report = " ".join(f"{k} {v:.4f}" for k, v in errors.items())
+        tqdm.write(f"fit: held-out Monte-Carlo return error ({len(held_out)} responses) "
+                   f"{'before training' if epoch < 0 else f'after epoch {epoch + 1}'}: {report}")
+        before = next((c["validation"] for c in reversed(curve[:-1]) if "validation" in c), None)
+        # Noise moves a small held-out set by a few percent: a rise of more than RISE counts.
+        rose = [k for k in errors if before is not None and errors[k] > (1 + RISE) * before[k]]
+        if rose and epoch >= 0:
+            tqdm.write(f"fit: WARNING: the held-out error of {', '.join(rose)} rose by more than {RISE:.0%} over "
+                       f"epoch {epoch + 1}: the "
+                       "heads fit their training responses worse on others (over-fitting or divergence). "
+                       "Fewer --epochs, a lower --lr / --token-proj-lr, --lr-decay linear or --lam 1 may help.")
+
+    validate(-1)
     bar = tqdm(total=total_steps, initial=step, desc="fit", disable=not progress)
     while step < total_steps:
         if stop_after_steps is not None and step >= stop_after_steps:
@@ -182,12 +211,61 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
         step += 1
         curve.append({"step": step, "epoch": epoch, "loss": dict(zip(heads.names, losses))})
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses):.4f}")
+        bar.set_postfix(loss=f"{sum(losses):.4f}", **_last_validation(curve))
+        if step % batches_per_epoch == 0:
+            validate(epoch)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
             _save(out_dir, spec, heads, trunk, optimizer, fingerprint, step, curve, final=False)
     bar.close()
     _save(out_dir, spec, heads, trunk, optimizer, fingerprint, step, curve, final=True)
     return FitResult(out_dir, step, curve)
+
+
+def _split(samples: list[Sample], config: FitConfig) -> tuple[list[Sample], list[Sample]]:
+    """(training samples, held-out samples): a seeded choice of validation_fraction of them."""
+    n = int(len(samples) * config.validation_fraction)
+    if n < MIN_VALIDATION:
+        return samples, []
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed * 7919 + 1)).tolist()
+    held = set(order[:n])
+    return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
+
+
+def _training_stats(raw_rewards: torch.Tensor, heads: list[HeadPlan]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's reward mean and std over the training samples (the standardisation)."""
+    reward_mean, reward_std = raw_rewards.mean(dim=1), raw_rewards.std(dim=1)
+    for h, std in zip(heads, reward_std.tolist()):
+        if not std > 0:
+            raise ValueError(f"head {h.name!r}: every training reward is the same; there is nothing to learn")
+    return reward_mean, reward_std
+
+
+def _last_validation(curve: list[dict]) -> dict:
+    last = next((c["validation"] for c in reversed(curve) if "validation" in c), None)
+    return {"held_out": f"{sum(last.values()):.4f}"} if last else {}
+
+
+@torch.no_grad()
+def _validation_error(trunk: TrainingTrunk, heads: ValueHeads, embed, samples: list[Sample], rewards: torch.Tensor,
+                      cached_hidden, ids: list[int], config: FitConfig) -> list[float]:
+    """Per head: mean (v - G)^2 over the held-out responses' states, G their Monte-Carlo return
+    (td_lambda_returns with λ = 1: the discounted standardised reward, whatever the values)."""
+    sums = torch.zeros(len(heads.names), dtype=torch.float64)
+    count = 0
+    for start in range(0, len(samples), config.batch_size):
+        chunk, chunk_ids = samples[start:start + config.batch_size], ids[start:start + config.batch_size]
+        batch = make_batch([s.prompt_token_ids for s in chunk], [s.response_token_ids for s in chunk])
+        if cached_hidden is not None:
+            state_hidden = _pad_cached([cached_hidden[i] for i in chunk_ids], batch.mask.shape[1])
+        else:
+            state_hidden = gather_states(trunk.hidden_states(batch.tokens), batch.positions)
+        values = head_values(heads, state_hidden, embed, batch.next_tokens)
+        for h in range(values.shape[0]):
+            returns = td_lambda_returns(values[h], rewards[h, start:start + len(chunk)], batch.lengths, lam=1.0,
+                                        gamma=config.gamma)
+            sums[h] += ((values[h] - returns) ** 2)[batch.mask].double().sum()
+        count += int(batch.mask.sum())
+    return (sums / count).tolist()
 
 
 def _train_batch(trunk: TrainingTrunk, heads: ValueHeads, optimizer, embed, batch_samples, batch_rewards,
