@@ -112,16 +112,19 @@ class Server:
         return out
 
 
-def _start_server(tmp: Path, base: Path, value_models: dict[str, str], *extra: str) -> Server:
+def start_server(tmp: Path, base: Path, value_models: dict[str, str], *extra: str,
+                 presets: dict[str, str] | None = None) -> Server:
+    """`python -m vas_server serve BASE --value-model NAME=PATH ... --preset ...` on a free port,
+    once it printed its ready line."""
     log = tmp / "server.log"
     command = [sys.executable, "-m", "vas_server", "serve", str(base), "--served-model-name", SERVED_NAME,
                "--port", str(free_port()), "--api-key", API_KEY, "--max-model-len", str(MAX_MODEL_LEN),
                "--dtype", "float32", "--seed", "0", *extra,
                # JSON-schema answers without free whitespace: a random tiny model could pad them forever.
                "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}']
-    for name in VALUE_MODELS:
-        command += ["--value-model", f"{name}={value_models[name]}"]
-    for name, spec in PRESETS.items():
+    for name, path in value_models.items():
+        command += ["--value-model", f"{name}={path}"]
+    for name, spec in (presets or {}).items():
         command += ["--preset", f"{name}={spec}"]
     env = {**os.environ, "VAS_SERVER_API_KEY": ""}  # the key must come from --api-key here
     with open(log, "w") as out:
@@ -142,7 +145,12 @@ def _start_server(tmp: Path, base: Path, value_models: dict[str, str], *extra: s
 
 def serve_for_tests(tmp: Path, tiny_base: Path, value_models: dict[str, str]):
     """Start the server, yield it, stop it with SIGTERM and check it shut down cleanly."""
-    srv = _start_server(tmp, tiny_base, value_models)
+    srv = start_server(tmp, tiny_base, {name: value_models[name] for name in VALUE_MODELS}, presets=PRESETS)
+    yield from stopped_at_the_end(srv)
+
+
+def stopped_at_the_end(srv: Server):
+    """Yield the server, then stop it with SIGTERM and check it shut down cleanly."""
     yield srv
     srv.http.close()
     srv.process.send_signal(signal.SIGTERM)  # graceful shutdown: uvicorn drains, the engine stops

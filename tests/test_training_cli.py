@@ -70,3 +70,32 @@ def test_sample_score_fit(tmp_path):
     with pytest.raises(SystemExit):
         main(["sample", "--base", str(base), "--prompts", str(tmp_path / "prompts.txt"), "--weight", "concise=1",
               "--out", str(tmp_path / "refused.jsonl")])
+
+
+class _EngineStarted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("given, slow_bf16, want", [(None, True, "float32"), (None, False, None),
+                                                    ("bfloat16", True, "bfloat16")])
+def test_sample_takes_the_dtype_vas_server_would(tiny_base, monkeypatch, given, slow_bf16, want):
+    """Without --dtype, `vas-train sample` starts the engine with the dtype `vas-server serve` picks:
+    float32 on an x86 CPU that emulates bfloat16 (where "auto" meant emulated bfloat16, ~8x slower),
+    else vLLM's own choice; a given dtype wins."""
+    import vllm
+
+    from value_models.sample import sample
+    from vas_server import engine
+
+    seen = {}
+
+    def fake_llm(**kwargs):
+        seen.update(kwargs)
+        raise _EngineStarted
+
+    monkeypatch.setattr(engine, "on_gpu", lambda: False)
+    monkeypatch.setattr(engine, "cpu_lacks_fast_bfloat16", lambda: slow_bf16)
+    monkeypatch.setattr(vllm, "LLM", fake_llm)
+    with pytest.raises(_EngineStarted):
+        sample(tiny_base, ["Hello"], max_tokens=4, max_model_len=64, dtype=given)
+    assert seen.get("dtype") == want
