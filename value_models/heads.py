@@ -3,10 +3,10 @@
 All heads of one value model live in one `ValueHeads` module so that they share the trunk's
 forward and are evaluated with one matmul per kind:
   * state heads: `V(x) = w . h_last(x) + b`, stacked as `state_weight` [n_state, H];
-  * token heads: `Q(s)[a] = u . h_last(s) + (P h_last(s)) . E[a] + bias[a]`, where E is the
+  * token heads: `Q(s)[a] = c . h_last(s) + (P h_last(s)) . E[a] + bias[a]`, where E is the
     trunk's own embedding matrix (tied, not stored), P a [H, H] projection, bias a per-token vector
-    and u a state baseline. Only u, P and the bias are saved, so token heads stay small on disk.
-    The baseline `u . h` is the same for every candidate, so centring (§1.3) removes it and it
+    and c the state baseline (`token_baseline`). Only c, P and the bias are saved, so token heads
+    stay small on disk. The baseline `c . h` is the same for every candidate, so centring (§1.3) removes it and it
     never changes sampling; it is there for training: it carries V(s), the part of the return
     that the state alone predicts, so that P and the bias learn what the token adds to it (the
     advantage) instead of absorbing the reward level of the contexts a token happens to occur in.
@@ -55,7 +55,7 @@ class ValueHeads(nn.Module):
         rows_out: optional buffer ([>= B*K, H], embed's dtype) for the tokens' embedding rows. The
         server passes a preallocated one: on CPU a fresh [B, K, H] tensor each step (38 MB at
         B = 64, K = 256 for SmolLM2) is page-faulted in anew and costs 4x the copy itself."""
-        u = torch.einsum("bh,nhg->nbg", hidden, self.token_proj)
+        u = torch.einsum("bh,nhg->nbg", hidden, self.token_proj)  # P h_last(s), per head
         baseline = (hidden @ self.token_baseline.T).T[:, :, None]  # [n_token, B, 1]
         flat = tokens.reshape(-1)
         rows = (embed.index_select(0, flat) if rows_out is None

@@ -59,7 +59,8 @@ class VASConfig:
     # full: extra requests wait in vLLM's queue.
     max_requests: int | None = None
     # Value-model dtype; "auto" follows the base model (bfloat16 for the embedded SmolLM2, where
-    # it runs ~5x faster than float32 on this CPU), "float32" for exact reference checks.
+    # it is native on CPUs with AMX or AVX512-BF16 and on GPUs; engine.py picks float32 for the
+    # engine where a CPU emulates bfloat16), "float32" for exact reference checks.
     dtype: str = "auto"
     device: str | None = None  # None: the worker's device
     # HTTP request bodies past this many bytes are refused with a 413 before they are parsed.

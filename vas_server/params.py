@@ -93,8 +93,9 @@ class VASRequest:
 
 def api_extra_args(body: Mapping[str, Any]) -> dict[str, str] | None:
     """The `vllm_xargs` entry for an API body's top-level `vas_*` fields; None when the body has
-    none. The values are only moved here: they are checked
-    once, by `VASRequest.from_extra_args` at admission, so that vLLM's error path reports them."""
+    none. The values are only moved here; `VASRequest.from_extra_args` checks them (in the
+    middleware, so that a streaming request is refused before its stream starts, and again at
+    vLLM's admission, which also covers requests that bypass the middleware)."""
     unknown = sorted(k for k in body if k.startswith("vas_") and k not in API_FIELDS.values())
     if unknown:
         raise VASParamError(unknown[0], f"unknown field {unknown[0]!r}; the steering fields are "

@@ -1,7 +1,8 @@
-"""Admission checks on a generation request's JSON body, before vLLM sees it (issue 13).
+"""Admission checks on a request's JSON body, before vLLM sees it.
 
-The middleware (vas_server.middleware) calls `check_request(path, body, config)` on the parsed body
-of every POST to /v1/completions, /v1/chat/completions and /v1/responses. It raises
+The middleware (vas_server.middleware) calls `check_request(path, body, max_sequences)` on the
+parsed body of every JSON POST (the generation routes and every other route that takes JSON:
+/tokenize, /v1/messages, /invocations, ...). It raises
 `RequestRejected` (a `VASParamError`, i.e. vLLM's `VLLMValidationError`, naming the parameter,
 with the HTTP status to answer) for:
 

@@ -70,7 +70,8 @@ def examples(prompts, base_texts, runs, heads, weights, count: int = 3) -> list[
 
 
 def quality_checks(report: dict, config: EvalConfig) -> dict:
-    """The quality bar of issue 5, per head. Comparisons with a Best-of-N computed on a subset
+    """The quality bar per head (docs/QUALITY.md): monotonic in the weight, a negative weight
+    lowers the reward, and VAS against Best-of-N at the same KL. Comparisons with a Best-of-N computed on a subset
     of the prompts use VAS's numbers on that same subset."""
     out = {}
     weights = list(config.weights)
@@ -126,7 +127,7 @@ def markdown(report: dict) -> str:
     heads = report["heads"]
     lines = [f"# VAS evaluation: {Path(c['value_model']).name}", "",
              f"{report['num_prompts']} held-out prompts, max_tokens {c['max_tokens']}, temperature 1, "
-             f"VAS top_k {c['top_k']}, seed {c['seed']}, dtype {c['dtype']}. Rewards: "
+             f"VAS top_k {c['top_k']}, seed {c['seed']}, dtype {c['dtype'] or 'the engine default'}. Rewards: "
              + ", ".join(f"`{h}` = `{report['rewards'][h]}`" for h in heads)
              + ". Values are mean ± standard error over prompts. KL: nats per response "
                "(VAS: exact per-step KL summed along the sampled responses; BoN: log N - (N-1)/N).", ""]
