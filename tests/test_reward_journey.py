@@ -34,19 +34,9 @@ def letter_e(prompt: str, response: str) -> float:
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory, tiny_base) -> str:
     """A tiny sequence classifier (2 labels) on the tiny tokenizer, saved as a user's would be."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from tiny_models import build_classifier
 
-    out = tmp_path_factory.mktemp("classifier")
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_base))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1, head_dim=64, num_labels=2,
-                         pad_token_id=tokenizer.pad_token_id, id2label={0: "dull", 1: "lively"},
-                         label2id={"dull": 0, "lively": 1})
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    return str(out)
+    return str(build_classifier(tmp_path_factory.mktemp("classifier"), tiny_base, ("dull", "lively")))
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -63,19 +64,10 @@ def test_unknown_and_broken_rewards_fail_clearly():
 
 
 def test_classifier_directory_reward(tmp_path):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from tiny_models import build_classifier, build_tokenizer
 
-    from tiny_models import build_tokenizer
-
-    build_tokenizer(tmp_path / "clf")
-    tok = AutoTokenizer.from_pretrained(str(tmp_path / "clf"))
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1, head_dim=64, num_labels=2,
-                         id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
-                         pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForSequenceClassification(config).save_pretrained(str(tmp_path / "clf"))
+    build_tokenizer(tmp_path / "tok")
+    build_classifier(tmp_path / "clf", tmp_path / "tok", ("negative", "positive"))
     texts = ["I love sunny days.", "This is terrible.", "Paris"]
     positive = score(f"hf:{tmp_path / 'clf'}", *texts)  # default: the last label
     negative = score(f"hf:{tmp_path / 'clf'}#negative", *texts)
@@ -84,3 +76,44 @@ def test_classifier_directory_reward(tmp_path):
     assert len(set(round(p, 6) for p in positive)) == 3  # depends on the text
     with pytest.raises(ValueError, match="no label 'joy'"):
         load_reward(f"hf:{tmp_path / 'clf'}#joy")
+
+
+def length_in_words_or_none(prompt: str, response: str):
+    """Returns None for an empty response: a user's bug."""
+    return len(response.split()) or None
+
+
+def text_reward(prompt: str, response: str):
+    return "high"
+
+
+def raising_reward(prompt: str, response: str) -> float:
+    return 1.0 / len(response)
+
+
+@pytest.mark.parametrize("spec, response, message", [
+    ("test_rewards:length_in_words_or_none", "", "returned None (NoneType)"),
+    ("test_rewards:text_reward", "hi", "returned 'high' (str)"),
+    ("test_rewards:raising_reward", "", "raised ZeroDivisionError"),
+])
+def test_a_reward_that_returns_no_number_or_raises_is_named(spec, response, message):
+    with pytest.raises(ValueError, match=rf"reward '{spec}' {re.escape(message)}"):
+        score(spec, "fine", response)
+
+
+def test_an_hf_directory_that_is_not_a_classifier_is_refused(tiny_base):
+    with pytest.raises(ValueError, match="is not a sequence-classification model .*LlamaForCausalLM"):
+        load_reward(f"hf:{tiny_base}")
+
+
+def test_the_cli_reports_bad_rewards_and_samples_without_a_traceback(tmp_path, capsys):
+    from value_models.cli import main
+    from value_models.records import Sample, write_samples
+
+    samples = tmp_path / "s.jsonl"
+    write_samples(samples, [Sample(prompt="p", prompt_token_ids=[1], response="", response_token_ids=[2],
+                                   finish_reason="stop", base_logprob=-1.0, vocab_hash="x")])
+    with pytest.raises(SystemExit, match="vas-train score: reward 'test_rewards:raising_reward' raised"):
+        main(["score", str(samples), "--reward", "test_rewards:raising_reward"])
+    with pytest.raises(SystemExit, match="vas-train score: unknown reward 'nope'"):
+        main(["score", str(samples), "--reward", "nope"])

@@ -76,3 +76,19 @@ def token_copy(src: str, out: Path, rename: dict[str, str]) -> str:
     save_head_tensors(out, {f"{rename[k.split('.')[0]]}.{k.split('.', 1)[1]}": v for k, v in tensors.items()
                             if k.split(".")[0] in rename})
     return str(out)
+
+
+def build_classifier(out_dir: Path, tokenizer_dir: Path, labels: tuple[str, ...], *, seed: int = 0) -> Path:
+    """A random tiny sequence classifier (Llama, one layer) on the tokenizer of `tokenizer_dir`,
+    saved with it: what an `hf:<dir>` reward loads."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=64, num_labels=len(labels),
+                         id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    LlamaForSequenceClassification(config).save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
