@@ -122,8 +122,7 @@ def test_value_cache_returns_to_baseline(vas_llm, prompts):
     after = vas_llm.collective_rpc("vas_stats")[0]
     assert after["vas_requests_total"] - before["vas_requests_total"] >= 100
     assert after["cache_slots_used"] == 0 and after["active_requests"] == 0
-    assert after["cache_bytes"] == before["cache_bytes"]
-    assert after["dropped_requests"] == 0
+    assert after["dropped_requests"] == 0 and after["cache_slots_total"] == before["cache_slots_total"] > 0
 
 
 def test_unknown_head_is_rejected_at_admission(vas_llm, prompts):
