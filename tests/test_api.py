@@ -124,6 +124,19 @@ def test_completion_logprobs(client, model):
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
 
+def test_prompt_logprobs_beside_shared_path_steering(client, model, tokenizer):
+    """vLLM computes prompt log-probs with the model's compute_logits after sampling, where the
+    shared path's hidden-state tap also reads its rows: a steered request asking for them gets
+    them, and the same steered tokens as without."""
+    steer = {"vas_weights": {"likes": 3.0}, "vas_top_k": 256}
+    plain = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0, extra_body=steer)
+    both = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0,
+                                     extra_body={**steer, "prompt_logprobs": 1})
+    assert both.choices[0].text == plain.choices[0].text and both.model_extra["vas"] == plain.model_extra["vas"]
+    prompt_logprobs = both.choices[0].model_extra["prompt_logprobs"]
+    assert len(prompt_logprobs) == len(tokenizer.encode(PROMPT)) and prompt_logprobs[0] is None
+
+
 def test_stop_strings(server, client, model):
     full = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0).choices[0].text
     stop = next(full[i:i + 2] for i in range(4, len(full) - 2) if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2])

@@ -106,7 +106,8 @@ HEADS = [HeadPlan("first", "state", "first"), HeadPlan("other", "token", "other"
 
 def frozen_prefix_config(base: Path, **overrides) -> FitConfig:
     settings = dict(heads=HEADS, trunk=TrunkPlan("base_prefix", str(base), num_layers=2), epochs=8,
-                    batch_size=32, lr=3e-3, seed=0, checkpoint_every=0, validation_fraction=0.0)
+                    batch_size=32, lr=3e-3, token_proj_lr=None, seed=0, checkpoint_every=0,
+                    validation_fraction=0.0)
     settings.update(overrides)
     return FitConfig(**settings)
 
@@ -168,7 +169,7 @@ def test_soft_fit_learns_soft_values(models, vocab_hash, tmp_path):
 
 def small_run_config(models, trunk: TrunkPlan, **overrides) -> FitConfig:
     settings = dict(heads=HEADS, trunk=trunk, epochs=2, batch_size=8, lr=1e-2, trunk_lr=1e-2, seed=0,
-                    checkpoint_every=2, validation_fraction=0.0)
+                    checkpoint_every=2, token_proj_lr=None, validation_fraction=0.0)
     settings.update(overrides)
     return FitConfig(**settings)
 

@@ -165,7 +165,7 @@ def _cmd_eval(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from value_models.train import LR_DECAYS
+    from value_models.train import LR_DECAYS, FitConfig
 
     parser = argparse.ArgumentParser(prog="vas-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--token-proj-lr", type=float, help="learning rate of token heads' projection (default: --lr); "
-                                                       "values move ~ lr * |h|_1 * |E|_1 per step, so use ~1e-6")
+    p.add_argument("--token-proj-lr", type=float, default=FitConfig.token_proj_lr,
+                   help="learning rate of token heads' projection (default %(default)g, the demo heads'); values "
+                        "move ~ lr * |h|_1 * |E|_1 per step, so it is far below --lr")
     p.add_argument("--trunk-lr", type=float, default=1e-4)
     p.add_argument("--lr-decay", choices=LR_DECAYS, default="constant",
                    help="learning-rate schedule: constant, or linear decay to 0 at the last step")
