@@ -1,0 +1,57 @@
+"""What vas-server's middleware knows of the running server, read once from vLLM's app.state:
+the VAS configuration (from the engine's `additional_config["vas"]`), the heads and presets, the
+API key check, and the served names and LoRA adapters that a request's `model` may name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm import envs
+from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+from vas_server.asgi import Scope
+from vas_server.config import HeadInfo, VASConfig
+from vas_server.presets import PresetTable
+
+
+@dataclass
+class ServerView:
+    """What the middleware needs from the running server, read once from app.state."""
+
+    config: VASConfig  # the defaults when the engine has no additional_config["vas"]
+    heads: dict[str, HeadInfo]
+    presets: PresetTable
+    auth: AuthenticationMiddleware | None
+    state: Any  # app.state: engine_client for /metrics, openai_serving_models for model ids
+    preset_requests: dict[str, int]  # requests per preset, for /metrics
+
+    @classmethod
+    def of(cls, state) -> "ServerView":
+        additional = getattr(state.vllm_config, "additional_config", None) or {}
+        config = VASConfig.from_additional_config(additional)
+        heads = config.heads()
+        presets = config.preset_table(heads, [m.name for m in state.openai_serving_models.base_model_paths])
+        tokens = [key for key in (getattr(state.args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
+        return cls(config, heads, presets,
+                   AuthenticationMiddleware(None, tokens) if tokens else None, state, {})
+
+    @property
+    def base_name(self) -> str:
+        """The name vLLM answers to first (its responses' `model`)."""
+        return self.state.openai_serving_models.base_model_paths[0].name
+
+    def unknown_model(self, model: Any) -> str | None:
+        """The 404 message for a `model` that is no served name, LoRA adapter or preset."""
+        models = self.state.openai_serving_models
+        served = [m.name for m in models.base_model_paths]
+        if (not isinstance(model, str) or not model or model in served or model in models.lora_requests
+                or self.presets.get(model) or envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING):
+            return None
+        valid = [*served, *models.lora_requests, *self.presets.presets]
+        return f"The model `{model}` does not exist. Valid models: {', '.join(valid)}."
+
+    def authorized(self, scope: Scope) -> bool:
+        from starlette.datastructures import Headers
+
+        return self.auth is None or self.auth.verify_token(Headers(scope=scope))
