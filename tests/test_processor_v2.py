@@ -80,7 +80,8 @@ def _vllm_config(tiny_base, models, base, v2: bool) -> SimpleNamespace:
                                     max_requests=MAX_NUM_REQS).to_additional_config(),
         use_v2_model_runner=v2,
         speculative_config=None,
-        parallel_config=SimpleNamespace(pipeline_parallel_size=1, enable_batch_sharded_sampling=False),
+        parallel_config=SimpleNamespace(pipeline_parallel_size=1, tensor_parallel_size=1,
+                                        enable_batch_sharded_sampling=False),
         scheduler_config=SimpleNamespace(max_num_seqs=MAX_NUM_REQS),
         model_config=SimpleNamespace(model=str(tiny_base), tokenizer=None, trust_remote_code=False,
                                      dtype=torch.float32, max_model_len=MAX_MODEL_LEN, hf_config=base.hf_config,
@@ -323,3 +324,25 @@ def test_v2_processor_steers_exactly_like_v1(tiny_base, models, base, seed):
     assert (checked_plain, checked_steered) == (4, 29)  # B at steps 0-1, H at 3-4; steered rows of all steps
     assert v1.stats()["resumed_requests"] == v2.stats()["resumed_requests"] == 1
     assert v1.stats()["vas_requests_total"] == v2.stats()["vas_requests_total"] == 7  # 6 steered + D again
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"speculative_config": object()}, "speculative decoding"),
+    ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
+    ({"tensor_parallel_size": 2}, "tensor parallelism"),
+    ({"enable_batch_sharded_sampling": True}, "batch-sharded sampling"),
+])
+def test_the_tap_refuses_what_it_cannot_serve(tiny_base, models, base, change, reason):
+    """Settings under which the shared path's rows would not be this rank's logits rows, or its
+    embedding not the whole vocabulary: refused when the engine starts, naming the setting."""
+    from vas_server.hidden_states import HiddenStateTap
+
+    config = _vllm_config(tiny_base, models, base, v2=False)
+    for key, value in change.items():
+        setattr(config if key == "speculative_config" else config.parallel_config, key, value)
+    with pytest.raises(ValueError, match=f"the shared-trunk value path does not support {reason}"):
+        HiddenStateTap.for_config(config)
+    separate_only = _vllm_config(tiny_base, {"prefix": models["prefix"]}, base, v2=False)
+    for key, value in change.items():
+        setattr(separate_only if key == "speculative_config" else separate_only.parallel_config, key, value)
+    assert not HiddenStateTap.for_config(separate_only).active  # no shared-path model: nothing to refuse

@@ -14,7 +14,8 @@ Invariants:
     tables) and launches device work: no `.item()`, `.tolist()` or copy back to the host, so
     async scheduling overlaps the steps. Separate-trunk heads read committed tokens from
     `all_token_ids` on the device, gathered with indices built on the host.
-  * One logits row per request: speculative decoding is refused when the processor is built.
+  * One logits row per request: speculative decoding is refused when the processor is built
+    (vas_server.steering).
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ class V2Processor(LogitsProcessor):
         self._batch: StepBatch | None = None
         self._batch_slots: np.ndarray | None = None  # the slot order self._batch was built for
         self._positions: list[int] = []  # the batch positions of self._batch's rows
-        if self.steering.runtime is not None and vllm_config.speculative_config is not None:
-            raise ValueError("VAS does not support speculative decoding (one logits row per request)")
 
     def add_request(self, req_idx: int, sampling_params) -> bool:
         steering = self.steering

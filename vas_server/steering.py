@@ -103,6 +103,9 @@ class Steering:
         self.steps = 0
         self.seconds = 0.0
         if self.config.value_models:
+            if vllm_config.speculative_config is not None:
+                # Both processors map one logits row to one request; drafts add rows.
+                raise ValueError("VAS does not support speculative decoding (one logits row per request)")
             self.heads = self.config.heads()
             self.runtime, self.tap = _build_runtime(self.config, vllm_config, device)
 
