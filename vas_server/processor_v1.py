@@ -27,7 +27,7 @@ import torch
 
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from vas_server.steering import Row, StepBatch, Steering, logger
+from vas_server.steering import Row, StepBatch, Steering
 
 
 class V1Processor(LogitsProcessor):
@@ -48,7 +48,8 @@ class V1Processor(LogitsProcessor):
             self._drop(index)
         for index, params, prompt, outputs in batch_update.added:
             self._drop(index)
-            row = self._new_row(params, prompt, outputs)
+            # re-added with outputs: resumed after preemption
+            row = self.steering.new_row(params, resumed=bool(outputs), prompt=prompt, outputs=outputs)
             if row is not None:
                 self.rows[index] = row
         for a, b, direction in batch_update.moved:
@@ -66,28 +67,6 @@ class V1Processor(LogitsProcessor):
         row = self.rows.pop(index, None)
         if row is not None:
             self.steering.runtime.release(row.input.slot)
-
-    def _new_row(self, params, prompt: list[int] | None, outputs: list[int]) -> Row | None:
-        steering = self.steering
-        request = steering.request(params)
-        if request is None:
-            return None
-        if prompt is None:
-            logger.error("VAS needs prompt token ids (prompt embeddings are not supported); unsteered")
-            return None
-        slot = None
-        if steering.runtime.needs_slot(steering.head_ids(request)):  # only separate-trunk heads keep a cache
-            slot = steering.runtime.allocate()
-            if slot is None:
-                # Unreachable through engine_kwargs, which caps max_num_seqs at the cache capacity
-                # (so extra requests wait in vLLM's queue); only a hand-built engine can get here.
-                steering.dropped_requests += 1
-                logger.error("VAS value cache full (%d requests); request runs unsteered",
-                             steering.runtime.max_requests)
-                return None
-        if outputs:
-            steering.resumed_requests += 1
-        return steering.row(request, slot, prompt, outputs)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.batch is not None:

@@ -50,20 +50,12 @@ class V2Processor(LogitsProcessor):
             return False
         if old is not None:
             steering.runtime.release(old.input.slot)
-        request = steering.request(sampling_params)
-        if request is None:
-            return False
-        slot = None
-        if steering.runtime.needs_slot(steering.head_ids(request)):
-            slot = steering.runtime.allocate()
-            if slot is None:
-                steering.dropped_requests += 1
-                return False
         rs = self.req_states
-        if rs.prefill_len.np[req_idx] > rs.prompt_len.np[req_idx]:
-            steering.resumed_requests += 1  # re-added after preemption, with its outputs
-        row = steering.row(request, slot, None, None)
-        row.input.token_slot = req_idx
+        # prefilled with outputs: re-added after preemption
+        row = steering.new_row(sampling_params, resumed=bool(rs.prefill_len.np[req_idx] > rs.prompt_len.np[req_idx]),
+                               token_slot=req_idx)
+        if row is None:
+            return False
         self.slots[req_idx] = row
         return True
 

@@ -98,7 +98,7 @@ class Steering:
         self.heads: dict[str, HeadInfo] = {}  # by name, from vas.json (each model's default top-K)
         self.heap = HeapTrimmer()
         self.requests_total = 0
-        self.dropped_requests = 0  # VAS requests that found no free cache slot (V1)
+        self.dropped_requests = 0  # VAS requests that found no free cache slot
         self.resumed_requests = 0  # VAS requests re-added with outputs (after preemption)
         self.steps = 0
         self.seconds = 0.0
@@ -119,13 +119,33 @@ class Steering:
             return None
         return request if request is not None and request.active else None
 
-    def row(self, request: VASRequest, slot: int | None, prompt, outputs) -> Row:
-        self.requests_total += 1
+    def new_row(self, params, *, resumed: bool, prompt: list[int] | None = None, outputs: list[int] | None = None,
+                token_slot: int | None = None) -> Row | None:
+        """The Row of a request joining the batch, or None when it runs unsteered: no weights, or
+        (logged) settings that fail here, no token history, or no free value-cache slot. Takes a
+        cache slot when a separate-trunk head is weighted. The request's tokens are `prompt` +
+        `outputs` (V1's live lists) or the runner's buffer at `token_slot` (V2)."""
+        request = self.request(params)
+        if request is None:
+            return None
+        if prompt is None and token_slot is None:
+            logger.error("VAS needs prompt token ids (prompt embeddings are not supported); unsteered")
+            return None
         heads = frozenset(self.runtime.head_index[name] for name in request.weights)
-        return Row(request, self.config.top_k_for(request, self.heads), RowInput(slot, prompt, outputs, heads))
-
-    def head_ids(self, request: VASRequest) -> frozenset[int]:
-        return frozenset(self.runtime.head_index[name] for name in request.weights)
+        slot = None
+        if self.runtime.needs_slot(heads):  # only separate-trunk heads keep a value cache
+            slot = self.runtime.allocate()
+            if slot is None:
+                # Unreachable through engine_kwargs, which caps max_num_seqs at the cache capacity
+                # (so extra requests wait in vLLM's queue); only a hand-built engine can get here.
+                self.dropped_requests += 1
+                logger.error("VAS value cache full (%d requests); request runs unsteered", self.runtime.max_requests)
+                return None
+        if resumed:
+            self.resumed_requests += 1
+        self.requests_total += 1
+        top_k = self.config.top_k_for(request, self.heads)
+        return Row(request, top_k, RowInput(slot, prompt, outputs, heads, token_slot=token_slot))
 
     def steer(self, logits: torch.Tensor, batch: StepBatch, new_tokens: NewTokens | None = None) -> torch.Tensor:
         """Steer the batch's rows of `logits` [R, V] (in place when every row is steered)."""
