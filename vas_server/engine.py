@@ -72,8 +72,8 @@ def engine_settings(vas: VASConfig | None, given: dict[str, Any]) -> dict[str, A
     defaults: dict[str, Any] = {}
     if not on_gpu():
         defaults.update(enforce_eager=True, enable_chunked_prefill=False)
-        if cpu_lacks_fast_bfloat16():
-            defaults["dtype"] = "float32"
+    if default_dtype(None) is not None:
+        defaults["dtype"] = default_dtype(None)
     settings = {key: value for key, value in defaults.items() if given.get(key) is None}
     if vas is None:
         return settings
@@ -109,7 +109,8 @@ def engine_dtype(llm) -> str:
 
 def default_dtype(dtype: str | None) -> str | None:
     """What `dtype` the engine gets when the user gave `dtype` (None: none): the one vas-server
-    passes on (None: vLLM's own choice, the checkpoint's dtype)."""
+    passes on (None: vLLM's own choice, the checkpoint's dtype). The one place that picks float32
+    where a CPU emulates bfloat16 (engine_settings, and the evaluation's offline KL)."""
     if dtype is None and not on_gpu() and cpu_lacks_fast_bfloat16():
         return "float32"
     return None if dtype in (None, "auto") else dtype

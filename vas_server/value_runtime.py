@@ -126,8 +126,9 @@ class TrunkRunner:
         token_values = None
         if self.has_token:
             embed = self.trunk.embed_tokens.weight
-            token_values = self.heads.token_values(self.last_hidden[to_device(torch.tensor(slots), device)], embed,
-                                                   candidates, rows_out=self.candidate_rows.get(embed, candidates.numel()))
+            hidden = self.last_hidden[to_device(torch.tensor(slots), device)]
+            token_values = self.heads.token_values(hidden, embed, candidates,
+                                                   rows_out=self.candidate_rows.get(embed, candidates.numel()))
         return state_values, token_values
 
     def _forward(self, slot_list, cached_list, n_list, new_tokens, candidates, Kc: int, Lq: int):
