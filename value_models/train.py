@@ -258,11 +258,7 @@ def _validation_error(trunk: TrainingTrunk, heads: ValueHeads, embed, samples: l
     for start in range(0, len(samples), config.batch_size):
         chunk, chunk_ids = samples[start:start + config.batch_size], ids[start:start + config.batch_size]
         batch = make_batch([s.prompt_token_ids for s in chunk], [s.response_token_ids for s in chunk])
-        if cached_hidden is not None:
-            state_hidden = _pad_cached([cached_hidden[i] for i in chunk_ids], batch.mask.shape[1])
-        else:
-            state_hidden = gather_states(trunk.hidden_states(batch.tokens), batch.positions)
-        values = head_values(heads, state_hidden, embed, batch.next_tokens)
+        values = head_values(heads, _states(trunk, batch, cached_hidden, chunk_ids), embed, batch.next_tokens)
         for h in range(values.shape[0]):
             returns = td_lambda_returns(values[h], rewards[h, start:start + len(chunk)], batch.lengths, lam=1.0,
                                         gamma=config.gamma)
@@ -274,11 +270,11 @@ def _validation_error(trunk: TrainingTrunk, heads: ValueHeads, embed, samples: l
 def _train_batch(trunk: TrainingTrunk, heads: ValueHeads, optimizer, embed, batch_samples, batch_rewards,
                  cached_hidden, ids, config: FitConfig) -> list[float]:
     batch = make_batch([s.prompt_token_ids for s in batch_samples], [s.response_token_ids for s in batch_samples])
-    if cached_hidden is not None:
-        state_hidden = _pad_cached([cached_hidden[i] for i in ids], batch.mask.shape[1])
+    if cached_hidden is not None:  # a frozen trunk: the same states in every pass
+        state_hidden = _states(trunk, batch, cached_hidden, ids)
     for _ in range(config.passes_per_batch):
         if cached_hidden is None:
-            state_hidden = gather_states(trunk.hidden_states(batch.tokens), batch.positions)
+            state_hidden = _states(trunk, batch, None, ids)
         values = head_values(heads, state_hidden, embed, batch.next_tokens)  # [n_heads, B, T]
         per_head = []
         for h in range(values.shape[0]):
@@ -335,6 +331,13 @@ def _precompute_states(trunk: TrainingTrunk, samples: list[Sample], config: FitC
         state_hidden = gather_states(trunk.hidden_states(batch.tokens), batch.positions)
         out.extend(state_hidden[b, :int(batch.lengths[b])].clone() for b in range(len(chunk)))
     return out
+
+
+def _states(trunk: TrainingTrunk, batch, cached_hidden, ids: list[int]) -> torch.Tensor:
+    """The batch's trunk states [B, T, H]: the cached ones of samples `ids`, else a trunk pass."""
+    if cached_hidden is not None:
+        return _pad_cached([cached_hidden[i] for i in ids], batch.mask.shape[1])
+    return gather_states(trunk.hidden_states(batch.tokens), batch.positions)
 
 
 def _pad_cached(rows: list[torch.Tensor], length: int) -> torch.Tensor:
