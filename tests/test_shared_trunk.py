@@ -98,31 +98,29 @@ def _engine(tiny_base, models, **overrides):
 def mixed_llm(tiny_base, value_models, shared_models):
     # Eager on any device (vas-server's CPU default; on GPUs vLLM would compile and capture
     # CUDA graphs): the reference for compiled_llm.
-    llm = _engine(tiny_base, {"prefix": value_models["prefix"], **shared_models}, **engine_overrides(),
-                  enforce_eager=True)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    models = {"prefix": value_models["prefix"], **shared_models}
+    yield from _shut_down_after(_engine(tiny_base, models, **engine_overrides(), enforce_eager=True))
 
 
 @pytest.fixture(scope="module")
 def compiled_llm(tiny_base, value_models, shared_models):
     """mixed_llm's value models on vLLM's compiled forward (torch.compile with inductor; on GPUs
     the same path CUDA graphs capture): the tap's states are outputs of the compiled graph."""
-    llm = _engine(tiny_base, {"prefix": value_models["prefix"], **shared_models}, **engine_overrides(),
-                  enforce_eager=False)
-    yield llm
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    models = {"prefix": value_models["prefix"], **shared_models}
+    yield from _shut_down_after(_engine(tiny_base, models, **engine_overrides(), enforce_eager=False))
 
 
 @pytest.fixture(scope="module")
 def chunked_llm(tiny_base, shared_models):
     overrides = {k: v for k, v in engine_overrides().items() if k != "max_num_seqs"}
-    llm = _engine(tiny_base, {"shared1": shared_models["shared1"], "shared2": shared_models["shared2"]},
-                  **overrides, enable_chunked_prefill=True, max_num_batched_tokens=BUDGET)
+    models = {"shared1": shared_models["shared1"], "shared2": shared_models["shared2"]}
+    yield from _shut_down_after(_engine(tiny_base, models, **overrides, enable_chunked_prefill=True,
+                                        max_num_batched_tokens=BUDGET))
+
+
+def _shut_down_after(llm):
+    """Yield the engine to the module's tests, then stop it and free its memory (this generator
+    holds the only reference, so `del` lets gc.collect free it)."""
     yield llm
     llm.llm_engine.engine_core.shutdown()
     del llm
