@@ -9,8 +9,9 @@ not set it (docs/SERVER.md, "What vas-server changes in vLLM's engine"):
   * max_num_seqs capped at the value-cache capacity when a value model runs on the separate
     runtime: extra requests wait in vLLM's queue instead of overflowing the preallocated cache;
   * on CPUs only:
-    - enforce_eager: starts in ~16 s instead of ~3 min of inductor compilation the first time
-      (then from vLLM's disk cache); `--no-enforce-eager` compiles, with VAS as without;
+    - enforce_eager: a server ready in 29 s instead of 82 s with a warm compile cache, plus ~50 s
+      for the first inductor compile of a configuration (2-core AMX host, docs/BENCHMARKS.md);
+      `--no-enforce-eager` compiles, with VAS as without;
     - enable_chunked_prefill=False: vLLM 0.32's CPU build kills the engine ("CPU Generator does
       not use offset") when a seeded request's prefill is split over steps; it rewinds the
       request's generator with a CUDA-only call. VAS itself is correct under chunked prefill
