@@ -20,7 +20,7 @@ ENV VAS_SETUP_FLAVOUR=gpu \
     VAS_SERVER_CACHE=/opt/vas-server/cache
 RUN bash scripts/setup.sh
 # Convert the embedded base model now, so a container starts without the ~30 s conversion.
-RUN .venv/bin/python -c "from vas_server.base_model import ensure_base_model; print(ensure_base_model())"
+RUN .venv/bin/python -c "from vas_server.core.base_model import ensure_base_model; print(ensure_base_model())"
 
 EXPOSE 8000
 ENTRYPOINT ["bash", "docker/entrypoint.sh"]

@@ -75,7 +75,7 @@ def main() -> None:
     from value_models.rewards import describe
     from value_models.train import FitConfig, HeadPlan, fit, save_trunk_states, states_cache_path
     from value_models.training_trunk import TrunkPlan
-    from vas_server.base_model import ensure_base_model
+    from vas_server.core.base_model import ensure_base_model
 
     depths = sorted(int(x) for x in args.depths.split(","))
     base = str(ensure_base_model())

@@ -14,7 +14,7 @@ from value_models.sample import chat_prompt_ids
 if __name__ == "__main__":
     from transformers import AutoTokenizer
     from vllm import LLM
-    from vas_server.base_model import ensure_base_model
+    from vas_server.core.base_model import ensure_base_model
     from vas_server.config import VASConfig
     from vas_server.engine import engine_kwargs
     base = str(ensure_base_model())

@@ -29,7 +29,7 @@ from throughput import (  # noqa: E402
 def main() -> None:
     from vllm import LLM
 
-    from vas_server.base_model import ensure_base_model
+    from vas_server.core.base_model import ensure_base_model
     from vas_server.config import VASConfig
     from vas_server.engine import engine_kwargs
 

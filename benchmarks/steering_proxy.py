@@ -36,7 +36,7 @@ def make_data(out: Path, top_k: int = 20, responses_per_prompt: int = 4, dtype: 
     from value_models.prompts import chitchat_prompts, pick
     from value_models.rewards import load_reward
     from value_models.sample import chat_prompt_ids
-    from vas_server.base_model import ensure_base_model
+    from vas_server.core.base_model import ensure_base_model
     from vas_server.engine import engine_kwargs
 
     base = str(ensure_base_model())
@@ -58,10 +58,10 @@ def make_data(out: Path, top_k: int = 20, responses_per_prompt: int = 4, dtype: 
 @torch.no_grad()
 def score(model_dir: str, data: dict, kl: float, batch_size: int = 200, dtype: str = "bfloat16") -> dict[str, dict]:
     from value_models.evaluate import replay_steps
-    from value_models.model import load_value_model
-    from vas_server import rule
-    from vas_server.base_model import ensure_base_model
-    from vas_server.value_runtime import ValueRuntime
+    from vas_server.core.model import load_value_model
+    from vas_server.core import rule
+    from vas_server.core.base_model import ensure_base_model
+    from vas_server.core.value_runtime import ValueRuntime
 
     dtype = getattr(torch, dtype)  # bfloat16: what the server runs the demo models in
     runtime = ValueRuntime([load_value_model(model_dir, str(ensure_base_model()), dtype=dtype)], batch_size, 512,

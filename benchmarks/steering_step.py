@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from value_models.format import HeadSpec
-from value_models.heads import ValueHeads
-from vas_server import rule
-from vas_server.value_runtime import CandidateRows
+from vas_server.core.format import HeadSpec
+from vas_server.core.heads import ValueHeads
+from vas_server.core import rule
+from vas_server.core.value_runtime import CandidateRows
 
 VOCAB, HIDDEN = 49152, 576
 

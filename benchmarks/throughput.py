@@ -73,7 +73,7 @@ def shared_engine_configs() -> dict:
 def build_shared_value_models(base: Path, root: Path) -> dict[str, str]:
     import json
 
-    from value_models.format import TrunkSpec
+    from vas_server.core.format import TrunkSpec
     from value_models.synthetic import random_value_model
 
     layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
@@ -160,7 +160,7 @@ def shared_main(args) -> None:
     """Issue 11's benchmark: the shared-trunk path against plain vLLM, memory, context sweep."""
     from vllm import LLM
 
-    from vas_server.base_model import ensure_base_model
+    from vas_server.core.base_model import ensure_base_model
     from vas_server.config import VASConfig
     from vas_server.engine import engine_dtype, engine_kwargs
     from vas_server.params import make_extra_args
@@ -280,7 +280,7 @@ def shared_main(args) -> None:
 
 
 def build_value_models(base: Path, root: Path) -> dict[str, str]:
-    from value_models.format import TrunkSpec
+    from vas_server.core.format import TrunkSpec
     from value_models.synthetic import random_value_model
 
     trunk = TrunkSpec("base_prefix", num_layers=6)
@@ -311,7 +311,7 @@ def paper_loop_tokens_per_second(base: Path, value_model: str, head: str, top_k:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from value_models.model import load_value_model
+    from vas_server.core.model import load_value_model
 
     tok = AutoTokenizer.from_pretrained(str(base))
     lm = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
@@ -351,7 +351,7 @@ def main() -> None:
 
     from vllm import LLM
 
-    from vas_server.base_model import ensure_base_model
+    from vas_server.core.base_model import ensure_base_model
     from vas_server.config import VASConfig
     from vas_server.engine import engine_kwargs
     from vas_server.params import make_extra_args

@@ -73,7 +73,7 @@ def main() -> None:
     from value_models.rewards import describe
     from value_models.train import FitConfig, HeadPlan, fit
     from value_models.training_trunk import TrunkPlan
-    from vas_server.base_model import ensure_base_model
+    from vas_server.core.base_model import ensure_base_model
 
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     betas = [float(b) for b in args.betas.split(",")]

@@ -15,7 +15,7 @@ import pytest
 
 from tiny_models import build_llama, build_tokenizer
 
-from value_models.format import TrunkSpec
+from vas_server.core.format import TrunkSpec
 from value_models.synthetic import random_value_model, token_lover
 
 # vLLM reads these at engine start; set before any engine exists.

@@ -8,7 +8,7 @@ import json
 import pytest
 from vllm import SamplingParams
 
-from vas_server import base_model
+from vas_server.core import base_model
 
 
 def _fake_convert(src, out_dir):

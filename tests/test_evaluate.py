@@ -14,8 +14,8 @@ import torch
 from reference_vas import ReferenceValueModel
 
 from value_models.evaluate import EvalConfig, Generation, GenerationCache, vas_kl
-from value_models.format import TrunkSpec
-from value_models.model import load_value_model
+from vas_server.core.format import TrunkSpec
+from vas_server.core.model import load_value_model
 from value_models.synthetic import random_value_model
 
 TOP_K = 20

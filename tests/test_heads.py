@@ -2,8 +2,8 @@
 
 import torch
 
-from value_models.format import HeadSpec
-from value_models.heads import ValueHeads
+from vas_server.core.format import HeadSpec
+from vas_server.core.heads import ValueHeads
 
 H, V = 8, 50
 

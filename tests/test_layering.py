@@ -14,9 +14,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The inference core: checkpoint format, trunks, heads, loading. The server imports these and
-# nothing else of value_models; they import nothing of the server nor of the tools.
-CORE = {"value_models.format", "value_models.trunk", "value_models.heads", "value_models.model"}
+# The layers, bottom up (docs/ARCHITECTURE.md, "Layers"): a module may import its own layer and
+# the layers below it, never one above. The core needs neither the server nor vLLM.
+LAYERS = ("core", "server", "tools")
+
+
+def layer(module: str) -> str | None:
+    """The layer of a module of this repository; None for everything else (torch, vllm, ...)."""
+    top = module.split(".")[0]
+    if module == "vas_server.core" or module.startswith("vas_server.core."):
+        return "core"
+    if top == "vas_server":
+        return "server"
+    if top in ("value_models", "benchmarks"):
+        return "tools"
+    return None
 
 
 def module_name(path: Path) -> str:
@@ -67,7 +79,7 @@ def file_imports(path: Path) -> list[tuple[str, str | None, int]]:
 
 
 def targets(module: str, name: str | None) -> str:
-    """The module an import reaches: `from value_models import heads` reaches value_models.heads."""
+    """The module an import reaches: `from vas_server.core import heads` reaches vas_server.core.heads."""
     if name is not None and (ROOT / module.replace(".", "/") / f"{name}.py").is_file():
         return f"{module}.{name}"
     return module
@@ -79,29 +91,46 @@ def is_private(name: str | None) -> bool:
 
 def test_import_collector_sees_lazy_relative_and_attribute_imports():
     source = ("import value_models.evaluate as ev\nimport vas_server.params\n"
-              "def f():\n    from vas_server.rule import _steer\n    from . import heads\n"
+              "def f():\n    from vas_server.core.rule import _steer\n    from . import heads\n"
               "    return ev._generate, vas_server.params._parse\n")
     found = {(m, n) for m, n, _ in imports(source, "value_models.x")}
-    assert {("vas_server.rule", "_steer"), ("value_models", "heads"), ("value_models.evaluate", "_generate"),
+    assert {("vas_server.core.rule", "_steer"), ("value_models", "heads"), ("value_models.evaluate", "_generate"),
             ("vas_server.params", "_parse")} <= found
 
 
-def test_server_imports_only_the_inference_core():
-    bad = [f"{path.relative_to(ROOT)}:{line}: {module} {name or ''}"
-           for path in python_files("vas_server") for module, name, line in file_imports(path)
-           if module.split(".")[0] == "value_models" and targets(module, name) not in CORE]
-    assert not bad, "vas_server may import only " + ", ".join(sorted(CORE)) + ":\n" + "\n".join(bad)
-
-
-def test_inference_core_imports_neither_server_nor_tools():
+def back_imports(path: Path, source: str | None = None) -> list[str]:
+    """Imports in a file (its text, or `source` in its place) that run up the layers."""
+    module = module_name(path)
+    found = imports(source if source is not None else path.read_text(), module, path.name == "__init__.py")
+    own = LAYERS.index(layer(module))
     bad = []
-    for module in sorted(CORE):
-        path = ROOT / (module.replace(".", "/") + ".py")
-        for imported, name, line in file_imports(path):
-            top = imported.split(".")[0]
-            if top == "vas_server" or (top == "value_models" and targets(imported, name) not in CORE):
-                bad.append(f"{path.relative_to(ROOT)}:{line}: {imported} {name or ''}")
-    assert not bad, "the inference core imports only itself:\n" + "\n".join(bad)
+    for imported, name, line in found:
+        target = targets(imported, name)
+        target_layer = layer(target)
+        if target_layer is not None and LAYERS.index(target_layer) > own:
+            bad.append(f"{path.relative_to(ROOT)}:{line}: {layer(module)} imports {target_layer} ({target})")
+        elif layer(module) == "core" and imported.split(".")[0] == "vllm":
+            bad.append(f"{path.relative_to(ROOT)}:{line}: the core imports vllm ({imported})")
+    return bad
+
+
+def test_imports_run_one_way():
+    bad = [b for path in python_files("vas_server", "value_models", "benchmarks") for b in back_imports(path)]
+    assert not bad, "imports must run core <- server <- tools:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("path, planted", [
+    ("vas_server/core/rule.py", "from vas_server.engine import engine_kwargs"),
+    ("vas_server/core/value_runtime.py", "import vas_server.steering"),
+    ("vas_server/core/model.py", "from vllm.config import VllmConfig"),
+    ("vas_server/steering.py", "from value_models.train import fit"),
+    ("vas_server/params.py", "from value_models import rewards"),
+])
+def test_a_planted_back_import_is_found(path, planted):
+    path = ROOT / path
+    assert not back_imports(path)
+    source = path.read_text() + "\n\ndef later():\n    " + planted + "\n"
+    assert len(back_imports(path, source)) == 1
 
 
 def test_tools_import_no_private_names():

@@ -58,7 +58,7 @@ def test_top_k_request_then_server_then_value_model_then_spec():
 
 
 def test_value_model_declares_its_default_top_k(tmp_path, value_models):
-    from value_models.format import ValueModelFormatError, load_spec, save_spec
+    from vas_server.core.format import ValueModelFormatError, load_spec, save_spec
 
     spec = load_spec(value_models["prefix"])
     assert spec.default_top_k is None  # optional: older checkpoints have none

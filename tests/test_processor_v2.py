@@ -33,7 +33,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext, LogitsProcRequestState
 
 from tiny_models import token_copy
-from value_models.format import DEFAULT_TOP_K, TrunkSpec
+from vas_server.core.format import DEFAULT_TOP_K, TrunkSpec
 from value_models.synthetic import random_value_model
 from vas_server.config import VASConfig
 from vas_server.params import make_extra_args

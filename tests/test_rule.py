@@ -1,4 +1,4 @@
-"""The sampling rule (vas_server.rule, docs/VAS_RULE.md §1) against hand-worked numbers."""
+"""The sampling rule (vas_server.core.rule, docs/VAS_RULE.md §1) against hand-worked numbers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from vas_server import rule
+from vas_server.core import rule
 
 
 def test_bonus_is_the_weighted_centred_value():

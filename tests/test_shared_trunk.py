@@ -23,7 +23,7 @@ from vllm import SamplingParams
 from conftest import engine_overrides
 from reference_vas import ReferenceValueModel, reference_greedy
 from tiny_models import token_copy
-from value_models.format import TrunkSpec
+from vas_server.core.format import TrunkSpec
 from value_models.synthetic import random_value_model
 from vas_server.params import make_extra_args
 
@@ -272,11 +272,11 @@ def test_only_shared_models_no_cap_no_cache(chunked_llm, mixed_llm, tiny_base, s
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_training_states_are_the_served_states(tiny_base, prompts, num_layers):
     """`vas-train fit --num-layers N` (HF, N layers + final norm) computes the states the server
-    reads, for every depth of the tiny base (the engine tests above tie the server to value_models.trunk)."""
+    reads, for every depth of the tiny base (the engine tests above tie the server to vas_server.core.trunk)."""
     import torch
 
     from value_models.training_trunk import TrainingTrunk, TrunkPlan
-    from value_models.trunk import load_trunk
+    from vas_server.core.trunk import load_trunk
 
     tokens = torch.tensor([(prompts[4] * 4)[:24], (prompts[0] * 8)[:24]])
     trained = TrainingTrunk(TrunkPlan("base_prefix", str(tiny_base), num_layers=num_layers)).hidden_states(tokens)

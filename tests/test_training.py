@@ -20,8 +20,8 @@ import torch
 
 from tiny_models import build_llama, build_tokenizer
 
-from value_models.format import TokenizerMismatchError, load_spec, tokenizer_identity
-from value_models.model import load_value_model
+from vas_server.core.format import TokenizerMismatchError, load_spec, tokenizer_identity
+from vas_server.core.model import load_value_model
 from value_models.predict import state_values
 from value_models.records import Sample
 from value_models.train import CURVE_FILE, FitConfig, HeadPlan, fit

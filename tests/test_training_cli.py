@@ -9,8 +9,8 @@ import pytest
 from tiny_models import build_llama, build_tokenizer
 
 from value_models.cli import main
-from value_models.format import load_spec
-from value_models.model import load_value_model
+from vas_server.core.format import load_spec
+from vas_server.core.model import load_value_model
 from value_models.records import read_samples
 
 

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from tiny_models import build_llama, build_tokenizer
 
-from value_models.format import TokenizerIdentity, TokenizerMismatchError, load_spec
-from value_models.model import load_value_model
+from vas_server.core.format import TokenizerIdentity, TokenizerMismatchError, load_spec
+from vas_server.core.model import load_value_model
 from value_models.trl import convert_trl
 
 

@@ -7,8 +7,8 @@ import random
 import torch
 
 from reference_vas import ReferenceValueModel
-from value_models.model import load_value_model
-from vas_server.value_runtime import RowInput, ValueRuntime
+from vas_server.core.model import load_value_model
+from vas_server.core.value_runtime import RowInput, ValueRuntime
 
 
 def test_runtime_values_match_reference(tiny_base, value_models):

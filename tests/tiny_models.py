@@ -67,7 +67,7 @@ def token_copy(src: str, out: Path, rename: dict[str, str]) -> str:
     depth, no state head, no LoRA, so it takes the shared path (the base's own hidden states)."""
     import dataclasses
 
-    from value_models.format import TrunkSpec, ValueModelSpec, load_head_tensors, load_spec, save_head_tensors, save_spec
+    from vas_server.core.format import TrunkSpec, ValueModelSpec, load_head_tensors, load_spec, save_head_tensors, save_spec
 
     spec = load_spec(src)
     heads = [dataclasses.replace(h, name=rename[h.name]) for h in spec.heads if h.name in rename]

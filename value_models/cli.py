@@ -19,7 +19,7 @@ from pathlib import Path
 def _base_dir(arg: str | None) -> Path:
     if arg:
         return Path(arg)
-    from vas_server.base_model import ensure_base_model
+    from vas_server.core.base_model import ensure_base_model
 
     return ensure_base_model()
 
@@ -103,7 +103,7 @@ def _cmd_convert_trl(args) -> None:
     if args.base:
         from transformers import AutoTokenizer
 
-        from value_models.format import tokenizer_identity
+        from vas_server.core.format import tokenizer_identity
 
         base_identity = tokenizer_identity(AutoTokenizer.from_pretrained(args.base))
     path = convert_trl(args.trl_dir, args.out, head_name=args.head_name, reward_mean=args.reward_mean,

@@ -1,5 +1,5 @@
 """Values of a saved value model at the states of samples, computed the way the server loads it
-(value_models.model / value_models.trunk), for evaluation and for round-trip tests."""
+(vas_server.core.model / vas_server.core.trunk), for evaluation and for round-trip tests."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from value_models.model import ValueModel
+from vas_server.core.model import ValueModel
 from value_models.states import gather_states, head_values, make_batch
 
 

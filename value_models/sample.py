@@ -42,7 +42,7 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams, TokensPrompt
 
-    from value_models.format import tokenizer_identity
+    from vas_server.core.format import tokenizer_identity
     from vas_server.config import VASConfig
     from vas_server.engine import engine_dtype, engine_kwargs
     from vas_server.params import make_extra_args

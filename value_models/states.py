@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from value_models.heads import ValueHeads
+from vas_server.core.heads import ValueHeads
 
 
 @dataclass

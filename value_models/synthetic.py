@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from value_models.format import HeadSpec, TrunkSpec, ValueModelSpec, tokenizer_identity
-from value_models.heads import ValueHeads
-from value_models.model import save_value_model
-from value_models.trunk import TrunkConfig
+from vas_server.core.format import HeadSpec, TrunkSpec, ValueModelSpec, tokenizer_identity
+from vas_server.core.heads import ValueHeads
+from vas_server.core.model import save_value_model
+from vas_server.core.trunk import TrunkConfig
 
 
 def _config(model_dir: Path) -> TrunkConfig:

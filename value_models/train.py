@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from value_models.format import (
+from vas_server.core.format import (
     HEAD_KINDS,
     HeadSpec,
     TokenizerIdentity,
@@ -33,8 +33,8 @@ from value_models.format import (
     TrunkSpec,
     ValueModelSpec,
 )
-from value_models.heads import ValueHeads
-from value_models.model import save_value_model
+from vas_server.core.heads import ValueHeads
+from vas_server.core.model import save_value_model
 from value_models.records import Sample, vocab_hash_of
 from value_models.states import gather_states, head_values, make_batch
 from value_models.td import DEFAULT_GAMMA, DEFAULT_LAMBDA, td_lambda_returns, value_loss
@@ -361,7 +361,7 @@ def _reward_matrix(samples: list[Sample], heads: list[HeadPlan]) -> torch.Tensor
 def _trunk_tokenizer_identity(model_dir: str) -> TokenizerIdentity:
     from transformers import AutoTokenizer
 
-    from value_models.format import tokenizer_identity
+    from vas_server.core.format import tokenizer_identity
 
     return tokenizer_identity(AutoTokenizer.from_pretrained(model_dir))
 

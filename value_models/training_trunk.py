@@ -1,9 +1,9 @@
 """The trunk as trained: a Hugging Face causal LM cut to its first N layers, optionally with LoRA.
 
-Training uses transformers (and peft) rather than value_models.trunk so that what it saves is
+Training uses transformers (and peft) rather than vas_server.core.trunk so that what it saves is
 exactly what those libraries write: a PEFT adapter whose keys name the HF modules
 ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight") and, for a standalone trunk,
-an ordinary HF causal-LM directory. value_models.trunk reproduces the HF forward exactly, so the
+an ordinary HF causal-LM directory. vas_server.core.trunk reproduces the HF forward exactly, so the
 served values equal the trained ones (tests/test_training.py checks this round trip).
 
 Trainable parts, by trunk type:
@@ -91,7 +91,7 @@ class TrainingTrunk:
 
     def save(self, checkpoint_dir: Path) -> tuple[Path | None, Path | None]:
         """Write what the checkpoint needs besides the heads: (lora dir, standalone dir)."""
-        from value_models.format import LORA_DIR, STANDALONE_DIR
+        from vas_server.core.format import LORA_DIR, STANDALONE_DIR
 
         if self.peft_model is not None:
             self.peft_model.save_pretrained(str(checkpoint_dir / LORA_DIR))

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from value_models.format import (
+from vas_server.core.format import (
     HeadSpec,
     TokenizerIdentity,
     TrunkSpec,
@@ -28,8 +28,8 @@ from value_models.format import (
     check_tokenizer,
     tokenizer_identity,
 )
-from value_models.heads import ValueHeads
-from value_models.model import save_value_model
+from vas_server.core.heads import ValueHeads
+from vas_server.core.model import save_value_model
 
 V_HEAD_WEIGHT = "v_head.summary.weight"
 V_HEAD_BIAS = "v_head.summary.bias"

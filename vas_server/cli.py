@@ -126,7 +126,7 @@ def configure(args: argparse.Namespace, defaults: argparse.Namespace, given: dic
         args.model, args.model_tag = args.model_tag, None
     embedded = args.model == defaults.model
     if embedded:
-        from vas_server.base_model import ensure_base_model
+        from vas_server.core.base_model import ensure_base_model
 
         args.model = str(ensure_base_model())
         args.served_model_name = args.served_model_name or [EMBEDDED_MODEL_NAME]

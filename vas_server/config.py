@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Collection, Mapping
 
-from value_models.format import (
+from vas_server.core.format import (
     DEFAULT_TOP_K,
     TOP_K_RANGE,
     HeadSpec,

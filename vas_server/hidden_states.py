@@ -2,7 +2,7 @@
 
 For a value model on the shared-trunk path (vas_server.config.runtime_path), the trunk state at a
 row's sampled position is the base's residual stream after its first N layers, through the base's
-final norm: exactly what value_models.trunk.Trunk (N layers, final norm) computes and what
+final norm: exactly what vas_server.core.trunk.Trunk (N layers, final norm) computes and what
 training uses. vLLM computes that residual stream for every scheduled token anyway. The tap gets
 it out of vLLM's own forward without hooks, so it survives torch.compile and CUDA graphs:
 
@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from value_models.trunk import rms_norm
+from vas_server.core.trunk import rms_norm
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 def shared_depths(vllm_config: "VllmConfig") -> tuple[int, ...]:
     """The trunk depths N of the shared-path value models in this engine's VAS config (sorted)."""
-    from value_models.format import load_spec
+    from vas_server.core.format import load_spec
     from vas_server.config import VASConfig, runtime_path
 
     config = VASConfig.from_additional_config(vllm_config.additional_config)

@@ -24,7 +24,7 @@ from typing import Any, Collection, Mapping
 
 from vllm.exceptions import VLLMValidationError
 
-from value_models.format import TOP_K_RANGE, is_top_k
+from vas_server.core.format import TOP_K_RANGE, is_top_k
 
 EXTRA_ARGS_KEY = "vas"
 API_FIELDS = {"weights": "vas_weights", "top_k": "vas_top_k", "restrict_to_top_k": "vas_restrict_to_top_k"}

@@ -30,7 +30,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
 )
 
 from vas_server.steering import Row, StepBatch, Steering
-from vas_server.value_runtime import RowInput, to_device
+from vas_server.core.value_runtime import RowInput, to_device
 
 
 class V2Processor(LogitsProcessor):

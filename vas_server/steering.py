@@ -4,7 +4,7 @@ and the steering of a step's logits (docs/VAS_RULE.md §1):
     C = top-K of the raw logits; q_h(a) from the value runtime; c_h = q_h - mean_C q_h;
     l'(a) = l(a) + sum_h w_h c_h(a) for a in C; outside C, l is kept (or -inf if restricted).
 
-The rule itself is vas_server.rule. vLLM 0.32 has two logits-processor interfaces, and
+The rule itself is vas_server.core.rule. vLLM 0.32 has two logits-processor interfaces, and
 vas_server.processor picks the one the engine's model runner uses; each keeps its own
 bookkeeping (which logits row is which request) and hands `Steering.steer` a `StepBatch`.
 
@@ -28,12 +28,12 @@ import torch
 
 from vllm.logger import init_logger
 
-from vas_server import rule
+from vas_server.core import rule
 from vas_server.config import HeadInfo, VASConfig
 from vas_server.heap import HeapTrimmer
 from vas_server.hidden_states import HiddenStateTap
 from vas_server.params import VASRequest
-from vas_server.value_runtime import NewTokens, RowInput, ValueRuntime, to_device
+from vas_server.core.value_runtime import NewTokens, RowInput, ValueRuntime, to_device
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -191,10 +191,10 @@ def _build_runtime(config: VASConfig, vllm_config: "VllmConfig",
     them takes the shared path (vas_server.config.runtime_path, read from vas.json)."""
     from transformers import AutoTokenizer
 
-    from value_models.format import check_tokenizer, load_spec, tokenizer_identity
-    from value_models.model import load_value_heads, load_value_model
+    from vas_server.core.format import check_tokenizer, load_spec, tokenizer_identity
+    from vas_server.core.model import load_value_heads, load_value_model
     from vas_server.config import runtime_path
-    from vas_server.value_runtime import SharedRunner
+    from vas_server.core.value_runtime import SharedRunner
 
     model_config = vllm_config.model_config
     base_dir = model_config.model

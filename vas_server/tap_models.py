@@ -8,7 +8,7 @@ with three overrides, and is exactly that class when no shared-path value model 
   * `compute_logits`: hand the sampled rows to the tap, and the LM head its usual input.
 vas_server.hidden_states explains why this survives torch.compile and CUDA graphs.
 
-These are the architectures value_models.trunk supports (SUPPORTED_MODEL_TYPES); their vLLM
+These are the architectures vas_server.core.trunk supports (SUPPORTED_MODEL_TYPES); their vLLM
 decoders all mix in EagleModelMixin, which the aux outputs need.
 """
 

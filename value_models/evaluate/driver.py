@@ -21,7 +21,7 @@ from value_models.sample import chat_prompt_ids
 def head_rewards(value_model_dir: Path | str) -> dict[str, str]:
     """head -> the reward spec it was trained on (from the training record in vas.json), else the
     head's name (a built-in reward of that name)."""
-    from value_models.format import load_spec
+    from vas_server.core.format import load_spec
 
     spec = load_spec(value_model_dir)
     trained = {h["name"]: h["reward"] for h in (spec.extra.get("training") or {}).get("heads", [])
@@ -43,7 +43,7 @@ class _Plan:
 
 
 def _plan(config: EvalConfig) -> _Plan:
-    from value_models.format import load_spec
+    from vas_server.core.format import load_spec
 
     spec = load_spec(config.value_model)
     all_heads = [h.name for h in spec.heads]
@@ -154,8 +154,8 @@ def _weight_zero(base: Generation, offsets: list[int]) -> Generation:
 def _kls(config: EvalConfig, tokenizer, prompt_ids: list[list[int]], runs: dict[tuple, Generation],
          log: Callable[[str], None]) -> dict[tuple, tuple[list[float], list[float]]]:
     """The KL of every VAS run (offline, the serving runtime in the engine's dtype)."""
-    from value_models.format import tokenizer_identity
-    from value_models.model import load_value_model
+    from vas_server.core.format import tokenizer_identity
+    from vas_server.core.model import load_value_model
 
     from transformers import AutoConfig
 
@@ -225,7 +225,7 @@ def evaluate(config: EvalConfig, out_dir: Path | str, *, progress: bool = True,
     generations_dir = out_dir / "generations" if generations_dir is None else Path(generations_dir)
     t_start = time.perf_counter()
     if config.top_k is None:  # what a request without vas_top_k gets from the server
-        from value_models.format import DEFAULT_TOP_K, load_spec
+        from vas_server.core.format import DEFAULT_TOP_K, load_spec
 
         config = replace(config, top_k=load_spec(config.value_model).default_top_k or DEFAULT_TOP_K)
     plan = _plan(config)

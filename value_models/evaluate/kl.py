@@ -26,7 +26,7 @@ def replay_steps(runtime, prompt_ids: list[list[int]], token_ids: list[list[int]
     (live [B] response indices, candidates [B, k], base log-probs [B, k] float64,
     values of every runtime head [B, n_heads, k] float64 -- only `heads` are computed --,
     the sampled tokens [B])."""
-    from vas_server.value_runtime import RowInput
+    from vas_server.core.value_runtime import RowInput
 
     for start in range(0, len(prompt_ids), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompt_ids))))
@@ -53,8 +53,8 @@ def vas_kl(value_model, prompt_ids: list[list[int]], gen: Generation, weights: d
            max_len: int, batch_size: int = 32) -> tuple[list[float], list[float]]:
     """Per response: (exact-per-step KL summed over the steps, Monte-Carlo sum_t log p/p0 (y_t)).
     `value_model` is a loaded ValueModel; the runtime is the one the server steers with."""
-    from vas_server import rule
-    from vas_server.value_runtime import ValueRuntime
+    from vas_server.core import rule
+    from vas_server.core.value_runtime import ValueRuntime
 
     runtime = ValueRuntime([value_model], batch_size, max_len, "cpu", next(value_model.trunk.parameters()).dtype)
     w = rule.weight_vector(weights, runtime.head_index, dtype=torch.float64)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from value_models.format import (
+from vas_server.core.format import (
     HEADS_FILE,
     LORA_DIR,
     STANDALONE_DIR,
@@ -20,8 +20,8 @@ from value_models.format import (
     save_head_tensors,
     save_spec,
 )
-from value_models.heads import ValueHeads
-from value_models.trunk import Trunk, load_trunk
+from vas_server.core.heads import ValueHeads
+from vas_server.core.trunk import Trunk, load_trunk
 
 
 @dataclass

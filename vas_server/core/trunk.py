@@ -3,7 +3,7 @@
 The trunk maps tokens to final hidden states (after the final norm); heads sit on top. Attention
 is delegated to a callable so one module serves both uses:
   * training / reference: ordinary causal attention over a padded batch (`causal_attend`);
-  * serving: the value runtime's cache-aware attention (vas_server.value_runtime).
+  * serving: the value runtime's cache-aware attention (vas_server.core.value_runtime).
 
 Supported HF `model_type`s: llama, mistral (without sliding window), qwen2 (q/k/v bias).
 A `base_prefix` trunk is the first N layers of the served base, plus its embeddings and final

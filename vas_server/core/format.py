@@ -2,7 +2,7 @@
 
 Layout:
     vas.json                 format version, trunk, heads, tokenizer identity, optional default top-K
-    heads.safetensors        head tensors, keys "<head>.<tensor>" (see value_models.heads)
+    heads.safetensors        head tensors, keys "<head>.<tensor>" (see vas_server.core.heads)
     lora/                    optional PEFT adapter for a `base_prefix` trunk
     trunk/                   the Hugging Face causal-LM directory of a `standalone` trunk
 

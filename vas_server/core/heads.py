@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from value_models.format import HeadSpec
+from vas_server.core.format import HeadSpec
 
 
 class ValueHeads(nn.Module):

@@ -30,8 +30,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from value_models.heads import ValueHeads
-from value_models.model import ValueModel
+from vas_server.core.heads import ValueHeads
+from vas_server.core.model import ValueModel
 
 
 @dataclass
