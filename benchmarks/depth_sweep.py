@@ -1,4 +1,4 @@
-"""Depth for free (issue 14): token heads on the base's layer N, trained on the same samples with the
+"""Depth for free: token heads on the base's layer N, trained on the same samples with the
 shipped model's settings, ranked by the steering proxy (benchmarks/steering_proxy.py).
 
 On the shared path (docs/ARCHITECTURE.md) a value model on a frozen base prefix of any depth costs

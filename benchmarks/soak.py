@@ -1,4 +1,4 @@
-"""Soak: many mixed requests against `vas-server serve`, watching errors, latency and memory (issue 13).
+"""Soak: many mixed requests against `vas-server serve`, watching errors, latency and memory.
 
 Starts `vas-server serve` (by default the embedded SmolLM2-135M-Instruct with the demo heads), then
 sends --requests requests (default 5,000) at --concurrency (default 64), cycling through: plain

@@ -1,4 +1,4 @@
-"""Decode throughput of plain vLLM against VAS (issue 3's benchmark).
+"""Decode throughput of plain vLLM against VAS.
 
 Setup: the embedded SmolLM2-135M-Instruct base; value models with a `base_prefix` trunk of the
 base's first 6 layers and random heads (throughput does not depend on what heads learned);
@@ -10,7 +10,7 @@ value cache, every candidate recomputed), for contrast.
 
 Prints a table and writes JSON. Ratios are to plain vLLM measured in the same run.
 
-`--shared` runs the shared-trunk benchmark instead (issue 11): token-head models that read the
+`--shared` runs the shared-trunk benchmark instead: token-head models that read the
 base's own layer-N hidden states (N = 6 and N = all 30 layers), 1 and 3 heads, against plain vLLM
 at every batch size; value-model memory per request on both paths; and a context-length sweep
 (prompt lengths `--contexts`, batch `--context-batch`) for plain vLLM, the shared path and the
@@ -157,7 +157,7 @@ def interleaved_tokens_per_second(llm, configs: dict, batches: list[int], new_to
 
 
 def shared_main(args) -> None:
-    """Issue 11's benchmark: the shared-trunk path against plain vLLM, memory, context sweep."""
+    """The shared-trunk benchmark: the shared-trunk path against plain vLLM, memory, context sweep."""
     from vllm import LLM
 
     from vas_server.core.base_model import ensure_base_model
@@ -336,7 +336,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--paper-tokens", type=int, default=16)
     ap.add_argument("--out", help="default: benchmarks/results/throughput.json (shared_trunk.json with --shared)")
-    ap.add_argument("--shared", action="store_true", help="the shared-trunk benchmark (issue 11) instead")
+    ap.add_argument("--shared", action="store_true", help="the shared-trunk benchmark instead")
     ap.add_argument("--contexts", type=int, nargs="*", default=[64, 512, 2048],
                     help="--shared: prompt lengths of the context sweep (none: no sweep, no separate runtime)")
     ap.add_argument("--compiled", action="store_true",

@@ -1,4 +1,4 @@
-"""Value targets (issue 14): token heads fitted on the same samples with the spec's squared error
+"""Value targets: token heads fitted on the same samples with the spec's squared error
 (β = 0: values of the policy that made the samples) and with soft targets at several β (`fit
 --soft-beta`, docs/TRAINING.md "Soft values"), each steered by `vas-train eval` on the same held-out
 prompts, seeds and base run, and compared at one KL budget (Best-of-16's by default). Given samples

@@ -376,10 +376,17 @@ def test_invalid_sampling_parameter(server, model, field, value):
     _error(server.post("/v1/completions", body), 400)
 
 
-@pytest.mark.parametrize("body", ['{"model": "m", "prompt": ', "not json", "", "[1, 2]", '{"model": 1}'])
-def test_malformed_json(server, body):
-    """Each is a 400 in OpenAI's error shape (vLLM's), not a 422 or a bare string."""
-    _error(server.post("/v1/completions", body), 400)
+@pytest.mark.parametrize("body, param, message", [
+    ('{"model": "m", "prompt": ', "body", "the request body must be a JSON object"),
+    ("not json", "body", "the request body must be a JSON object"),
+    ("", "body", "the request body must be a JSON object"),
+    ("[1, 2]", "body", "the request body must be a JSON object"),
+    ('{"model": 1}', "model", "model must be a string, got an integer 1"),
+])
+def test_malformed_json(server, body, param, message):
+    """Each is a 400 in OpenAI's error shape (vLLM's) naming what is wrong, not a 422 or a bare string."""
+    error = _error(server.post("/v1/completions", body), 400, param)
+    assert message in error["message"] and error["type"] == "BadRequestError", error
 
 
 def test_body_size_limit(server, model):

@@ -40,7 +40,7 @@ def test_vas_is_wired_through_vllm_flags(value_models, tiny_base):
     assert config.value_models == {"liker": value_models["liker"], "prefix": value_models["prefix"]}
     assert config.default_top_k == 7 == vas.default_top_k
     assert config.max_sequences_per_request == 9 == vas.max_sequences_per_request
-    assert sorted(vas.heads()) == ["likes", "s1", "s2", "t1", "t2"]
+    assert sorted(vas.read_heads()) == ["likes", "s1", "s2", "t1", "t2"]
     assert args.async_scheduling is None  # vLLM's default: on where the platform supports it
 
 
@@ -63,7 +63,7 @@ def test_flags_the_user_gives_win_over_our_defaults(value_models, tiny_base):
 
 def test_no_value_models_is_plain_vllm_with_the_middleware(value_models, tiny_base):
     args, vas = _configure(str(tiny_base), "--value-model", f"liker={value_models['liker']}", "--no-value-models")
-    assert vas.heads() == {} and not args.logits_processors
+    assert vas.read_heads() == {} and not args.logits_processors
     assert args.middleware == [cli.MIDDLEWARE] and args.additional_config["vas"]["value_models"] == {}
 
 
@@ -80,7 +80,7 @@ def test_other_models_get_no_demo_value_models(tiny_base, monkeypatch):
 def test_demo_value_models_ship_as_package_data():
     demo = cli.demo_value_models()
     assert list(demo) == ["smollm2"]
-    assert VASConfig(value_models=demo).heads().keys() == {"positive", "concise", "simple"}
+    assert VASConfig(value_models=demo).read_heads().keys() == {"positive", "concise", "simple"}
 
 
 def test_api_key_defaults_to_the_environment(monkeypatch, tiny_base):
@@ -92,7 +92,7 @@ def test_api_key_defaults_to_the_environment(monkeypatch, tiny_base):
 def test_ready_message_is_a_working_curl_line(value_models, tiny_base):
     args, vas = _configure(str(tiny_base), "--value-model", f"liker={value_models['liker']}", "--api-key", "secret",
                            "--preset", "happy=likes:3")
-    first, curl = cli.ready_message(args, list(vas.heads()), "http://localhost:8000", list(vas.presets)).splitlines()
+    first, curl = cli.ready_message(args, list(vas.read_heads()), "http://localhost:8000", list(vas.presets)).splitlines()
     assert first.startswith("vas-server ready at http://localhost:8000/v1") and first.endswith("presets: happy)")
     words = shlex.split(curl)
     assert words[:2] == ["curl", "http://localhost:8000/v1/completions"]

@@ -1,7 +1,7 @@
 """Hostile clients: several hundred malformed or extreme requests over every route and field of the
 session's HTTP server (tests/http_server.py), sent concurrently. None may get a 5xx, every 4xx is
 in OpenAI's error shape, each is answered within seconds, and afterwards the server still answers
-a normal steered request as it did before (issue 13; docs/SERVER.md, "Hostile input").
+a normal steered request as it did before (docs/SERVER.md, "Hostile input").
 
 `python tests/test_fuzz.py URL` runs the same requests against a running server and prints the
 counts by status code (the survey of docs/SERVER.md).

@@ -10,13 +10,20 @@ import pytest
 
 from vas_server.config import VASConfig
 from vas_server.engine import DEFAULT_VAS_REQUESTS, PROCESSOR_FQCN, engine_kwargs
-from vas_server.params import VASParamError, VASRequest, api_extra_args, make_extra_args
+from vas_server.params import (VASParamError, VASRequest, admitted, is_admitted, make_extra_args)
+from vas_server.processor import VASLogitsProcessor
 
 KNOWN = ["positive", "concise"]
 
 
 def parse(extra_args):
-    return VASRequest.from_extra_args(extra_args, KNOWN)
+    """The engine path's validation (vLLM's validate_params): no head names to check against."""
+    return VASRequest.from_extra_args(extra_args)
+
+
+def from_api(body):
+    """The HTTP path's validation (the middleware), with this server's heads."""
+    return VASRequest.from_api(body, KNOWN)
 
 
 def test_parse_accepts_and_normalises():
@@ -29,15 +36,39 @@ def test_parse_accepts_and_normalises():
         {"concise": -1.0}, None, True)
 
 
-def test_api_fields_move_into_vllm_xargs():
-    assert api_extra_args({"prompt": "x"}) is None
-    xargs = api_extra_args({"prompt": "x", "vas_weights": {"positive": 1}})
-    assert parse(xargs) == VASRequest({"positive": 1.0}, None, False)  # top-K: VASConfig.top_k_for
-    xargs = api_extra_args({"vas_weights": {"positive": 1}, "vas_top_k": 3, "vas_restrict_to_top_k": True})
-    assert parse(xargs) == VASRequest({"positive": 1.0}, 3, True)
+def test_api_fields_become_one_request():
+    assert from_api({"prompt": "x"}) is None
+    assert from_api({"prompt": "x", "vas_weights": {"positive": 1}}) == VASRequest({"positive": 1.0}, None, False)
+    assert from_api({"vas_weights": {"positive": 1}, "vas_top_k": 3, "vas_restrict_to_top_k": True}) == VASRequest(
+        {"positive": 1.0}, 3, True)
+    # settings a client put in vllm_xargs itself count too, the top-level fields over them
+    body = {"vllm_xargs": make_extra_args({"positive": 1}, top_k=9), "vas_weights": {"concise": 2}}
+    assert from_api(body) == VASRequest({"concise": 2.0}, 9, False)
     with pytest.raises(VASParamError, match="unknown field 'vas_weight'") as e:
-        api_extra_args({"vas_weight": {"positive": 1}})
+        from_api({"vas_weight": {"positive": 1}})
     assert e.value.parameter == "vas_weight"
+
+
+def test_admitted_settings_are_stamped_and_decoded_as_they_were_validated():
+    request = VASRequest({"positive": 2.5}, 40, True)
+    extra_args = admitted(request)
+    assert is_admitted(extra_args) and VASRequest.decode(extra_args) == request
+    assert not is_admitted(request.to_extra_args())  # a client's own vllm_xargs carry no stamp
+    forged = dict(extra_args, vas=VASRequest({"positive": 1e9}).to_extra_args()["vas"])
+    assert not is_admitted(forged)  # the stamp is of the settings it came with
+
+
+def test_validate_params_checks_only_what_the_middleware_did_not():
+    from types import SimpleNamespace
+
+    bad = VASRequest({"positive": 1e9})  # past MAX_ABS_WEIGHT: only a forged request could carry it
+    with pytest.raises(VASParamError, match="must be a number in"):
+        VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=bad.to_extra_args()))
+    with pytest.raises(VASParamError, match="must be a number in"):
+        VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=dict(admitted(VASRequest({"positive": 1})),
+                                                                           vas=bad.to_extra_args()["vas"])))
+    VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=admitted(VASRequest({"positive": 1}))))
+    VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=None))
 
 
 def _heads_with_default_top_k(**declared):
@@ -65,7 +96,7 @@ def test_value_model_declares_its_default_top_k(tmp_path, value_models):
     spec.default_top_k = 64
     save_spec(tmp_path / "k64", spec)
     assert load_spec(tmp_path / "k64").default_top_k == 64
-    assert {h.default_top_k for h in VASConfig(value_models={"m": str(tmp_path / "k64")}).heads().values()} == {64}
+    assert {h.default_top_k for h in VASConfig(value_models={"m": str(tmp_path / "k64")}).read_heads().values()} == {64}
     for bad in (0, 257, 2.5, True):
         raw = json.loads((tmp_path / "k64" / "vas.json").read_text())
         raw["default_top_k"] = bad
@@ -78,12 +109,11 @@ def test_value_model_declares_its_default_top_k(tmp_path, value_models):
 def test_the_demo_model_steers_with_top_k_256_by_default():
     from vas_server.cli import demo_value_models
 
-    heads = VASConfig(value_models=demo_value_models()).heads()
+    heads = VASConfig(value_models=demo_value_models()).read_heads()
     assert VASConfig().top_k_for(VASRequest({"positive": 2.0}), heads) == 256
 
 
 @pytest.mark.parametrize("extra, param, message", [
-    ({"weights": {"nope": 1}}, "vas_weights", "unknown head 'nope'; known heads: concise, positive"),
     ({"weights": {"positive": math.nan}}, "vas_weights", "must be a number in -100..100"),
     ({"weights": {"positive": math.inf}}, "vas_weights", "must be a number in -100..100"),
     ({"weights": {"positive": 1e39}}, "vas_weights", "must be a number in -100..100"),
@@ -100,10 +130,18 @@ def test_the_demo_model_steers_with_top_k_256_by_default():
     ("{not json", "vllm_xargs", "JSON object"),
     ([1, 2], "vllm_xargs", "JSON object"),
 ])
-def test_parse_rejects_with_the_field_named(extra, param, message):
+@pytest.mark.parametrize("path", ["api", "engine"])
+def test_parse_rejects_with_the_field_named(extra, param, message, path):
     with pytest.raises(VASParamError, match=message) as e:
-        parse({"vas": extra})
+        from_api({"vllm_xargs": {"vas": extra}}) if path == "api" else parse({"vas": extra})
     assert e.value.parameter == param
+
+
+def test_an_unknown_head_is_refused_on_the_http_path():
+    with pytest.raises(VASParamError, match="unknown head 'nope'; known heads: concise, positive") as e:
+        from_api({"vas_weights": {"nope": 1}})
+    assert e.value.parameter == "vas_weights"
+    assert parse(make_extra_args({"nope": 1})).weights == {"nope": 1.0}  # the worker runs it unsteered (logged)
 
 
 def test_param_error_is_vllms_validation_error():
@@ -135,7 +173,7 @@ def test_engine_kwargs_plain_and_with_vas(value_models):
 
 def test_duplicate_head_names_are_refused(value_models):
     with pytest.raises(ValueError, match="head 's1' is defined by both value models"):
-        VASConfig(value_models={"a": value_models["prefix"], "b": value_models["prefix"]}).heads()
+        VASConfig(value_models={"a": value_models["prefix"], "b": value_models["prefix"]}).read_heads()
 
 
 def test_config_rejects_bad_top_k():

@@ -5,9 +5,12 @@
         --additional-config '{"vas": {"value_models": {...}}}'
 
 (`vllm serve`, the same server; its console script is broken in the CPU wheel.) vas_server's
-`vllm.general_plugins` entry point gives that server the hidden-state tap and the head check, so a
-request carrying `vllm_xargs: {"vas": ...}` is steered, and an unknown head is a 400, never a
-request that runs unsteered while saying nothing. The official `openai` client is the client.
+`vllm.general_plugins` entry point gives that server the hidden-state tap and the value models'
+check at start, so a request carrying `vllm_xargs: {"vas": ...}` is steered, and invalid settings
+are a 400 (vLLM's admission calls the processor's validate_params). vLLM calls validate_params
+with the request alone, so without vas-server's middleware a head this engine lacks is not a 400:
+the request runs unsteered and the server log names the head. The official `openai` client is
+the client.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ STARTUP_TIMEOUT_S = 240
 
 
 @pytest.fixture(scope="module")
-def plain_server(tmp_path_factory, tiny_base, value_models):
+def plain_server_and_log(tmp_path_factory, tiny_base, value_models):
     log = tmp_path_factory.mktemp("plain_vllm") / "server.log"
     port = free_port()
     vas = {"vas": {"value_models": {"liker": value_models["liker"], "prefix": value_models["prefix"]}}}
@@ -52,9 +55,19 @@ def plain_server(tmp_path_factory, tiny_base, value_models):
             process.kill()
             pytest.fail(f"vLLM server did not start; log tail:\n{log.read_text(errors='replace')[-4000:]}")
         time.sleep(0.5)
-    yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+    yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120), log
     process.terminate()
     process.wait(timeout=90)
+
+
+@pytest.fixture(scope="module")
+def plain_server(plain_server_and_log):
+    return plain_server_and_log[0]
+
+
+@pytest.fixture(scope="module")
+def server_log(plain_server_and_log):
+    return plain_server_and_log[1]
 
 
 def _complete(client, weights: dict | None, prompt="Hello, how are you", **kw):
@@ -73,8 +86,13 @@ def test_plain_vllm_serve_steers_with_vas_flags(plain_server, tokenizer, liked_t
     assert separate != plain
 
 
-def test_plain_vllm_serve_refuses_an_unknown_head(plain_server):
+def test_plain_vllm_serve_refuses_invalid_settings(plain_server):
     with pytest.raises(openai.BadRequestError) as e:
-        _complete(plain_server, {"nope": 1.0})
-    assert e.value.status_code == 400
-    assert "unknown head 'nope'" in str(e.value) and "likes" in str(e.value)
+        _complete(plain_server, {"likes": "lots"})
+    assert e.value.status_code == 400 and "vas_weights['likes'] must be a number" in str(e.value)
+
+
+def test_plain_vllm_serve_runs_an_unknown_head_unsteered_and_logs_it(plain_server, server_log):
+    assert _complete(plain_server, {"nope": 1.0, "likes": 50.0}).choices[0].text == \
+        _complete(plain_server, None).choices[0].text
+    assert "this engine serves no head 'nope'" in server_log.read_text()

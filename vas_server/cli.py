@@ -153,7 +153,7 @@ def configure(args: argparse.Namespace, defaults: argparse.Namespace, given: dic
     try:
         vas = VASConfig(value_models=value_models, presets={n: p.to_json() for n, p in presets.items()}, **options)
         settings = engine_settings(vas, given)  # reads every vas.json: a bad directory fails here
-        vas.preset_table(vas.heads(), args.served_model_name or [args.model])  # a bad preset fails here
+        vas.preset_table(vas.read_heads(), args.served_model_name or [args.model])  # a bad preset fails here
     except (ValueError, OSError) as e:
         raise SystemExit(f"vas-server: {e}") from None
     for key, value in settings.items():
@@ -211,7 +211,7 @@ def serve(args: argparse.Namespace, defaults: argparse.Namespace, given: dict[st
             args.port = s.getsockname()[1]
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
-    announce_when_ready(args, list(vas.heads()), list(vas.presets))
+    announce_when_ready(args, list(vas.read_heads()), list(vas.presets))
     ServeSubcommand.cmd(args)
 
 

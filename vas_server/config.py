@@ -86,8 +86,9 @@ class VASConfig:
     def to_additional_config(self) -> dict[str, Any]:
         return {ADDITIONAL_CONFIG_KEY: asdict(self)}
 
-    def heads(self) -> dict[str, HeadInfo]:
-        """All heads by public name. Head names must be unique across value models."""
+    def read_heads(self) -> dict[str, HeadInfo]:
+        """All heads by public name, read from every value model's vas.json (a disk read: call it
+        once per process and keep the result). Head names must be unique across value models."""
         out: dict[str, HeadInfo] = {}
         for model_name, path in self.value_models.items():
             spec = load_spec(Path(path))

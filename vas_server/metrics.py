@@ -15,6 +15,8 @@ from typing import Iterable, Mapping
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from vas_server.asgi import Receive, Scope, Send, capture, send_raw
+
 logger = logging.getLogger(__name__)
 
 WORKER_STATS_TIMEOUT_S = 5.0
@@ -82,3 +84,13 @@ class _WorkerStats:
             yield GaugeMetricFamily("vas_value_runtime_seconds_per_step",
                                     "Mean value-runtime time per decoding step (0 before the first)",
                                     value=seconds / steps if steps else 0.0)
+
+
+async def serve_metrics(app, server, scope: Scope, receive: Receive, send: Send) -> None:
+    """GET /metrics: vLLM's own metrics, then the VAS ones (`server` is the middleware's ServerView)."""
+    # vLLM's metrics app gzips when asked to; we append plain text, so ask for plain text.
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"]
+    status, out_headers, body = await capture(app, dict(scope, headers=headers), receive)
+    if status == 200 and server.config.value_models:  # else no processor, no worker extension
+        body += await render_vas_metrics(server.state.engine_client, server.preset_requests)
+    await send_raw(send, status, out_headers, body)

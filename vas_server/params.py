@@ -1,24 +1,30 @@
-"""One request's steering settings, `VASRequest`, and the one place they are parsed.
+"""One request's steering settings, `VASRequest`: validated once per request path, then trusted.
 
-The path from HTTP to logits (docs/VAS_RULE.md has the rule itself):
-  1. The client sends `vas_weights`, `vas_top_k`, `vas_restrict_to_top_k` at the top level of a
-     chat or completions body. The middleware (vas_server.middleware) moves them, with
-     `api_extra_args`, into the body's `vllm_xargs` (a misspelt `vas_*` field is an error); vLLM
-     copies `vllm_xargs` into `SamplingParams.extra_args`.
-  2. vLLM calls the processor's `validate_params` at admission, in the API process: it runs
-     `from_extra_args`, whose `VASParamError` is a `VLLMValidationError`, so vLLM answers 400
-     naming the field.
-  3. In the worker the processor reads the same `from_extra_args` again (it is the engine's only
-     way to see a request's settings) and builds its row from the result.
+The settings travel in `SamplingParams.extra_args["vas"]`, a JSON string (vLLM's `vllm_xargs`
+carries only scalars and lists): `{"weights": {"positive": 2.0}, "top_k": 20,
+"restrict_to_top_k": false}`. Two request paths reach the engine:
 
-`extra_args["vas"]` holds a JSON string, because vLLM's `vllm_xargs` carries only scalars and
-lists: `{"weights": {"positive": 2.0}, "top_k": 20, "restrict_to_top_k": false}`. A direct engine
-user may put the same object there as a dict.
+  * HTTP through vas-server's middleware (vas-server serve, or vllm serve --middleware): the
+    body's `vas_*` fields (and a `vllm_xargs["vas"]` it may carry) become a VASRequest in
+    `VASRequest.from_api`, the path's one validation, with the engine's heads; the middleware
+    resolves the top-K (VASConfig.top_k_for) and writes `admitted(request)`: the serialised
+    settings and a stamp. vLLM's `validate_params` (VASLogitsProcessor), which runs in the same
+    process, sees the stamp and does not check them again.
+  * Everything else (a direct `vllm.LLM` user, vllm serve without the middleware): vLLM's
+    `validate_params` runs `VASRequest.from_extra_args`, the path's one validation. It has no
+    engine configuration (vLLM calls it with the request alone), so head names are not checked
+    there: the worker runs a request naming a head it does not serve unsteered, logged
+    (docs/SERVER.md).
+
+In the worker, `VASRequest.decode` reads the settings without validating them again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import secrets
 from dataclasses import dataclass
 from typing import Any, Collection, Mapping
 
@@ -64,52 +70,95 @@ class VASRequest:
         return {"weights": dict(self.weights), "top_k": self.top_k, "restrict_to_top_k": self.restrict_to_top_k}
 
     @classmethod
-    def from_extra_args(cls, extra_args: Mapping[str, Any] | None,
-                        known_heads: Collection[str] | None = None) -> VASRequest | None:
-        """Validate `extra_args["vas"]`; None when the request does not ask for steering.
-
-        Raises VASParamError naming the API field for: settings that are not a JSON object, an
-        unknown key, weights that are not an object, an unknown head (when `known_heads` is
-        given), a weight that is not a number (booleans and strings are not numbers) or whose
-        magnitude exceeds MAX_ABS_WEIGHT, a top_k that is not an integer in 1..256, a
-        restrict_to_top_k that is not a boolean.
-        """
+    def from_extra_args(cls, extra_args: Mapping[str, Any] | None) -> VASRequest | None:
+        """Validate `extra_args["vas"]` (a JSON string, or the same object as a dict); None when
+        the request does not ask for steering. Raises VASParamError (see `parse`)."""
         raw = (extra_args or {}).get(EXTRA_ARGS_KEY)
-        if raw is None:
+        return None if raw is None else cls.parse(_settings_object(raw))
+
+    @classmethod
+    def from_api(cls, body: Mapping[str, Any], known_heads: Collection[str]) -> VASRequest | None:
+        """Validate an API body's steering: its top-level `vas_*` fields over the settings a
+        `vllm_xargs["vas"]` in it may carry; None when it has neither. Raises VASParamError
+        naming the field, also for a misspelt `vas_*` field."""
+        unknown = sorted(k for k in body if k.startswith("vas_") and k not in API_FIELDS.values())
+        if unknown:
+            raise VASParamError(unknown[0], f"unknown field {unknown[0]!r}; the steering fields are "
+                                            f"{', '.join(API_FIELDS.values())}")
+        xargs = body.get("vllm_xargs")
+        given = xargs.get(EXTRA_ARGS_KEY) if isinstance(xargs, Mapping) else None
+        fields = {key: body[field] for key, field in API_FIELDS.items() if field in body}
+        if given is None and not fields:
             return None
-        if isinstance(raw, str):
-            try:
-                raw = json.loads(raw)
-            except ValueError:
-                raise VASParamError("vllm_xargs", "vllm_xargs['vas'] must be a JSON object") from None
-        if not isinstance(raw, Mapping):
-            raise VASParamError("vllm_xargs", "vllm_xargs['vas'] must be a JSON object")
+        raw = {**(_settings_object(given) if given is not None else {}), **fields}
+        return cls.parse(raw, known_heads)
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], known_heads: Collection[str] | None = None) -> VASRequest:
+        """The validation of a settings object, the one both request paths run. Raises
+        VASParamError naming the API field for: an unknown key, weights that are not an object,
+        an unknown head (when `known_heads` is given), a weight that is not a number (booleans
+        and strings are not numbers) or whose magnitude exceeds MAX_ABS_WEIGHT, a top_k that is
+        not an integer in 1..256, a restrict_to_top_k that is not a boolean."""
         extra = sorted(set(raw) - set(API_FIELDS))
         if extra:
             raise VASParamError("vllm_xargs", f"unknown VAS setting(s) {extra}; known: {sorted(API_FIELDS)}")
         return cls(weights=_weights(raw.get("weights"), known_heads), top_k=_top_k(raw.get("top_k")),
                    restrict_to_top_k=_restrict(raw.get("restrict_to_top_k")))
 
+    @classmethod
+    def decode(cls, extra_args: Mapping[str, Any] | None) -> VASRequest | None:
+        """The settings admission validated, read back in the worker; None when unsteered. Not a
+        validation: a request that bypassed vLLM's admission may raise here (KeyError,
+        TypeError, ValueError), and the worker then runs it unsteered."""
+        raw = (extra_args or {}).get(EXTRA_ARGS_KEY)
+        if raw is None:
+            return None
+        raw = json.loads(raw) if isinstance(raw, str) else raw
+        weights = {str(name): float(w) for name, w in (raw.get("weights") or {}).items() if w != 0}
+        top_k = raw.get("top_k")
+        return cls(weights, None if top_k is None else int(top_k), raw.get("restrict_to_top_k") is True)
 
-def api_extra_args(body: Mapping[str, Any]) -> dict[str, str] | None:
-    """The `vllm_xargs` entry for an API body's top-level `vas_*` fields; None when the body has
-    none. The values are only moved here; `VASRequest.from_extra_args` checks them (in the
-    middleware, so that a streaming request is refused before its stream starts, and again at
-    vLLM's admission, which also covers requests that bypass the middleware)."""
-    unknown = sorted(k for k in body if k.startswith("vas_") and k not in API_FIELDS.values())
-    if unknown:
-        raise VASParamError(unknown[0], f"unknown field {unknown[0]!r}; the steering fields are "
-                                        f"{', '.join(API_FIELDS.values())}")
-    if not any(field in body for field in API_FIELDS.values()):
-        return None
-    raw = {key: body[field] for key, field in API_FIELDS.items() if field in body}
-    return {EXTRA_ARGS_KEY: json.dumps(raw)}
+
+# Settings the middleware validated carry STAMP_KEY: an HMAC of their JSON under a key that only
+# this process knows, so that validate_params (vLLM runs it in the same API-server process) can
+# tell them from settings a client wrote into `vllm_xargs` itself, which it validates.
+STAMP_KEY = "vas_admitted"
+_STAMP_SECRET = secrets.token_bytes(32)
+
+
+def _stamp(settings: str) -> str:
+    return hmac.new(_STAMP_SECRET, settings.encode(), hashlib.sha256).hexdigest()
+
+
+def admitted(request: VASRequest) -> dict[str, str]:
+    """The `vllm_xargs` entries of settings the middleware validated: the settings and a stamp."""
+    extra_args = request.to_extra_args()
+    return {**extra_args, STAMP_KEY: _stamp(extra_args[EXTRA_ARGS_KEY])}
+
+
+def is_admitted(extra_args: Mapping[str, Any] | None) -> bool:
+    """Whether `extra_args` holds settings the middleware of this process validated."""
+    settings, stamp = (extra_args or {}).get(EXTRA_ARGS_KEY), (extra_args or {}).get(STAMP_KEY)
+    return isinstance(settings, str) and isinstance(stamp, str) and hmac.compare_digest(stamp, _stamp(settings))
 
 
 def make_extra_args(weights: Mapping[str, float] | None = None, top_k: int | None = None,
                     restrict_to_top_k: bool = False) -> dict[str, str]:
     """`SamplingParams.extra_args` asking for VAS, for direct engine users (tests, benchmarks)."""
     return VASRequest(dict(weights or {}), top_k, restrict_to_top_k).to_extra_args()
+
+
+def _settings_object(raw: Any) -> Mapping[str, Any]:
+    """`extra_args["vas"]` as an object: a JSON string is decoded."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise VASParamError("vllm_xargs", "vllm_xargs['vas'] must be a JSON object") from None
+    if not isinstance(raw, Mapping):
+        raise VASParamError("vllm_xargs", "vllm_xargs['vas'] must be a JSON object")
+    return raw
 
 
 def _weights(weights: Any, known_heads: Collection[str] | None) -> dict[str, float]:

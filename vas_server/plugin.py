@@ -5,10 +5,8 @@ every process it starts (API server, engine core, workers), `vllm serve` include
     their architectures (lazily, by name: nothing heavy is imported until vLLM builds the model);
   * a configuration check for those architectures (vLLM's per-architecture `MODELS_CONFIG_MAP`
     hook, run when an engine's VllmConfig is created): with VAS value models in
-    `additional_config["vas"]` it reads their vas.json files (a bad directory or a head-name
-    clash fails the engine's start, naming it) and registers their heads for admission
-    (`VASLogitsProcessor.validate_params`, which vLLM calls without a config), so that an unknown
-    head is a 400 with or without vas-server's middleware.
+    `additional_config["vas"]` it reads their vas.json files, so that a bad directory or a
+    head-name clash fails the engine's start, naming it, with or without `vas-server serve`.
 
 Without VAS settings both are inert: the classes are vLLM's own, and the check does nothing.
 """
@@ -47,11 +45,9 @@ def _with_vas_check(previous: type) -> type:
 
 
 def check_vas_config(vllm_config) -> None:
-    """Read the value models' specs and register their heads for admission checks."""
+    """Read the value models' specs: ValueError for a bad directory or a head-name clash."""
     from vas_server.config import ADDITIONAL_CONFIG_KEY, VASConfig
 
     if not (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY):
         return
-    from vas_server.processor import VASLogitsProcessor
-
-    VASLogitsProcessor.register_heads(VASConfig.from_additional_config(vllm_config.additional_config).heads())
+    VASConfig.from_additional_config(vllm_config.additional_config).read_heads()

@@ -40,7 +40,7 @@ class Preset:
     head: bool = False  # the automatic preset of one head (its name is the head's)
 
     def settings(self) -> dict[str, Any]:
-        """The preset as request fields (params.API_FIELDS keys), for vllm_xargs."""
+        """The preset as a settings object (params.API_FIELDS keys)."""
         return {"weights": dict(self.weights), "top_k": self.top_k, "restrict_to_top_k": self.restrict_to_top_k}
 
     def to_json(self) -> dict[str, Any]:
@@ -99,8 +99,7 @@ class PresetTable:
                 raise ValueError(f"preset {name!r} has the name of a head (every head is already a preset "
                                  f"at weight {DEFAULT_HEAD_WEIGHT:g}); choose another name")
             try:
-                request = VASRequest.from_extra_args(VASRequest(preset.weights, preset.top_k,
-                                                                preset.restrict_to_top_k).to_extra_args(), heads)
+                request = VASRequest.parse(preset.settings(), heads)
             except VASParamError as e:
                 raise ValueError(f"preset {name!r}: {e.args[0]}") from None
             if not request.active:

@@ -14,24 +14,13 @@ Importing this module loads no model: vLLM imports the class in the API process 
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
-
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1Interface
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2Interface
 
-from vas_server.config import HeadInfo
-from vas_server.params import VASRequest
+from vas_server.params import VASRequest, is_admitted
 
 
 class VASLogitsProcessor(V1Interface, V2Interface):
-    # Heads of every engine configuration with VAS settings created in this process (registered
-    # by vas_server.plugin when its VllmConfig is built), so that validate_params, which vLLM
-    # calls as a classmethod with the request alone, can refuse an unknown head at admission with
-    # a 400, with or without vas-server's middleware. A server process has one engine, so these
-    # are exactly its heads. A Python process that builds several engines admits the heads of all
-    # of them; a head another engine defines is then refused in the worker (logged, unsteered).
-    _known_heads: ClassVar[dict[str, HeadInfo] | None] = None
-
     def __new__(cls, vllm_config, *args):
         if vllm_config.use_v2_model_runner:
             from vas_server.processor_v2 import V2Processor
@@ -42,13 +31,12 @@ class VASLogitsProcessor(V1Interface, V2Interface):
         return V1Processor(vllm_config, *args)
 
     @classmethod
-    def register_heads(cls, heads: Mapping[str, HeadInfo]) -> None:
-        cls._known_heads = {**(cls._known_heads or {}), **heads}
-
-    @classmethod
     def validate_params(cls, sampling_params) -> None:
-        known = None if cls._known_heads is None else list(cls._known_heads)
-        VASRequest.from_extra_args(sampling_params.extra_args, known)
+        """vLLM's admission check, in the API process, with the request alone: settings the
+        middleware validated are stamped and not checked again; any others are validated here
+        (vas_server.params: one validation per request path)."""
+        if not is_admitted(sampling_params.extra_args):
+            VASRequest.from_extra_args(sampling_params.extra_args)
 
 
 class VASWorkerExtension:

@@ -1,10 +1,10 @@
-"""Admission checks on a request's JSON body, before vLLM sees it.
+"""The body guard: admission checks on a request's JSON body, before vLLM sees it.
 
-The middleware (vas_server.middleware) calls `check_request(path, body, max_sequences)` on the
-parsed body of every JSON POST (the generation routes and every other route that takes JSON:
-/tokenize, /v1/messages, /invocations, ...). It raises
-`RequestRejected` (a `VASParamError`, i.e. vLLM's `VLLMValidationError`, naming the parameter,
-with the HTTP status to answer) for:
+The middleware (vas_server.middleware) hands every JSON POST (the generation routes and every
+other route that takes JSON: /tokenize, /v1/messages, /invocations, ...) to `guard_body`, which
+reads the body with a size limit (413 past VASConfig.max_body_bytes), parses it and runs
+`check_request(path, body, max_sequences)`. That raises `RequestRejected` (a `VASParamError`,
+i.e. vLLM's `VLLMValidationError`, naming the parameter, with the HTTP status to answer) for:
 
   * what vLLM itself cannot take and answers with a 500, a hang or a dead engine
     (docs/SERVER.md, "Hostile input", names the vLLM code):
@@ -27,9 +27,11 @@ temperature >= 0, token ids within the vocabulary) are left to vLLM.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
+from vas_server.asgi import BodyTooLarge, Receive, Send, read_body, send_error
 from vas_server.params import VASParamError
 
 MAX_DEPTH = 64  # JSON nesting; chat messages with content parts and a JSON schema need ~10
@@ -58,6 +60,36 @@ class RequestRejected(VASParamError):
     def __init__(self, param: str, message: str, status_code: int = 400):
         super().__init__(param, message)
         self.status_code = status_code
+
+
+async def guard_body(path: str, steerable_paths: tuple[str, ...], max_bytes: int, max_sequences: int,
+                     receive: Receive, send: Send) -> tuple[bytes, Any] | None:
+    """Read and check a JSON POST's body: (body, parsed JSON or None), or None when the request
+    was refused here (answered with vLLM's error body). An empty body on a route that does not
+    steer passes, as vLLM's business. A route that does not steer (`steerable` False) refuses
+    `vas_*` fields, so that no answer is silently unsteered."""
+    try:
+        body = await read_body(receive, max_bytes)
+    except BodyTooLarge:
+        await send_error(send, 413, f"request body larger than {max_bytes} bytes", None, "RequestEntityTooLarge")
+        return None
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        payload = None  # not JSON
+    steerable = path in steerable_paths
+    if not steerable and not body:
+        return body, payload
+    try:
+        check_request(path, payload, max_sequences)
+        steering = sorted(k for k in payload if k.startswith("vas_")) if not steerable else []
+        if steering:
+            raise RequestRejected(steering[0], f"{path} does not take steering fields; "
+                                               f"{', '.join(steerable_paths)} do")
+    except RequestRejected as e:
+        await send_error(send, e.status_code, e.args[0], e.parameter)
+        return None
+    return body, payload
 
 
 def check_request(path: str, body: Any, max_sequences: int) -> None:

@@ -1,6 +1,6 @@
 """What vas-server's middleware knows of the running server, read once from vLLM's app.state:
 the VAS configuration (from the engine's `additional_config["vas"]`), the heads and presets, the
-API key check, and the served names and LoRA adapters that a request's `model` may name."""
+API keys, and the served names and LoRA adapters that a request's `model` may name."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm import envs
-from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
 
-from vas_server.asgi import Scope
+from vas_server.auth import ApiKeys
 from vas_server.config import HeadInfo, VASConfig
 from vas_server.presets import PresetTable
 
@@ -22,7 +21,7 @@ class ServerView:
     config: VASConfig  # the defaults when the engine has no additional_config["vas"]
     heads: dict[str, HeadInfo]
     presets: PresetTable
-    auth: AuthenticationMiddleware | None
+    api_keys: ApiKeys
     state: Any  # app.state: engine_client for /metrics, openai_serving_models for model ids
     preset_requests: dict[str, int]  # requests per preset, for /metrics
 
@@ -30,11 +29,9 @@ class ServerView:
     def of(cls, state) -> "ServerView":
         additional = getattr(state.vllm_config, "additional_config", None) or {}
         config = VASConfig.from_additional_config(additional)
-        heads = config.heads()
+        heads = config.read_heads()
         presets = config.preset_table(heads, [m.name for m in state.openai_serving_models.base_model_paths])
-        tokens = [key for key in (getattr(state.args, "api_key", None) or [envs.VLLM_API_KEY]) if key]
-        return cls(config, heads, presets,
-                   AuthenticationMiddleware(None, tokens) if tokens else None, state, {})
+        return cls(config, heads, presets, ApiKeys(state), state, {})
 
     @property
     def base_name(self) -> str:
@@ -50,8 +47,3 @@ class ServerView:
             return None
         valid = [*served, *models.lora_requests, *self.presets.presets]
         return f"The model `{model}` does not exist. Valid models: {', '.join(valid)}."
-
-    def authorized(self, scope: Scope) -> bool:
-        from starlette.datastructures import Headers
-
-        return self.auth is None or self.auth.verify_token(Headers(scope=scope))

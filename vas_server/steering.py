@@ -11,8 +11,8 @@ bookkeeping (which logits row is which request) and hands `Steering.steer` a `St
 Invariants:
   * Rows without weights are never touched, so they sample exactly as in plain vLLM.
   * Nothing a request carries can make `steer` raise or write a NaN or +inf logit: settings are
-    validated at admission (and again, without raising, when a row is added), weights are
-    bounded, and rule.bonus is finite and clipped.
+    validated at admission (vas_server.params), a row whose settings the worker cannot read runs
+    unsteered, weights are bounded, and rule.bonus is finite and clipped.
   * `steer` builds nothing on the host that it must wait for: the batch's tensors are built by
     the bookkeeping (and copied without a sync), and the candidates never leave the device.
 """
@@ -106,18 +106,26 @@ class Steering:
             if vllm_config.speculative_config is not None:
                 # Both processors map one logits row to one request; drafts add rows.
                 raise ValueError("VAS does not support speculative decoding (one logits row per request)")
-            self.heads = self.config.heads()
+            self.heads = self.config.read_heads()
             self.runtime, self.tap = _build_runtime(self.config, vllm_config, device)
 
-    def request(self, params) -> VASRequest | None:
-        """A new row's settings, or None when it is not steered. Settings were validated at
-        admission; one that fails here (a direct engine user) runs unsteered, logged."""
+    def request(self, params) -> tuple[VASRequest, frozenset[int]] | None:
+        """A new row's settings and the indices of the heads it weights, or None when it is not
+        steered. Admission validated the settings (vas_server.params); they are read, not checked
+        again. What admission could not check runs unsteered, logged: a head this engine does not
+        serve (vLLM's validate_params has no engine configuration), or settings that bypassed
+        vLLM's admission altogether."""
         try:
-            request = VASRequest.from_extra_args(params.extra_args, self.runtime.head_names)
-        except ValueError as e:
-            logger.error("VAS settings rejected in the worker, request runs unsteered: %s", e)
-            return None
-        return request if request is not None and request.active else None
+            request = VASRequest.decode(params.extra_args)
+            if request is None or not request.active:
+                return None
+            return request, frozenset(self.runtime.head_index[name] for name in request.weights)
+        except KeyError as e:
+            logger.error("VAS: this engine serves no head %s (heads: %s); the request runs unsteered", e,
+                         ", ".join(self.runtime.head_names))
+        except (AttributeError, TypeError, ValueError) as e:
+            logger.error("VAS settings the engine cannot read (%s); the request runs unsteered", e)
+        return None
 
     def new_row(self, params, *, resumed: bool, prompt: list[int] | None = None, outputs: list[int] | None = None,
                 token_slot: int | None = None) -> Row | None:
@@ -125,13 +133,13 @@ class Steering:
         (logged) settings that fail here, no token history, or no free value-cache slot. Takes a
         cache slot when a separate-trunk head is weighted. The request's tokens are `prompt` +
         `outputs` (V1's live lists) or the runner's buffer at `token_slot` (V2)."""
-        request = self.request(params)
-        if request is None:
+        steered = self.request(params)
+        if steered is None:
             return None
+        request, heads = steered
         if prompt is None and token_slot is None:
             logger.error("VAS needs prompt token ids (prompt embeddings are not supported); unsteered")
             return None
-        heads = frozenset(self.runtime.head_index[name] for name in request.weights)
         slot = None
         if self.runtime.needs_slot(heads):  # only separate-trunk heads keep a value cache
             slot = self.runtime.allocate()

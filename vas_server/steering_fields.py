@@ -1,23 +1,55 @@
-"""The steering fields of a generation request and of its answer (vas_server.middleware's
-generation routes):
+"""The steering fields of a generation request and of its answer (`steer`: the middleware's
+generation routes, STEERABLE_PATHS):
 
   * `steer_request`: a `model` that names a preset becomes the base, with the preset's settings
-    under the request's own `vas_*` fields (vas_server.presets.override); the top-level `vas_*`
-    fields move into the body's `vllm_xargs` (params.api_extra_args), checked once here so that a
-    streaming request is refused before its stream starts; and the `vas` echo is computed.
+    under the request's own `vas_*` fields (vas_server.presets.override); the body's steering
+    becomes a VASRequest (`VASRequest.from_api`: the one validation on this path, done before
+    any stream starts), its top-K is resolved (VASConfig.top_k_for), and what vLLM gets in
+    `vllm_xargs` is that request, serialised and stamped (params.admitted). The `vas` echo is
+    the same request: the settings the worker applies.
   * `AnswerRewrite`: the echo added to the answer (JSON, or the SSE chunks that finish a choice)
     and, for a preset, the answer's `model` renamed to the preset's id.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
-from vas_server.asgi import Message, Send, send_raw
-from vas_server.params import VASRequest, api_extra_args
+from vas_server.asgi import Message, Receive, Scope, Send, replay, send_error, send_raw, with_length
+from vas_server.params import EXTRA_ARGS_KEY, STAMP_KEY, VASParamError, VASRequest, admitted
 from vas_server.presets import override
 from vas_server.server_view import ServerView
+
+
+# /invocations is SageMaker's route: vLLM answers it with the chat or completions handler.
+STEERABLE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/invocations")
+REPORTING_PATHS = ("/v1/completions", "/v1/chat/completions", "/invocations")  # answers that gain `vas`
+
+
+async def steer(app, server: ServerView, path: str, payload, body: bytes, scope: Scope, receive: Receive,
+                send: Send) -> None:
+    """A generation request (its body already guarded): a `model` no served name, adapter or
+    preset is a 404; invalid steering a 400; else vLLM answers the rewritten request, its answer
+    rewritten on the way out (AnswerRewrite)."""
+    if not isinstance(payload, dict):  # vLLM answers it (a 400)
+        return await app(scope, replay(body, receive), send)
+    missing = server.unknown_model(payload.get("model"))
+    if missing:
+        return await send_error(send, 404, missing, "model", "NotFoundError")
+    try:
+        steered = steer_request(server, payload, body)
+    except VASParamError as e:
+        # Refused here, not later: vLLM validates a streaming request only once its 200 event
+        # stream has started, and would send the 400 inside it.
+        return await send_error(send, 400, e.args[0], e.parameter)
+    reporting = path in REPORTING_PATHS
+    scope, receive = with_length(scope, len(steered.body)), replay(steered.body, receive)
+    if not reporting and steered.preset is None:
+        return await app(scope, receive, send)
+    rename = (server.base_name, steered.preset) if steered.preset is not None else None
+    await app(scope, receive, AnswerRewrite(send, steered.report, reporting, rename))
 
 
 @dataclass
@@ -38,29 +70,26 @@ def steer_request(server: ServerView, payload: dict, body: bytes) -> SteeredRequ
         payload["model"] = server.base_name
         server.preset_requests[preset_id] = server.preset_requests.get(preset_id, 0) + 1
         changed = True
-    xargs = api_extra_args(payload)
-    if xargs is not None:
-        for field in list(payload):
-            if field.startswith("vas_"):
-                del payload[field]
-        given = payload.get("vllm_xargs")
-        payload["vllm_xargs"] = {**given, **xargs} if isinstance(given, dict) else (given or xargs)
-        changed = True
-    report = _report(payload, server)
-    return SteeredRequest(json.dumps(payload).encode() if changed else body, report, preset_id)
-
-
-def _report(payload: dict, server: ServerView) -> dict | None:
-    """The `vas` field of the answer: the settings applied, None when unsteered. Raises
-    VASParamError for invalid settings (the same check as the processor's validate_params)."""
-    xargs = payload.get("vllm_xargs")
-    known = server.heads if server.config.value_models else None
-    request = VASRequest.from_extra_args(xargs if isinstance(xargs, dict) else None, known)
-    if request is None or not request.active:
-        return None
-    report = request.report()
-    report["top_k"] = server.config.top_k_for(request, server.heads)
-    return report
+    request = VASRequest.from_api(payload, server.heads)
+    if request is None:
+        return SteeredRequest(json.dumps(payload).encode() if changed else body, None, preset_id)
+    for field in [f for f in payload if f.startswith("vas_")]:
+        del payload[field]
+    given = payload.get("vllm_xargs")
+    if given is not None and not isinstance(given, dict):
+        raise VASParamError("vllm_xargs", "vllm_xargs must be an object")
+    xargs = {k: v for k, v in given.items() if k not in (EXTRA_ARGS_KEY, STAMP_KEY)} if given else {}
+    report = None
+    if request.active:
+        if payload.get("prompt_embeds") is not None:  # the value runtime needs token ids
+            raise VASParamError("prompt_embeds", "steering needs the prompt as text or token ids, "
+                                                 "not prompt_embeds")
+        request = dataclasses.replace(request, top_k=server.config.top_k_for(request, server.heads))
+        xargs.update(admitted(request))
+        report = request.report()
+    if xargs or given is not None:
+        payload["vllm_xargs"] = xargs
+    return SteeredRequest(json.dumps(payload).encode(), report, preset_id)
 
 
 class AnswerRewrite:

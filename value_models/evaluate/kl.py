@@ -2,7 +2,7 @@
 
 vLLM reports the raw base log-probs (before logits processors) of the top-K tokens at each step,
 which are exactly the VAS candidates C. Re-running the value model over the sampled tokens
-(value_models' serving runtime, same dtype as the engine) gives each candidate's bonus
+(the server's value runtime, vas_server.core.value_runtime, in the engine's dtype) gives each candidate's bonus
 b(a) = sum_h w_h (q_h(a) - mean_C q_h). VAS samples from p(a) = p0(a) exp(b(a) - Z) with
 Z = log(1 + sum_C p0(a) (exp(b(a)) - 1)) (b = 0 outside C), so per step the KL is exact:
     KL_t = sum_C p0 e^(b-Z) (b - Z) - (1 - sum_C p0) e^(-Z) Z,

@@ -55,14 +55,14 @@ class ValueHeads(nn.Module):
         rows_out: optional buffer ([>= B*K, H], embed's dtype) for the tokens' embedding rows. The
         server passes a preallocated one: on CPU a fresh [B, K, H] tensor each step (38 MB at
         B = 64, K = 256 for SmolLM2) is page-faulted in anew and costs 4x the copy itself."""
-        u = torch.einsum("bh,nhg->nbg", hidden, self.token_proj)  # P h_last(s), per head
+        projected = torch.einsum("bh,nhg->nbg", hidden, self.token_proj)  # P h_last(s), per head
         baseline = (hidden @ self.token_baseline.T).T[:, :, None]  # [n_token, B, 1]
         flat = tokens.reshape(-1)
         rows = (embed.index_select(0, flat) if rows_out is None
                 else torch.index_select(embed, 0, flat, out=rows_out[:flat.numel()]))
         # embed may be the served base's own matrix, in the base's dtype (the shared-trunk path).
-        rows = rows.view(*tokens.shape, -1).to(u.dtype)
-        return torch.einsum("nbg,bkg->nbk", u, rows) + self.token_bias[:, tokens] + baseline
+        rows = rows.view(*tokens.shape, -1).to(projected.dtype)
+        return torch.einsum("nbg,bkg->nbk", projected, rows) + self.token_bias[:, tokens] + baseline
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
