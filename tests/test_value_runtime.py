@@ -8,7 +8,7 @@ import torch
 
 from reference_vas import ReferenceValueModel
 from vas_server.core.model import load_value_model
-from vas_server.core.value_runtime import RowInput, ValueRuntime
+from vas_server.core.value_runtime import ScoredRequest, ValueRuntime
 
 
 def test_runtime_values_match_reference(tiny_base, value_models):
@@ -25,7 +25,7 @@ def test_runtime_values_match_reference(tiny_base, value_models):
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (3, 9, 5)]
     slots = [runtime.allocate() for _ in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
-    rows = [RowInput(slot, p, o, all_heads) for slot, p, o in zip(slots, prompts, outputs)]
+    rows = [ScoredRequest(slot, p, o, all_heads) for slot, p, o in zip(slots, prompts, outputs)]
     compared = 0
     for step in range(6):
         candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)] for _ in rows])
@@ -47,7 +47,7 @@ def test_runtime_values_match_reference(tiny_base, value_models):
     # A released slot is rebuilt from scratch for a new request (e.g. a resumed preemption).
     runtime.release(slots[1])
     slot = runtime.allocate()
-    resumed = RowInput(slot, prompts[1], outputs[1][:4], all_heads)
+    resumed = ScoredRequest(slot, prompts[1], outputs[1][:4], all_heads)
     candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)]])
     values = runtime.score([resumed], candidates)
     for g, head in enumerate(runtime.head_names):
@@ -61,7 +61,7 @@ def test_rows_only_run_the_trunks_they_use(tiny_base, value_models):
     runtime = ValueRuntime(models, max_requests=2, max_len=64, device="cpu", dtype=torch.float32)
     only_alone = frozenset([runtime.head_index["s3"]])
     slot = runtime.allocate()
-    row = RowInput(slot, [1, 2, 3], [], only_alone)
+    row = ScoredRequest(slot, [1, 2, 3], [], only_alone)
     runtime.score([row], torch.tensor([[5, 6, 7, 8]]))
-    assert int(runtime.runners[0].cached[slot]) == 0  # the prefix trunk never ran
-    assert int(runtime.runners[1].cached[slot]) == 3
+    assert int(runtime.scorers[0].cached[slot]) == 0  # the prefix trunk never ran
+    assert int(runtime.scorers[1].cached[slot]) == 3

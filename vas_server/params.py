@@ -109,15 +109,19 @@ class VASRequest:
     @classmethod
     def decode(cls, extra_args: Mapping[str, Any] | None) -> VASRequest | None:
         """The settings admission validated, read back in the worker; None when unsteered. Not a
-        validation: a request that bypassed vLLM's admission may raise here (KeyError,
-        TypeError, ValueError), and the worker then runs it unsteered."""
+        validation: it only refuses what the sampler could not take (ValueError for a top-K out
+        of range, and what a malformed object raises: KeyError, TypeError, AttributeError), which
+        only a request that bypassed vLLM's admission can carry; the worker then runs it
+        unsteered."""
         raw = (extra_args or {}).get(EXTRA_ARGS_KEY)
         if raw is None:
             return None
         raw = json.loads(raw) if isinstance(raw, str) else raw
         weights = {str(name): float(w) for name, w in (raw.get("weights") or {}).items() if w != 0}
         top_k = raw.get("top_k")
-        return cls(weights, None if top_k is None else int(top_k), raw.get("restrict_to_top_k") is True)
+        if top_k is not None and not is_top_k(top_k):
+            raise ValueError(f"top_k {top_k!r} out of range")
+        return cls(weights, top_k, raw.get("restrict_to_top_k") is True)
 
 
 # Settings the middleware validated carry STAMP_KEY: an HMAC of their JSON under a key that only

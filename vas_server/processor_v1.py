@@ -61,7 +61,7 @@ class V1Processor(LogitsProcessor):
                 steering.runtime.release(row_b.input.slot)
             if row_a is not None:
                 self.rows[b] = row_a
-        self.batch = StepBatch.of(sorted(self.rows.items()), steering.runtime.head_index, steering.device)
+        self.batch = StepBatch.of(sorted(self.rows.items()), steering.device)
 
     def _drop(self, index: int) -> None:
         row = self.rows.pop(index, None)

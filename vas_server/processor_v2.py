@@ -30,7 +30,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
 )
 
 from vas_server.steering import Row, StepBatch, Steering
-from vas_server.core.value_runtime import RowInput, to_device
+from vas_server.core.value_runtime import ScoredRequest, to_device
 
 
 class V2Processor(LogitsProcessor):
@@ -68,7 +68,7 @@ class V2Processor(LogitsProcessor):
         order = ctx.idx_mapping_np  # batch position (= logits row) -> slot, on the host
         if self._batch_slots is None or not np.array_equal(order, self._batch_slots):
             rows = [(i, self.slots[s]) for i, s in enumerate(order.tolist()) if s in self.slots]
-            self._batch = StepBatch.of(rows, self.steering.runtime.head_index, self.steering.device)
+            self._batch = StepBatch.of(rows, self.steering.device)
             self._batch_slots = order.copy()
             self._positions = [i for i, _ in rows]
         batch = self._batch
@@ -80,7 +80,7 @@ class V2Processor(LogitsProcessor):
         self.steering.end_step()
         return logits
 
-    def _device_tokens(self, rows: list[RowInput], cached: list[int]) -> tuple[torch.Tensor, list[int]]:
+    def _device_tokens(self, rows: list[ScoredRequest], cached: list[int]) -> tuple[torch.Tensor, list[int]]:
         """The rows' committed tokens from cached[b] on, gathered from all_token_ids on the device."""
         buffer = self.req_states.all_token_ids.gpu
         width = buffer.shape[1]

@@ -33,7 +33,7 @@ from vas_server.config import HeadInfo, VASConfig
 from vas_server.heap import HeapTrimmer
 from vas_server.hidden_states import HiddenStateTap
 from vas_server.params import VASRequest
-from vas_server.core.value_runtime import NewTokens, RowInput, ValueRuntime, to_device
+from vas_server.core.value_runtime import NewTokens, ScoredRequest, ValueRuntime, to_device
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -47,8 +47,9 @@ class Row:
     """One steered request: its settings, resolved top-K, and what the value runtime needs."""
 
     request: VASRequest
+    weights: torch.Tensor  # [n_heads] float32 on the host (rule.weight_vector)
     top_k: int
-    input: RowInput
+    input: ScoredRequest
 
 
 @dataclass
@@ -56,14 +57,14 @@ class StepBatch:
     """The steered rows of one step as tensors, in ascending logits-row order."""
 
     index: torch.Tensor  # [B] logits row of each steered row
-    inputs: list[RowInput]  # [B], for the value runtime
+    inputs: list[ScoredRequest]  # [B], for the value runtime
     weights: torch.Tensor  # [B, n_heads] float32, 0 for heads a row does not weight
     k_max: int  # the largest top-K of the rows
     valid: torch.Tensor  # [B, k_max] bool: candidate j counts for row b iff j < top_k(b)
     restrict: torch.Tensor | None  # [B] bool: vas_restrict_to_top_k; None when no row restricts
 
     @classmethod
-    def of(cls, rows: Sequence[tuple[int, Row]], head_index, device: torch.device) -> "StepBatch | None":
+    def of(cls, rows: Sequence[tuple[int, Row]], device: torch.device) -> "StepBatch | None":
         """rows: (logits row, Row) in ascending logits-row order."""
         if not rows:
             return None
@@ -74,8 +75,7 @@ class StepBatch:
         return cls(
             index=to_device(torch.tensor([i for i, _ in rows]), device),
             inputs=[r.input for r in ordered],
-            weights=to_device(torch.stack([rule.weight_vector(r.request.weights, head_index) for r in ordered]),
-                              device),
+            weights=to_device(torch.stack([r.weights for r in ordered]), device),
             k_max=k_max,
             valid=to_device(torch.arange(k_max)[None, :] < top_k[:, None], device),
             restrict=to_device(torch.tensor(restrict), device) if any(restrict) else None,
@@ -109,21 +109,23 @@ class Steering:
             self.heads = self.config.read_heads()
             self.runtime, self.tap = _build_runtime(self.config, vllm_config, device)
 
-    def request(self, params) -> tuple[VASRequest, frozenset[int]] | None:
-        """A new row's settings and the indices of the heads it weights, or None when it is not
-        steered. Admission validated the settings (vas_server.params); they are read, not checked
-        again. What admission could not check runs unsteered, logged: a head this engine does not
-        serve (vLLM's validate_params has no engine configuration), or settings that bypassed
-        vLLM's admission altogether."""
+    def request(self, params) -> tuple[VASRequest, frozenset[int], torch.Tensor] | None:
+        """A new row's settings, the indices of the heads it weights and its weight vector, or
+        None when it is not steered. Admission validated the settings (vas_server.params); they
+        are read, not checked again. What admission could not check runs unsteered, logged: a
+        head this engine does not serve (vLLM's validate_params has no engine configuration), or
+        settings that bypassed vLLM's admission and do not decode into a weight vector and a
+        top-K in range, so that no value the sampler cannot take reaches it."""
         try:
             request = VASRequest.decode(params.extra_args)
             if request is None or not request.active:
                 return None
-            return request, frozenset(self.runtime.head_index[name] for name in request.weights)
+            heads = frozenset(self.runtime.head_index[name] for name in request.weights)
+            return request, heads, rule.weight_vector(request.weights, self.runtime.head_index)
         except KeyError as e:
             logger.error("VAS: this engine serves no head %s (heads: %s); the request runs unsteered", e,
                          ", ".join(self.runtime.head_names))
-        except (AttributeError, TypeError, ValueError) as e:
+        except (AttributeError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: float32 overflow
             logger.error("VAS settings the engine cannot read (%s); the request runs unsteered", e)
         return None
 
@@ -136,7 +138,7 @@ class Steering:
         steered = self.request(params)
         if steered is None:
             return None
-        request, heads = steered
+        request, heads, weights = steered
         if prompt is None and token_slot is None:
             logger.error("VAS needs prompt token ids (prompt embeddings are not supported); unsteered")
             return None
@@ -153,7 +155,7 @@ class Steering:
             self.resumed_requests += 1
         self.requests_total += 1
         top_k = self.config.top_k_for(request, self.heads)
-        return Row(request, top_k, RowInput(slot, prompt, outputs, heads, token_slot=token_slot))
+        return Row(request, weights, top_k, ScoredRequest(slot, prompt, outputs, heads, token_slot=token_slot))
 
     def steer(self, logits: torch.Tensor, batch: StepBatch, new_tokens: NewTokens | None = None) -> torch.Tensor:
         """Steer the batch's rows of `logits` [R, V] (in place when every row is steered)."""
@@ -202,7 +204,7 @@ def _build_runtime(config: VASConfig, vllm_config: "VllmConfig",
     from vas_server.core.format import check_tokenizer, load_spec, tokenizer_identity
     from vas_server.core.model import load_value_heads, load_value_model
     from vas_server.config import runtime_path
-    from vas_server.core.value_runtime import SharedRunner
+    from vas_server.core.value_runtime import SharedScorer
 
     model_config = vllm_config.model_config
     base_dir = model_config.model
@@ -227,7 +229,7 @@ def _build_runtime(config: VASConfig, vllm_config: "VllmConfig",
             check_tokenizer(spec, identity, value_model=path, base_model=base_dir)
             # On the worker's device (not config.device): the base's states and embedding live there.
             heads = load_value_heads(path, spec, hf.hidden_size, hf.vocab_size, dtype=dtype, device=device)
-            shared.append(SharedRunner(name, heads, spec.trunk.num_layers, tap))
+            shared.append(SharedScorer(name, heads, spec.trunk.num_layers, tap))
     max_requests = config.max_requests or vllm_config.scheduler_config.max_num_seqs
     runtime = ValueRuntime(models, max_requests, model_config.max_model_len, value_device, dtype, shared)
     base_layers = model_config.hf_config.num_hidden_layers

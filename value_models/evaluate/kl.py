@@ -26,11 +26,11 @@ def replay_steps(runtime, prompt_ids: list[list[int]], token_ids: list[list[int]
     (live [B] response indices, candidates [B, k], base log-probs [B, k] float64,
     values of every runtime head [B, n_heads, k] float64 -- only `heads` are computed --,
     the sampled tokens [B])."""
-    from vas_server.core.value_runtime import RowInput
+    from vas_server.core.value_runtime import ScoredRequest
 
     for start in range(0, len(prompt_ids), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompt_ids))))
-        rows = [RowInput(runtime.allocate(), list(prompt_ids[i]), [], heads) for i in idx]
+        rows = [ScoredRequest(runtime.allocate(), list(prompt_ids[i]), [], heads) for i in idx]
         try:
             for t in range(max(len(token_ids[i]) for i in idx)):
                 live = [b for b, i in enumerate(idx) if t < len(token_ids[i])]

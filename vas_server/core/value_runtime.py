@@ -1,8 +1,8 @@
 """The batched value runtime: scores the top-K candidates of every VAS row in one forward per trunk.
 
 Two kinds of value model (vas_server.config.runtime_path decides from vas.json):
-  * "separate" (TrunkRunner): the model's own trunk and a per-request KV cache, described below;
-  * "shared" (SharedRunner): token heads on a LoRA-free prefix of the base, read from the base's
+  * "separate" (TrunkScorer): the model's own trunk and a per-request KV cache, described below;
+  * "shared" (SharedScorer): token heads on a LoRA-free prefix of the base, read from the base's
     own hidden states at the sampled positions (vas_server.hidden_states): no trunk, no cache, no
     slot; a step costs the heads' matmul and gather.
 
@@ -25,7 +25,7 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,18 @@ from vas_server.core.heads import ValueHeads
 from vas_server.core.model import ValueModel
 
 
+class HeadPlace(NamedTuple):
+    """Where a head of the runtime's global order lives."""
+
+    scorer: int  # index into ValueRuntime.scorers
+    kind: str  # "state" | "token"
+    index: int  # among that scorer's heads of that kind
+
+
 @dataclass
-class RowInput:
-    """One VAS row of the batch, as the runtime needs it."""
+class ScoredRequest:
+    """A request the value runtime scores: its token history (V1: host lists; V2: a slot in the
+    model runner's device buffer), its value-cache slot, and the heads it weights."""
 
     slot: int | None  # value-cache slot; None when the row uses no separate-trunk head
     prompt: list[int] | None  # V1: the request's token lists (None when `length` is given)
@@ -51,7 +60,7 @@ class RowInput:
 # new_tokens(rows, cached) -> (the rows' committed tokens from index cached[b] on, concatenated,
 # as a long tensor on the runtime's device; their counts). Where the tokens live differs by vLLM
 # interface: host lists under V1 (list_new_tokens), the runner's device buffer under V2.
-NewTokens = Callable[[list[RowInput], list[int]], tuple[torch.Tensor, list[int]]]
+NewTokens = Callable[[list[ScoredRequest], list[int]], tuple[torch.Tensor, list[int]]]
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -64,7 +73,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def list_new_tokens(device: torch.device) -> NewTokens:
     """V1 and the evaluation: each row's tokens are `prompt + outputs` (host lists)."""
 
-    def new_tokens(rows: list[RowInput], cached: list[int]) -> tuple[torch.Tensor, list[int]]:
+    def new_tokens(rows: list[ScoredRequest], cached: list[int]) -> tuple[torch.Tensor, list[int]]:
         flat: list[int] = []
         counts = []
         for r, c in zip(rows, cached):
@@ -77,7 +86,7 @@ def list_new_tokens(device: torch.device) -> NewTokens:
     return new_tokens
 
 
-class TrunkRunner:
+class TrunkScorer:
     """One value model's trunk, its heads, and the per-slot KV cache of committed tokens."""
 
     def __init__(self, model: ValueModel, max_requests: int, max_len: int, device, dtype):
@@ -103,7 +112,7 @@ class TrunkRunner:
         self.cached[slot] = 0
 
     @torch.inference_mode()
-    def score(self, rows: list[RowInput], candidates: torch.Tensor, new_tokens: NewTokens):
+    def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, new_tokens: NewTokens):
         """Feed new committed tokens, score candidates [B, K].
 
         Returns (state values [B, K, n_state] or None, token values [n_token, B, K] or None).
@@ -207,10 +216,10 @@ class CandidateRows:
         return b
 
 
-class SharedRunner:
+class SharedScorer:
     """A token-heads-only value model on the base's first `layer` layers, without LoRA: its trunk
     state is the base's own (vas_server.hidden_states.HiddenStateTap), so it keeps nothing per
-    request. Same `score` contract as TrunkRunner, plus the rows' logits-row indices."""
+    request. Same `score` contract as TrunkScorer, plus the rows' logits-row indices."""
 
     has_state = False
     has_token = True
@@ -231,7 +240,7 @@ class SharedRunner:
         pass
 
     @torch.inference_mode()
-    def score(self, rows: list[RowInput], candidates: torch.Tensor, batch_rows: torch.Tensor, num_rows: int):
+    def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, batch_rows: torch.Tensor, num_rows: int):
         """batch_rows [B]: each row's index in this step's logits (num_rows rows in all)."""
         hidden = self.tap.states(self.layer, num_rows).index_select(0, batch_rows.to(self.tap.embedding.device))
         hidden = hidden.to(device=candidates.device, dtype=self.dtype)
@@ -243,32 +252,31 @@ class SharedRunner:
 class ValueRuntime:
     """All value models of the server, their heads in one global order, and slot bookkeeping.
 
-    `models` run on their own trunk (TrunkRunner, value cache of max_requests slots); `shared` are
-    shared-trunk models (SharedRunner). Only rows using a separate-trunk head take a slot.
+    `models` run on their own trunk (TrunkScorer, value cache of max_requests slots); `shared` are
+    shared-trunk models (SharedScorer). Only rows using a separate-trunk head take a slot.
     """
 
     def __init__(self, models: list[ValueModel], max_requests: int, max_len: int, device, dtype,
-                 shared: list[SharedRunner] = ()):
-        self.runners: list[TrunkRunner | SharedRunner] = [TrunkRunner(m, max_requests, max_len, device, dtype)
+                 shared: list[SharedScorer] = ()):
+        self.scorers: list[TrunkScorer | SharedScorer] = [TrunkScorer(m, max_requests, max_len, device, dtype)
                                                           for m in models]
-        self.runners += list(shared)
+        self.scorers += list(shared)
         self.head_names: list[str] = []
-        # global head index -> (runner index, "state" | "token", index within that kind)
-        self.head_place: list[tuple[int, str, int]] = []
-        for t, r in enumerate(self.runners):
+        self.head_places: list[HeadPlace] = []  # by global head index
+        for t, r in enumerate(self.scorers):
             for i, name in enumerate(r.heads.state_names):
                 self.head_names.append(name)
-                self.head_place.append((t, "state", i))
+                self.head_places.append(HeadPlace(t, "state", i))
             for i, name in enumerate(r.heads.token_names):
                 self.head_names.append(name)
-                self.head_place.append((t, "token", i))
+                self.head_places.append(HeadPlace(t, "token", i))
         if len(set(self.head_names)) != len(self.head_names):
             raise ValueError(f"head names must be unique across value models: {self.head_names}")
         self.head_index = {name: i for i, name in enumerate(self.head_names)}
-        self.runner_heads = [frozenset(i for i, p in enumerate(self.head_place) if p[0] == t)
-                             for t in range(len(self.runners))]
+        self.scorer_heads = [frozenset(i for i, p in enumerate(self.head_places) if p.scorer == t)
+                             for t in range(len(self.scorers))]
         # Heads whose rows need a value-cache slot (those of separate-trunk models).
-        self.cached_heads = frozenset(i for t in range(len(models)) for i in self.runner_heads[t])
+        self.cached_heads = frozenset(i for t in range(len(models)) for i in self.scorer_heads[t])
         max_requests = max_requests if models else 0  # no separate trunk: no slots, no cache
         self.max_requests = max_requests
         self.max_len = max_len
@@ -281,7 +289,7 @@ class ValueRuntime:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(r.cache_bytes for r in self.runners)
+        return sum(r.cache_bytes for r in self.scorers)
 
     def needs_slot(self, heads: frozenset[int]) -> bool:
         return bool(heads & self.cached_heads)
@@ -291,18 +299,18 @@ class ValueRuntime:
         if not self.free_slots:
             return None
         slot = self.free_slots.pop()
-        for r in self.runners:
+        for r in self.scorers:
             r.reset(slot)
         return slot
 
     def release(self, slot: int | None) -> None:
         if slot is None:
             return
-        for r in self.runners:
+        for r in self.scorers:
             r.reset(slot)
         self.free_slots.append(slot)
 
-    def score(self, rows: list[RowInput], candidates: torch.Tensor, batch_rows: torch.Tensor | None = None,
+    def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, batch_rows: torch.Tensor | None = None,
               num_rows: int = 0, new_tokens: NewTokens | None = None) -> torch.Tensor:
         """Values q_h(a) of each row's candidates: [B, n_heads, K] (0 for heads a row does not use).
         Shared-trunk heads need `batch_rows` [B] (each row's index in this step's logits, of
@@ -311,18 +319,18 @@ class ValueRuntime:
         B, K = candidates.shape
         new_tokens = new_tokens or list_new_tokens(candidates.device)
         values = torch.zeros(B, len(self.head_names), K, device=candidates.device, dtype=torch.float32)
-        for t, runner in enumerate(self.runners):
-            members = [b for b, r in enumerate(rows) if r.heads & self.runner_heads[t]]
+        for t, scorer in enumerate(self.scorers):
+            members = [b for b, r in enumerate(rows) if r.heads & self.scorer_heads[t]]
             if not members:
                 continue
             sub = (slice(None) if len(members) == B
                    else to_device(torch.tensor(members), candidates.device))
-            if isinstance(runner, SharedRunner):
-                state, token = runner.score([rows[b] for b in members], candidates[sub], batch_rows[sub], num_rows)
+            if isinstance(scorer, SharedScorer):
+                state, token = scorer.score([rows[b] for b in members], candidates[sub], batch_rows[sub], num_rows)
             else:
-                state, token = runner.score([rows[b] for b in members], candidates[sub], new_tokens)
-            for g in self.runner_heads[t]:
-                _, kind, i = self.head_place[g]
-                v = state[:, :, i] if kind == "state" else token[i]
+                state, token = scorer.score([rows[b] for b in members], candidates[sub], new_tokens)
+            for g in self.scorer_heads[t]:
+                place = self.head_places[g]
+                v = state[:, :, place.index] if place.kind == "state" else token[place.index]
                 values[sub, g] = v.float()
         return values
