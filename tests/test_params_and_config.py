@@ -223,3 +223,49 @@ def test_request_guard_passes_well_formed_requests():
                                       "stream": False, "user": None}, 128)
     check_request("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "é"}]}],
                                            "logprobs": True, "top_logprobs": 2, "stop": "x", "n": 128}, 128)
+
+
+def test_the_http_path_validates_once(monkeypatch):
+    """The middleware validates a request's steering and stamps it; vLLM carries the stamp from
+    `vllm_xargs` into `SamplingParams.extra_args`, and validate_params then checks nothing again."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from vas_server.cli import demo_value_models
+    from vas_server.middleware import VASMiddleware
+
+    config = VASConfig(value_models=demo_value_models())
+    state = SimpleNamespace(vllm_config=SimpleNamespace(additional_config=config.to_additional_config()),
+                            args=SimpleNamespace(api_key=None), engine_client=None,
+                            openai_serving_models=SimpleNamespace(base_model_paths=[SimpleNamespace(name="base")],
+                                                                  lora_requests={}))
+    seen = []
+
+    async def vllm_stand_in(scope, receive, send):
+        seen.append(json.loads((await receive())["body"]))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    body = json.dumps({"model": "base", "prompt": "hi", "vas_weights": {"positive": 2}}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "app": SimpleNamespace(state=state)}
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        pass
+
+    asyncio.run(VASMiddleware(vllm_stand_in)(scope, receive, send))
+    params = CompletionRequest(**seen[0]).to_sampling_params(16)
+    assert is_admitted(params.extra_args)
+    assert VASRequest.decode(params.extra_args) == VASRequest({"positive": 2.0}, 256)  # top-K resolved: vas.json's
+
+    def second_validation(*args):
+        raise AssertionError("validated twice")
+
+    monkeypatch.setattr(VASRequest, "from_extra_args", second_validation)
+    VASLogitsProcessor.validate_params(params)
