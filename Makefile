@@ -20,8 +20,10 @@ test: setup
 # rounding, so other samples and Best-of-N sets than the shipped ones).
 DTYPE ?= bfloat16
 DEMO_MODEL := value_models/demo/smollm2
+# No top-K recorded: the demo fit holds nothing out (--validation-fraction 0), so the steering
+# proxy's data would only make the 48,000 records ~11x larger (docs/TRAINING.md, Samples).
 DEMO_SAMPLE := .venv/bin/vas-train sample --chitchat train --num-prompts 8000 --samples-per-prompt 2 --max-tokens 32 \
-	--dtype $(DTYPE) --max-model-len 512 --seed 0
+	--dtype $(DTYPE) --max-model-len 512 --seed 0 --record-top-k 0
 
 demo-models: setup
 	$(DEMO_SAMPLE) --out build/demo/train32.jsonl

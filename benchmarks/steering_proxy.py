@@ -9,12 +9,10 @@
 largest VAS candidate set C it can score), and each response's built-in rewards. `score --top-k K`
 scores with the first K of them as C (default: all the data has).
 
-`score`: for a head at weight w, VAS's log-ratio to the base along a response y is
-sum_i (w c_i(y_i) - log Z_i), c the candidates' centred values (0 outside C). To first order in w
-the reward gain is w Cov(S, r) and the KL w^2/2 E[sum_i Var_p0(c_i)], with
-S = sum_i (c_i(y_i) - E_p0 c_i). So corr(S, r) ranks value models by how much reward they buy per
-unit of KL; `gain@KL` is the first-order gain at a given KL (BoN-4's 0.64 nats by default). An
-exact value function gives S = r - V(s_0), a correlation near 1.
+`score`: per head, corr(S, r) of the steering proxy (value_models/proxy.py: S sums each step's
+sampled token's centred value minus its base expectation; corr ranks value models by how much reward
+they buy per unit of KL), and `gain@KL`, its first-order reward gain at a given KL (BoN-4's 0.64
+nats by default). An exact value function gives a correlation near 1.
 """
 from __future__ import annotations
 
@@ -58,37 +56,21 @@ def make_data(out: Path, top_k: int = 20, responses_per_prompt: int = 4, dtype: 
 @torch.no_grad()
 def score(model_dir: str, data: dict, kl: float, batch_size: int = 200, dtype: str = "bfloat16") -> dict[str, dict]:
     from value_models.evaluate import replay_steps
+    from value_models.proxy import ProxySums
     from vas_server.core.model import load_value_model
-    from vas_server.core import rule
     from vas_server.core.base_model import ensure_base_model
     from vas_server.core.value_runtime import ValueRuntime
 
     dtype = getattr(torch, dtype)  # bfloat16: what the server runs the demo models in
     runtime = ValueRuntime([load_value_model(model_dir, str(ensure_base_model()), dtype=dtype)], batch_size, 512,
                            "cpu", dtype)
-    n_heads, n = len(runtime.head_names), len(data["token_ids"])
-    s_sum = torch.zeros(n, n_heads, dtype=torch.float64)  # S per response and head
-    var_sum = torch.zeros(n, n_heads, dtype=torch.float64)  # sum_i Var_p0(c_i)
+    sums = ProxySums(len(data["token_ids"]), len(runtime.head_names))
     for live, candidates, logp0, values, chosen in replay_steps(
-            runtime, data["prompt_ids"], data["token_ids"], data["topk"], frozenset(range(n_heads)), batch_size):
-        p0 = logp0.exp()[:, None, :]
-        c = rule.centred(values)  # [B, heads, k]: the processor's own centring
-        mean_c, mean_c2 = (p0 * c).sum(-1), (p0 * c * c).sum(-1)  # c = 0 outside the candidates
-        c_chosen = (c * (candidates == chosen[:, None])[:, None, :]).sum(-1)
-        s_sum[live] += c_chosen - mean_c
-        var_sum[live] += mean_c2 - mean_c ** 2
-    out = {}
-    for h, name in enumerate(runtime.head_names):
-        if name not in data["rewards"]:
-            continue
-        r = torch.tensor(data["rewards"][name], dtype=torch.float64)
-        s = s_sum[:, h]
-        cov = ((s - s.mean()) * (r - r.mean())).mean()
-        slope = cov / var_sum[:, h].mean().sqrt()
-        out[name] = {"corr": float(cov / (s.std(unbiased=False) * r.std(unbiased=False))),
-                     "gain_at_kl": float(slope * math.sqrt(2 * kl)),
-                     "weight_at_kl": float(math.sqrt(2 * kl / var_sum[:, h].mean()))}
-    return out
+            runtime, data["prompt_ids"], data["token_ids"], data["topk"], frozenset(range(len(runtime.head_names))),
+            batch_size):
+        sums.add(live, values, candidates, logp0, chosen)
+    return {name: sums.summary(h, torch.tensor(data["rewards"][name], dtype=torch.float64), kl)
+            for h, name in enumerate(runtime.head_names) if name in data["rewards"]}
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ R(y_0) with P(R = high) = 1/2, the values of the data policy are:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -311,3 +312,93 @@ def test_held_out_error_is_reported_and_a_rise_is_warned(models, vocab_hash, tmp
     fit(train, frozen_prefix_config(models["base"], epochs=3, validation_fraction=0.1, lr=30.0, passes_per_batch=4),
         tmp_path / "bad", progress=False)
     assert "WARNING: the held-out error of" in capsys.readouterr().out
+
+
+# The steering proxy (value_models/proxy.py) and fit's per-epoch report of it.
+
+def test_proxy_matches_a_hand_computed_example():
+    """One head, three responses; candidates [10, 11] with values [1, 3] (centred: -1, +1) and base
+    probabilities [1/2, 1/4] (1/4 outside): E c = -1/4, Var c = 3/4 - 1/16 = 11/16. Response 0
+    samples 11 (S = 1 + 1/4), response 1 a non-candidate (S = 0 + 1/4) and then a step whose
+    candidates have equal values (centred: 0), response 2 samples 10 (S = -1 + 1/4)."""
+    from value_models.proxy import ProxySums
+
+    sums = ProxySums(3, 1)
+    candidates = torch.tensor([[10, 11]] * 4)
+    values = torch.tensor([[[1.0, 3.0]], [[1.0, 3.0]], [[2.0, 2.0]], [[1.0, 3.0]]])  # [steps, heads, K]
+    logp0 = torch.tensor([[0.5, 0.25]] * 4).log()
+    # Steps of one response may share a batch (response 1 has two here).
+    sums.add(torch.tensor([0, 1, 1, 2]), values, candidates, logp0, torch.tensor([11, 12, 10, 10]))
+    assert sums.s[:, 0].tolist() == pytest.approx([1.25, 0.25, -0.75])
+    assert sums.var[:, 0].tolist() == pytest.approx([11 / 16, 11 / 16, 11 / 16])
+    # r = [1, 0, 0]: Cov(S, r) = 1/3, std S = sqrt(2/3), std r = sqrt(2/9), so corr = sqrt(3)/2.
+    r = torch.tensor([1.0, 0.0, 0.0])
+    summary = sums.summary(0, r, kl=0.5)
+    assert summary["corr"] == pytest.approx(math.sqrt(3) / 2)
+    assert summary["gain_at_kl"] == pytest.approx((1 / 3) / math.sqrt(11 / 16))  # Cov / sqrt(E Var) * sqrt(2 KL)
+    assert summary["weight_at_kl"] == pytest.approx(math.sqrt(1 / (11 / 16)))
+    assert sums.corr(0, r) == summary["corr"]
+    assert ProxySums(3, 1).corr(0, r) == 0.0  # S never varies: no gain, not NaN
+
+
+def with_base_topk(samples: list[Sample]) -> list[Sample]:
+    """The synthetic task's base policy as recorded top-K candidates (K = 8): y_0 is uniform over
+    the choices, then the filler is all but certain (the other candidates share ~1e-12)."""
+    others = [t for t in range(300, 307)]
+    for s in samples:
+        first = [CHOICES, [math.log(1 / len(CHOICES))] * len(CHOICES)]
+        rest = [[FILLER] + others, [0.0] + [-30.0] * len(others)]
+        s.topk = [first] + [rest] * (len(s.response_token_ids) - 1)
+    return samples
+
+
+def test_fit_reports_the_steering_proxy_of_token_heads_per_epoch(models, vocab_hash, tmp_path, capsys):
+    """On held-out samples with top-K candidates, fit reports each token head's proxy corr(S, r)
+    after every epoch: 0 for the zero-initialised head, near 1 once it has learned the (here
+    learnable) true values; a head fitted to shuffled rewards learns values that do not point
+    towards the reward, and its correlation stays far below."""
+    config = frozen_prefix_config(models["base"], epochs=3, validation_fraction=0.1)
+    train = with_base_topk(synthetic_samples(320, seed=1, vocab_hash=vocab_hash))
+    good = fit(train, config, tmp_path / "good", progress=False)
+    held = [c for c in good.curve if "validation" in c]
+    assert [c["epoch"] for c in held] == [-1, 0, 1, 2]
+    assert all(set(c["proxy_corr"]) == {"other"} for c in held)  # token heads only: `first` is a state head
+    corr = [c["proxy_corr"]["other"] for c in held]
+    assert corr[0] == 0.0 and corr[-1] > 0.9, corr
+    assert json.loads((good.path / CURVE_FILE).read_text()) == good.curve
+    out = capsys.readouterr().out
+    assert "steering proxy corr(S, r) on 32 of them: other" in out
+    assert out.count("for token heads only, not for first") == 1
+
+    g = torch.Generator().manual_seed(3)
+    shuffled = [train[i].rewards["other"] for i in torch.randperm(len(train), generator=g).tolist()]
+    for s, r in zip(train, shuffled):
+        s.rewards["other"] = r
+    noise = fit(train, config, tmp_path / "noise", progress=False)
+    noise_corr = [c["proxy_corr"]["other"] for c in noise.curve if "validation" in c]
+    assert max(abs(c) for c in noise_corr) < 0.5 < corr[-1] - 0.4, noise_corr
+
+
+def test_samples_without_topk_still_train_and_skip_the_proxy(models, vocab_hash, tmp_path, capsys):
+    """Sample files written before `topk` existed load (as topk None) and train; the proxy is
+    skipped with one message. Steered samples are not scored either: the proxy's expectations are
+    under the base policy."""
+    from value_models.records import read_samples
+
+    old = tmp_path / "old.jsonl"
+    rows = [{k: v for k, v in dataclasses.asdict(s).items() if k != "topk"}
+            for s in synthetic_samples(160, seed=1, vocab_hash=vocab_hash)]
+    old.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    samples = read_samples(old)
+    assert all(s.topk is None for s in samples)
+    config = frozen_prefix_config(models["base"], epochs=2, validation_fraction=0.1)
+    result = fit(samples, config, tmp_path / "old_vm", progress=False)
+    held = [c for c in result.curve if "validation" in c]
+    assert len(held) == 3 and not any("proxy_corr" in c for c in held)
+    assert capsys.readouterr().out.count("no steering proxy") == 1
+
+    steered = with_base_topk(synthetic_samples(160, seed=1, vocab_hash=vocab_hash))
+    for s in steered:
+        s.policy = {"value_model": "vm", "weights": {"other": 2.0}, "top_k": 8}
+    result = fit(steered, config, tmp_path / "steered_vm", progress=False)
+    assert not any("proxy_corr" in c for c in result.curve)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 
 import pytest
 
@@ -20,8 +22,11 @@ def test_sample_score_fit(tmp_path):
     base = build_llama(tmp_path / "base", tmp_path / "tok", seed=0)
     (tmp_path / "prompts.txt").write_text("Hello, how are you\nWhat is the capital of France?\n")
     samples_file = tmp_path / "samples.jsonl"
+    vocab = json.loads((base / "config.json").read_text())["vocab_size"]
+    # Top-K over the whole vocabulary: every sampled token is a candidate (see assert_base_topk).
     main(["sample", "--base", str(base), "--prompts", str(tmp_path / "prompts.txt"), "--samples-per-prompt", "3",
-          "--max-tokens", "12", "--dtype", "float32", "--max-model-len", "128", "--out", str(samples_file)])
+          "--max-tokens", "12", "--dtype", "float32", "--max-model-len", "128", "--record-top-k", str(vocab),
+          "--out", str(samples_file)])
     samples = read_samples(samples_file)
     assert len(samples) == 6
     from transformers import AutoTokenizer
@@ -32,14 +37,18 @@ def test_sample_score_fit(tmp_path):
     assert 1 <= len(first.response_token_ids) <= 12 and first.base_logprob < 0
     # Seeded per (prompt, sample): the three samples of a prompt differ.
     assert len({tuple(s.response_token_ids) for s in samples[:3]}) == 3
+    assert assert_base_topk(samples, k=vocab) == len(samples)
+    assert all(sum(map(math.exp, lps)) == pytest.approx(1, abs=1e-2) for s in samples for _, lps in s.topk)
 
-    # Extending the set: sample 2 of each prompt again, alone in its run, is the same response.
+    # Extending the set: sample 2 of each prompt again, alone in its run, is the same response (with
+    # no top-K recorded, which changes nothing in the sampling).
     more_file = tmp_path / "more.jsonl"
     main(["sample", "--base", str(base), "--prompts", str(tmp_path / "prompts.txt"), "--samples-per-prompt", "1",
           "--first-sample", "2", "--max-tokens", "12", "--dtype", "float32", "--max-model-len", "128",
-          "--out", str(more_file)])
+          "--record-top-k", "0", "--out", str(more_file)])
     more = read_samples(more_file)
     assert [m.response_token_ids for m in more] == [samples[2].response_token_ids, samples[5].response_token_ids]
+    assert all(m.topk is None for m in more)
 
     for path in (samples_file, more_file):
         main(["score", str(path), "--reward", "simple", "--reward", "concise"])
@@ -67,9 +76,26 @@ def test_sample_score_fit(tmp_path):
     assert all(s.policy == {"value_model": "vm", "weights": {"concise": 100.0}, "top_k": 8} for s in steered)
     assert [s.prompt_token_ids for s in steered] == [s.prompt_token_ids for s in samples]
     assert [s.response_token_ids for s in steered] != [s.response_token_ids for s in samples]
+    assert_base_topk(steered, k=20)  # the default K
     with pytest.raises(SystemExit):
         main(["sample", "--base", str(base), "--prompts", str(tmp_path / "prompts.txt"), "--weight", "concise=1",
               "--out", str(tmp_path / "refused.jsonl")])
+
+
+def assert_base_topk(samples, k: int) -> int:
+    """Every step records k candidates, best first, with log-probs of a distribution, and they are
+    the raw base's: in a response whose every sampled token is a candidate, the sampled tokens'
+    log-probs sum to base_logprob. Returns the number of such responses."""
+    for s in samples:
+        assert len(s.topk) == len(s.response_token_ids)
+        for ids, lps in s.topk:
+            assert len(ids) == len(set(ids)) == len(lps) == k and lps == sorted(lps, reverse=True)
+            assert sum(map(math.exp, lps)) <= 1 + 1e-3
+    covered = [s for s in samples if all(y in ids for y, (ids, _) in zip(s.response_token_ids, s.topk))]
+    for s in covered:
+        chosen = sum(lps[ids.index(y)] for y, (ids, lps) in zip(s.response_token_ids, s.topk))
+        assert chosen == pytest.approx(s.base_logprob, abs=1e-3)
+    return len(covered)
 
 
 class _EngineStarted(Exception):

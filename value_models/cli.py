@@ -38,7 +38,7 @@ def _cmd_sample(args) -> None:
     samples = sample(_base_dir(args.base), prompts, samples_per_prompt=args.samples_per_prompt,
                      max_tokens=args.max_tokens, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len,
                      first_sample=args.first_sample, value_model=args.value_model,
-                     weights=dict(args.weight or []), top_k=args.top_k,
+                     weights=dict(args.weight or []), top_k=args.top_k, record_top_k=args.record_top_k,
                      **({"max_num_seqs": args.max_num_seqs} if args.max_num_seqs else {}))
     write_samples(args.out, samples)
     print(f"wrote {len(samples)} samples to {args.out}")
@@ -91,9 +91,10 @@ def _cmd_fit(args) -> None:
                        default_top_k=args.default_top_k, validation_fraction=args.validation_fraction)
     result = fit(samples, config, args.out, states_cache=args.states_cache)
     last = next((c["loss"] for c in reversed(result.curve) if "loss" in c), {})
-    held_out = next((c["validation"] for c in reversed(result.curve) if "validation" in c), None)
+    check = next((c for c in reversed(result.curve) if "validation" in c), {})
     print(f"saved {result.path} after {result.steps} steps; last losses {last}"
-          + (f"; held-out Monte-Carlo return error {held_out}" if held_out else ""))
+          + (f"; held-out Monte-Carlo return error {check['validation']}" if check else "")
+          + (f"; steering proxy corr(S, r) {check['proxy_corr']}" if "proxy_corr" in check else ""))
 
 
 def _cmd_convert_trl(args) -> None:
@@ -165,6 +166,7 @@ def _cmd_eval(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from value_models.sample import DEFAULT_RECORD_TOP_K
     from value_models.train import LR_DECAYS, FitConfig
 
     parser = argparse.ArgumentParser(prog="vas-train", description=__doc__,
@@ -189,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="VAS candidates per step (default: the value model's default_top_k)")
     p.add_argument("--max-num-seqs", type=int, help="requests decoded at once (default: vLLM's; with --value-model "
                                                     "the server's 32)")
+    p.add_argument("--record-top-k", type=int, default=DEFAULT_RECORD_TOP_K,
+                   help="keep each step's top-K base candidates and raw log-probs in the records (`topk`), the data "
+                        "of the steering proxy `fit` reports on its held-out split (default %(default)s; 0: none)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_sample)
 

@@ -4,8 +4,10 @@ Fields: prompt (the user text), prompt_token_ids (chat template applied), respon
 response_token_ids (as sampled, end-of-sequence token included when the model stopped),
 finish_reason, base_logprob (sum of the base's log-probs of the response tokens), vocab_hash
 (of the tokenizer that made the ids, checked before training), policy ({} for the base;
-for VAS-steered samples the value model's directory name, weights and top-K), and after
-`score`, rewards {reward spec: value}.
+for VAS-steered samples the value model's directory name, weights and top-K), topk (per response
+token, the base's top-K candidates at that step as [ids, raw log-probs], best first: the steering
+proxy's data, value_models/proxy.py; null when not recorded, as in files written before it was),
+and after `score`, rewards {reward spec: value}.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Sample:
     vocab_hash: str = ""
     policy: dict = field(default_factory=dict)
     rewards: dict[str, float] = field(default_factory=dict)
+    topk: list[list[list]] | None = None  # per step: [[ids], [log-probs]]
 
 
 def write_samples(path: Path | str, samples: Iterable[Sample]) -> None:

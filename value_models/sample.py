@@ -8,17 +8,26 @@ own seed, so a prompt's responses do not depend on which other prompts share the
 With a value model and weights, the responses come from the VAS-steered policy instead (iterated
 values, docs/TRAINING.md): values fitted to them are the steered policy's, not p0's.
 
+Each record keeps, per response token, the base's top-K candidates and their raw log-probs
+(`record_top_k`, default 20; 0: none): the data of the steering proxy that `fit` reports on its
+held-out split (value_models/proxy.py).
+
 vLLM starts worker processes: scripts that call `sample` need an `if __name__ == "__main__":` guard.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from value_models.records import Sample
 
 SEEDS_PER_PROMPT = 1_000  # seed of sample j of prompt i: seed + i * SEEDS_PER_PROMPT + j
+DEFAULT_RECORD_TOP_K = 20  # the server's default VAS top-K, and vLLM's default max_logprobs
+# Recorded log-probs are rounded: a third of the digits of a float's repr, and p0 stays within a
+# relative 5e-5 of the engine's.
+LOGPROB_DECIMALS = 4
 
 
 def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -31,14 +40,15 @@ def chat_prompt_ids(tokenizer, prompt: str) -> list[int]:
 def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt: int = 1, max_tokens: int = 96,
            seed: int = 0, dtype: str | None = None, max_model_len: int = 1024, first_sample: int = 0,
            value_model: str | None = None, weights: dict[str, float] | None = None, top_k: int | None = None,
-           **engine_overrides) -> list[Sample]:
+           record_top_k: int = DEFAULT_RECORD_TOP_K, **engine_overrides) -> list[Sample]:
     """Samples j = first_sample .. first_sample + samples_per_prompt - 1 of every prompt. A later
     call with a higher `first_sample` extends a data set with new responses to the same prompts
     (each sample's seed depends only on its prompt's index and j). `value_model` and `weights`
     (and optionally `top_k`, else the model's default): sample with VAS at those weights; every
     record's `policy` says so. base_logprob stays the raw base's (vLLM's log-probs are taken
     before logits processors). `dtype` None: the engine's own choice, the one `vas-server serve`
-    makes on this machine (float32 on an x86 CPU that emulates bfloat16); it is printed."""
+    makes on this machine (float32 on an x86 CPU that emulates bfloat16); it is printed.
+    `record_top_k`: each step's top-K raw base candidates kept in the records' `topk` (0: none)."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams, TokensPrompt
 
@@ -51,6 +61,8 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
         raise ValueError(f"sample indices must lie in 0..{SEEDS_PER_PROMPT - 1}")
     if bool(value_model) != bool(weights):
         raise ValueError("steered sampling needs both a value model and weights")
+    if record_top_k < 0:
+        raise ValueError("record_top_k must be >= 0")
     policy = {"value_model": Path(value_model).name, "weights": dict(weights), "top_k": top_k} if value_model else {}
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
     vocab_hash = tokenizer_identity(tokenizer).vocab_hash
@@ -62,6 +74,7 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
     # No chunked prefill: vLLM 0.32 (CPU) fails on a seeded request whose prefill is split
     # ("CPU Generator does not use offset"), and we seed every request.
     engine_overrides.setdefault("enable_chunked_prefill", False)
+    engine_overrides.setdefault("max_logprobs", max_logprobs_for(record_top_k))
     extra = make_extra_args(weights, top_k=top_k) if value_model else None
     vas = VASConfig(value_models={"sample": str(value_model)}) if value_model else None
     if dtype is not None:
@@ -72,10 +85,13 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
     for i, ids in enumerate(prompt_ids):
         for j in range(first_sample, first_sample + samples_per_prompt):
             requests.append(TokensPrompt(prompt_token_ids=ids))
-            # logprobs=0: the log-prob of each sampled token under the raw base distribution.
+            # logprobs=K: the raw base log-probs (before logits processors) of each step's top K and
+            # of the sampled token (K = 0: only the latter, which base_logprob sums).
             params.append(SamplingParams(temperature=1.0, top_p=1.0, max_tokens=max_tokens,
-                                         seed=seed + i * SEEDS_PER_PROMPT + j, logprobs=0, extra_args=extra))
+                                         seed=seed + i * SEEDS_PER_PROMPT + j, logprobs=record_top_k,
+                                         extra_args=extra))
             owners.append(i)
+    start = time.perf_counter()
     outputs = llm.generate(requests, params)
     result = []
     for i, out in zip(owners, outputs):
@@ -83,5 +99,30 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
         result.append(Sample(prompt=prompts[i], prompt_token_ids=list(prompt_ids[i]), response=completion.text,
                              response_token_ids=list(completion.token_ids),
                              finish_reason=str(completion.finish_reason),
-                             base_logprob=completion.cumulative_logprob, vocab_hash=vocab_hash, policy=policy))
+                             base_logprob=completion.cumulative_logprob, vocab_hash=vocab_hash, policy=policy,
+                             topk=_recorded_topk(completion.logprobs, record_top_k)))
+    seconds = time.perf_counter() - start  # sampling and records, without the engine's start
+    tokens = sum(len(s.response_token_ids) for s in result)
+    print(f"vas-train sample: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s, top-K recorded: "
+          f"{record_top_k or 'none'})", file=sys.stderr, flush=True)
     return result
+
+
+def topk_candidates(step, k: int) -> tuple[list[int], list[float]]:
+    """One step's top-k (ids, raw base log-probs), best first, from vLLM's log-probs of the step
+    (which also hold the sampled token, ranked below k when it is no top-k candidate)."""
+    best = sorted((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank <= k)
+    return [t for _, t, _ in best], [lp for _, _, lp in best]
+
+
+def max_logprobs_for(top_k: int) -> int:
+    """vLLM's `max_logprobs` for an engine whose requests ask for the top-K base log-probs of
+    every step: vLLM refuses more than max_logprobs (default 20) per step."""
+    return max(20, top_k)
+
+
+def _recorded_topk(logprobs, k: int) -> list[list[list]] | None:
+    if not k:
+        return None
+    steps = (topk_candidates(step, k) for step in logprobs)
+    return [[ids, [round(lp, LOGPROB_DECIMALS) for lp in lps]] for ids, lps in steps]

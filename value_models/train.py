@@ -35,6 +35,7 @@ from vas_server.core.format import (
 )
 from vas_server.core.heads import ValueHeads
 from vas_server.core.model import save_value_model
+from value_models.proxy import ProxySums
 from value_models.records import Sample, vocab_hash_of
 from value_models.states import gather_states, head_values, make_batch
 from value_models.td import DEFAULT_GAMMA, DEFAULT_LAMBDA, td_lambda_returns, value_loss
@@ -95,8 +96,9 @@ class FitConfig:
     default_top_k: int | None = None
     # Responses held out of training (a seeded choice) to report, before training and after each
     # epoch, an error that does not move with the model's own targets: the Monte-Carlo return
-    # error, mean (v - G)^2 with G the standardised reward itself (λ = 1). Fewer than
-    # MIN_VALIDATION held-out responses: none.
+    # error, mean (v - G)^2 with G the standardised reward itself (λ = 1), and each token head's
+    # steering proxy corr(S, r) (value_models/proxy.py) on the held-out base samples that carry
+    # their top-K candidates. Fewer than MIN_VALIDATION held-out responses: none.
     validation_fraction: float = 0.05
 
     def __post_init__(self):
@@ -113,7 +115,9 @@ class FitConfig:
 class FitResult:
     path: Path
     steps: int
-    curve: list[dict]  # per step: step, epoch, loss per head; per epoch: step, epoch, validation per head
+    # per step: step, epoch, loss per head; per epoch: step, epoch, validation per head and, where
+    # the held-out samples carry top-K candidates, proxy_corr per token head
+    curve: list[dict]
 
 
 def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progress: bool = True,
@@ -177,14 +181,21 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
                      else _trunk_states(trunk, samples + held_out, config, progress, states_cache))
     embed = trunk.embedding()
     held_ids = list(range(len(samples), len(samples) + len(held_out)))
+    proxy_rows = _proxy_rows(held_out)
+    if held_out:
+        _explain_proxy_gaps(heads, held_out, proxy_rows)
 
     def validate(epoch: int) -> None:
         if not held_out or any("validation" in c and c["epoch"] == epoch for c in curve):
             return
-        errors = dict(zip(heads.names, _validation_error(trunk, heads, embed, held_out, rewards[:, held_ids],
-                                                         cached_hidden, held_ids, config)))
-        curve.append({"step": step, "epoch": epoch, "validation": errors})
+        error_list, proxy = _held_out_metrics(trunk, heads, embed, held_out, rewards[:, held_ids], cached_hidden,
+                                              held_ids, proxy_rows, config)
+        errors = dict(zip(heads.names, error_list))
+        curve.append({"step": step, "epoch": epoch, "validation": errors, **({"proxy_corr": proxy} if proxy else {})})
         report = " ".join(f"{k} {v:.4f}" for k, v in errors.items())
+        if proxy:
+            report += (f"; steering proxy corr(S, r) on {len(proxy_rows)} of them: "
+                       + " ".join(f"{k} {v:.3f}" for k, v in proxy.items()))
         tqdm.write(f"fit: held-out Monte-Carlo return error ({len(held_out)} responses) "
                    f"{'before training' if epoch < 0 else f'after epoch {epoch + 1}'}: {report}")
         before = next((c["validation"] for c in reversed(curve[:-1]) if "validation" in c), None)
@@ -244,27 +255,90 @@ def _training_stats(raw_rewards: torch.Tensor, heads: list[HeadPlan]) -> tuple[t
 
 
 def _last_validation(curve: list[dict]) -> dict:
-    last = next((c["validation"] for c in reversed(curve) if "validation" in c), None)
-    return {"held_out": f"{sum(last.values()):.4f}"} if last else {}
+    last = next((c for c in reversed(curve) if "validation" in c), None)
+    if last is None:
+        return {}
+    postfix = {"held_out": f"{sum(last['validation'].values()):.4f}"}
+    if "proxy_corr" in last:
+        postfix["proxy"] = " ".join(f"{k} {v:.3f}" for k, v in last["proxy_corr"].items())
+    return postfix
+
+
+def _proxy_rows(held_out: list[Sample]) -> list[int]:
+    """The held-out samples the steering proxy scores: base samples (its expectations are under
+    the base policy p0, and a steered sample is not drawn from it) that carry their top-K candidates."""
+    rows = [i for i, s in enumerate(held_out) if s.topk is not None and not s.policy]
+    uneven = sum(1 for i in rows if len(held_out[i].topk) != len(held_out[i].response_token_ids))
+    if uneven:
+        raise ValueError(f"{uneven} samples carry top-K candidates for a number of steps other than their "
+                         "response's length")
+    return rows
+
+
+def _explain_proxy_gaps(heads: ValueHeads, held_out: list[Sample], proxy_rows: list[int]) -> None:
+    """Say once which heads get no steering proxy, and why."""
+    if heads.state_names:
+        # A state head's candidate values V(s + a) need one trunk position per candidate; the
+        # training states hold only the sampled token's.
+        tqdm.write(f"fit: the steering proxy is reported for token heads only, not for {', '.join(heads.state_names)}")
+    if heads.token_names and not proxy_rows:
+        tqdm.write(f"fit: none of the {len(held_out)} held-out responses is a base sample with top-K candidates "
+                   "(sampled before `vas-train sample` recorded them, with --record-top-k 0, or steered): "
+                   "no steering proxy")
 
 
 @torch.no_grad()
-def _validation_error(trunk: TrainingTrunk, heads: ValueHeads, embed, samples: list[Sample], rewards: torch.Tensor,
-                      cached_hidden, ids: list[int], config: FitConfig) -> list[float]:
+def _held_out_metrics(trunk: TrainingTrunk, heads: ValueHeads, embed, samples: list[Sample], rewards: torch.Tensor,
+                      cached_hidden, ids: list[int], proxy_rows: list[int],
+                      config: FitConfig) -> tuple[list[float], dict[str, float]]:
     """Per head: mean (v - G)^2 over the held-out responses' states, G their Monte-Carlo return
-    (td_lambda_returns with λ = 1: the discounted standardised reward, whatever the values)."""
+    (td_lambda_returns with λ = 1: the discounted standardised reward, whatever the values). Per
+    token head: the steering proxy's corr(S, r) over the held-out samples `proxy_rows` ({} when
+    there are none), from the same trunk states."""
     sums = torch.zeros(len(heads.names), dtype=torch.float64)
     count = 0
+    proxy = ProxySums(len(proxy_rows), len(heads.token_names)) if proxy_rows and heads.token_names else None
+    proxy_index = {row: n for n, row in enumerate(proxy_rows)}
+    # Candidates per step: the fewest any scored step has (all steps of a sampling run have K).
+    k = min((len(step_ids) for row in proxy_rows for step_ids, _ in samples[row].topk), default=0)
     for start in range(0, len(samples), config.batch_size):
         chunk, chunk_ids = samples[start:start + config.batch_size], ids[start:start + config.batch_size]
         batch = make_batch([s.prompt_token_ids for s in chunk], [s.response_token_ids for s in chunk])
-        values = head_values(heads, _states(trunk, batch, cached_hidden, chunk_ids), embed, batch.next_tokens)
+        state_hidden = _states(trunk, batch, cached_hidden, chunk_ids)
+        values = head_values(heads, state_hidden, embed, batch.next_tokens)
         for h in range(values.shape[0]):
             returns = td_lambda_returns(values[h], rewards[h, start:start + len(chunk)], batch.lengths, lam=1.0,
                                         gamma=config.gamma)
             sums[h] += ((values[h] - returns) ** 2)[batch.mask].double().sum()
         count += int(batch.mask.sum())
-    return (sums / count).tolist()
+        if proxy is not None:
+            _add_proxy_steps(proxy, heads, embed, state_hidden, batch.next_tokens, chunk,
+                             [proxy_index.get(start + b) for b in range(len(chunk))], k)
+    if proxy is None:
+        return (sums / count).tolist(), {}
+    token_rewards = rewards[len(heads.state_names):, proxy_rows]  # heads are ordered state-first
+    return (sums / count).tolist(), {name: proxy.corr(j, token_rewards[j]) for j, name in enumerate(heads.token_names)}
+
+
+def _add_proxy_steps(proxy: ProxySums, heads: ValueHeads, embed, state_hidden: torch.Tensor,
+                     next_tokens: torch.Tensor, chunk: list[Sample], proxy_ids: list[int | None], k: int) -> None:
+    """Add to `proxy` every step of the chunk's samples that have a proxy index (proxy_ids[b]):
+    the token heads' values at the step's first k top-K candidates, read at the step's trunk state
+    as the server reads them."""
+    where, candidates, logp0 = [], [], []
+    for b, (sample, row) in enumerate(zip(chunk, proxy_ids)):
+        if row is None:
+            continue
+        for t, (ids, lps) in enumerate(sample.topk):
+            where.append((b, t, row))
+            candidates.append(ids[:k])
+            logp0.append(lps[:k])
+    if not where:
+        return
+    b, t, rows = torch.tensor(where).T
+    candidates = torch.tensor(candidates)
+    values = heads.token_values(state_hidden[b, t], embed, candidates)  # [n_token, steps, k]
+    proxy.add(rows, values.permute(1, 0, 2), candidates, torch.tensor(logp0, dtype=torch.float64), next_tokens[b, t])
 
 
 def _train_batch(trunk: TrainingTrunk, heads: ValueHeads, optimizer, embed, batch_samples, batch_rewards,

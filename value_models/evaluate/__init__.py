@@ -29,10 +29,11 @@ vLLM starts worker processes: scripts that call `evaluate` need an `if __name__ 
 
 from value_models.evaluate.config import DEFAULT_BON, DEFAULT_GRID_WEIGHTS, DEFAULT_WEIGHTS, EvalConfig
 from value_models.evaluate.driver import evaluate, head_rewards
-from value_models.evaluate.generation import Generation, GenerationCache, generate, max_logprobs_for
+from value_models.evaluate.generation import Generation, GenerationCache, generate
 from value_models.evaluate.kl import replay_steps, vas_kl
 from value_models.evaluate.plots import plot
 from value_models.evaluate.report import markdown, quality_checks, write_report
+from value_models.sample import max_logprobs_for
 
 __all__ = ["DEFAULT_BON", "DEFAULT_GRID_WEIGHTS", "DEFAULT_WEIGHTS", "EvalConfig", "Generation", "GenerationCache",
            "evaluate", "generate", "head_rewards", "markdown", "max_logprobs_for", "plot", "quality_checks",

@@ -12,10 +12,10 @@ from typing import Callable
 import torch
 
 from value_models.evaluate.config import EvalConfig, setting_key, setting_label
-from value_models.evaluate.generation import Generation, GenerationCache, generate, max_logprobs_for
+from value_models.evaluate.generation import Generation, GenerationCache, generate
 from value_models.evaluate.kl import vas_kl
 from value_models.evaluate.report import bon_summary, examples, quality_checks, run_summary, write_report
-from value_models.sample import chat_prompt_ids
+from value_models.sample import chat_prompt_ids, max_logprobs_for
 
 
 def head_rewards(value_model_dir: Path | str) -> dict[str, str]:

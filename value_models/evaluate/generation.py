@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from value_models.evaluate.config import EvalConfig
-from value_models.sample import SEEDS_PER_PROMPT
+from value_models.sample import SEEDS_PER_PROMPT, topk_candidates
 
 
 @dataclass
@@ -53,18 +53,8 @@ def generate(llm, prompt_ids: list[list[int]], *, n: int | list[int], seed: int,
         token_ids.append(list(c.token_ids))
         texts.append(c.text)
         if keep_topk:
-            steps = []
-            for step in c.logprobs:
-                best = sorted(((lp.rank, t, lp.logprob) for t, lp in step.items() if lp.rank <= top_k))
-                steps.append(([t for _, t, _ in best], [lp for _, _, lp in best]))
-            topk.append(steps)
+            topk.append([topk_candidates(step, top_k) for step in c.logprobs])
     return Generation(token_ids, texts, topk, seconds)
-
-
-def max_logprobs_for(top_k: int) -> int:
-    """vLLM's `max_logprobs` for an engine whose runs keep the top-K base log-probs of every step
-    (the KL needs every candidate's): vLLM refuses more than max_logprobs (default 20) per step."""
-    return max(20, top_k)
 
 
 class GenerationCache:
