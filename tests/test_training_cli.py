@@ -125,3 +125,17 @@ def test_sample_takes_the_dtype_vas_server_would(tiny_base, monkeypatch, given, 
     with pytest.raises(_EngineStarted):
         sample(tiny_base, ["Hello"], max_tokens=4, max_model_len=64, dtype=given)
     assert seen.get("dtype") == want
+
+
+@pytest.mark.parametrize("text, name, kind, reward", [
+    ("food:token:mymodule:food_words", "food", "token", "mymodule:food_words"),
+    ("tox:state:hf:C:/models/classifier", "tox", "state", "hf:C:/models/classifier"),
+    ("positive:token", "positive", "token", "positive"),
+])
+def test_fit_head_keeps_the_colons_of_its_reward(text, name, kind, reward):
+    """`fit --head NAME:KIND:REWARD` with the documented `module:function` and `hf:<dir>` rewards
+    (a path may hold colons itself): only the first two colons separate."""
+    from value_models.cli import _parse_head
+
+    plan = _parse_head(text)
+    assert (plan.name, plan.kind, plan.reward) == (name, kind, reward)
