@@ -11,14 +11,15 @@ Per engine step, for each value-model trunk that at least one row needs:
     one token) followed by its K candidates as siblings;
   * a committed token attends causally to the row's cache; a candidate attends to the row's
     cache, the row's new tokens and itself, never to its siblings (docs/VAS_RULE.md §1.2: V(s + [a]));
-  * only committed tokens are written to the cache; candidates are discarded after the step;
+  * committed tokens are written to the cache for good; the candidates' keys go to scratch past
+    them (positions len(s) + c) and are overwritten by the next step's tokens;
   * state heads read the candidates' final hidden states, token heads the last committed one.
 
 Invariants:
   * `cached[t, slot]` = number of committed tokens of the slot's request in trunk t's cache; the
     cache rows [0, cached) hold exactly the trunk's K/V for those tokens at those positions.
   * `last_hidden[slot]` is the trunk's final hidden state at the last committed token.
-  * All cache memory is allocated once in __init__ (sized by max_requests x max_len); a slot is
+  * All cache memory is allocated once in __init__ (max_requests x (max_len + MAX_CANDIDATES)); a slot is
     taken by `allocate` and given back by `release`; nothing grows per request.
 """
 
@@ -30,6 +31,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from vas_server.core.format import TOP_K_RANGE
 from vas_server.core.heads import ValueHeads
 from vas_server.core.model import ValueModel
 
@@ -56,6 +58,8 @@ class ScoredRequest:
     token_slot: int | None = None
     length: int | None = None
 
+
+MAX_CANDIDATES = TOP_K_RANGE[1]  # the most candidates a row scores in one step
 
 # new_tokens(rows, cached) -> (the rows' committed tokens from index cached[b] on, concatenated,
 # as a long tensor on the runtime's device; their counts). Where the tokens live differs by vLLM
@@ -95,7 +99,9 @@ class TrunkScorer:
         self.heads = model.heads
         c = self.trunk.config
         self.max_len = max_len
-        shape = (c.num_layers, max_requests, max_len, c.num_kv_heads, c.head_dim)
+        # Each slot's row: max_len committed tokens, then scratch for one step's candidates (_forward).
+        self.row_len = max_len + MAX_CANDIDATES
+        shape = (c.num_layers, max_requests, self.row_len, c.num_kv_heads, c.head_dim)
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
         self.cached = [0] * max_requests  # host-side: read by Python every step, never synced
@@ -142,36 +148,43 @@ class TrunkScorer:
 
     def _forward(self, slot_list, cached_list, n_list, new_tokens, candidates, Kc: int, Lq: int):
         """One trunk forward over all rows; returns the candidates' state values [B, Kc, n_state].
-        Masks and indices are built on the host and copied once, so no step syncs the device."""
+
+        Every key of the step goes into the slot's cache row before attention: a committed token
+        at its position, candidate c at position len(s) + c, scratch past the committed tokens
+        that the next step's tokens overwrite (so a row is max_len + MAX_CANDIDATES long). Then
+        one gather of the rows' caches is every key a query may see, and the mask is built on the
+        device from two small tensors. Index tensors are built on the host and copied once, so no
+        step syncs the device."""
         device = self.cache_k.device
         B = len(slot_list)
         slots_cpu = torch.tensor(slot_list)
         cached, n = torch.tensor(cached_list), torch.tensor(n_list)
         idx = torch.arange(Lq)[None, :]
         n_col = n[:, None]
+        length = (cached + n)[:, None]  # len(s)
         committed = idx < n_col  # [B, Lq]
         is_cand = (idx >= n_col) & (idx < n_col + Kc)
+        written = committed | is_cand
         committed_flat = committed.reshape(-1).nonzero().squeeze(1)  # host: positions in [B * Lq]
         cand_flat = is_cand.reshape(-1).nonzero().squeeze(1)
-        # Candidates all sit at position len(s) = cached + n: siblings share one position.
+        written_flat = written.reshape(-1).nonzero().squeeze(1)
+        # Candidates all sit at position len(s) = cached + n: siblings share one rotary position.
         positions = cached[:, None] + torch.minimum(idx, n_col)
-        Lk = int((cached + n).max())
-
-        # Attention mask over [cache columns 0..Lk) ++ [this step's query columns 0..Lq).
-        col = torch.arange(Lk)[None, None, :]
-        limit = torch.where(committed, positions + 1, positions)  # committed: causal; candidate: s only
-        cache_part = col < limit[:, :, None]
-        own = torch.eye(Lq, dtype=torch.bool)[None] & is_cand[:, :, None]  # a candidate sees itself
-        mask = torch.cat([cache_part, own], dim=2)
-        mask[~(committed | is_cand)] = False
-        mask[~(committed | is_cand), 0] = True  # padding queries: any valid column, output unused
-        flat_rows = slots_cpu[:, None].expand(B, Lq)[committed]
-        write_index = flat_rows * self.max_len + positions[committed]
+        key_slot = torch.where(committed, positions, length + (idx - n_col))  # where each key is written
+        write_index = slots_cpu[:, None].expand(B, Lq)[written] * self.row_len + key_slot[written]
+        Lk = int((length + Kc).max())
+        # Key j is visible to a committed query iff j <= its position (causal), to candidate c iff
+        # j < len(s) or j is its own key (never a sibling), to a padding query iff j == 0 (any
+        # valid column; its output is unused).
+        limit = torch.where(committed, positions, torch.where(is_cand, length - 1, 0))
+        own = torch.where(is_cand, key_slot, -1)
         has_new = (n > 0).nonzero().squeeze(1)
         last = (n - 1).clamp(min=0)
-        (mask, write_index, committed_dev, cand_dev, positions_dev, slots, has_new_dev, last_dev) = (
-            to_device(t, device) for t in (mask[:, None], write_index, committed_flat, cand_flat, positions,
-                                           slots_cpu, has_new, last))
+        (limit, own, write_index, committed_dev, cand_dev, written_dev, positions_dev, slots, has_new_dev,
+         last_dev) = (to_device(t, device) for t in (limit, own, write_index, committed_flat, cand_flat,
+                                                     written_flat, positions, slots_cpu, has_new, last))
+        column = torch.arange(Lk, device=device)
+        mask = ((column <= limit[:, :, None]) | (column == own[:, :, None]))[:, None]  # [B, 1, Lq, Lk]
 
         tokens = torch.zeros(B * Lq, dtype=torch.long, device=device)
         tokens.index_copy_(0, committed_dev, new_tokens)
@@ -182,13 +195,13 @@ class TrunkScorer:
         cache_v = self.cache_v.view(c.num_layers, -1, c.num_kv_heads, c.head_dim)
 
         def attend(layer: int, q, k, v):
-            # k, v: [B, kvh, Lq, d]; write committed entries into the cache, then attend.
+            # k, v: [B, kvh, Lq, d]; write this step's keys into the cache rows, then attend.
             k_rows = k.transpose(1, 2).reshape(B * Lq, c.num_kv_heads, c.head_dim)
             v_rows = v.transpose(1, 2).reshape(B * Lq, c.num_kv_heads, c.head_dim)
-            cache_k[layer].index_copy_(0, write_index, k_rows.index_select(0, committed_dev))
-            cache_v[layer].index_copy_(0, write_index, v_rows.index_select(0, committed_dev))
-            keys = torch.cat([self.cache_k[layer, slots, :Lk].transpose(1, 2), k], dim=2)
-            values = torch.cat([self.cache_v[layer, slots, :Lk].transpose(1, 2), v], dim=2)
+            cache_k[layer].index_copy_(0, write_index, k_rows.index_select(0, written_dev))
+            cache_v[layer].index_copy_(0, write_index, v_rows.index_select(0, written_dev))
+            keys = self.cache_k[layer, slots, :Lk].transpose(1, 2)
+            values = self.cache_v[layer, slots, :Lk].transpose(1, 2)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                  enable_gqa=q.shape[1] != k.shape[1])
             return out.transpose(1, 2).reshape(B, Lq, -1)
