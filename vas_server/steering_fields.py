@@ -28,13 +28,11 @@ STEERABLE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "
 REPORTING_PATHS = ("/v1/completions", "/v1/chat/completions", "/invocations")  # answers that gain `vas`
 
 
-async def steer(app, server: ServerView, path: str, payload, body: bytes, scope: Scope, receive: Receive,
+async def steer(app, server: ServerView, path: str, payload: dict, body: bytes, scope: Scope, receive: Receive,
                 send: Send) -> None:
-    """A generation request (its body already guarded): a `model` no served name, adapter or
-    preset is a 404; invalid steering a 400; else vLLM answers the rewritten request, its answer
-    rewritten on the way out (AnswerRewrite)."""
-    if not isinstance(payload, dict):  # vLLM answers it (a 400)
-        return await app(scope, replay(body, receive), send)
+    """A generation request whose body the guard passed (so `payload` is its JSON object): a
+    `model` no served name, adapter or preset is a 404; invalid steering a 400; else vLLM answers
+    the rewritten request, its answer rewritten on the way out (AnswerRewrite)."""
     missing = server.unknown_model(payload.get("model"))
     if missing:
         return await send_error(send, 404, missing, "model", "NotFoundError")
