@@ -101,6 +101,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                      help="largest accepted HTTP request body; larger ones get a 413 (default: 8 MiB)")
     vas.add_argument("--max-sequences-per-request", type=int, default=None,
                      help="most sequences one request may queue (prompts x n); more get a 422 (default: 128)")
+    remote = serve.add_argument_group("VAS over a remote base", "the base runs behind an OpenAI-compatible API "
+                                      "(a vLLM server); MODEL is a local copy of its tokenizer and config")
+    remote.add_argument("--remote-base", default=None, metavar="URL",
+                        help="the upstream's /v1 URL, e.g. http://host:8000/v1 (its key, if any, in "
+                             "$VAS_REMOTE_API_KEY); it must return token log-probs (vLLM: --max-logprobs 256)")
+    remote.add_argument("--remote-model", default=None, help="the model name the upstream serves (default: "
+                                                             "--served-model-name, else MODEL)")
+    remote.add_argument("--remote-timeout", type=float, default=30.0,
+                        help="seconds one upstream call may take before the request fails (default: 30)")
     return parser, serve
 
 
@@ -212,6 +221,13 @@ def serve(args: argparse.Namespace, defaults: argparse.Namespace, given: dict[st
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
     announce_when_ready(args, list(vas.read_heads()), list(vas.presets))
+    if args.remote_base:
+        import uvloop
+
+        from vas_server.remote import serve_remote
+
+        uvloop.run(serve_remote(args, vas))
+        return
     ServeSubcommand.cmd(args)
 
 

@@ -1,0 +1,72 @@
+"""`vas-server serve --remote-base URL`: vLLM's own OpenAI server on an engine whose base model runs
+elsewhere (vas_server.remote_core). The local model directory gives the tokenizer, the chat
+template and the config (and, for a `base_prefix` value model, its first layers); every value
+model runs on the separate runtime, since no hidden state comes over HTTP.
+
+vLLM's `AsyncLLM` is built as usual, except that its engine core is a RemoteEngineCore, and vLLM's
+`build_and_serve` serves it: routes, chat templates, streaming, errors and the middleware are
+those of `vas-server serve`.
+"""
+
+from __future__ import annotations
+
+import os
+from argparse import Namespace
+
+import torch
+
+from vas_server.config import VASConfig
+from vas_server.remote_core import RemoteEngineCore, Upstream
+
+API_KEY_ENV = "VAS_REMOTE_API_KEY"  # the upstream's key, if it wants one
+
+
+def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream):
+    """vLLM's AsyncLLM for `vllm_config`, its engine core a RemoteEngineCore on `upstream`."""
+    from transformers import AutoTokenizer
+    from vllm.v1.engine import core_client
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from vas_server.core.format import DEFAULT_TOP_K, tokenizer_identity
+    from vas_server.core.model import load_value_model
+    from vas_server.core.value_runtime import ValueRuntime
+
+    model_config = vllm_config.model_config
+    base_dir = model_config.model
+    tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or base_dir)
+    dtype = model_config.dtype if vas.dtype == "auto" else getattr(torch, vas.dtype)
+    models = [load_value_model(path, base_dir, name=name, base_tokenizer=tokenizer_identity(tokenizer),
+                               base_model_name=base_dir, dtype=dtype)
+              for name, path in vas.value_models.items()]
+    heads = vas.read_heads()
+    declared = [h.default_top_k for h in heads.values() if h.default_top_k is not None]
+    default_top_k = vas.default_top_k or max(declared, default=DEFAULT_TOP_K)
+    runtime = ValueRuntime(models, vas.max_requests or vllm_config.scheduler_config.max_num_seqs,
+                           model_config.max_model_len, "cpu", dtype)
+    core = RemoteEngineCore(upstream, runtime, default_top_k, tokenizer.eos_token_id)
+    make_client = core_client.EngineCoreClient.make_async_mp_client
+    core_client.EngineCoreClient.make_async_mp_client = staticmethod(lambda *args, **kwargs: core)
+    try:
+        return AsyncLLM(vllm_config=vllm_config, executor_class=None, log_stats=False)
+    finally:
+        core_client.EngineCoreClient.make_async_mp_client = make_client
+
+
+async def serve_remote(args: Namespace, vas: VASConfig) -> None:
+    """Serve `args` (vLLM's serve arguments, configured by vas_server.cli) on the remote base."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.api_server.entry import build_and_serve
+    from vllm.entrypoints.launchers.launcher import setup_server
+    from vllm.usage.usage_lib import UsageContext
+
+    upstream = Upstream(args.remote_base, args.remote_model or (args.served_model_name or [args.model])[0],
+                        api_key=os.environ.get(API_KEY_ENV), timeout_s=args.remote_timeout)
+    vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(UsageContext.OPENAI_API_SERVER)
+    engine = remote_async_llm(vllm_config, vas, upstream)
+    listen_address, sock = setup_server(args, reuse_port=False)
+    try:
+        shutdown = await build_and_serve(engine, listen_address, sock, args)
+        await shutdown
+    finally:
+        engine.shutdown()
+        sock.close()
