@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import httpx
 import torch
 
+from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, FinishReason
 
 from vas_server.core import rule
@@ -111,6 +112,9 @@ class RemoteEngineCore:
         return ("generate",)
 
     async def add_request_async(self, request: EngineCoreRequest) -> None:
+        problem = unsupported(request.sampling_params)
+        if problem:
+            raise VLLMValidationError(f"remote-base mode: {problem}")
         self.loops[request.request_id] = asyncio.get_running_loop().create_task(self._decode(request))
 
     async def abort_requests_async(self, request_ids: list[str]) -> None:
@@ -134,6 +138,7 @@ class RemoteEngineCore:
         steering = VASRequest.decode(params.extra_args)
         weights = steering.weights if steering is not None else {}
         top_k = (steering.top_k if steering is not None and steering.top_k else None) or self.default_top_k
+        restrict = bool(steering is not None and steering.restrict_to_top_k)
         stop_ids = set(params.all_stop_token_ids or ()) | (
             {self.eos_token_id} if self.eos_token_id is not None and not params.ignore_eos else set())
         generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed() % 2**31)
@@ -143,7 +148,7 @@ class RemoteEngineCore:
         weight_vector = rule.weight_vector(weights, self.runtime.head_index)[None]
         try:
             for step in range(params.max_tokens):
-                token = await self._next_token(row, weight_vector, heads, top_k, params, generator)
+                token = await self._next_token(row, weight_vector, heads, top_k, restrict, params, generator)
                 row.outputs.append(token)
                 finished = None
                 if token in stop_ids and len(row.outputs) > params.min_tokens:
@@ -163,7 +168,7 @@ class RemoteEngineCore:
             self.runtime.release(slot)
 
     async def _next_token(self, row: ScoredRequest, weight_vector: torch.Tensor, heads: frozenset[int],
-                          top_k: int, params, generator: torch.Generator) -> int:
+                          top_k: int, restrict: bool, params, generator: torch.Generator) -> int:
         context = row.prompt + row.outputs
         greedy = params.temperature == 0
         _, top = await self.upstream.next_token_logprobs(context, top_k, seed=_step_seed(generator))
@@ -175,7 +180,6 @@ class RemoteEngineCore:
             valid = torch.ones_like(candidates, dtype=torch.bool)
             steered += rule.bonus(values, weight_vector, valid).double()
         tail_mass = max(0.0, 1.0 - float(base.exp().sum()))
-        restrict = steering_restricts(params)
         if greedy:
             best = int(steered.argmax())
             if restrict or tail_mass <= 0 or float(steered[0, best]) >= float(base.min()):
@@ -183,7 +187,10 @@ class RemoteEngineCore:
             tail_token, tail_top = await self.upstream.next_token_logprobs(
                 context, 1, temperature=0, banned=candidates[0].tolist())
             return tail_token if tail_top and tail_top[0][1] > float(steered[0, best]) else int(candidates[0, best])
-        weights = torch.cat([steered[0].exp(), torch.tensor([0.0 if restrict else tail_mass], dtype=torch.float64)])
+        # At temperature T the candidates weigh exp(l'/T); only T = 1 knows the tail's weight
+        # (`unsupported` refuses other temperatures unless the tail is excluded).
+        candidate_weights = (steered[0] / params.temperature).exp()
+        weights = torch.cat([candidate_weights, torch.tensor([0.0 if restrict else tail_mass], dtype=torch.float64)])
         choice = int(torch.multinomial(weights / weights.sum(), 1, generator=generator))
         if choice < candidates.shape[1]:
             return int(candidates[0, choice])
@@ -193,9 +200,23 @@ class RemoteEngineCore:
         return tail_token
 
 
-def steering_restricts(params) -> bool:
+def unsupported(params) -> str | None:
+    """Why the remote token loop cannot serve these sampling parameters exactly; None if it can.
+    The upstream gives the base's top-K log-probs at temperature 1, so the tail's weight is known
+    at temperature 1 only; vLLM's other sampling controls are not applied by the loop yet."""
     steering = VASRequest.decode(params.extra_args)
-    return bool(steering is not None and steering.restrict_to_top_k)
+    restrict = bool(steering is not None and steering.restrict_to_top_k)
+    if params.temperature not in (0.0, 1.0) and not restrict:
+        return ("temperature must be 0 or 1 (the upstream's top-K log-probs give the rest of the vocabulary's "
+                "weight at temperature 1 only), or set vas_restrict_to_top_k")
+    if params.top_p < 1 or params.top_k not in (0, -1, None) or params.min_p > 0:
+        return "top_p, top_k and min_p are not supported yet"
+    if (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1
+            or params.logit_bias or params.allowed_token_ids or params.bad_words):
+        return "penalties, logit_bias, allowed_token_ids and bad_words are not supported yet"
+    if params.logprobs is not None or params.prompt_logprobs is not None:
+        return "logprobs are not supported yet"
+    return None
 
 
 def _step_seed(generator: torch.Generator) -> int:
