@@ -27,7 +27,7 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream):
     from vllm.v1.engine import core_client
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from vas_server.core.format import DEFAULT_TOP_K, tokenizer_identity
+    from vas_server.core.format import tokenizer_identity
     from vas_server.core.model import load_value_model
     from vas_server.core.value_runtime import ValueRuntime
 
@@ -38,12 +38,9 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream):
     models = [load_value_model(path, base_dir, name=name, base_tokenizer=tokenizer_identity(tokenizer),
                                base_model_name=base_dir, dtype=dtype)
               for name, path in vas.value_models.items()]
-    heads = vas.read_heads()
-    declared = [h.default_top_k for h in heads.values() if h.default_top_k is not None]
-    default_top_k = vas.default_top_k or max(declared, default=DEFAULT_TOP_K)
     runtime = ValueRuntime(models, vas.max_requests or vllm_config.scheduler_config.max_num_seqs,
                            model_config.max_model_len, "cpu", dtype)
-    core = RemoteEngineCore(upstream, runtime, default_top_k, tokenizer.eos_token_id)
+    core = RemoteEngineCore(upstream, runtime, vas, tokenizer.eos_token_id)
     make_client = core_client.EngineCoreClient.make_async_mp_client
     core_client.EngineCoreClient.make_async_mp_client = staticmethod(lambda *args, **kwargs: core)
     try:

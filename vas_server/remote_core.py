@@ -31,6 +31,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, FinishReason
 
 from vas_server.core import rule
+from vas_server.config import VASConfig
 from vas_server.core.value_runtime import ScoredRequest, ValueRuntime
 from vas_server.params import VASRequest
 
@@ -97,10 +98,11 @@ def _token_id(token: str) -> int:
 class RemoteEngineCore:
     """The engine core AsyncLLM talks to, decoding every request against `upstream`."""
 
-    def __init__(self, upstream: Upstream, runtime: ValueRuntime, default_top_k: int, eos_token_id: int | None):
+    def __init__(self, upstream: Upstream, runtime: ValueRuntime, config: VASConfig, eos_token_id: int | None):
         self.upstream = upstream
         self.runtime = runtime
-        self.default_top_k = default_top_k
+        self.config = config
+        self.heads = config.read_heads()
         self.eos_token_id = eos_token_id
         self.outputs: asyncio.Queue[EngineCoreOutput] = asyncio.Queue()
         self.loops: dict[str, asyncio.Task] = {}
@@ -135,10 +137,9 @@ class RemoteEngineCore:
 
     async def _decode(self, request: EngineCoreRequest) -> None:
         params = request.sampling_params
-        steering = VASRequest.decode(params.extra_args)
-        weights = steering.weights if steering is not None else {}
-        top_k = (steering.top_k if steering is not None and steering.top_k else None) or self.default_top_k
-        restrict = bool(steering is not None and steering.restrict_to_top_k)
+        steering = VASRequest.decode(params.extra_args) or VASRequest({})
+        weights, restrict = steering.weights, steering.restrict_to_top_k
+        top_k = self.config.top_k_for(steering, self.heads)  # unsteered too: the candidates of an exact draw
         stop_ids = set(params.all_stop_token_ids or ()) | (
             {self.eos_token_id} if self.eos_token_id is not None and not params.ignore_eos else set())
         generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed() % 2**31)
