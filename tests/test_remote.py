@@ -101,27 +101,36 @@ def prompt_ids(base_dir):
 
 
 @pytest.fixture(scope="module")
-def in_process_greedy(base_dir, prompt_ids):
-    """In-process VAS's greedy tokens for every (case, prompt)."""
-    from vllm import LLM, SamplingParams
+def in_process(base_dir):
+    """In-process VAS on the same base and value model (the shared path), float32."""
+    from vllm import LLM
 
     from vas_server.cli import demo_value_models
     from vas_server.config import VASConfig
     from vas_server.engine import engine_kwargs
-    from vas_server.params import make_extra_args
 
     llm = LLM(**engine_kwargs(base_dir, VASConfig(value_models=demo_value_models()), dtype="float32",
                               max_model_len=MAX_MODEL_LEN, seed=0))
-    try:
-        params = [SamplingParams(temperature=0, max_tokens=TOKENS,
-                                 extra_args=make_extra_args(w, top_k=k, restrict_to_top_k=r) if w else None)
-                  for w, k, r in CASES for _ in prompt_ids]
-        outputs = llm.generate([{"prompt_token_ids": ids} for _ in CASES for ids in prompt_ids], params,
-                               use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outputs]
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _in_process_tokens(llm, prompts: list[list[int]], params) -> list[list[int]]:
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def in_process_greedy(in_process, prompt_ids):
+    """In-process VAS's greedy tokens for every (case, prompt)."""
+    from vllm import SamplingParams
+
+    from vas_server.params import make_extra_args
+
+    params = [SamplingParams(temperature=0, max_tokens=TOKENS,
+                             extra_args=make_extra_args(w, top_k=k, restrict_to_top_k=r) if w else None)
+              for w, k, r in CASES for _ in prompt_ids]
+    return _in_process_tokens(in_process, [ids for _ in CASES for ids in prompt_ids], params)
 
 
 def _steering(weights, top_k, restrict) -> dict:
@@ -146,6 +155,66 @@ def test_remote_greedy_tokens_equal_in_process_vas(remote, prompt_ids, in_proces
     mismatches = [(CASES[i // len(prompt_ids)], g, w) for i, (g, w) in enumerate(zip(got, in_process_greedy)) if g != w]
     assert not mismatches, mismatches
     assert got[0] != got[2 * len(prompt_ids)], "positive 4 changed nothing"
+
+
+def chi_square_p(a: list[int], b: list[int]) -> tuple[float, int]:
+    """Two-sample chi-square test that `a` and `b` (token draws) come from one distribution: (p, df).
+    Tokens expected fewer than 5 times in either sample share one bin."""
+    import collections
+
+    import torch
+
+    ca, cb = collections.Counter(a), collections.Counter(b)
+    na, nb = len(a), len(b)
+    bins: dict = collections.defaultdict(lambda: [0, 0])
+    for token in set(ca) | set(cb):
+        total = ca[token] + cb[token]
+        key = token if min(total * na, total * nb) / (na + nb) >= 5 else "rare"
+        bins[key][0] += ca[token]
+        bins[key][1] += cb[token]
+    chi2 = 0.0
+    for x, y in bins.values():
+        total = x + y
+        for observed, n in ((x, na), (y, nb)):
+            expected = total * n / (na + nb)
+            chi2 += (observed - expected) ** 2 / expected
+    df = len(bins) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                          torch.tensor(chi2 / 2, dtype=torch.float64))), df
+
+
+def test_remote_sampling_matches_in_process_including_the_tail(remote, in_process, prompt_ids):
+    """Temperature 1, K = 5: most of the mass lies outside the candidates, so the remote loop draws
+    from the base's tail (its second upstream call) about as often as from the candidates. The
+    first tokens of 400 draws each must pass a chi-square test of one distribution."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm import SamplingParams
+
+    from vas_server.params import make_extra_args
+
+    draws, steering = 400, {"positive": 3.0}
+
+    def remote_draw(seed: int) -> int:
+        answer = remote.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt_ids[1], max_tokens=1,
+                                           temperature=1.0, seed=seed,
+                                           extra_body={"return_token_ids": True, "vas_weights": steering,
+                                                       "vas_top_k": 5})
+        return answer.choices[0].token_ids[0]
+
+    with ThreadPoolExecutor(8) as pool:
+        remote_tokens = list(pool.map(remote_draw, range(draws)))
+    params = [SamplingParams(temperature=1.0, max_tokens=1, seed=10_000 + s,
+                             extra_args=make_extra_args(steering, top_k=5)) for s in range(draws)]
+    local_tokens = [t[0] for t in _in_process_tokens(in_process, [prompt_ids[1]] * draws, params)]
+    base = in_process.generate([{"prompt_token_ids": prompt_ids[1]}],
+                               SamplingParams(temperature=0, max_tokens=1, logprobs=5), use_tqdm=False)
+    candidates = set(base[0].outputs[0].logprobs[0])  # the base's top 5 (raw log-probs), the VAS candidates
+    from_tail = sum(t not in candidates for t in remote_tokens) / draws
+    assert from_tail >= 0.05, f"only {from_tail:.0%} of the draws came from the tail: the test misses it"
+    p, df = chi_square_p(remote_tokens, local_tokens)
+    assert df >= 3, "too few distinct first tokens for the test to mean anything"
+    assert p > 1e-3, (p, df, sorted(remote_tokens)[:50], sorted(local_tokens)[:50])
 
 
 def test_remote_chat_streaming_and_presets_through_the_openai_client(remote):
