@@ -245,6 +245,23 @@ def test_sampling_the_remote_loop_cannot_do_exactly_is_refused(remote):
     assert "temperature must be 0 or 1" in str(e.value)
 
 
+def test_the_upstream_tokenizer_is_checked(upstream, base_dir, tokenizer):
+    """vLLM's /tokenize on a probe string: the base's own tokenizer passes, another one is refused."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from vas_server.remote_core import Upstream, check_tokenizer
+
+    async def check(local) -> None:
+        remote_base = Upstream(f"{upstream[1]}/v1", UPSTREAM_NAME)
+        await check_tokenizer(remote_base, local)
+
+    asyncio.run(check(AutoTokenizer.from_pretrained(base_dir)))
+    with pytest.raises(ValueError, match="the upstream's tokenizer differs from MODEL's"):
+        asyncio.run(check(tokenizer))  # conftest's tiny tokenizer
+
+
 def test_an_upstream_that_is_down_is_an_error_answer_not_a_hang(remote, upstream):
     """Last in this module: it stops the upstream."""
     _stop(upstream[0])

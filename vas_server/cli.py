@@ -110,6 +110,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                                              "--served-model-name, else MODEL)")
     remote.add_argument("--remote-timeout", type=float, default=30.0,
                         help="seconds one upstream call may take before the request fails (default: 30)")
+    remote.add_argument("--remote-skip-tokenizer-check", action="store_true",
+                        help="serve although the upstream cannot show that it tokenizes as MODEL does (it "
+                             "has no vLLM /tokenize route); a different tokenizer gives garbage")
     return parser, serve
 
 

@@ -16,7 +16,7 @@ from argparse import Namespace
 import torch
 
 from vas_server.config import VASConfig
-from vas_server.remote_core import RemoteEngineCore, Upstream
+from vas_server.remote_core import RemoteEngineCore, Upstream, check_tokenizer
 
 API_KEY_ENV = "VAS_REMOTE_API_KEY"  # the upstream's key, if it wants one
 
@@ -59,6 +59,14 @@ async def serve_remote(args: Namespace, vas: VASConfig) -> None:
     upstream = Upstream(args.remote_base, args.remote_model or (args.served_model_name or [args.model])[0],
                         api_key=os.environ.get(API_KEY_ENV), timeout_s=args.remote_timeout)
     vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(UsageContext.OPENAI_API_SERVER)
+    if not args.remote_skip_tokenizer_check:
+        from transformers import AutoTokenizer
+
+        model_config = vllm_config.model_config
+        try:
+            await check_tokenizer(upstream, AutoTokenizer.from_pretrained(model_config.tokenizer or model_config.model))
+        except ValueError as e:
+            raise SystemExit(f"vas-server: {e}") from None
     engine = remote_async_llm(vllm_config, vas, upstream)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:

@@ -88,6 +88,32 @@ class Upstream:
         return chosen, top
 
 
+# A probe with words, digits, punctuation, whitespace runs and non-ASCII text, so that tokenizers
+# that differ anywhere in their vocabulary or pre-tokenization give different ids.
+TOKENIZER_PROBE = "Value-augmented sampling, 2024: naïve café — 3.14159 tokens!\n\t  ¿Qué? 東京 🙂"
+
+
+async def check_tokenizer(upstream: Upstream, tokenizer) -> None:
+    """The upstream tokenizes a probe string as `tokenizer` does (vLLM's /tokenize): ValueError
+    naming the difference, or that the upstream cannot say."""
+    root = upstream.base_url.rstrip("/").removesuffix("/v1")
+    try:
+        response = await upstream.client.post(f"{root}/tokenize", json={
+            "model": upstream.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False})
+        theirs = response.json()["tokens"] if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot check the upstream's tokenizer at {root}/tokenize: {e}") from None
+    if theirs is None:
+        raise ValueError(f"the upstream has no usable {root}/tokenize (answered {response.status_code}); if its "
+                         "tokenizer is MODEL's, pass --remote-skip-tokenizer-check")
+    ours = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
+    if theirs != ours:
+        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        raise ValueError(f"the upstream's tokenizer differs from MODEL's: a probe string gives {len(theirs)} "
+                         f"tokens there and {len(ours)} here, first different at token {first}; serve MODEL as "
+                         "a local copy of the upstream's model")
+
+
 def _token_id(token: str) -> int:
     """`token_id:123` (vLLM's return_tokens_as_token_ids) -> 123."""
     if not token.startswith("token_id:"):
