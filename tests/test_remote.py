@@ -269,4 +269,58 @@ def test_an_upstream_that_is_down_is_an_error_answer_not_a_hang(remote, upstream
     with pytest.raises(openai.APIStatusError) as e:
         remote.completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=2, temperature=0)
     assert time.monotonic() - started < 60
-    assert e.value.status_code >= 500 and json.loads(e.value.response.text)["error"]["message"]
+    assert e.value.status_code == 503, e.value.response.text
+    assert "upstream" in json.loads(e.value.response.text)["error"]["message"] and "unreachable" in str(e.value)
+
+
+@pytest.fixture(scope="module")
+def fake_upstream():
+    """A local stand-in for a faulty upstream: POST /v1/completions answers as the path's last
+    part says (`slow`: after 2 s; `few`: 2 log-probs; `broken`: not JSON; `failing`: a 500)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            mode = self.path.split("/")[1]
+            if mode == "slow":
+                time.sleep(2)
+            status, body = 200, {"choices": [{"logprobs": {"tokens": ["token_id:7"], "top_logprobs": [
+                {"token_id:7": -0.1, "token_id:8": -2.5}]}}]}
+            payload = json.dumps(body).encode()
+            if mode == "broken":
+                payload = b"<html>not json"
+            if mode == "failing":
+                status, payload = 500, b'{"error": {"message": "out of memory"}}'
+            self.send_response(status)
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("mode, status, message", [
+    ("slow", 504, "did not answer within 0.5 s"),
+    ("few", 502, "gave 2 log-probs, 5 asked"),
+    ("broken", 502, "without token log-probs"),
+    ("failing", 502, "answered 500: {\"error\": {\"message\": \"out of memory\"}}"),
+])
+def test_upstream_faults_name_their_status_and_cause(fake_upstream, mode, status, message):
+    import asyncio
+
+    from vas_server.remote_core import Upstream, UpstreamError
+
+    async def call():
+        await Upstream(f"{fake_upstream}/{mode}/v1", "m", timeout_s=0.5).next_token_logprobs([1, 2, 3], 5)
+
+    with pytest.raises(UpstreamError) as e:
+        asyncio.run(call())
+    assert e.value.status == status and message in str(e.value)

@@ -44,9 +44,20 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream):
     make_client = core_client.EngineCoreClient.make_async_mp_client
     core_client.EngineCoreClient.make_async_mp_client = staticmethod(lambda *args, **kwargs: core)
     try:
-        return AsyncLLM(vllm_config=vllm_config, executor_class=None, log_stats=False)
+        llm = AsyncLLM(vllm_config=vllm_config, executor_class=None, log_stats=False)
     finally:
         core_client.EngineCoreClient.make_async_mp_client = make_client
+    core.fail = lambda request_id, error: fail_request(llm.output_processor, request_id, error)
+    return llm
+
+
+def fail_request(output_processor, request_id: str, error: Exception) -> None:
+    """End one request of AsyncLLM with `error`: its generate() raises it (a GracefulHTTPError is
+    answered with its own status), and the output processor forgets the request."""
+    state = output_processor.request_states.get(request_id)
+    if state is not None and state.queue is not None:
+        state.queue.put(error)
+    output_processor.abort_requests([request_id], internal=True)
 
 
 async def serve_remote(args: Namespace, vas: VASConfig) -> None:

@@ -21,13 +21,15 @@ calls AsyncLLM's output handler makes (`add_request_async`, `get_output_async`,
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from types import SimpleNamespace
 
 import httpx
 import torch
 
-from vllm.exceptions import VLLMValidationError
+from vllm.exceptions import GracefulHTTPError, VLLMValidationError
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, FinishReason
 
 from vas_server.core import rule
@@ -83,9 +85,11 @@ class Upstream:
                          key=lambda pair: -pair[1])
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise UpstreamError(502, f"upstream {self.base_url} answered without token log-probs ({e!r})") from None
-        if len(top) < min(k, 1):
-            raise UpstreamError(502, f"upstream {self.base_url} gave {len(top)} log-probs, {k} asked")
-        return chosen, top
+        if len(top) < k:
+            raise UpstreamError(502, f"upstream {self.base_url} gave {len(top)} log-probs, {k} asked (a vLLM upstream "
+                                     f"needs --max-logprobs >= {k})")
+        # vLLM adds the drawn token's log-prob when it is not among the top k: the candidates are the k best.
+        return chosen, top[:k]
 
 
 # A probe with words, digits, punctuation, whitespace runs and non-ASCII text, so that tokenizers
@@ -131,6 +135,9 @@ class RemoteEngineCore:
         self.heads = config.read_heads()
         self.eos_token_id = eos_token_id
         self.outputs: asyncio.Queue[EngineCoreOutput] = asyncio.Queue()
+        # fail(request_id, error): end one request with `error` as its answer (set by
+        # vas_server.remote once AsyncLLM exists: it reaches AsyncLLM's per-request queues).
+        self.fail: Callable[[str, Exception], None] | None = None
         self.loops: dict[str, asyncio.Task] = {}
         self.engine_ranks_managed = [0]
         # What AsyncLLM reads of an engine core's state (`errored`: resources.engine_dead).
@@ -188,8 +195,8 @@ class RemoteEngineCore:
                 if finished is not None:
                     return
         except UpstreamError as e:
-            self.outputs.put_nowait(EngineCoreOutput(request.request_id, [], finish_reason=FinishReason.ERROR,
-                                                     stop_reason=str(e)))
+            # The client gets the upstream's failure as its status (502/503/504) and message.
+            self.fail(request.request_id, GracefulHTTPError(str(e), HTTPStatus(e.status)))
         finally:
             self.loops.pop(request.request_id, None)
             self.runtime.release(slot)

@@ -1,0 +1,134 @@
+"""VAS over a remote base against in-process VAS and against the upstream serving plainly.
+
+Starts three servers on this machine, all on the embedded SmolLM2-135M-Instruct in float32: the
+upstream (vLLM's own server, `--max-logprobs 256`), `vas-server serve --remote-base` steering it,
+and `vas-server serve` (in-process VAS). Then, for each concurrency, sends that many streamed
+completions at once (32 tokens, temperature 1, the demo `positive` head at weight 2 for the two VAS
+servers, none for the upstream) and measures tokens/s per stream and in total, the time between
+tokens (p50/p99), and, for remote mode, upstream calls per generated token (from the upstream's
+own `vllm:request_success_total`).
+
+    python benchmarks/remote.py [--concurrency 1 8 32] [--tokens 32] [--out benchmarks/results/remote.json]
+
+Prints a table and writes JSON. Run it alone on the machine: the three servers share its cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "Tell me about your favourite place to relax."
+
+
+def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None:
+            break
+        time.sleep(1)
+    process.kill()
+    raise SystemExit(f"{command[:4]} did not start; see {log}")
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> list[float]:
+    """Arrival times of one streamed completion's tokens."""
+    times = []
+    async with client.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                if json.loads(line[6:])["choices"][0]["text"]:
+                    times.append(time.perf_counter())
+    return times
+
+
+async def measure(url: str, model: str, concurrency: int, tokens: int, steering: dict) -> dict:
+    bodies = [{"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 1.0, "seed": i,
+               "stream": True, "ignore_eos": True, **steering} for i in range(concurrency)]
+    async with httpx.AsyncClient(timeout=600) as client:
+        start_time = time.perf_counter()
+        runs = await asyncio.gather(*(stream_one(client, f"{url}/v1/completions", b) for b in bodies))
+        wall = time.perf_counter() - start_time
+    gaps = [b - a for times in runs for a, b in zip(times, times[1:])]
+    per_stream = [len(times) / (times[-1] - start_time) for times in runs if times]
+    generated = sum(len(times) for times in runs)
+    gaps.sort()
+    return {"tokens": generated, "wall_s": wall, "total_tok_s": generated / wall,
+            "per_stream_tok_s": statistics.median(per_stream),
+            "gap_p50_ms": 1e3 * gaps[len(gaps) // 2], "gap_p99_ms": 1e3 * gaps[min(len(gaps) - 1, int(0.99 * len(gaps)))]}
+
+
+def upstream_requests(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(v) for v in re.findall(r"^vllm:request_success_total\{[^}]*\} ([0-9.e+]+)$", text, re.M))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--out", default="benchmarks/results/remote.json")
+    args = ap.parse_args()
+    from vas_server.core.base_model import ensure_base_model
+
+    base = str(ensure_base_model())
+    logs = Path(tempfile.mkdtemp(prefix="vas_remote_bench_"))
+    common = ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "32"]
+    upstream = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base,
+                      "--served-model-name", "smol", "--port", "8301", "--max-logprobs", "256", "--enforce-eager",
+                      "--no-enable-chunked-prefill", *common], 8301, logs / "upstream.log")
+    servers = [upstream]
+    try:
+        servers.append(start([sys.executable, "-m", "vas_server", "serve", "--port", "8302", "--remote-base",
+                              "http://127.0.0.1:8301/v1", "--remote-model", "smol", *common], 8302, logs / "remote.log"))
+        servers.append(start([sys.executable, "-m", "vas_server", "serve", "--port", "8303", *common], 8303,
+                             logs / "in_process.log"))
+        targets = {"upstream, plain": ("http://127.0.0.1:8301", "smol", {}),
+                   "remote VAS": ("http://127.0.0.1:8302", "SmolLM2-135M-Instruct", {"vas_weights": {"positive": 2.0}}),
+                   "in-process VAS": ("http://127.0.0.1:8303", "SmolLM2-135M-Instruct",
+                                      {"vas_weights": {"positive": 2.0}})}
+        rows = {}
+        for name, (url, model, steering) in targets.items():
+            for c in args.concurrency:
+                before = upstream_requests("http://127.0.0.1:8301")
+                row = asyncio.run(measure(url, model, c, args.tokens, steering))
+                if name == "remote VAS":
+                    row["upstream_calls_per_token"] = (upstream_requests("http://127.0.0.1:8301") - before) / row["tokens"]
+                rows[f"{name}, {c} streams"] = row
+                print(f"{name:<16}{c:>4} streams  {row['per_stream_tok_s']:7.2f} tok/s per stream  "
+                      f"{row['total_tok_s']:7.2f} total  gap p50 {row['gap_p50_ms']:7.1f} ms  p99 {row['gap_p99_ms']:7.1f} ms"
+                      + (f"  {row['upstream_calls_per_token']:.2f} upstream calls/token"
+                         if "upstream_calls_per_token" in row else ""), flush=True)
+    finally:
+        for process in servers:
+            process.terminate()
+        for process in servers:
+            process.wait(timeout=90)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"command": "python benchmarks/remote.py --concurrency "
+                                          + " ".join(map(str, args.concurrency)) + f" --tokens {args.tokens}",
+                                          "results": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
