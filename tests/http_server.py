@@ -71,6 +71,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_healthy(command: list[str], log: Path, url: str) -> subprocess.Popen:
+    """Start `command` (a server), its output in `log`, once `url`/health answers 200; the test
+    fails with the log's tail if it exits or does not answer within STARTUP_TIMEOUT_S."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"{' '.join(command[:4])} did not start; log tail:\n{log.read_text(errors='replace')[-4000:]}")
+        time.sleep(0.5)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        process.wait(timeout=90)
+
+
 # -- the server ------------------------------------------------------------------------------------
 
 

@@ -16,18 +16,13 @@ the client.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 
-import httpx
 import openai
 import pytest
 
 from conftest import MAX_MODEL_LEN
-from http_server import REPO, free_port
-
-STARTUP_TIMEOUT_S = 240
+from http_server import free_port, start_healthy, stop
 
 
 @pytest.fixture(scope="module")
@@ -41,23 +36,10 @@ def plain_server_and_log(tmp_path_factory, tiny_base, value_models):
                "--no-enable-chunked-prefill",
                "--logits-processors", "vas_server.processor:VASLogitsProcessor",
                "--additional-config", json.dumps(vas)]
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"vLLM server did not start; log tail:\n{log.read_text(errors='replace')[-4000:]}")
-        time.sleep(0.5)
+    process = start_healthy(command, log, url)
     yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120), log
-    process.terminate()
-    process.wait(timeout=90)
+    stop(process)
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,14 @@ The official `openai` client is the client.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 
-import httpx
 import openai
 import pytest
 
-from http_server import REPO, free_port
+from http_server import free_port, start_healthy, stop
 
-STARTUP_TIMEOUT_S = 240
 UPSTREAM_NAME = "smol"
 MAX_MODEL_LEN = 1024
 PROMPTS = ["How was your day?", "Tell me about your favourite food."]
@@ -35,28 +32,6 @@ CASES = [  # (vas_weights, vas_top_k, vas_restrict_to_top_k)
 TOKENS = 16
 
 
-def _start(command: list[str], log_path, url: str) -> subprocess.Popen:
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"{command[2]} did not start; log tail:\n{log_path.read_text(errors='replace')[-4000:]}")
-        time.sleep(0.5)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        process.wait(timeout=90)
-
-
 @pytest.fixture(scope="module")
 def base_dir() -> str:
     from vas_server.core.base_model import ensure_base_model
@@ -68,13 +43,13 @@ def base_dir() -> str:
 def upstream(tmp_path_factory, base_dir):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = _start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base_dir,
+    process = start_healthy([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base_dir,
                       "--served-model-name", UPSTREAM_NAME, "--port", str(port), "--dtype", "float32",
                       "--max-logprobs", "256", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
                       "--no-enable-chunked-prefill", "--seed", "0"],
                      tmp_path_factory.mktemp("upstream") / "server.log", url)
     yield process, url
-    _stop(process)
+    stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +57,12 @@ def remote(tmp_path_factory, upstream):
     _, upstream_url = upstream
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = _start([sys.executable, "-m", "vas_server", "serve", "--remote-base", f"{upstream_url}/v1",
+    process = start_healthy([sys.executable, "-m", "vas_server", "serve", "--remote-base", f"{upstream_url}/v1",
                       "--remote-model", UPSTREAM_NAME, "--port", str(port), "--dtype", "float32",
                       "--max-model-len", str(MAX_MODEL_LEN), "--remote-timeout", "20"],
                      tmp_path_factory.mktemp("remote") / "server.log", url)
     yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
-    _stop(process)
+    stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +239,7 @@ def test_the_upstream_tokenizer_is_checked(upstream, base_dir, tokenizer):
 
 def test_an_upstream_that_is_down_is_an_error_answer_not_a_hang(remote, upstream):
     """Last in this module: it stops the upstream."""
-    _stop(upstream[0])
+    stop(upstream[0])
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as e:
         remote.completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=2, temperature=0)

@@ -21,9 +21,9 @@ from vas_server.remote_core import RemoteEngineCore, Upstream, check_tokenizer
 API_KEY_ENV = "VAS_REMOTE_API_KEY"  # the upstream's key, if it wants one
 
 
-def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream):
-    """vLLM's AsyncLLM for `vllm_config`, its engine core a RemoteEngineCore on `upstream`."""
-    from transformers import AutoTokenizer
+def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer):
+    """vLLM's AsyncLLM for `vllm_config`, its engine core a RemoteEngineCore on `upstream`;
+    `tokenizer` is MODEL's (its identity is checked against every value model's)."""
     from vllm.v1.engine import core_client
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -33,7 +33,6 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream):
 
     model_config = vllm_config.model_config
     base_dir = model_config.model
-    tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or base_dir)
     dtype = model_config.dtype if vas.dtype == "auto" else getattr(torch, vas.dtype)
     models = [load_value_model(path, base_dir, name=name, base_tokenizer=tokenizer_identity(tokenizer),
                                base_model_name=base_dir, dtype=dtype)
@@ -62,6 +61,7 @@ def fail_request(output_processor, request_id: str, error: Exception) -> None:
 
 async def serve_remote(args: Namespace, vas: VASConfig) -> None:
     """Serve `args` (vLLM's serve arguments, configured by vas_server.cli) on the remote base."""
+    from transformers import AutoTokenizer
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.api_server.entry import build_and_serve
     from vllm.entrypoints.launchers.launcher import setup_server
@@ -70,15 +70,14 @@ async def serve_remote(args: Namespace, vas: VASConfig) -> None:
     upstream = Upstream(args.remote_base, args.remote_model or (args.served_model_name or [args.model])[0],
                         api_key=os.environ.get(API_KEY_ENV), timeout_s=args.remote_timeout)
     vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(UsageContext.OPENAI_API_SERVER)
+    model_config = vllm_config.model_config
+    tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or model_config.model)
     if not args.remote_skip_tokenizer_check:
-        from transformers import AutoTokenizer
-
-        model_config = vllm_config.model_config
         try:
-            await check_tokenizer(upstream, AutoTokenizer.from_pretrained(model_config.tokenizer or model_config.model))
+            await check_tokenizer(upstream, tokenizer)
         except ValueError as e:
             raise SystemExit(f"vas-server: {e}") from None
-    engine = remote_async_llm(vllm_config, vas, upstream)
+    engine = remote_async_llm(vllm_config, vas, upstream, tokenizer)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:
         shutdown = await build_and_serve(engine, listen_address, sock, args)

@@ -147,10 +147,11 @@ class RemoteEngineCore:
         return ("generate",)
 
     async def add_request_async(self, request: EngineCoreRequest) -> None:
-        problem = unsupported(request.sampling_params)
+        steering = VASRequest.decode(request.sampling_params.extra_args) or VASRequest({})
+        problem = unsupported(request.sampling_params, steering.restrict_to_top_k)
         if problem:
             raise VLLMValidationError(f"remote-base mode: {problem}")
-        self.loops[request.request_id] = asyncio.get_running_loop().create_task(self._decode(request))
+        self.loops[request.request_id] = asyncio.get_running_loop().create_task(self._decode(request, steering))
 
     async def abort_requests_async(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -168,9 +169,8 @@ class RemoteEngineCore:
         for task in self.loops.values():
             task.cancel()
 
-    async def _decode(self, request: EngineCoreRequest) -> None:
+    async def _decode(self, request: EngineCoreRequest, steering: VASRequest) -> None:
         params = request.sampling_params
-        steering = VASRequest.decode(params.extra_args) or VASRequest({})
         weights, restrict = steering.weights, steering.restrict_to_top_k
         top_k = self.config.top_k_for(steering, self.heads)  # unsteered too: the candidates of an exact draw
         stop_ids = set(params.all_stop_token_ids or ()) | (
@@ -234,12 +234,10 @@ class RemoteEngineCore:
         return tail_token
 
 
-def unsupported(params) -> str | None:
+def unsupported(params, restrict: bool) -> str | None:
     """Why the remote token loop cannot serve these sampling parameters exactly; None if it can.
     The upstream gives the base's top-K log-probs at temperature 1, so the tail's weight is known
     at temperature 1 only; vLLM's other sampling controls are not applied by the loop yet."""
-    steering = VASRequest.decode(params.extra_args)
-    restrict = bool(steering is not None and steering.restrict_to_top_k)
     if params.temperature not in (0.0, 1.0) and not restrict:
         return ("temperature must be 0 or 1 (the upstream's top-K log-probs give the rest of the vocabulary's "
                 "weight at temperature 1 only), or set vas_restrict_to_top_k")
