@@ -3,12 +3,13 @@
 Starts three servers on this machine, all on the embedded SmolLM2-135M-Instruct in float32: the
 upstream (vLLM's own server, `--max-logprobs 256`), `vas-server serve --remote-base` steering it,
 and `vas-server serve` (in-process VAS). Then, for each concurrency, sends that many streamed
-completions at once (32 tokens, temperature 1, the demo `positive` head at weight 2 for the two VAS
+completions at once (32 tokens, temperature 1 unless --temperature, the demo `positive` head at weight 2 for the two VAS
 servers, none for the upstream) and measures tokens/s per stream and in total, the time between
 tokens (p50/p99), and, for remote mode, upstream calls per generated token (from the upstream's
 own `vllm:request_success_total`).
 
-    python benchmarks/remote.py [--concurrency 1 8 32] [--tokens 32] [--out benchmarks/results/remote.json]
+    python benchmarks/remote.py [--concurrency 1 8 32] [--tokens 32] [--temperature 1.0]
+                                [--out benchmarks/results/remote.json]
 
 Prints a table and writes JSON. Run it alone on the machine: the three servers share its cores.
 """
@@ -61,8 +62,8 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> list[fl
     return times
 
 
-async def measure(url: str, model: str, concurrency: int, tokens: int, steering: dict) -> dict:
-    bodies = [{"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": 1.0, "seed": i,
+async def measure(url: str, model: str, concurrency: int, tokens: int, temperature: float, steering: dict) -> dict:
+    bodies = [{"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": temperature, "seed": i,
                "stream": True, "ignore_eos": True, **steering} for i in range(concurrency)]
     async with httpx.AsyncClient(timeout=600) as client:
         start_time = time.perf_counter()
@@ -86,6 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--out", default="benchmarks/results/remote.json")
     args = ap.parse_args()
     from vas_server.core.base_model import ensure_base_model
@@ -112,7 +114,7 @@ def main() -> None:
         for name, (url, model, steering) in targets.items():
             for c in args.concurrency:
                 before = upstream_requests("http://127.0.0.1:8301")
-                row = asyncio.run(measure(url, model, c, args.tokens, steering))
+                row = asyncio.run(measure(url, model, c, args.tokens, args.temperature, steering))
                 if name == "remote VAS":
                     row["upstream_calls_per_token"] = (upstream_requests("http://127.0.0.1:8301") - before) / row["tokens"]
                 rows[f"{name}, {c} streams"] = row
@@ -127,7 +129,7 @@ def main() -> None:
             process.wait(timeout=90)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"command": "python benchmarks/remote.py --concurrency "
-                                          + " ".join(map(str, args.concurrency)) + f" --tokens {args.tokens}",
+                                          + " ".join(map(str, args.concurrency)) + f" --tokens {args.tokens} --temperature {args.temperature:g}",
                                           "results": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -159,27 +159,28 @@ def chi_square_p(a: list[int], b: list[int]) -> tuple[float, int]:
 
 
 def test_remote_sampling_matches_in_process_including_the_tail(remote, in_process, prompt_ids):
-    """Temperature 1, K = 5: most of the mass lies outside the candidates, so the remote loop draws
-    from the base's tail (its second upstream call) about as often as from the candidates. The
-    first tokens of 400 draws each must pass a chi-square test of one distribution."""
+    """Temperature 0.7, K = 5: a good part of the mass lies outside the candidates, so the remote
+    loop's coin (vas_server.remote.sampling: the upstream's own draws, accepted or redrawn) lands in
+    the base's tail. The first tokens of 300 draws each must pass a chi-square test of one
+    distribution; tests/test_remote_sampling.py checks each temperature's rule exactly."""
     from concurrent.futures import ThreadPoolExecutor
 
     from vllm import SamplingParams
 
     from vas_server.params import make_extra_args
 
-    draws, steering = 400, {"positive": 3.0}
+    draws, steering, temperature = 300, {"positive": 3.0}, 0.7
 
     def remote_draw(seed: int) -> int:
         answer = remote.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt_ids[1], max_tokens=1,
-                                           temperature=1.0, seed=seed,
+                                           temperature=temperature, seed=seed,
                                            extra_body={"return_token_ids": True, "vas_weights": steering,
                                                        "vas_top_k": 5})
         return answer.choices[0].token_ids[0]
 
     with ThreadPoolExecutor(8) as pool:
         remote_tokens = list(pool.map(remote_draw, range(draws)))
-    params = [SamplingParams(temperature=1.0, max_tokens=1, seed=10_000 + s,
+    params = [SamplingParams(temperature=temperature, max_tokens=1, seed=10_000 + s,
                              extra_args=make_extra_args(steering, top_k=5)) for s in range(draws)]
     local_tokens = [t[0] for t in _in_process_tokens(in_process, [prompt_ids[1]] * draws, params)]
     base = in_process.generate([{"prompt_token_ids": prompt_ids[1]}],
@@ -190,6 +191,68 @@ def test_remote_sampling_matches_in_process_including_the_tail(remote, in_proces
     p, df = chi_square_p(remote_tokens, local_tokens)
     assert df >= 3, "too few distinct first tokens for the test to mean anything"
     assert p > 1e-3, (p, df, sorted(remote_tokens)[:50], sorted(local_tokens)[:50])
+
+
+def test_logprobs_of_the_chosen_tokens_equal_in_process_vas(remote, in_process, prompt_ids):
+    """The chosen tokens' raw log-probs and the top 3, as in-process VAS reports them (vLLM's
+    default logprobs_mode), steered and not."""
+    from vllm import SamplingParams
+
+    from vas_server.params import make_extra_args
+
+    for weights in (None, {"positive": 4.0}):
+        answer = remote.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt_ids[0], max_tokens=8,
+                                           temperature=0, logprobs=3,
+                                           extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True,
+                                                       **_steering(weights, None, False)})
+        local = in_process.generate([{"prompt_token_ids": prompt_ids[0]}], SamplingParams(
+            temperature=0, max_tokens=8, logprobs=3, extra_args=make_extra_args(weights) if weights else None),
+            use_tqdm=False)[0].outputs[0]
+        got = answer.choices[0]
+        assert got.token_ids == list(local.token_ids)
+        for position, (token, chosen, top, want) in enumerate(zip(got.token_ids, got.logprobs.token_logprobs,
+                                                                   got.logprobs.top_logprobs, local.logprobs)):
+            assert chosen == pytest.approx(want[token].logprob, abs=2e-3), position
+            want_top = {f"token_id:{t}": lp.logprob for t, lp in want.items() if lp.rank <= 3}
+            assert top.keys() == want_top.keys() | {f"token_id:{token}"}, position
+            assert all(top[t] == pytest.approx(lp, abs=2e-3) for t, lp in want_top.items()), position
+
+
+def test_n_seed_and_stop_strings(remote, prompt_ids):
+    """`n` choices, the same ones again for the same seed, and a stop string that ends a choice."""
+    body = dict(model="SmolLM2-135M-Instruct", prompt=prompt_ids[1], max_tokens=12, temperature=1.0, n=2, seed=7,
+                extra_body={"vas_weights": {"positive": 2.0}})
+    first, again = remote.completions.create(**body), remote.completions.create(**body)
+    assert sorted(c.index for c in first.choices) == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert first.usage.completion_tokens == 24 or any(c.finish_reason == "stop" for c in first.choices)
+    greedy = dict(model="SmolLM2-135M-Instruct", prompt=prompt_ids[0], max_tokens=TOKENS, temperature=0)
+    text = remote.completions.create(**greedy).choices[0].text
+    stop_word = text.split()[len(text.split()) // 2]
+    stopped = remote.completions.create(**greedy, stop=[stop_word]).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.text == text[:text.index(stop_word)], (text, stop_word)
+
+
+def _upstream_requests(upstream_url: str) -> float:
+    """The upstream's finished requests: one per remote upstream call."""
+    import httpx
+
+    text = httpx.get(f"{upstream_url}/metrics", timeout=10).text
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
+               if line.startswith("vllm:request_success_total"))
+
+
+def test_a_client_that_disconnects_stops_its_token_loop(remote, upstream):
+    stream = remote.completions.create(model="SmolLM2-135M-Instruct", prompt="Tell me a long story.", max_tokens=400,
+                                       temperature=1.0, stream=True, extra_body={"ignore_eos": True,
+                                                                                 "vas_weights": {"positive": 1.0}})
+    for _, _ in zip(range(3), stream):
+        pass
+    stream.close()
+    time.sleep(2)  # the loop's call in flight, if any, ends
+    before = _upstream_requests(upstream[1])
+    time.sleep(3)
+    assert _upstream_requests(upstream[1]) == before, "the token loop kept calling the upstream"
 
 
 def test_remote_chat_streaming_and_presets_through_the_openai_client(remote):
@@ -215,9 +278,9 @@ def test_an_unknown_head_is_refused_before_the_upstream_is_called(remote):
 
 def test_sampling_the_remote_loop_cannot_do_exactly_is_refused(remote):
     with pytest.raises(openai.BadRequestError) as e:
-        remote.completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=2, temperature=0.7,
+        remote.completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=2, top_p=0.9,
                                   extra_body={"vas_weights": {"positive": 1.0}})
-    assert "temperature must be 0 or 1" in str(e.value)
+    assert "top_p, top_k and min_p are not supported" in str(e.value)
 
 
 def test_the_upstream_tokenizer_is_checked(upstream, base_dir, tokenizer):
@@ -226,7 +289,7 @@ def test_the_upstream_tokenizer_is_checked(upstream, base_dir, tokenizer):
 
     from transformers import AutoTokenizer
 
-    from vas_server.remote_core import Upstream, check_tokenizer
+    from vas_server.remote.upstream import Upstream, check_tokenizer
 
     async def check(local) -> None:
         remote_base = Upstream(f"{upstream[1]}/v1", UPSTREAM_NAME)
@@ -237,8 +300,23 @@ def test_the_upstream_tokenizer_is_checked(upstream, base_dir, tokenizer):
         asyncio.run(check(tokenizer))  # conftest's tiny tokenizer
 
 
+def test_an_upstream_that_stops_mid_stream_ends_the_stream_with_its_error(remote, upstream):
+    """It stops the upstream: the tests after it see it down."""
+    stream = remote.completions.create(model="SmolLM2-135M-Instruct", prompt="Tell me a long story.", max_tokens=400,
+                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+    received = [next(stream) for _ in range(3)]
+    stop(upstream[0])
+    started = time.monotonic()
+    with pytest.raises(openai.APIError) as e:
+        for chunk in stream:
+            received.append(chunk)
+    assert time.monotonic() - started < 60
+    assert "unreachable" in str(e.value), e.value
+    assert len(received) < 400
+
+
 def test_an_upstream_that_is_down_is_an_error_answer_not_a_hang(remote, upstream):
-    """Last in this module: it stops the upstream."""
+    """After the upstream stopped."""
     stop(upstream[0])
     started = time.monotonic()
     with pytest.raises(openai.APIStatusError) as e:
@@ -250,24 +328,32 @@ def test_an_upstream_that_is_down_is_an_error_answer_not_a_hang(remote, upstream
 
 @pytest.fixture(scope="module")
 def fake_upstream():
-    """A local stand-in for a faulty upstream: POST /v1/completions answers as the path's last
-    part says (`slow`: after 2 s; `few`: 2 log-probs; `broken`: not JSON; `failing`: a 500)."""
+    """A local stand-in for a faulty upstream: POST /v1/completions answers as the path's first
+    part says (`slow`: after 2 s; `few`: 2 log-probs; `broken`: not JSON; `failing`: a 500;
+    `refusing`: a 400; `flaky-N`: a 503 to the first N calls, then 2 log-probs)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    calls: dict[str, int] = {}
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("content-length", 0)))
             mode = self.path.split("/")[1]
+            calls[mode] = calls.get(mode, 0) + 1
             if mode == "slow":
                 time.sleep(2)
-            status, body = 200, {"choices": [{"logprobs": {"tokens": ["token_id:7"], "top_logprobs": [
-                {"token_id:7": -0.1, "token_id:8": -2.5}]}}]}
+            status, body = 200, {"choices": [{"logprobs": {"tokens": ["token_id:7"], "token_logprobs": [-0.1],
+                                                           "top_logprobs": [{"token_id:7": -0.1, "token_id:8": -2.5}]}}]}
             payload = json.dumps(body).encode()
             if mode == "broken":
                 payload = b"<html>not json"
             if mode == "failing":
                 status, payload = 500, b'{"error": {"message": "out of memory"}}'
+            if mode == "refusing":
+                status, payload = 400, b'{"error": {"message": "bad prompt"}}'
+            if mode.startswith("flaky") and calls[mode] <= int(mode.split("-")[1]):
+                status, payload = 503, b'{"error": {"message": "overloaded"}}'
             self.send_response(status)
             self.send_header("content-length", str(len(payload)))
             self.end_headers()
@@ -278,24 +364,46 @@ def fake_upstream():
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
+    yield f"http://127.0.0.1:{server.server_port}", calls
     server.shutdown()
 
 
-@pytest.mark.parametrize("mode, status, message", [
-    ("slow", 504, "did not answer within 0.5 s"),
-    ("few", 502, "gave 2 log-probs, 5 asked"),
-    ("broken", 502, "without token log-probs"),
-    ("failing", 502, "answered 500: {\"error\": {\"message\": \"out of memory\"}}"),
+@pytest.mark.parametrize("mode, status, message, tries", [
+    ("slow", 504, "did not answer within 0.5 s", 2),
+    ("few", 502, "gave 2 log-probs, 5 asked", 1),
+    ("broken", 502, "without token log-probs", 1),
+    ("failing", 502, "answered 500: {\"error\": {\"message\": \"out of memory\"}}", 2),
+    ("refusing", 502, "answered 400: {\"error\": {\"message\": \"bad prompt\"}}", 1),
 ])
-def test_upstream_faults_name_their_status_and_cause(fake_upstream, mode, status, message):
+def test_upstream_faults_name_their_status_and_cause(fake_upstream, mode, status, message, tries):
+    """Each fault is the error it names, after one retry where another try might cure it."""
     import asyncio
 
-    from vas_server.remote_core import Upstream, UpstreamError
+    from vas_server.remote.upstream import Upstream, UpstreamError
+
+    url, calls = fake_upstream
 
     async def call():
-        await Upstream(f"{fake_upstream}/{mode}/v1", "m", timeout_s=0.5).next_token_logprobs([1, 2, 3], 5)
+        await Upstream(f"{url}/{mode}/v1", "m", timeout_s=0.5, retries=1).draw([1, 2, 3], 5, temperature=1.0)
 
     with pytest.raises(UpstreamError) as e:
         asyncio.run(call())
     assert e.value.status == status and message in str(e.value)
+    assert calls[mode] == tries
+
+
+@pytest.mark.parametrize("retries, answered", [(2, True), (1, False)])
+def test_an_upstream_that_recovers_within_the_retries_answers(fake_upstream, retries, answered):
+    import asyncio
+
+    from vas_server.remote.upstream import Upstream, UpstreamError
+
+    url, _ = fake_upstream
+    upstream = Upstream(f"{url}/flaky-2-{retries}/v1", "m", retries=retries)  # 503 twice, then answers
+    try:
+        draw = asyncio.run(upstream.draw([1, 2, 3], 2, temperature=1.0))
+    except UpstreamError as e:
+        assert not answered and e.status == 502 and "overloaded" in str(e)
+    else:
+        assert answered and draw.token == 7 and draw.top == [(7, -0.1), (8, -2.5)]
+    assert upstream.calls == retries + 1

@@ -109,7 +109,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     remote.add_argument("--remote-model", default=None, help="the model name the upstream serves (default: "
                                                              "--served-model-name, else MODEL)")
     remote.add_argument("--remote-timeout", type=float, default=30.0,
-                        help="seconds one upstream call may take before the request fails (default: 30)")
+                        help="seconds one upstream call may take before it is retried or the request fails "
+                             "(default: 30)")
+    remote.add_argument("--remote-retries", type=int, default=2,
+                        help="more tries of an upstream call that failed in a way another try may cure: "
+                             "unreachable, timed out, 429 or 5xx (default: 2; backoff 0.25 s, doubled)")
     remote.add_argument("--remote-skip-tokenizer-check", action="store_true",
                         help="serve although the upstream cannot show that it tokenizes as MODEL does (it "
                              "has no vLLM /tokenize route); a different tokenizer gives garbage")
@@ -227,7 +231,7 @@ def serve(args: argparse.Namespace, defaults: argparse.Namespace, given: dict[st
     if args.remote_base:
         import uvloop
 
-        from vas_server.remote import serve_remote
+        from vas_server.remote.serve import serve_remote
 
         uvloop.run(serve_remote(args, vas))
         return

@@ -1,5 +1,5 @@
 """`vas-server serve --remote-base URL`: vLLM's own OpenAI server on an engine whose base model runs
-elsewhere (vas_server.remote_core). The local model directory gives the tokenizer, the chat
+elsewhere (vas_server.remote.engine_core). The local model directory gives the tokenizer, the chat
 template and the config (and, for a `base_prefix` value model, its first layers); every value
 model runs on the separate runtime, since no hidden state comes over HTTP.
 
@@ -16,7 +16,8 @@ from argparse import Namespace
 import torch
 
 from vas_server.config import VASConfig
-from vas_server.remote_core import RemoteEngineCore, Upstream, check_tokenizer
+from vas_server.remote.engine_core import RemoteEngineCore
+from vas_server.remote.upstream import Upstream, check_tokenizer
 
 API_KEY_ENV = "VAS_REMOTE_API_KEY"  # the upstream's key, if it wants one
 
@@ -34,12 +35,13 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer)
     model_config = vllm_config.model_config
     base_dir = model_config.model
     dtype = model_config.dtype if vas.dtype == "auto" else getattr(torch, vas.dtype)
+    device = value_device(vas)
     models = [load_value_model(path, base_dir, name=name, base_tokenizer=tokenizer_identity(tokenizer),
-                               base_model_name=base_dir, dtype=dtype)
+                               base_model_name=base_dir, dtype=dtype, device=device)
               for name, path in vas.value_models.items()]
     runtime = ValueRuntime(models, vas.max_requests or vllm_config.scheduler_config.max_num_seqs,
-                           model_config.max_model_len, "cpu", dtype)
-    core = RemoteEngineCore(upstream, runtime, vas, tokenizer.eos_token_id)
+                           model_config.max_model_len, device, dtype)
+    core = RemoteEngineCore(upstream, runtime, vas)
     make_client = core_client.EngineCoreClient.make_async_mp_client
     core_client.EngineCoreClient.make_async_mp_client = staticmethod(lambda *args, **kwargs: core)
     try:
@@ -48,6 +50,11 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer)
         core_client.EngineCoreClient.make_async_mp_client = make_client
     core.fail = lambda request_id, error: fail_request(llm.output_processor, request_id, error)
     return llm
+
+
+def value_device(vas: VASConfig) -> str:
+    """Where remote mode runs the value models: the configured device, else the GPU if there is one."""
+    return vas.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def fail_request(output_processor, request_id: str, error: Exception) -> None:
@@ -68,7 +75,7 @@ async def serve_remote(args: Namespace, vas: VASConfig) -> None:
     from vllm.usage.usage_lib import UsageContext
 
     upstream = Upstream(args.remote_base, args.remote_model or (args.served_model_name or [args.model])[0],
-                        api_key=os.environ.get(API_KEY_ENV), timeout_s=args.remote_timeout)
+                        api_key=os.environ.get(API_KEY_ENV), timeout_s=args.remote_timeout, retries=args.remote_retries)
     vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(UsageContext.OPENAI_API_SERVER)
     model_config = vllm_config.model_config
     tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or model_config.model)

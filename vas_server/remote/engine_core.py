@@ -1,0 +1,174 @@
+"""The engine core of remote-base mode: AsyncLLM's engine, decoding every request against an upstream.
+
+vLLM's `AsyncLLM` (tokenization, chat templates, detokenization, stop strings, `n`, streaming,
+usage) runs here unchanged; only its engine core is replaced. `RemoteEngineCore` has the calls
+AsyncLLM makes of one (`add_request_async`, `get_output_async`, `abort_requests_async`, ...) and
+decodes each request with its own token loop. Per token:
+
+  1. one upstream call (vas_server.remote.upstream): the base's draw at the request's temperature
+     and its top-K raw log-probs, the VAS candidates C;
+  2. the candidates' values from the local value runtime, batched with every other loop that is
+     ready at the same moment (vas_server.remote.scoring);
+  3. a token from VAS's distribution over C and the tail (vas_server.remote.sampling), which may
+     take more upstream calls;
+  4. the token, and its log-probs when asked, to AsyncLLM as an EngineCoreOutput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from vllm.exceptions import GracefulHTTPError, VLLMValidationError
+from vllm.sampling_params import SamplingType
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, FinishReason
+from vllm.v1.outputs import LogprobsLists
+
+from vas_server.config import VASConfig
+from vas_server.core import rule
+from vas_server.core.value_runtime import ScoredRequest, ValueRuntime
+from vas_server.params import VASRequest
+from vas_server.remote.sampling import Step, steered_step
+from vas_server.remote.scoring import BatchedScorer
+from vas_server.remote.upstream import Draw, Upstream, UpstreamError
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteEngineCore:
+    """The engine core AsyncLLM talks to, decoding every request against `upstream`."""
+
+    def __init__(self, upstream: Upstream, runtime: ValueRuntime, config: VASConfig):
+        self.upstream = upstream
+        self.runtime = runtime
+        self.scorer = BatchedScorer(runtime)
+        self.config = config
+        self.heads = config.read_heads()
+        self.outputs: asyncio.Queue[EngineCoreOutput] = asyncio.Queue()
+        # fail(request_id, error): end one request with `error` as its answer (set by
+        # vas_server.remote.serve once AsyncLLM exists: it reaches AsyncLLM's per-request queues).
+        self.fail: Callable[[str, Exception], None] | None = None
+        self.loops: dict[str, asyncio.Task] = {}
+        self.tokens = 0  # tokens generated, and steps drawn from C past MAX_DRAWS (sampling.py)
+        self.capped_steps = 0
+        self.engine_ranks_managed = [0]
+        # What AsyncLLM reads of an engine core's state (`errored`: resources.engine_dead).
+        self.resources = SimpleNamespace(engine_dead=False)
+
+    async def get_supported_tasks_async(self) -> tuple[str, ...]:
+        return ("generate",)
+
+    async def add_request_async(self, request: EngineCoreRequest) -> None:
+        steering = VASRequest.decode(request.sampling_params.extra_args) or VASRequest({})
+        problem = unsupported(request.sampling_params)
+        if problem:
+            raise VLLMValidationError(f"remote-base mode: {problem}")
+        self.loops[request.request_id] = asyncio.get_running_loop().create_task(self._decode(request, steering))
+
+    async def abort_requests_async(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            task = self.loops.pop(request_id, None)
+            if task is not None:
+                task.cancel()
+
+    async def get_output_async(self) -> EngineCoreOutputs:
+        outputs = [await self.outputs.get()]
+        while not self.outputs.empty():
+            outputs.append(self.outputs.get_nowait())
+        return EngineCoreOutputs(outputs=outputs)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        for task in self.loops.values():
+            task.cancel()
+        self.scorer.shutdown()
+
+    async def _decode(self, request: EngineCoreRequest, steering: VASRequest) -> None:
+        params = request.sampling_params
+        weights = steering.weights
+        top_k = self.config.top_k_for(steering, self.heads)  # unsteered too: the candidates of an exact draw
+        stop_ids = set(params.stop_token_ids or ())  # vLLM's check_stop: these, and eos unless ignore_eos
+        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed() % 2**31)
+        temperature = 0.0 if params.sampling_type == SamplingType.GREEDY else params.temperature
+        heads = frozenset(self.runtime.head_index[name] for name in weights)
+        weight_vector = rule.weight_vector(weights, self.runtime.head_index)[None]
+        asked = max(top_k, params.logprobs or 0)  # the candidates, and the top log-probs the client wants
+        slot = None
+        try:
+            if heads and self.runtime.needs_slot(heads):
+                slot = await self.scorer.allocate()  # waits while every value-cache slot is taken
+            row = ScoredRequest(slot, list(request.prompt_token_ids), [], heads)
+            for step in range(params.max_tokens):
+                context = row.prompt + row.outputs
+                first = await self.upstream.draw(context, asked, temperature=temperature, seed=_seed(generator))
+                candidates = [t for t, _ in first.top[:top_k]]
+
+                def redraw(banned: bool):
+                    return self.upstream.draw(context, 1, temperature=temperature, seed=_seed(generator),
+                                              banned=candidates if banned else ())
+
+                bonus = None
+                if heads:
+                    values = await self.scorer.values(row, candidates)
+                    bonus = rule.bonus(values[None], weight_vector)[0]
+                chosen = await steered_step(first, top_k, bonus, temperature, steering.restrict_to_top_k,
+                                            generator, redraw)
+                row.outputs.append(chosen.token)
+                self.tokens += 1
+                self.capped_steps += chosen.capped
+                finished, stop_reason = None, None
+                if chosen.token == params.eos_token_id:
+                    finished = FinishReason.STOP
+                elif chosen.token in stop_ids:
+                    finished, stop_reason = FinishReason.STOP, chosen.token
+                elif step + 1 == params.max_tokens:
+                    finished = FinishReason.LENGTH
+                self.outputs.put_nowait(EngineCoreOutput(
+                    request.request_id, [chosen.token], finish_reason=finished, stop_reason=stop_reason,
+                    new_logprobs=None if params.logprobs is None else _logprobs(chosen, first, params.logprobs)))
+                if finished is not None:
+                    return
+        except UpstreamError as e:
+            # The client gets the upstream's failure as its status (502/503/504) and message.
+            self.fail(request.request_id, GracefulHTTPError(str(e), HTTPStatus(e.status)))
+        except Exception as e:  # a bug here must end the request with a message, not leave it hanging
+            logger.exception("remote token loop of %s failed", request.request_id)
+            self.fail(request.request_id, GracefulHTTPError(f"remote token loop failed: {e!r}",
+                                                            HTTPStatus.INTERNAL_SERVER_ERROR))
+        finally:
+            self.loops.pop(request.request_id, None)
+            self.scorer.release(slot)
+
+
+def _logprobs(chosen: Step, first: Draw, n: int) -> LogprobsLists:
+    """vLLM's log-probs of one position: the chosen token's first, then the base's top n (raw,
+    as in-process VAS reports them: vLLM's default logprobs_mode)."""
+    top = first.top[:n]
+    ids = np.array([[chosen.token] + [t for t, _ in top]], dtype=np.int64)
+    logprobs = np.array([[chosen.logprob] + [lp for _, lp in top]], dtype=np.float32)
+    return LogprobsLists(ids, logprobs, np.array([chosen.rank], dtype=np.int64))
+
+
+def unsupported(params) -> str | None:
+    """Why the remote token loop cannot serve these sampling parameters exactly; None if it can."""
+    if params.top_p < 1 or params.top_k not in (0, -1, None) or params.min_p > 0:
+        return "top_p, top_k and min_p are not supported"
+    if params.min_tokens:
+        return "min_tokens is not supported (vLLM bans the stop tokens until then)"
+    if (params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1
+            or params.logit_bias or params.allowed_token_ids or params.bad_words):
+        return "penalties, logit_bias, allowed_token_ids and bad_words are not supported"
+    if params.logprobs is not None and params.logprobs < 0:
+        return "logprobs -1 (the whole vocabulary) is not supported"
+    if params.prompt_logprobs is not None:
+        return "prompt_logprobs are not supported"
+    return None
+
+
+def _seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))

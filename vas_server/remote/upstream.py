@@ -1,0 +1,134 @@
+"""The remote base: an OpenAI-compatible /v1/completions that takes token-id prompts (vLLM's).
+
+One call is one decoding step of the base: `Upstream.draw` asks for one token with its top-k
+log-probs and returns what the upstream drew. Failures become UpstreamError with the status the
+client should get; those that a second try can cure (unreachable, slow, overloaded, a 5xx) are
+retried with backoff, since a call has no side effects and its seed makes it repeatable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import httpx
+
+BANNED = -100  # OpenAI's logit_bias minimum: the token is never drawn
+RETRY_BACKOFF_S = 0.25  # first pause before a retry; doubled each time
+
+
+class UpstreamError(RuntimeError):
+    """The upstream failed: `status` is what the client gets (502 bad answer, 503 down, 504 slow);
+    `retryable` says whether another try may succeed."""
+
+    def __init__(self, status: int, message: str, retryable: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One step of the base: the token the upstream drew, that token's raw (temperature 1) log-prob,
+    and the k best tokens with their raw log-probs, best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class Upstream:
+    """The upstream's address and what each call may take: `timeout_s` per try, `retries` more tries."""
+
+    base_url: str
+    model: str
+    api_key: str | None = None
+    timeout_s: float = 30.0
+    retries: int = 2
+
+    def __post_init__(self):
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        # No connection cap: every request in flight has one call outstanding at most.
+        self.client = httpx.AsyncClient(base_url=self.base_url.rstrip("/"), headers=headers, timeout=self.timeout_s,
+                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        self.calls = 0  # upstream calls made (tries included), for the benchmark's calls per token
+
+    async def draw(self, context: list[int], k: int, *, temperature: float, banned: list[int] = (),
+                   seed: int | None = None) -> Draw:
+        """The base's next token after `context` at `temperature` (0: greedy), never one of
+        `banned`, with the top-k raw log-probs."""
+        body = {"model": self.model, "prompt": context, "max_tokens": 1, "logprobs": k, "temperature": temperature,
+                "return_tokens_as_token_ids": True}
+        if banned:
+            body["logit_bias"] = {str(t): BANNED for t in banned}
+        if seed is not None:
+            body["seed"] = seed
+        for attempt in range(self.retries + 1):
+            try:
+                return await self._call(body, k)
+            except UpstreamError as e:
+                if not e.retryable or attempt == self.retries:
+                    raise
+            await asyncio.sleep(RETRY_BACKOFF_S * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    async def _call(self, body: dict, k: int) -> Draw:
+        self.calls += 1
+        try:
+            response = await self.client.post("/completions", json=body)
+        except httpx.TimeoutException:
+            raise UpstreamError(504, f"upstream {self.base_url} did not answer within {self.timeout_s:g} s",
+                                retryable=True) from None
+        except httpx.HTTPError as e:
+            raise UpstreamError(503, f"upstream {self.base_url} unreachable: {e}", retryable=True) from None
+        if response.status_code != 200:
+            raise UpstreamError(502, f"upstream {self.base_url} answered {response.status_code}: "
+                                     f"{response.text[:500]}",
+                                retryable=response.status_code == 429 or response.status_code >= 500)
+        try:
+            logprobs = response.json()["choices"][0]["logprobs"]
+            token = _token_id(logprobs["tokens"][0])
+            logprob = float(logprobs["token_logprobs"][0])
+            top = sorted(((_token_id(t), float(lp)) for t, lp in logprobs["top_logprobs"][0].items()),
+                         key=lambda pair: -pair[1])
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise UpstreamError(502, f"upstream {self.base_url} answered without token log-probs ({e!r})") from None
+        if len(top) < k:
+            raise UpstreamError(502, f"upstream {self.base_url} gave {len(top)} log-probs, {k} asked (a vLLM upstream "
+                                     f"needs --max-logprobs >= {k})")
+        # vLLM adds the drawn token's log-prob when it is not among the top k: the k best are the first k.
+        return Draw(token, logprob, top[:k])
+
+
+# A probe with words, digits, punctuation, whitespace runs and non-ASCII text, so that tokenizers
+# that differ anywhere in their vocabulary or pre-tokenization give different ids.
+TOKENIZER_PROBE = "Value-augmented sampling, 2024: naïve café — 3.14159 tokens!\n\t  ¿Qué? 東京 🙂"
+
+
+async def check_tokenizer(upstream: Upstream, tokenizer) -> None:
+    """The upstream tokenizes a probe string as `tokenizer` does (vLLM's /tokenize): ValueError
+    naming the difference, or that the upstream cannot say."""
+    root = upstream.base_url.rstrip("/").removesuffix("/v1")
+    try:
+        response = await upstream.client.post(f"{root}/tokenize", json={
+            "model": upstream.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False})
+        theirs = response.json()["tokens"] if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot check the upstream's tokenizer at {root}/tokenize: {e}") from None
+    if theirs is None:
+        raise ValueError(f"the upstream has no usable {root}/tokenize (answered {response.status_code}); if its "
+                         "tokenizer is MODEL's, pass --remote-skip-tokenizer-check")
+    ours = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
+    if theirs != ours:
+        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        raise ValueError(f"the upstream's tokenizer differs from MODEL's: a probe string gives {len(theirs)} "
+                         f"tokens there and {len(ours)} here, first different at token {first}; serve MODEL as "
+                         "a local copy of the upstream's model")
+
+
+def _token_id(token: str) -> int:
+    """`token_id:123` (vLLM's return_tokens_as_token_ids) -> 123."""
+    if not token.startswith("token_id:"):
+        raise ValueError(f"not a token id: {token!r} (the upstream must honour return_tokens_as_token_ids)")
+    return int(token.removeprefix("token_id:"))
