@@ -127,10 +127,16 @@ def main() -> None:
             process.terminate()
         for process in servers:
             process.wait(timeout=90)
+    # The remote server's own totals, logged at shutdown: value batches and their rows show the batching.
+    totals = re.search(r"remote-base totals: (\d+) tokens, (\d+) upstream calls, (\d+) value batches of (\d+) rows, "
+                       r"(\d+) capped steps", (logs / "remote.log").read_text(errors="replace"))
+    remote_totals = dict(zip(("tokens", "upstream_calls", "value_batches", "value_rows", "capped_steps"),
+                             map(int, totals.groups()))) if totals else None
+    print(f"remote server totals: {remote_totals}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"command": "python benchmarks/remote.py --concurrency "
                                           + " ".join(map(str, args.concurrency)) + f" --tokens {args.tokens} --temperature {args.temperature:g}",
-                                          "results": rows}, indent=2) + "\n")
+                                          "results": rows, "remote_totals": remote_totals}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

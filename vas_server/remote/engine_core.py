@@ -17,7 +17,6 @@ decodes each request with its own token loop. Per token:
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 from http import HTTPStatus
 from types import SimpleNamespace
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from vllm.exceptions import GracefulHTTPError, VLLMValidationError
+from vllm.logger import init_logger
 from vllm.sampling_params import SamplingType
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, FinishReason
 from vllm.v1.outputs import LogprobsLists
@@ -38,7 +38,7 @@ from vas_server.remote.sampling import Step, steered_step
 from vas_server.remote.scoring import BatchedScorer
 from vas_server.remote.upstream import Draw, Upstream, UpstreamError
 
-logger = logging.getLogger(__name__)
+logger = init_logger("vllm.plugins.vas.remote")  # vLLM's log format and level
 
 
 class RemoteEngineCore:
@@ -87,6 +87,8 @@ class RemoteEngineCore:
         for task in self.loops.values():
             task.cancel()
         self.scorer.shutdown()
+        logger.info("remote-base totals: %d tokens, %d upstream calls, %d value batches of %d rows, %d capped steps",
+                    self.tokens, self.upstream.calls, self.scorer.batches, self.scorer.rows, self.capped_steps)
 
     async def _decode(self, request: EngineCoreRequest, steering: VASRequest) -> None:
         params = request.sampling_params
