@@ -88,3 +88,27 @@ def test_a_cancelled_loop_is_not_scored_and_a_slot_waits_for_the_running_batch(m
 
     a_slot = asyncio.run(scenario())
     assert runtime.scored == [[a_slot]] and (scorer.batches, scorer.rows) == (1, 1)
+
+
+def test_rows_advanced_before_scoring_get_the_values_of_scoring_alone(make_runtime):
+    """The loops' pattern: advance (the chosen token; the prompt at first) without waiting, then
+    score; over three steps, each row's values equal those of a runtime that only scores."""
+    runtime, alone = make_runtime(), make_runtime()
+    prompts, candidates, heads = _requests(runtime, 3, seed=1)
+    scorer = BatchedScorer(runtime)
+
+    async def steps():
+        rows = [ScoredRequest(await scorer.allocate(), p, [], heads) for p in prompts]
+        twins = [ScoredRequest(alone.allocate(), p, r.outputs, heads) for p, r in zip(prompts, rows)]
+        for step in range(3):
+            advanced = [scorer.advance(r) for r in rows]
+            got = await asyncio.gather(*(scorer.values(r, c) for r, c in zip(rows, candidates)))
+            assert all(a.done() for a in advanced)
+            width = max(map(len, candidates))
+            want = alone.score(twins, torch.tensor([c + c[:1] * (width - len(c)) for c in candidates]))
+            for b, (g, c) in enumerate(zip(got, candidates)):
+                torch.testing.assert_close(g, want[b, :, :len(c)], atol=1e-4, rtol=0)
+            for r, c in zip(rows, candidates):
+                r.outputs.append(c[step % len(c)])
+
+    asyncio.run(steps())

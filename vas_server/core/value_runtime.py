@@ -118,8 +118,8 @@ class TrunkScorer:
         self.cached[slot] = 0
 
     @torch.inference_mode()
-    def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, new_tokens: NewTokens):
-        """Feed new committed tokens, score candidates [B, K].
+    def score(self, rows: list[ScoredRequest], candidates: torch.Tensor | None, new_tokens: NewTokens):
+        """Feed new committed tokens, score candidates [B, K] (None: only feed).
 
         Returns (state values [B, K, n_state] or None, token values [n_token, B, K] or None).
         All bookkeeping is host-side (`cached`, token counts); the device only computes.
@@ -131,7 +131,7 @@ class TrunkScorer:
         total = [c + k for c, k in zip(cached, n)]
         if max(total) > self.max_len:
             raise RuntimeError(f"value cache length {self.max_len} exceeded ({max(total)} tokens)")
-        Kc = candidates.shape[1] if self.has_state else 0
+        Kc = candidates.shape[1] if self.has_state and candidates is not None else 0
         Lq = max(k + Kc for k in n)
         # Lq == 0 only for a token-heads-only trunk with no new token (a repeated chunked-prefill
         # step): last_hidden is already current.
@@ -139,7 +139,7 @@ class TrunkScorer:
         for s, t in zip(slots, total):
             self.cached[s] = t
         token_values = None
-        if self.has_token:
+        if self.has_token and candidates is not None:
             embed = self.trunk.embed_tokens.weight
             hidden = self.last_hidden[to_device(torch.tensor(slots), device)]
             token_values = self.heads.token_values(hidden, embed, candidates,
@@ -322,6 +322,17 @@ class ValueRuntime:
         for r in self.scorers:
             r.reset(slot)
         self.free_slots.append(slot)
+
+    def advance(self, rows: list[ScoredRequest]) -> None:
+        """Feed the rows' newly committed tokens (their host lists) to the separate trunks they
+        use, scoring nothing: a later `score` of these rows then runs only their candidates (state
+        heads) or only the heads (token heads). Remote mode advances a row while the upstream
+        computes its next candidates."""
+        new_tokens = list_new_tokens(self.device)
+        for t, scorer in enumerate(self.scorers):
+            members = [r for r in rows if r.heads & self.scorer_heads[t]]
+            if members and isinstance(scorer, TrunkScorer):
+                scorer.score(members, None, new_tokens)
 
     def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, batch_rows: torch.Tensor | None = None,
               num_rows: int = 0, new_tokens: NewTokens | None = None) -> torch.Tensor:

@@ -8,7 +8,8 @@ decodes each request with its own token loop. Per token:
   1. one upstream call (vas_server.remote.upstream): the base's draw at the request's temperature
      and its top-K raw log-probs, the VAS candidates C;
   2. the candidates' values from the local value runtime, batched with every other loop that is
-     ready at the same moment (vas_server.remote.scoring);
+     ready at the same moment (vas_server.remote.scoring); the value trunks took the context's
+     last token while the upstream call ran;
   3. a token from VAS's distribution over C and the tail (vas_server.remote.sampling), which may
      take more upstream calls;
   4. the token, and its log-probs when asked, to AsyncLLM as an EngineCoreOutput.
@@ -107,6 +108,8 @@ class RemoteEngineCore:
             row = ScoredRequest(slot, list(request.prompt_token_ids), [], heads)
             for step in range(params.max_tokens):
                 context = row.prompt + row.outputs
+                # The value trunks take the last token (the prompt, at first) while the upstream computes.
+                advancing = self.scorer.advance(row) if slot is not None else None
                 first = await self.upstream.draw(context, asked, temperature=temperature, seed=_seed(generator))
                 candidates = [t for t, _ in first.top[:top_k]]
 
@@ -116,6 +119,8 @@ class RemoteEngineCore:
 
                 bonus = None
                 if heads:
+                    if advancing is not None:
+                        await advancing
                     values = await self.scorer.values(row, candidates)
                     bonus = rule.bonus(values[None], weight_vector)[0]
                 chosen = await steered_step(first, top_k, bonus, temperature, steering.restrict_to_top_k,

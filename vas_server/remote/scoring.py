@@ -1,45 +1,64 @@
-"""The value runtime shared by every remote token loop, scoring in batches.
+"""The value runtime shared by every remote token loop, working in batches.
 
-Each request's loop asks for its candidates' values and waits. Requests that ask in the same
-event-loop turn, or while a batch is being scored, are scored together in the next batch: one
-value-runtime call (one trunk forward per value model) for all of them, as the in-process
-processor does for one engine step. The batch runs in a worker thread, so the event loop keeps
-serving HTTP and upstream calls meanwhile (torch releases the GIL).
+A loop asks for two kinds of work: `advance` (feed the token it just chose to its value trunks;
+it asks right after choosing, and the work overlaps its next upstream call) and `values` (score
+its next candidates, once the upstream returned them). Work asked in the same event-loop turn,
+or while a batch is running, forms the next batch: one `ValueRuntime.advance` for all its
+advances, then one `ValueRuntime.score` for all its candidates (one trunk forward per value model
+each), as the in-process processor does for one engine step. A row's advance always precedes its
+values: it is asked first, and batches run one at a time, in order. The batch runs in a worker
+thread, so the event loop keeps serving HTTP and upstream calls meanwhile (torch releases the GIL).
 
 Invariant: a value-cache slot is only released while no batch is running (`release` defers it
-otherwise), and a row whose loop was cancelled is never put into a batch, so a slot is never
-reused while a batch still reads it.
+otherwise), and its queued work is dropped when it is released, so a slot is never fed or read
+for a request that has ended.
 """
 
 from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from vas_server.core.value_runtime import ScoredRequest, ValueRuntime, to_device
 
 
+@dataclass(eq=False)
+class Work:
+    row: ScoredRequest
+    candidates: list[int] | None  # None: advance the row; else score these candidates
+    done: asyncio.Future
+
+
 class BatchedScorer:
     def __init__(self, runtime: ValueRuntime):
         self.runtime = runtime
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="vas-values")
-        self.pending: list[tuple[ScoredRequest, list[int], asyncio.Future]] = []
+        self.pending: list[Work] = []
         self.drainer: asyncio.Task | None = None
-        self.running = False  # a batch is being scored in the worker thread
+        self.running = False  # a batch is running in the worker thread
         self.deferred_releases: list[int] = []
         self.free_slots = asyncio.Semaphore(runtime.max_requests)
-        self.batches = 0  # batches scored, and rows in them (the benchmark reports rows per batch)
+        self.batches = 0  # batches with candidates to score, and their rows (the benchmark reports both)
         self.rows = 0
+
+    def advance(self, row: ScoredRequest) -> asyncio.Future:
+        """Feed `row`'s newly committed tokens to its value trunks; done when fed."""
+        return self._ask(row, None)
 
     async def values(self, row: ScoredRequest, candidates: list[int]) -> torch.Tensor:
         """The values q_h(a) of `row`'s candidates: [n_heads, len(candidates)], float32, on the host."""
-        future = asyncio.get_running_loop().create_future()
-        self.pending.append((row, candidates, future))
+        return await self._ask(row, candidates)
+
+    def _ask(self, row: ScoredRequest, candidates: list[int] | None) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        work = Work(row, candidates, loop.create_future())
+        self.pending.append(work)
         if self.drainer is None:
-            self.drainer = asyncio.get_running_loop().create_task(self._drain())
-        return await future
+            self.drainer = loop.create_task(self._drain())
+        return work.done
 
     async def allocate(self) -> int:
         """A value-cache slot for a new request, once one is free (the runtime has max_requests)."""
@@ -47,9 +66,12 @@ class BatchedScorer:
         return self.runtime.allocate()  # never None: the semaphore counts the free slots
 
     def release(self, slot: int | None) -> None:
-        """Give `slot` back, once no batch is reading it."""
+        """Give `slot` back, dropping its queued work, once no batch is reading it."""
         if slot is None:
             return
+        for work in self.pending:
+            if work.row.slot == slot:
+                work.done.cancel()
         if self.running:
             self.deferred_releases.append(slot)
         else:
@@ -64,13 +86,13 @@ class BatchedScorer:
         try:
             while self.pending:
                 await asyncio.sleep(0)  # loops made ready in this turn join the batch
-                batch = [item for item in self.pending if not item[2].done()]  # cancelled loops drop out
+                batch = [work for work in self.pending if not work.done.done()]  # ended loops drop out
                 self.pending = []
                 if not batch:
                     continue
                 self.running = True
                 try:
-                    values = await loop.run_in_executor(self.executor, self._score, batch)
+                    values = await loop.run_in_executor(self.executor, self._run, batch)
                 except Exception as e:  # the loops end with it; the next batch may still succeed
                     values, error = None, e
                 else:
@@ -80,24 +102,33 @@ class BatchedScorer:
                     for slot in self.deferred_releases:
                         self._release(slot)
                     self.deferred_releases.clear()
-                self.batches += 1
-                self.rows += len(batch)
-                for b, (_, candidates, future) in enumerate(batch):
-                    if future.done():
-                        continue
-                    if error is not None:
-                        future.set_exception(error)
-                    else:
-                        future.set_result(values[b, :, :len(candidates)])
+                scored = [work for work in batch if work.candidates is not None]
+                self.batches += bool(scored)
+                self.rows += len(scored)
+                for work in batch:
+                    if not work.done.done() and error is not None:
+                        work.done.set_exception(error)
+                    elif not work.done.done() and work.candidates is None:
+                        work.done.set_result(None)
+                for b, work in enumerate(scored):
+                    if not work.done.done() and error is None:
+                        work.done.set_result(values[b, :, :len(work.candidates)])
         finally:
             self.drainer = None
 
-    def _score(self, batch: list[tuple[ScoredRequest, list[int], asyncio.Future]]) -> torch.Tensor:
-        """[B, n_heads, K_max] on the host; rows with fewer candidates are padded with their first."""
-        width = max(len(c) for _, c, _ in batch)
-        padded = torch.tensor([c + c[:1] * (width - len(c)) for _, c, _ in batch])
-        values = self.runtime.score([row for row, _, _ in batch], to_device(padded, self.runtime.device))
-        return values.cpu()
+    def _run(self, batch: list[Work]) -> torch.Tensor | None:
+        """Advance the batch's advancing rows, then score its candidates: [B, n_heads, K_max] on the
+        host, rows with fewer candidates padded with their first."""
+        advancing = [work.row for work in batch if work.candidates is None]
+        if advancing:
+            self.runtime.advance(advancing)
+        scored = [work for work in batch if work.candidates is not None]
+        if not scored:
+            return None
+        width = max(len(work.candidates) for work in scored)
+        padded = torch.tensor([work.candidates + work.candidates[:1] * (width - len(work.candidates))
+                               for work in scored])
+        return self.runtime.score([work.row for work in scored], to_device(padded, self.runtime.device)).cpu()
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
