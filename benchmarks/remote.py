@@ -6,7 +6,9 @@ and `vas-server serve` (in-process VAS). Then, for each concurrency, sends that 
 completions at once (32 tokens, temperature 1 unless --temperature, the demo `positive` head at weight 2 for the two VAS
 servers, none for the upstream) and measures tokens/s per stream and in total, the time between
 tokens (p50/p99), and, for remote mode, upstream calls per generated token (from the upstream's
-own `vllm:request_success_total`).
+own `vllm:request_success_total`). A fourth row, "upstream, 1-token calls", makes the upstream
+calls remote mode makes (one-token completions with 256 log-probs, token-id prompts) without any
+VAS work: remote mode's ceiling on this machine.
 
     python benchmarks/remote.py [--concurrency 1 8 32] [--tokens 32] [--temperature 1.0]
                                 [--out benchmarks/results/remote.json]
@@ -62,12 +64,26 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> list[fl
     return times
 
 
-async def measure(url: str, model: str, concurrency: int, tokens: int, temperature: float, steering: dict) -> dict:
-    bodies = [{"model": model, "prompt": PROMPT, "max_tokens": tokens, "temperature": temperature, "seed": i,
-               "stream": True, "ignore_eos": True, **steering} for i in range(concurrency)]
-    async with httpx.AsyncClient(timeout=600) as client:
+async def one_token_calls(client: httpx.AsyncClient, url: str, model: str, prompt_ids: list[int], tokens: int,
+                          temperature: float, seed: int) -> list[float]:
+    """The upstream calls remote mode makes for one request, without any VAS work: per token, a
+    one-token completion with 256 log-probs on the context as token ids. Their arrival times."""
+    times, context = [], list(prompt_ids)
+    for step in range(tokens):
+        response = await client.post(url, json={"model": model, "prompt": context, "max_tokens": 1, "logprobs": 256,
+                                                "temperature": temperature, "seed": seed * 1000 + step,
+                                                "return_tokens_as_token_ids": True})
+        response.raise_for_status()
+        context.append(int(response.json()["choices"][0]["logprobs"]["tokens"][0].removeprefix("token_id:")))
+        times.append(time.perf_counter())
+    return times
+
+
+async def measure(concurrency: int, run) -> dict:
+    """run(client, i) -> the arrival times of request i's tokens; `concurrency` requests at once."""
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as client:
         start_time = time.perf_counter()
-        runs = await asyncio.gather(*(stream_one(client, f"{url}/v1/completions", b) for b in bodies))
+        runs = await asyncio.gather(*(run(client, i) for i in range(concurrency)))
         wall = time.perf_counter() - start_time
     gaps = [b - a for times in runs for a, b in zip(times, times[1:])]
     per_stream = [len(times) / (times[-1] - start_time) for times in runs if times]
@@ -106,19 +122,34 @@ def main() -> None:
                               "http://127.0.0.1:8301/v1", "--remote-model", "smol", *common], 8302, logs / "remote.log"))
         servers.append(start([sys.executable, "-m", "vas_server", "serve", "--port", "8303", *common], 8303,
                              logs / "in_process.log"))
-        targets = {"upstream, plain": ("http://127.0.0.1:8301", "smol", {}),
-                   "remote VAS": ("http://127.0.0.1:8302", "SmolLM2-135M-Instruct", {"vas_weights": {"positive": 2.0}}),
-                   "in-process VAS": ("http://127.0.0.1:8303", "SmolLM2-135M-Instruct",
-                                      {"vas_weights": {"positive": 2.0}})}
+        from transformers import AutoTokenizer
+
+        prompt_ids = AutoTokenizer.from_pretrained(base)(PROMPT)["input_ids"]
+
+        def streamed(url: str, model: str, steering: dict):
+            def run(client, i):
+                return stream_one(client, f"{url}/v1/completions", {
+                    "model": model, "prompt": PROMPT, "max_tokens": args.tokens, "temperature": args.temperature,
+                    "seed": i, "stream": True, "ignore_eos": True, **steering})
+            return run
+
+        targets = {"upstream, plain": streamed("http://127.0.0.1:8301", "smol", {}),
+                   "upstream, 1-token calls": lambda client, i: one_token_calls(
+                       client, "http://127.0.0.1:8301/v1/completions", "smol", prompt_ids, args.tokens,
+                       args.temperature, i),
+                   "remote VAS": streamed("http://127.0.0.1:8302", "SmolLM2-135M-Instruct",
+                                          {"vas_weights": {"positive": 2.0}}),
+                   "in-process VAS": streamed("http://127.0.0.1:8303", "SmolLM2-135M-Instruct",
+                                              {"vas_weights": {"positive": 2.0}})}
         rows = {}
-        for name, (url, model, steering) in targets.items():
+        for name, run in targets.items():
             for c in args.concurrency:
                 before = upstream_requests("http://127.0.0.1:8301")
-                row = asyncio.run(measure(url, model, c, args.tokens, args.temperature, steering))
+                row = asyncio.run(measure(c, run))
                 if name == "remote VAS":
                     row["upstream_calls_per_token"] = (upstream_requests("http://127.0.0.1:8301") - before) / row["tokens"]
                 rows[f"{name}, {c} streams"] = row
-                print(f"{name:<16}{c:>4} streams  {row['per_stream_tok_s']:7.2f} tok/s per stream  "
+                print(f"{name:<24}{c:>4} streams  {row['per_stream_tok_s']:7.2f} tok/s per stream  "
                       f"{row['total_tok_s']:7.2f} total  gap p50 {row['gap_p50_ms']:7.1f} ms  p99 {row['gap_p99_ms']:7.1f} ms"
                       + (f"  {row['upstream_calls_per_token']:.2f} upstream calls/token"
                          if "upstream_calls_per_token" in row else ""), flush=True)
