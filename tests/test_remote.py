@@ -416,3 +416,34 @@ def test_an_upstream_that_recovers_within_the_retries_answers(fake_upstream, ret
     else:
         assert answered and draw.token == 7 and draw.top == [(7, -0.1), (8, -2.5)]
     assert upstream.calls == retries + 1
+
+
+def test_startup_waits_for_an_upstream_that_is_still_starting():
+    """An upstream that starts listening later is waited for; one that never answers is an error."""
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from vas_server.remote.upstream import Upstream, wait_until_reachable
+
+    class Models(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    servers = []
+    threading.Timer(1.5, lambda: servers.append(ThreadingHTTPServer(("127.0.0.1", port), Models))
+                    or threading.Thread(target=servers[0].serve_forever, daemon=True).start()).start()
+    heard: list[str] = []
+    started = time.monotonic()
+    asyncio.run(wait_until_reachable(Upstream(f"http://127.0.0.1:{port}/v1", "m"), 30, heard.append))
+    assert 1.5 <= time.monotonic() - started < 30 and "waiting for the upstream" in heard[0]
+    servers[0].shutdown()
+    with pytest.raises(ValueError, match="did not answer within 1 s"):
+        asyncio.run(wait_until_reachable(Upstream(f"http://127.0.0.1:{free_port()}/v1", "m"), 1, heard.append))

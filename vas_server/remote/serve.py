@@ -14,12 +14,17 @@ import os
 from argparse import Namespace
 
 import torch
+from vllm.logger import init_logger
 
 from vas_server.config import VASConfig
 from vas_server.remote.engine_core import RemoteEngineCore
-from vas_server.remote.upstream import Upstream, check_tokenizer
+from vas_server.remote.upstream import Upstream, check_tokenizer, wait_until_reachable
 
 API_KEY_ENV = "VAS_REMOTE_API_KEY"  # the upstream's key, if it wants one
+# How long startup waits for an upstream that does not answer yet (one started at the same time,
+# still loading its model, as in README's example).
+UPSTREAM_STARTUP_WAIT_S = 300
+logger = init_logger("vllm.plugins.vas.remote")
 
 
 def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer):
@@ -79,11 +84,12 @@ async def serve_remote(args: Namespace, vas: VASConfig) -> None:
     vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(UsageContext.OPENAI_API_SERVER)
     model_config = vllm_config.model_config
     tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or model_config.model)
-    if not args.remote_skip_tokenizer_check:
-        try:
+    try:
+        await wait_until_reachable(upstream, UPSTREAM_STARTUP_WAIT_S, logger.info)
+        if not args.remote_skip_tokenizer_check:
             await check_tokenizer(upstream, tokenizer)
-        except ValueError as e:
-            raise SystemExit(f"vas-server: {e}") from None
+    except ValueError as e:
+        raise SystemExit(f"vas-server: {e}") from None
     engine = remote_async_llm(vllm_config, vas, upstream, tokenizer)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:

@@ -9,6 +9,8 @@ retried with backoff, since a call has no side effects and its seed makes it rep
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -99,6 +101,27 @@ class Upstream:
                                      f"needs --max-logprobs >= {k})")
         # vLLM adds the drawn token's log-prob when it is not among the top k: the k best are the first k.
         return Draw(token, logprob, top[:k])
+
+
+async def wait_until_reachable(upstream: Upstream, timeout_s: float, on_wait: Callable[[str], None]) -> None:
+    """Return once the upstream answers HTTP at all (GET /models, which every OpenAI-compatible
+    server has): one started beside this server may still be loading its model. `on_wait` hears
+    why it is not yet, every 10 s; ValueError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    next_word = time.monotonic()
+    while True:
+        try:
+            await upstream.client.get("/models")
+            return
+        except httpx.HTTPError as e:
+            problem = f"{type(e).__name__}: {e}"
+        now = time.monotonic()
+        if now > deadline:
+            raise ValueError(f"the upstream at {upstream.base_url} did not answer within {timeout_s:g} s ({problem})")
+        if now >= next_word:
+            on_wait(f"waiting for the upstream at {upstream.base_url} ({problem})")
+            next_word = now + 10
+        await asyncio.sleep(1)
 
 
 # A probe with words, digits, punctuation, whitespace runs and non-ASCII text, so that tokenizers
