@@ -90,39 +90,38 @@ class BatchedScorer:
                 self.pending = []
                 if not batch:
                     continue
+                advancing = [work for work in batch if work.candidates is None]
+                scored = [work for work in batch if work.candidates is not None]
                 self.running = True
                 try:
-                    values = await loop.run_in_executor(self.executor, self._run, batch)
+                    values = await loop.run_in_executor(self.executor, self._run, advancing, scored)
                 except Exception as e:  # the loops end with it; the next batch may still succeed
-                    values, error = None, e
+                    results, error = None, e
                 else:
-                    error = None
+                    results, error = [None] * len(advancing) + [values[b, :, :len(work.candidates)]
+                                                                for b, work in enumerate(scored)], None
                 finally:
                     self.running = False
                     for slot in self.deferred_releases:
                         self._release(slot)
                     self.deferred_releases.clear()
-                scored = [work for work in batch if work.candidates is not None]
                 self.batches += bool(scored)
                 self.rows += len(scored)
-                for work in batch:
-                    if not work.done.done() and error is not None:
+                for b, work in enumerate(advancing + scored):
+                    if work.done.done():  # its loop ended meanwhile
+                        continue
+                    if error is not None:
                         work.done.set_exception(error)
-                    elif not work.done.done() and work.candidates is None:
-                        work.done.set_result(None)
-                for b, work in enumerate(scored):
-                    if not work.done.done() and error is None:
-                        work.done.set_result(values[b, :, :len(work.candidates)])
+                    else:
+                        work.done.set_result(results[b])
         finally:
             self.drainer = None
 
-    def _run(self, batch: list[Work]) -> torch.Tensor | None:
-        """Advance the batch's advancing rows, then score its candidates: [B, n_heads, K_max] on the
-        host, rows with fewer candidates padded with their first."""
-        advancing = [work.row for work in batch if work.candidates is None]
+    def _run(self, advancing: list[Work], scored: list[Work]) -> torch.Tensor | None:
+        """Advance the advancing rows, then score the candidates of the scored ones: [B, n_heads,
+        K_max] on the host, rows with fewer candidates padded with their first."""
         if advancing:
-            self.runtime.advance(advancing)
-        scored = [work for work in batch if work.candidates is not None]
+            self.runtime.advance([work.row for work in advancing])
         if not scored:
             return None
         width = max(len(work.candidates) for work in scored)

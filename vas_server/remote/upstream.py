@@ -66,14 +66,15 @@ class Upstream:
             body["logit_bias"] = {str(t): BANNED for t in banned}
         if seed is not None:
             body["seed"] = seed
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 return await self._call(body, k)
             except UpstreamError as e:
                 if not e.retryable or attempt == self.retries:
                     raise
             await asyncio.sleep(RETRY_BACKOFF_S * 2 ** attempt)
-        raise AssertionError("unreachable")
+            attempt += 1
 
     async def _call(self, body: dict, k: int) -> Draw:
         self.calls += 1
