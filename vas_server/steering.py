@@ -195,6 +195,28 @@ class Steering:
         }
 
 
+def value_dtype(config: VASConfig, model_config) -> torch.dtype:
+    """The value models' dtype: the configured one, else the base's."""
+    return model_config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
+
+
+def separate_runtime(config: VASConfig, vllm_config: "VllmConfig", identity, names: list[str],
+                     device: torch.device | str, shared: list = ()) -> ValueRuntime:
+    """The value runtime with the value models `names` on their own trunks on `device` (plus the
+    `shared` scorers): the worker's (_build_runtime), and remote mode's, where every model is
+    separate since no hidden state comes over HTTP. `identity` is the base tokenizer's, checked
+    against each model's."""
+    from vas_server.core.model import load_value_model
+
+    model_config = vllm_config.model_config
+    base_dir = model_config.model
+    dtype = value_dtype(config, model_config)
+    models = [load_value_model(config.value_models[name], base_dir, name=name, base_tokenizer=identity,
+                               base_model_name=base_dir, dtype=dtype, device=device) for name in names]
+    max_requests = config.max_requests or vllm_config.scheduler_config.max_num_seqs
+    return ValueRuntime(models, max_requests, model_config.max_model_len, device, dtype, shared)
+
+
 def _build_runtime(config: VASConfig, vllm_config: "VllmConfig",
                    device: torch.device) -> tuple[ValueRuntime, HiddenStateTap | None]:
     """The value runtime of all configured value models, and the hidden-state tap when any of
@@ -202,7 +224,7 @@ def _build_runtime(config: VASConfig, vllm_config: "VllmConfig",
     from transformers import AutoTokenizer
 
     from vas_server.core.format import check_tokenizer, load_spec, tokenizer_identity
-    from vas_server.core.model import load_value_heads, load_value_model
+    from vas_server.core.model import load_value_heads
     from vas_server.config import runtime_path
     from vas_server.core.value_runtime import SharedScorer
 
@@ -211,14 +233,8 @@ def _build_runtime(config: VASConfig, vllm_config: "VllmConfig",
     tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or base_dir,
                                               trust_remote_code=model_config.trust_remote_code)
     identity = tokenizer_identity(tokenizer)
-    dtype = model_config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
-    value_device = torch.device(config.device) if config.device else device
+    dtype = value_dtype(config, model_config)
     specs = {name: load_spec(Path(path)) for name, path in config.value_models.items()}
-    models = [
-        load_value_model(config.value_models[name], base_dir, name=name, base_tokenizer=identity,
-                         base_model_name=base_dir, dtype=dtype, device=value_device)
-        for name, spec in specs.items() if runtime_path(spec) == "separate"
-    ]
     shared_specs = {name: spec for name, spec in specs.items() if runtime_path(spec) == "shared"}
     tap, shared = None, []
     if shared_specs:
@@ -230,8 +246,8 @@ def _build_runtime(config: VASConfig, vllm_config: "VllmConfig",
             # On the worker's device (not config.device): the base's states and embedding live there.
             heads = load_value_heads(path, spec, hf.hidden_size, hf.vocab_size, dtype=dtype, device=device)
             shared.append(SharedScorer(name, heads, spec.trunk.num_layers, tap))
-    max_requests = config.max_requests or vllm_config.scheduler_config.max_num_seqs
-    runtime = ValueRuntime(models, max_requests, model_config.max_model_len, value_device, dtype, shared)
+    separate = [name for name in specs if name not in shared_specs]
+    runtime = separate_runtime(config, vllm_config, identity, separate, config.device or device, shared)
     base_layers = model_config.hf_config.num_hidden_layers
     for name, spec in specs.items():
         if name in shared_specs:

@@ -34,18 +34,10 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer)
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from vas_server.core.format import tokenizer_identity
-    from vas_server.core.model import load_value_model
-    from vas_server.core.value_runtime import ValueRuntime
+    from vas_server.steering import separate_runtime
 
-    model_config = vllm_config.model_config
-    base_dir = model_config.model
-    dtype = model_config.dtype if vas.dtype == "auto" else getattr(torch, vas.dtype)
-    device = value_device(vas)
-    models = [load_value_model(path, base_dir, name=name, base_tokenizer=tokenizer_identity(tokenizer),
-                               base_model_name=base_dir, dtype=dtype, device=device)
-              for name, path in vas.value_models.items()]
-    runtime = ValueRuntime(models, vas.max_requests or vllm_config.scheduler_config.max_num_seqs,
-                           model_config.max_model_len, device, dtype)
+    runtime = separate_runtime(vas, vllm_config, tokenizer_identity(tokenizer), list(vas.value_models),
+                               value_device(vas))
     core = RemoteEngineCore(upstream, runtime, vas)
     make_client = core_client.EngineCoreClient.make_async_mp_client
     core_client.EngineCoreClient.make_async_mp_client = staticmethod(lambda *args, **kwargs: core)
