@@ -22,8 +22,9 @@ class ReferenceValueModel:
         src = base_dir if trunk["type"] == "base_prefix" else path / "trunk"
         lm = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
         if trunk.get("num_layers"):
+            # The config keeps its layer count: Gemma 4's per-layer inputs are shaped by it, and
+            # every decoder runs only the layers its list holds.
             lm.model.layers = lm.model.layers[: trunk["num_layers"]]
-            lm.config.num_hidden_layers = trunk["num_layers"]
         self.model = lm.model
         self.heads = {h["name"]: h["kind"] for h in spec["heads"]}
         self.tensors = load_file(str(path / "heads.safetensors"))
@@ -39,7 +40,7 @@ class ReferenceValueModel:
             return torch.stack([self.last_hidden(prefix + [a]) @ t[f"{head}.weight"] + t[f"{head}.bias"]
                                 for a in candidates])
         h = self.last_hidden(prefix)
-        embed = self.model.embed_tokens.weight
+        embed = self.model.get_input_embeddings().weight
         baseline = h @ t[f"{head}.baseline"] if f"{head}.baseline" in t else 0.0
         return torch.stack([baseline + (h @ t[f"{head}.proj"]) @ embed[a] + t[f"{head}.bias"][a] for a in candidates])
 

@@ -60,14 +60,13 @@ def models(tiny_dir, tiny_base, value_models) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def base(tiny_base):
-    """The tiny base's HF config and, as the tap's `model` stand-in, its final norm and embedding."""
+    """The tiny base's HF config and, as the tap's base stand-in, HF's decoder (its final norm and
+    embedding are what the tap binds)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_config = AutoConfig.from_pretrained(str(tiny_base))
     inner = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).model
-    tap_model = SimpleNamespace(model=SimpleNamespace(
-        norm=SimpleNamespace(weight=inner.norm.weight.detach().clone(), variance_epsilon=inner.config.rms_norm_eps),
-        embed_tokens=SimpleNamespace(weight=inner.embed_tokens.weight.detach().clone())))
+    tap_model = SimpleNamespace(model=inner.requires_grad_(False))
     assert hf_config.num_hidden_layers == 2  # "e1" (N = 2) reads the final states, "u1"/"u2" an aux column
     return SimpleNamespace(hf_config=hf_config, tap_model=tap_model)
 
@@ -186,7 +185,7 @@ def _build(tiny_base, models, base):
         tap = proc.steering.tap
         assert tap is not None and tap.depths == (1, 2) and tap.aux_layers == (1,)
         assert set(proc.steering.runtime.head_names) == set(SEPARATE_HEADS + SHARED_HEADS)
-        tap.model = base.tap_model
+        tap.bind(base.tap_model)
     assert v1.steering.tap is not v2.steering.tap  # one tap per engine configuration
     return v1, v2, req_states
 

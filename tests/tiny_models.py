@@ -92,3 +92,59 @@ def build_classifier(out_dir: Path, tokenizer_dir: Path, labels: tuple[str, ...]
     LlamaForSequenceClassification(config).save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
+
+
+# Tiny random bases of other architectures (tests/test_architectures.py): 2 layers, hidden 128,
+# 2 query heads x 64 and 1 KV head, plus each architecture's own features (MoE routing, Granite's
+# multipliers, sliding windows, Gemma 4's per-layer inputs) switched on.
+ARCHITECTURES = ("qwen3", "qwen3_moe", "phi3", "granite", "gpt_oss", "gemma4")
+
+
+def build_arch(kind: str, out_dir: Path, tokenizer_dir: Path, *, seed: int, num_layers: int = 2,
+               hidden: int = 128, init_std: float = 0.2) -> Path:
+    """A random HF causal LM of architecture `kind` in float32, saved with the tokenizer. Norm
+    weights are random too (not HF's constant init), so that a state computed with the wrong
+    final norm, or none, differs from the right one."""
+    import transformers as T
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    common = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=num_layers,
+                  num_attention_heads=hidden // 64, num_key_value_heads=1, head_dim=64, max_position_embeddings=1024,
+                  rms_norm_eps=1e-6, initializer_range=init_std, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    layer_types = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["full_attention"] * (num_layers % 2)
+    if kind == "qwen3":
+        config, cls = T.Qwen3Config(**common), T.Qwen3ForCausalLM
+    elif kind == "qwen3_moe":
+        config = T.Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
+                                  decoder_sparse_step=1, norm_topk_prob=True)
+        cls = T.Qwen3MoeForCausalLM
+    elif kind == "phi3":
+        common.pop("head_dim")  # hidden / heads
+        config, cls = T.Phi3Config(**common), T.Phi3ForCausalLM
+    elif kind == "granite":
+        config = T.GraniteConfig(**common, embedding_multiplier=3.0, residual_multiplier=0.5,
+                                 attention_multiplier=0.1, logits_scaling=2.0)
+        cls = T.GraniteForCausalLM
+    elif kind == "gpt_oss":
+        config = T.GptOssConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=128,
+                                layer_types=layer_types)  # its default YaRN rope, which vLLM requires
+        cls = T.GptOssForCausalLM
+    elif kind == "gemma4":
+        config = T.Gemma4TextConfig(**common, global_head_dim=64, sliding_window=128, layer_types=layer_types,
+                                    per_layer_config={}, hidden_size_per_layer_input=16,
+                                    vocab_size_per_layer_input=len(tok))
+        cls = T.Gemma4ForCausalLM
+    else:
+        raise ValueError(f"no tiny builder for {kind!r}: one of {ARCHITECTURES}")
+    config.architectures = [cls.__name__]
+    torch.manual_seed(seed)
+    model = cls(config).to(torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.copy_(1.0 + 0.5 * torch.randn_like(p))
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tok.save_pretrained(str(out_dir))
+    return out_dir

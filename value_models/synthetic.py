@@ -11,13 +11,27 @@ from transformers import AutoTokenizer
 from vas_server.core.format import HeadSpec, TrunkSpec, ValueModelSpec, tokenizer_identity
 from vas_server.core.heads import ValueHeads
 from vas_server.core.model import save_value_model
-from vas_server.core.trunk import TrunkConfig
 
 
-def _config(model_dir: Path) -> TrunkConfig:
-    import json
+def _config(model_dir: Path):
+    """The HF text config (hidden_size, vocab_size) of any architecture transformers knows."""
+    from transformers import AutoConfig
 
-    return TrunkConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    return AutoConfig.from_pretrained(str(model_dir)).get_text_config()
+
+
+def _recording_base(trunk: TrunkSpec, base_dir: Path) -> TrunkSpec:
+    """A base_prefix trunk entry with the base's identity filled in, as `vas-train fit` writes it."""
+    import dataclasses
+
+    if trunk.type != "base_prefix" or trunk.base_architecture is not None:
+        return trunk
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(base_dir))
+    text = config.get_text_config()
+    return dataclasses.replace(trunk, base_architecture=(config.architectures or [None])[0],
+                               base_num_layers=text.num_hidden_layers, base_hidden_size=text.hidden_size)
 
 
 def random_value_model(out: Path, base_dir: Path, heads: list[tuple[str, str]], *, seed: int,
@@ -34,15 +48,16 @@ def random_value_model(out: Path, base_dir: Path, heads: list[tuple[str, str]], 
         module.token_proj.copy_(torch.randn(module.token_proj.shape, generator=g) * scale / c.hidden_size)
         module.token_bias.copy_(torch.randn(module.token_bias.shape, generator=g) * scale)
         module.token_baseline.copy_(torch.randn(module.token_baseline.shape, generator=g) * scale / c.hidden_size ** 0.5)
-    spec = ValueModelSpec(trunk=trunk, heads=specs, tokenizer=tokenizer_identity(tok))
+    spec = ValueModelSpec(trunk=_recording_base(trunk, base_dir), heads=specs, tokenizer=tokenizer_identity(tok))
     return save_value_model(out, spec, module, standalone_dir=standalone_dir)
 
 
-def token_lover(out: Path, base_dir: Path, name: str, token_id: int, strength: float = 1.0) -> Path:
+def token_lover(out: Path, base_dir: Path, name: str, token_id: int, strength: float = 1.0,
+                num_layers: int = 1) -> Path:
     """A token head that values exactly one token: Q(s)[a] = strength if a == token_id else 0."""
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     c = _config(base_dir)
-    spec = ValueModelSpec(trunk=TrunkSpec("base_prefix", num_layers=1),
+    spec = ValueModelSpec(trunk=_recording_base(TrunkSpec("base_prefix", num_layers=num_layers), base_dir),
                           heads=[HeadSpec(name, "token", f"likes token {token_id}")],
                           tokenizer=tokenizer_identity(tok))
     module = ValueHeads(spec.heads, c.hidden_size, c.vocab_size)

@@ -30,7 +30,6 @@ from vas_server.core.format import (
     HeadSpec,
     TokenizerIdentity,
     TokenizerMismatchError,
-    TrunkSpec,
     ValueModelSpec,
 )
 from vas_server.core.heads import ValueHeads
@@ -163,9 +162,7 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     spec = ValueModelSpec(
-        trunk=TrunkSpec(type=config.trunk.type,
-                        num_layers=config.trunk.num_layers if config.trunk.type == "base_prefix" else None,
-                        lora=bool(config.trunk.lora_r)),
+        trunk=trunk.spec(),
         heads=specs, tokenizer=trunk_identity,
         extra={"training": config.to_json()}, default_top_k=config.default_top_k)
 

@@ -1,10 +1,20 @@
 """The trunk as trained: a Hugging Face causal LM cut to its first N layers, optionally with LoRA.
 
-Training uses transformers (and peft) rather than vas_server.core.trunk so that what it saves is
-exactly what those libraries write: a PEFT adapter whose keys name the HF modules
-("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight") and, for a standalone trunk,
-an ordinary HF causal-LM directory. vas_server.core.trunk reproduces the HF forward exactly, so the
-served values equal the trained ones (tests/test_training.py checks this round trip).
+Training uses transformers (and peft) rather than vas_server.core.trunk, for two reasons:
+  * every architecture transformers implements trains without a hand-written decoder: the trunk
+    state is transformers' own residual stream after layer N through the model's own final norm
+    (`last_hidden_state` of the decoder cut to N layers), the very number vLLM's decoder hands the
+    shared path (vas_server.hidden_states; tests/test_architectures.py compares the two);
+  * what it saves is exactly what those libraries write: a PEFT adapter whose keys name the HF
+    modules ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight") and, for a
+    standalone trunk, an ordinary HF causal-LM directory. vas_server.core.trunk reproduces the HF
+    forward for the types it covers, so separate-runtime values equal the trained ones
+    (tests/test_training.py checks this round trip).
+
+Cutting to N layers: the config's layer count (and its per-layer lists, such as `layer_types`) is
+cut so that only N layers are built and loaded. Where the weights themselves depend on the layer
+count (Gemma 3n/4's per-layer input embeddings, [V, layers x dim]), the whole model is loaded and
+its layer list cut instead: same states, more memory while loading.
 
 Trainable parts, by trunk type:
   * base_prefix: frozen, or LoRA (`lora_r > 0`) on every linear layer of the kept blocks;
@@ -51,14 +61,20 @@ class TrainingTrunk:
 
         self.plan = plan
         config = AutoConfig.from_pretrained(plan.model_dir)
-        if plan.num_layers is not None:
-            if not 1 <= plan.num_layers <= config.num_hidden_layers:
-                raise ValueError(f"num_layers must be in 1..{config.num_hidden_layers}, got {plan.num_layers}")
-            config.num_hidden_layers = plan.num_layers
-        # Layers beyond num_layers are simply not loaded (transformers reports them as unused).
+        self.base_config = config.get_text_config()
+        self.base_architecture = (config.architectures or [type(config).__name__])[0]
+        self.base_num_layers = self.base_config.num_hidden_layers
+        n = plan.num_layers
+        if n is not None and not 1 <= n <= self.base_num_layers:
+            raise ValueError(f"num_layers must be in 1..{self.base_num_layers}, got {n}")
+        layer_shaped = bool(getattr(self.base_config, "hidden_size_per_layer_input", 0))
+        if n is not None and not layer_shaped:
+            _cut_layers(self.base_config, n)  # layers past n are not loaded (transformers reports them unused)
         self.causal_lm = AutoModelForCausalLM.from_pretrained(plan.model_dir, config=config, dtype=dtype)
         self.causal_lm.requires_grad_(plan.train_trunk)
         self.decoder = self.causal_lm.model  # embeddings, blocks, final norm: the trunk proper
+        if n is not None and layer_shaped:
+            self.decoder.layers = self.decoder.layers[:n]
         self.peft_model = None
         if plan.lora_r:
             from peft import LoraConfig, get_peft_model
@@ -79,7 +95,17 @@ class TrainingTrunk:
 
     def embedding(self) -> torch.Tensor:
         """The input embedding matrix [V, H] that token heads are tied to (never trained)."""
-        return self.decoder.embed_tokens.weight.detach()
+        return self.causal_lm.get_input_embeddings().weight.detach()
+
+    def spec(self):
+        """The checkpoint's trunk entry; a base_prefix one records the base it was trained on."""
+        from vas_server.core.format import TrunkSpec
+
+        if self.plan.type != "base_prefix":
+            return TrunkSpec("standalone")
+        return TrunkSpec("base_prefix", num_layers=self.plan.num_layers, lora=bool(self.plan.lora_r),
+                         base_architecture=self.base_architecture, base_num_layers=self.base_num_layers,
+                         base_hidden_size=self.base_config.hidden_size)
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final hidden states (after the final norm) [B, L, H] of right-padded tokens [B, L].
@@ -104,3 +130,11 @@ class TrainingTrunk:
             AutoTokenizer.from_pretrained(self.plan.model_dir).save_pretrained(str(out))
             return None, out
         return None, None
+
+
+def _cut_layers(config, n: int) -> None:
+    """Make an HF text config describe its first n layers: the count and the per-layer attention
+    types (`layer_types`, transformers' one per-layer list: sliding/full, linear/full)."""
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:n]
+    config.num_hidden_layers = n

@@ -8,7 +8,7 @@ it out of vLLM's own forward without hooks, so it survives torch.compile and CUD
 
   1. vas_server.tap_models registers, for the base's architecture, vLLM's own model class with
      three small overrides. At init it turns on vLLM's auxiliary hidden-state outputs (the EAGLE-3
-     mechanism, `EagleModelMixin._set_aux_hidden_state_layers`) for the value models' depths
+     mechanism, `SupportsEagle3.set_aux_hidden_state_layers`) for the value models' depths
      N < num_layers: the compiled decoder then returns `hidden + residual` after layer N as an
      extra output, computed inside the compiled graph (and captured by CUDA graphs).
   2. `forward` returns one tensor, [tokens, H * (1 + depths)]: the final hidden state with the
@@ -18,7 +18,11 @@ it out of vLLM's own forward without hooks, so it survives torch.compile and CUD
   3. `compute_logits` splits the columns again: the first H go to the LM head as usual, and the
      rows are published here (`publish`), one row per logits row. For N = num_layers the
      state is `compute_logits`'s own input (the final norm is already applied); for N < num_layers
-     the final norm is applied here, on the sampled rows only.
+     the base's own final-norm module (`decoder.norm`: RMSNorm, Gemma's (1 + w) RMSNorm, ...) is
+     applied here, on the sampled rows only. Whatever an architecture multiplies into its
+     residual stream (Granite's embedding and residual multipliers, Gemma's embedding scale) is
+     inside vLLM's decoder and so inside the state; what it applies after the final norm
+     (Granite's logits scaling, soft-capping) belongs to the LM head, not to the state.
 
 The processor (built by the runner before the model, on the same VllmConfig) reads the rows in
 `apply`, which runs after `compute_logits` in the same step. Model and processor meet through
@@ -35,7 +39,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from vas_server.core.trunk import rms_norm
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -71,7 +74,8 @@ class HiddenStateTap:
         self.hidden_size = hidden_size
         # Depths the decoder must output as extra columns (N = num_layers is compute_logits' input).
         self.aux_layers = tuple(n for n in depths if n < num_layers)
-        self.model = None  # the loaded base (bound by the model class): final norm and embedding
+        self.norm: torch.nn.Module | None = None  # the base's final norm (bound by the model class)
+        self.embed_module: torch.nn.Module | None = None  # the base's input embedding (same)
         self._rows: torch.Tensor | None = None  # this step's published rows [R, H * (1 + aux)]
 
     @classmethod
@@ -98,9 +102,16 @@ class HiddenStateTap:
     @property
     def embedding(self) -> torch.Tensor:
         """The base's input embedding matrix [>= V, H] (token heads use the trunk's own)."""
-        return self.model.model.embed_tokens.weight
+        return self.embed_module.weight
 
     # -- the model side (vas_server.tap_models) ------------------------------------------------
+
+    def bind(self, causal_lm: torch.nn.Module) -> None:
+        """Take the final norm and the input embedding of the loaded base (vLLM's *ForCausalLM,
+        whose `model` is the decoder). Their weights are loaded later, in place."""
+        decoder = causal_lm.model
+        self.norm = decoder.norm
+        self.embed_module = input_embedding(decoder)
 
     def output(self, model_output):
         """The forward's return value: (final, [aux...]) from the decoder -> one tensor."""
@@ -128,8 +139,23 @@ class HiddenStateTap:
         if n == self.num_layers:
             return published[:, :H]
         i = 1 + self.aux_layers.index(n)
-        norm = self.model.model.norm
-        return rms_norm(published[:, i * H:(i + 1) * H], norm.weight, norm.variance_epsilon)
+        out = self.norm(published[:, i * H:(i + 1) * H].contiguous())
+        return out[0] if isinstance(out, tuple) else out  # vLLM norms return (out, residual) with one
 
     def clear(self) -> None:
         self._rows = None
+
+
+# Attribute names vLLM's decoders give their token embedding (Llama, Qwen, Gemma, Granite, ...: the
+# first; gpt-oss: the second). Gemma 3n/4 have further per-layer embeddings, never the input one.
+_EMBEDDING_NAMES = ("embed_tokens", "embedding", "wte", "word_embeddings")
+
+
+def input_embedding(decoder: torch.nn.Module) -> torch.nn.Module:
+    """The decoder's input token embedding module."""
+    for name in _EMBEDDING_NAMES:
+        module = getattr(decoder, name, None)
+        if isinstance(module, torch.nn.Module) and hasattr(module, "weight"):
+            return module
+    raise ValueError(f"{type(decoder).__name__} has no input embedding named {' / '.join(_EMBEDDING_NAMES)}: "
+                     "token heads need the base's embedding rows")

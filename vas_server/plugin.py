@@ -2,31 +2,35 @@
 every process it starts (API server, engine core, workers), `vllm serve` included:
 
   * the base-model classes with the hidden-state tap (vas_server.tap_models), registered for
-    their architectures (lazily, by name: nothing heavy is imported until vLLM builds the model);
+    every text-generation architecture of vLLM's registry, lazily, by name: nothing is imported
+    until vLLM builds the model, and an architecture whose vLLM class has no aux hidden-state
+    outputs resolves to vLLM's own class;
   * a configuration check for those architectures (vLLM's per-architecture `MODELS_CONFIG_MAP`
     hook, run when an engine's VllmConfig is created): with VAS value models in
-    `additional_config["vas"]` it reads their vas.json files, so that a bad directory or a
-    head-name clash fails the engine's start, naming it, with or without `vas-server serve`.
+    `additional_config["vas"]` it reads their vas.json files and checks them against the served
+    base (vas_server.compatibility), so that a bad directory, a head-name clash, a value model
+    trained on another base, or a path the architecture cannot take fails the engine's start,
+    naming both, with or without `vas-server serve`.
 
 Without VAS settings both are inert: the classes are vLLM's own, and the check does nothing.
 """
 
 from __future__ import annotations
 
-# HF architecture name -> class in vas_server.tap_models (the trunk types value_models supports)
-TAP_MODELS = {
-    "LlamaForCausalLM": "TapLlamaForCausalLM",
-    "MistralForCausalLM": "TapMistralForCausalLM",
-    "Qwen2ForCausalLM": "TapQwen2ForCausalLM",
-}
-
 
 def register() -> None:
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP, VerifyAndUpdateConfig
+    from vllm.model_executor.models.registry import _TEXT_GENERATION_MODELS, _LazyRegisteredModel
 
-    for architecture, name in TAP_MODELS.items():
-        ModelRegistry.register_model(architecture, f"vas_server.tap_models:{name}")
+    from vas_server.tap_models import tap_class_name
+
+    for architecture in _TEXT_GENERATION_MODELS:
+        entry = ModelRegistry.models.get(architecture)
+        # vLLM's own lazy entry; one already loaded or registered by someone else is left alone.
+        if isinstance(entry, _LazyRegisteredModel) and entry.module_name.startswith("vllm."):
+            name = tap_class_name(entry.module_name, entry.class_name)
+            ModelRegistry.register_model(architecture, f"vas_server.tap_models:{name}")
         previous = MODELS_CONFIG_MAP.get(architecture, VerifyAndUpdateConfig)
         if not getattr(previous, "vas_check", False):
             MODELS_CONFIG_MAP[architecture] = _with_vas_check(previous)
@@ -45,9 +49,13 @@ def _with_vas_check(previous: type) -> type:
 
 
 def check_vas_config(vllm_config) -> None:
-    """Read the value models' specs: ValueError for a bad directory or a head-name clash."""
+    """Read the value models' specs and check them against the served base: ValueError for a bad
+    directory, a head-name clash, or a value model this base cannot serve."""
+    from vas_server.compatibility import check_value_models
     from vas_server.config import ADDITIONAL_CONFIG_KEY, VASConfig
 
     if not (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY):
         return
-    VASConfig.from_additional_config(vllm_config.additional_config).read_heads()
+    config = VASConfig.from_additional_config(vllm_config.additional_config)
+    config.read_heads()
+    check_value_models(config, vllm_config.model_config)

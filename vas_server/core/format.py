@@ -61,6 +61,11 @@ class TrunkSpec:
     # base_prefix: how many of the base model's layers; standalone: None means all of them.
     num_layers: int | None = None
     lora: bool = False  # base_prefix only: a PEFT adapter lives in lora/
+    # base_prefix only: the base it was trained on (HF architecture, layer count, hidden size), so
+    # that a server refuses another base. None: not recorded (checkpoints before format 1.1).
+    base_architecture: str | None = None
+    base_num_layers: int | None = None
+    base_hidden_size: int | None = None
 
 
 @dataclass

@@ -5,7 +5,11 @@ is delegated to a callable so one module serves both uses:
   * training / reference: ordinary causal attention over a padded batch (`causal_attend`);
   * serving: the value runtime's cache-aware attention (vas_server.core.value_runtime).
 
-Supported HF `model_type`s: llama, mistral (without sliding window), qwen2 (q/k/v bias).
+Supported HF `model_type`s: llama, mistral (without sliding window), qwen2 (q/k/v bias), qwen3
+(per-head RMSNorm on q and k before the rotary embedding). These are the dense Llama-shaped
+decoders that differ by a flag; other architectures train with transformers' own implementation
+(value_models.training_trunk) and serve on the shared path (vas_server.hidden_states), and the
+separate runtime refuses them at startup (vas_server.compatibility).
 A `base_prefix` trunk is the first N layers of the served base, plus its embeddings and final
 norm, with an optional PEFT LoRA adapter merged into the weights at load time.
 """
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # attend(layer_index, q, k, v) -> attention output [B, L, num_heads * head_dim].
 # q: [B, num_heads, L, head_dim], k/v: [B, num_kv_heads, L, head_dim], rotary already applied.
@@ -43,6 +47,7 @@ class TrunkConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
+    qk_norm: bool = False  # qwen3: RMSNorm over each head's q and k
 
     @classmethod
     def from_hf(cls, hf: dict, num_layers: int | None = None) -> "TrunkConfig":
@@ -51,8 +56,8 @@ class TrunkConfig:
             raise ValueError(
                 f"value-model trunks support HF model_type {SUPPORTED_MODEL_TYPES}, got {model_type!r}"
             )
-        if model_type == "mistral" and hf.get("sliding_window"):
-            raise ValueError("mistral trunks with a sliding window are not supported")
+        if (model_type == "mistral" and hf.get("sliding_window")) or hf.get("use_sliding_window"):
+            raise ValueError(f"{model_type} trunks with a sliding window are not supported")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
@@ -76,6 +81,7 @@ class TrunkConfig:
             qkv_bias=attention_bias or model_type == "qwen2",
             o_bias=attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
         )
 
 
@@ -111,6 +117,9 @@ class Block(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
         self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
@@ -120,8 +129,11 @@ class Block(nn.Module):
         c = self.c
         B, L, _ = x.shape
         h = self.input_layernorm(x)
-        q = self.q_proj(h).view(B, L, c.num_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(h).view(B, L, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q = self.q_proj(h).view(B, L, c.num_heads, c.head_dim)
+        k = self.k_proj(h).view(B, L, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(h).view(B, L, c.num_kv_heads, c.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
