@@ -432,7 +432,8 @@ def test_models_lists_base_and_heads(client, server, model, tiny_base):
     assert models[model].model_extra["max_model_len"] == MAX_MODEL_LEN
     likes = models["likes"].model_extra["vas_head"]
     assert likes["kind"] == "token" and likes["value_model"] == "liker" and likes["description"]
-    assert likes["trunk"] == {"type": "base_prefix", "num_layers": 1, "lora": False}
+    assert likes["trunk"] == {"type": "base_prefix", "num_layers": 1, "lora": False,
+                              "base_architecture": "LlamaForCausalLM", "base_num_layers": 2, "base_hidden_size": 128}
     assert likes["runtime"] == "shared"
     assert models["s1"].model_extra["vas_head"]["kind"] == "state"
     assert models["s1"].model_extra["vas_head"]["runtime"] == "separate"

@@ -47,6 +47,10 @@ def round_letters(prompt: str, response: str) -> float:
 STATE_TOLERANCE = {"gpt_oss": 2e-3}
 
 
+# Architectures of this module that vas_server.core.trunk also covers (the separate runtime).
+SEPARATE_TRUNK_TYPES = ("qwen3",)
+
+
 def _install_probe(worker):
     """Log, for every row a shared-path scorer steers, (prompt, outputs, layer, the state it read)."""
     runner = worker.model_runner
@@ -107,6 +111,9 @@ def arch(request, tmp_path_factory, tiny_dir):
         "liker": str(token_lover(root / "liker", base, "likes", liked)),
         "fit": str(_fitted(root, base, tok)),
     }
+    if kind in SEPARATE_TRUNK_TYPES:  # a state head: the separate runtime's own trunk of this type
+        models["state"] = str(random_value_model(root / "state", base, [("s1", "state"), ("t3", "token")], seed=32,
+                                                 trunk=TrunkSpec("base_prefix", num_layers=1), scale=3.0))
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the probe is a pickled function
     llm = LLM(**engine_kwargs(str(base), VASConfig(value_models=models), dtype="float32",
                               max_model_len=MAX_MODEL_LEN, max_num_seqs=8, seed=0, disable_log_stats=True,
@@ -162,7 +169,8 @@ def test_tap_states_are_the_training_states(arch):
     from value_models.training_trunk import TrainingTrunk, TrunkPlan
 
     kind, base, models, llm, scorers, prompts, _ = arch
-    assert scorers == {"tok": "SharedScorer", "all": "SharedScorer", "liker": "SharedScorer", "fit": "SharedScorer"}
+    shared = {"tok": "SharedScorer", "all": "SharedScorer", "liker": "SharedScorer", "fit": "SharedScorer"}
+    assert scorers == {**shared, **({"state": "TrunkScorer"} if kind in SEPARATE_TRUNK_TYPES else {})}
     _, log = _generate(llm, prompts, [_greedy({"t1": 2.0, "a1": -1.5}, 6)] * len(prompts))
     trunks = {n: TrainingTrunk(TrunkPlan("base_prefix", str(base), num_layers=n)) for n in (1, 2)}
     seen = {1: 0, 2: 0}
@@ -182,6 +190,22 @@ def test_greedy_steering_matches_the_reference(arch, heads):
     kind, base, models, llm, _, prompts, _ = arch
     model = models["tok" if "t1" in heads else "all"]
     refs = {"m": ReferenceValueModel(model, str(base))}
+    steered, _ = _generate(llm, prompts, _greedy(heads))
+    plain, _ = _generate(llm, prompts, _greedy(None))
+    for p, tokens in zip(prompts, steered):
+        assert tokens == reference_greedy(str(base), refs, heads, p, 12), kind
+    assert steered != plain, f"{kind}: steering changed nothing"
+
+
+def test_separate_runtime_matches_the_reference(arch):
+    """(b) on the separate runtime: a state head and a token head on the value model's own trunk
+    (vas_server.core.trunk, with its value cache) steer as the reference computes them."""
+    kind, base, models, llm, _, prompts, _ = arch
+    if kind not in SEPARATE_TRUNK_TYPES:
+        pytest.skip(f"vas_server.core.trunk does not cover {kind}: refused at startup "
+                    "(test_architecture_without_a_path_is_refused)")
+    heads = {"s1": 2.0, "t3": -1.5}
+    refs = {"m": ReferenceValueModel(models["state"], str(base))}
     steered, _ = _generate(llm, prompts, _greedy(heads))
     plain, _ = _generate(llm, prompts, _greedy(None))
     for p, tokens in zip(prompts, steered):

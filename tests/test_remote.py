@@ -393,7 +393,10 @@ def test_upstream_faults_name_their_status_and_cause(fake_upstream, mode, status
     url, calls = fake_upstream
 
     async def call():
-        await Upstream(f"{url}/{mode}/v1", "m", timeout_s=0.5, retries=1).draw([1, 2, 3], 5, temperature=1.0)
+        # 0.5 s makes "slow" time out; the others answer at once, but on a loaded machine (a test
+        # suite beside other work) an answer can take longer than that and be retried: 30 s.
+        timeout = 0.5 if mode == "slow" else 30.0
+        await Upstream(f"{url}/{mode}/v1", "m", timeout_s=timeout, retries=1).draw([1, 2, 3], 5, temperature=1.0)
 
     with pytest.raises(UpstreamError) as e:
         asyncio.run(call())
