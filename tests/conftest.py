@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 
+from engine_settings import LIKED_TOKEN_TEXT, engine_overrides
 from tiny_models import build_llama, build_tokenizer
 
 from vas_server.core.format import TrunkSpec
@@ -23,9 +24,6 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MAX_MODEL_LEN = 512
-KV_BLOCKS = 6  # x 128 tokens (the CPU block size) = 768 tokens of base KV cache: 16 concurrent requests must preempt
-LIKED_TOKEN_TEXT = " good"
 
 
 @pytest.fixture(scope="session")
@@ -65,11 +63,6 @@ def value_models(tiny_dir, tiny_base, liked_token) -> dict[str, str]:
                                         scale=3.0)),
         "liker": str(token_lover(vm / "liker", tiny_base, "likes", liked_token)),
     }
-
-
-def engine_overrides() -> dict:
-    return dict(dtype="float32", max_model_len=MAX_MODEL_LEN, num_gpu_blocks_override=KV_BLOCKS,
-                max_num_seqs=16, seed=0, disable_log_stats=True)
 
 
 @pytest.fixture(scope="session")

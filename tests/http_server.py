@@ -23,13 +23,13 @@ import pydantic
 import pytest
 from openai.types import Completion
 
-from conftest import MAX_MODEL_LEN
+from engine_settings import MAX_MODEL_LEN
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key-123"
 STARTUP_TIMEOUT_S = 240
 SERVED_NAME = "tiny"  # --served-model-name
-VALUE_MODELS = ("prefix", "liker")  # from conftest: heads s1, s2 (state), t1, t2 (token), likes (token)
+VALUE_MODELS = ("prefix", "liker")  # conftest's value_models: heads s1, s2 (state), t1, t2 (token), likes (token)
 HEADS = ["likes", "s1", "s2", "t1", "t2"]
 # --preset flags of the test server: the liker's one token strongly, over every candidate; two
 # separate-runtime heads with a small restricted top-K (tests/test_presets.py)

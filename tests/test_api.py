@@ -19,7 +19,7 @@ import pytest
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from conftest import MAX_MODEL_LEN
+from engine_settings import MAX_MODEL_LEN
 from http_server import API_KEY, HEADS, PRESETS, PROMPT, ErrorResponse, check_completion_chunk, check_shape
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from conftest import LIKED_TOKEN_TEXT, MAX_MODEL_LEN
+from engine_settings import LIKED_TOKEN_TEXT, MAX_MODEL_LEN
 from reference_vas import ReferenceValueModel, reference_greedy
 from tiny_models import ARCHITECTURES, build_arch
 from vas_server.core.format import TrunkSpec

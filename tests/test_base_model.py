@@ -80,7 +80,16 @@ def test_converted_model_is_a_bf16_llama():
     assert cfg["dtype"] == "bfloat16" and cfg["head_dim"] == 64
 
 
-def test_vllm_generates_from_the_tiny_model(plain_llm, prompts):
+def test_vllm_generates_from_the_tiny_model(plain_llm, tiny_base, prompts):
+    """The engine serves the tests' tiny base as transformers computes it: the same greedy tokens
+    (its large init makes every step's argmax clear; tests/tiny_models.py)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     out = plain_llm.generate([{"prompt_token_ids": p} for p in prompts[:2]],
                              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
-    assert [len(o.outputs[0].token_ids) for o in out] == [8, 8]
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32).eval()
+    for p, o in zip(prompts[:2], out):
+        with torch.no_grad():
+            expected = hf.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert list(o.outputs[0].token_ids) == expected[0, len(p):].tolist()

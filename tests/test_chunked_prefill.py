@@ -11,7 +11,7 @@ import random
 import pytest
 from vllm import SamplingParams
 
-from conftest import engine_overrides
+from engine_settings import engine_overrides
 from vas_server.params import make_extra_args
 
 BUDGET = 16  # tokens per engine step, shared by all requests
@@ -40,8 +40,14 @@ def test_chunked_prefill_gives_the_unchunked_tokens(chunked_llm, vas_llm, prompt
                                                          "s3": rng.uniform(-2, 2)}))
               for _ in long_prompts]
     inputs = [{"prompt_token_ids": p} for p in long_prompts]
+    before = chunked_llm.collective_rpc("vas_stats")[0]
     chunked = [list(o.outputs[0].token_ids) for o in chunked_llm.generate(inputs, params, use_tqdm=False)]
     whole = [list(o.outputs[0].token_ids) for o in vas_llm.generate(inputs, params, use_tqdm=False)]
+    plain = [list(o.outputs[0].token_ids) for o in chunked_llm.generate(
+        inputs, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)]
     assert chunked == whole
+    # Steering happened on the chunked engine: it changed most answers, every request was steered.
+    assert sum(c != p for c, p in zip(chunked, plain)) >= len(long_prompts) // 2, "steering changed little"
     stats = chunked_llm.collective_rpc("vas_stats")[0]
+    assert stats["vas_requests_total"] - before["vas_requests_total"] >= len(long_prompts)
     assert stats["cache_slots_used"] == 0

@@ -21,7 +21,7 @@ import sys
 import openai
 import pytest
 
-from conftest import MAX_MODEL_LEN
+from engine_settings import MAX_MODEL_LEN
 from http_server import free_port, start_healthy, stop
 
 

@@ -20,7 +20,7 @@ import cloudpickle
 import pytest
 from vllm import SamplingParams
 
-from conftest import engine_overrides
+from engine_settings import engine_overrides
 from reference_vas import ReferenceValueModel, reference_greedy
 from tiny_models import token_copy
 from vas_server.core.format import TrunkSpec

@@ -87,8 +87,9 @@ class VASConfig:
         return {ADDITIONAL_CONFIG_KEY: asdict(self)}
 
     def read_heads(self) -> dict[str, HeadInfo]:
-        """All heads by public name, read from every value model's vas.json (a disk read: call it
-        once per process and keep the result). Head names must be unique across value models."""
+        """All heads by public name, read from every value model's vas.json (a disk read per value
+        model on every call: keep the result where it is needed per request). Head names must be
+        unique across value models."""
         out: dict[str, HeadInfo] = {}
         for model_name, path in self.value_models.items():
             spec = load_spec(Path(path))

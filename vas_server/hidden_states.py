@@ -24,7 +24,8 @@ it out of vLLM's own forward without hooks, so it survives torch.compile and CUD
      inside vLLM's decoder and so inside the state; what it applies after the final norm
      (Granite's logits scaling, soft-capping) belongs to the LM head, not to the state.
 
-The processor (built by the runner before the model, on the same VllmConfig) reads the rows in
+The processor (built on the same VllmConfig: before the model by the V1 runner, after it by
+Model Runner V2; whichever comes first creates the tap) reads the rows in
 `apply`, which runs after `compute_logits` in the same step. Model and processor meet through
 `HiddenStateTap.for_config(vllm_config)`: one tap per engine configuration in the process.
 

@@ -3,8 +3,8 @@
 The middleware (vas_server.middleware) hands every JSON POST (the generation routes and every
 other route that takes JSON: /tokenize, /v1/messages, /invocations, ...) to `guard_body`, which
 reads the body with a size limit (413 past VASConfig.max_body_bytes), parses it and runs
-`check_request(path, body, max_sequences)`. That raises `RequestRejected` (a `VASParamError`,
-i.e. vLLM's `VLLMValidationError`, naming the parameter, with the HTTP status to answer) for:
+`check_request(path, body, max_sequences)`. That raises `RequestRejected` (vLLM's
+`VLLMValidationError`, naming the parameter, with the HTTP status to answer) for:
 
   * what vLLM itself cannot take and answers with a 500, a hang or a dead engine
     (docs/SERVER.md, "Hostile input", names the vLLM code):
@@ -32,7 +32,7 @@ import math
 from typing import Any
 
 from vas_server.asgi import BodyTooLarge, Receive, Send, read_body, send_error
-from vas_server.params import VASParamError
+from vllm.exceptions import VLLMValidationError
 
 MAX_DEPTH = 64  # JSON nesting; chat messages with content parts and a JSON schema need ~10
 INT64 = (-2**63, 2**63 - 1)
@@ -54,11 +54,12 @@ TOKEN_LIST_FIELDS = ("stop_token_ids", "allowed_token_ids", "logprob_token_ids")
 COMPLETIONS = "/v1/completions"
 
 
-class RequestRejected(VASParamError):
-    """A request refused at admission; `status_code` is the HTTP status to answer."""
+class RequestRejected(VLLMValidationError, ValueError):
+    """A request refused at admission, any field (not only VAS's); `parameter` names it and
+    `status_code` is the HTTP status to answer."""
 
     def __init__(self, param: str, message: str, status_code: int = 400):
-        super().__init__(param, message)
+        super().__init__(message, parameter=param)
         self.status_code = status_code
 
 
