@@ -80,7 +80,7 @@ def _install_probe(worker):
 
         scorer.score = logged
     worker.vas_probe_log = log
-    return {s.name: type(s).__name__ for s in proc.steering.runtime.scorers}
+    return {getattr(s, "name", None) or s.model.name: type(s).__name__ for s in proc.steering.runtime.scorers}
 
 
 def _take_log(worker):
