@@ -73,6 +73,7 @@ class HiddenStateTap:
         self.aux_layers = tuple(n for n in depths if n < num_layers)
         self.model = None  # the loaded base (bound by the model class): final norm and embedding
         self._rows: torch.Tensor | None = None  # this step's published rows [R, H * (1 + aux)]
+        self.tensor_parallel = False  # the embedding is this rank's vocabulary shard
 
     @classmethod
     def for_config(cls, vllm_config: "VllmConfig") -> "HiddenStateTap":
@@ -83,11 +84,11 @@ class HiddenStateTap:
         parallel = vllm_config.parallel_config
         reason = ("speculative decoding" if vllm_config.speculative_config is not None else
                   "pipeline parallelism" if parallel.pipeline_parallel_size > 1 else
-                  # token heads gather rows of the base's embedding, which tensor parallelism splits
-                  "tensor parallelism" if parallel.tensor_parallel_size > 1 else
                   # it computes logits with compute_logits_local, past the tap's hand-over
                   "batch-sharded sampling" if getattr(parallel, "enable_batch_sharded_sampling", False) else None)
         tap = cls(shared_depths(vllm_config), hf.num_hidden_layers, hf.hidden_size, reason)
+        # Token heads score a vocabulary-parallel embedding under TP (vas_server.tp_heads).
+        tap.tensor_parallel = parallel.tensor_parallel_size > 1
         cls._by_config[id(vllm_config)] = (vllm_config, tap)
         return tap
 
@@ -98,7 +99,12 @@ class HiddenStateTap:
     @property
     def embedding(self) -> torch.Tensor:
         """The base's input embedding matrix [>= V, H] (token heads use the trunk's own)."""
-        return self.model.model.embed_tokens.weight
+        return self.embedding_layer.weight
+
+    @property
+    def embedding_layer(self):
+        """The base's input embedding module (a VocabParallelEmbedding: under TP, this rank's shard)."""
+        return self.model.model.embed_tokens
 
     # -- the model side (vas_server.tap_models) ------------------------------------------------
 
