@@ -38,8 +38,10 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 384):
 
 
 def build_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int, num_layers: int = 2, hidden: int = 128,
-                init_std: float = 0.2) -> Path:
-    """A random Llama (2 query heads x 64, 1 KV head) in float32, saved with the tokenizer.
+                init_std: float = 0.2, num_kv_heads: int = 1) -> Path:
+    """A random Llama (hidden / 64 query heads x 64, `num_kv_heads` KV heads; by default 2 and 1)
+    in float32, saved with the tokenizer. Tensor parallelism over 2 ranks needs hidden = 256 and
+    2 KV heads (each rank takes 2 query heads and 1 KV head).
 
     `init_std` is large so that next-token logits are peaked: greedy decoding then has clear
     margins and float32 differences between implementations cannot flip an argmax.
@@ -49,7 +51,7 @@ def build_llama(out_dir: Path, tokenizer_dir: Path, *, seed: int, num_layers: in
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=num_layers, num_attention_heads=hidden // 64, num_key_value_heads=1, head_dim=64,
+        num_hidden_layers=num_layers, num_attention_heads=hidden // 64, num_key_value_heads=num_kv_heads, head_dim=64,
         max_position_embeddings=1024, rms_norm_eps=1e-6, initializer_range=init_std,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,

@@ -78,6 +78,7 @@ class HiddenStateTap:
         self.norm: torch.nn.Module | None = None  # the base's final norm (bound by the model class)
         self.embed_module: torch.nn.Module | None = None  # the base's input embedding (same)
         self._rows: torch.Tensor | None = None  # this step's published rows [R, H * (1 + aux)]
+        self.tensor_parallel = False  # the embedding is this rank's vocabulary shard
 
     @classmethod
     def for_config(cls, vllm_config: "VllmConfig") -> "HiddenStateTap":
@@ -88,11 +89,11 @@ class HiddenStateTap:
         parallel = vllm_config.parallel_config
         reason = ("speculative decoding" if vllm_config.speculative_config is not None else
                   "pipeline parallelism" if parallel.pipeline_parallel_size > 1 else
-                  # token heads gather rows of the base's embedding, which tensor parallelism splits
-                  "tensor parallelism" if parallel.tensor_parallel_size > 1 else
                   # it computes logits with compute_logits_local, past the tap's hand-over
                   "batch-sharded sampling" if getattr(parallel, "enable_batch_sharded_sampling", False) else None)
         tap = cls(shared_depths(vllm_config), hf.num_hidden_layers, hf.hidden_size, reason)
+        # Token heads score a vocabulary-parallel embedding under TP (vas_server.tp_heads).
+        tap.tensor_parallel = parallel.tensor_parallel_size > 1
         cls._by_config[id(vllm_config)] = (vllm_config, tap)
         return tap
 
@@ -104,6 +105,11 @@ class HiddenStateTap:
     def embedding(self) -> torch.Tensor:
         """The base's input embedding matrix [>= V, H] (token heads use the trunk's own)."""
         return self.embed_module.weight
+
+    @property
+    def embedding_layer(self):
+        """The base's input embedding module (a VocabParallelEmbedding: under TP, this rank's shard)."""
+        return self.embed_module
 
     # -- the model side (vas_server.tap_models) ------------------------------------------------
 

@@ -258,8 +258,15 @@ class SharedScorer:
         hidden = self.tap.states(self.layer, num_rows).index_select(0, batch_rows.to(self.tap.embedding.device))
         hidden = hidden.to(device=candidates.device, dtype=self.dtype)
         embed = self.tap.embedding
-        return None, self.heads.token_values(hidden, embed, candidates,
-                                             rows_out=self.candidate_rows.get(embed, candidates.numel()))
+        rows_out = self.candidate_rows.get(embed, candidates.numel())
+        if self.tap.tensor_parallel:
+            from vllm.distributed import get_tp_group
+
+            from vas_server.tp_heads import vocab_parallel_token_values
+
+            return None, vocab_parallel_token_values(self.heads, hidden, self.tap.embedding_layer, candidates,
+                                                     get_tp_group().all_reduce, rows_out=rows_out)
+        return None, self.heads.token_values(hidden, embed, candidates, rows_out=rows_out)
 
 
 class ValueRuntime:

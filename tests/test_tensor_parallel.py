@@ -1,0 +1,165 @@
+"""Tensor parallelism (TP = 2) on vLLM's CPU backend: the shared path's token heads score a
+vocabulary-parallel embedding (vas_server.tp_heads), and the separate runtime runs on every rank.
+
+One tiny random Llama with 4 query heads and 2 KV heads (hidden 256: each rank takes 2 query heads
+and 1 KV head, and half of the 384-token vocabulary), two engines per session (TP = 1 and TP = 2),
+the same value models on both:
+  * "sh1": token heads on the base's layer 1 of 2 (shared path, N < all);
+  * "sh2": token heads on layer 2 = all layers (shared path, N = all);
+  * "sep": a state and a token head on a 1-layer base_prefix trunk (separate runtime).
+Greedy steered tokens and every row's head values (the probe of test_shared_trunk) at TP = 2 equal
+TP = 1's. The unit test at the bottom checks the sharded scoring itself in one process.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+from vllm import SamplingParams
+
+from conftest import KV_BLOCKS, MAX_MODEL_LEN
+from test_shared_trunk import _install_probe, _take_log
+from tiny_models import build_llama
+from vas_server.core.format import HeadSpec, TrunkSpec
+from vas_server.core.heads import ValueHeads
+from vas_server.params import make_extra_args
+from value_models.synthetic import random_value_model
+
+
+@pytest.fixture(scope="module")
+def tp_models(tiny_dir) -> tuple[str, dict[str, str]]:
+    root = tiny_dir / "tp"
+    base = build_llama(root / "base", tiny_dir / "tokenizer", seed=3, hidden=256, num_kv_heads=2)
+    vm = root / "value_models"
+    models = {
+        "sh1": random_value_model(vm / "sh1", base, [("a1", "token"), ("a2", "token")], seed=30,
+                                  trunk=TrunkSpec("base_prefix", num_layers=1), scale=3.0),
+        "sh2": random_value_model(vm / "sh2", base, [("b1", "token")], seed=31,
+                                  trunk=TrunkSpec("base_prefix", num_layers=2), scale=3.0),
+        "sep": random_value_model(vm / "sep", base, [("cs", "state"), ("c1", "token")], seed=32,
+                                  trunk=TrunkSpec("base_prefix", num_layers=1), scale=3.0),
+    }
+    return str(base), {k: str(v) for k, v in models.items()}
+
+
+def _engine(tp_models, tp: int):
+    from vllm import LLM
+
+    from vas_server.config import VASConfig
+    from vas_server.engine import engine_kwargs
+
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the probe is a pickled function
+    base, models = tp_models
+    llm = LLM(**engine_kwargs(base, VASConfig(value_models=models), dtype="float32", max_model_len=MAX_MODEL_LEN,
+                              num_gpu_blocks_override=KV_BLOCKS, max_num_seqs=16, seed=0, disable_log_stats=True,
+                              enforce_eager=True, tensor_parallel_size=tp))
+    names = llm.collective_rpc(_install_probe)
+    assert len(names) == tp and all(n == names[0] for n in names)
+    llm.vas_head_names = names[0]
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def tp1_llm(tp_models):
+    yield from _engine(tp_models, 1)
+
+
+@pytest.fixture(scope="module")
+def tp2_llm(tp_models):
+    yield from _engine(tp_models, 2)
+
+
+@pytest.fixture(scope="module")
+def tp_prompts(tp_models) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tp_models[0])
+    texts = ["Hello, how are you", "The quick brown fox", "What is the capital of France?", "Good",
+             "I love sunny days and happy people. This is", "Paris is the"]
+    return [tok.encode(t, add_special_tokens=False) for t in texts]
+
+
+CASES = {  # name -> weights, one per prompt (None: a plain row)
+    "shared N<all": [{"a1": 2.5}, {"a2": -2.0}, {"a1": 1.5, "a2": 1.5}, {"a1": -3.0}, {"a2": 2.0}, {"a1": 2.0}],
+    "shared N=all": [{"b1": 2.5}, {"b1": -2.5}, {"b1": 3.0}, {"b1": -1.5}, {"b1": 2.0}, {"b1": -3.0}],
+    "separate": [{"c1": 2.5, "cs": 1.0}, {"c1": -2.5}, {"cs": 2.0}, {"c1": 3.0}, {"c1": 2.0, "cs": -1.0}, {"c1": -3.0}],
+    "mixed": [{"a1": 2.5}, None, {"b1": -2.5, "a2": 1.0}, {"c1": 2.0}, None, {"a1": 1.0, "b1": 1.0, "c1": 1.0}],
+}
+
+
+def _run(llm, prompts, weights, max_tokens=24):
+    params = [SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
+                             extra_args=make_extra_args(w) if w else None) for w in weights]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    logs = llm.collective_rpc(_take_log)
+    return [list(o.outputs[0].token_ids) for o in outs], logs
+
+
+def _by_row(log):
+    """The probe's log keyed by (prompt, outputs so far): candidates and values."""
+    return {(tuple(p), tuple(o)): (c, v) for p, o, c, v in log}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tp2_steers_like_one_device(tp1_llm, tp2_llm, tp_prompts, case):
+    weights = CASES[case]
+    one, (log1,) = _run(tp1_llm, tp_prompts, weights)
+    two, logs2 = _run(tp2_llm, tp_prompts, weights)
+    plain, _ = _run(tp1_llm, tp_prompts, [None] * len(tp_prompts))
+    assert sum(a != b for a, b, w in zip(one, plain, weights) if w) >= 2, "steering changed little"
+    assert two == one
+    # Both ranks scored every row with the same values, equal to the single device's.
+    assert logs2[0] == logs2[1]
+    rows1, rows2 = _by_row(log1), _by_row(logs2[0])
+    assert rows1.keys() == rows2.keys() and len(rows1) == sum(24 for w in weights if w)
+    names = tp1_llm.vas_head_names
+    assert names == tp2_llm.vas_head_names
+    for key, (c1, v1) in rows1.items():
+        c2, v2 = rows2[key]
+        assert c1 == c2
+        for name, a, b in zip(names, v1, v2):
+            assert max((abs(x - y) for x, y in zip(a, b)), default=0.0) < 1e-4, (case, name, key, a, b)
+
+
+class _Shard:
+    """A VocabParallelEmbedding's interface as vas_server.tp_heads reads it: `weight` (this
+    rank's rows, padded) and `shard_indices`."""
+
+    def __init__(self, embed: torch.Tensor, start: int, end: int, padded: int, total_padded: int):
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbeddingShardIndices
+
+        V = embed.shape[0]
+        self.weight = torch.cat([embed[start:end], torch.full((padded - (end - start), embed.shape[1]), 7.0)])
+        # vLLM's layout without added (LoRA) tokens: an empty added range at the vocabulary's end.
+        self.shard_indices = VocabParallelEmbeddingShardIndices(start, start + padded, total_padded, total_padded,
+                                                                start, end, V, V)
+
+
+def test_vocab_parallel_values_equal_one_device():
+    """Two shards of an uneven vocabulary (the second padded), summed by a simulated all-reduce:
+    the values equal ValueHeads.token_values on the whole matrix; either shard alone does not."""
+    from vas_server.tp_heads import vocab_parallel_token_values
+
+    torch.manual_seed(0)
+    V, H, B, K = 100, 16, 5, 30
+    heads = ValueHeads([HeadSpec("x", "token", ""), HeadSpec("y", "token", "")], H, V)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_()
+    embed, hidden = torch.randn(V, H), torch.randn(B, H)
+    tokens = torch.randint(0, V, (B, K))
+    expected = heads.token_values(hidden, embed, tokens)
+    shards = [_Shard(embed, 0, 56, 56, 112), _Shard(embed, 56, 100, 56, 112)]
+    parts = [vocab_parallel_token_values(heads, hidden, s, tokens, lambda t: t, rows_out=torch.empty(B * K, H))
+             for s in shards]
+    bias = heads.token_bias[:, tokens] + (hidden @ heads.token_baseline.T).T[:, :, None]
+    total = parts[0] + parts[1] - bias  # the all-reduce sums the dot products only, not the replicated terms
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
+    for part in parts:
+        assert not torch.allclose(part, expected, atol=1e-3)
