@@ -32,10 +32,17 @@ class TapMixin:
         if self.vas_tap is not None:
             tap.model = self
             self.model._set_aux_hidden_state_layers(tap.aux_layers)
+            from vas_server.pp_stage import prepare_stage
+
+            prepare_stage(self, vllm_config.model_config.hf_config, vllm_config.quant_config)
 
     def forward(self, *args, **kwargs):
         output = super().forward(*args, **kwargs)
-        return output if self.vas_tap is None else self.vas_tap.output(output)
+        from vllm.sequence import IntermediateTensors
+
+        if self.vas_tap is None or isinstance(output, IntermediateTensors):  # not the last PP stage
+            return output
+        return self.vas_tap.output(output)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         if self.vas_tap is not None:
