@@ -20,7 +20,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from conftest import KV_BLOCKS, MAX_MODEL_LEN
+from engine_settings import KV_BLOCKS, MAX_MODEL_LEN
 from test_shared_trunk import _install_probe, _take_log
 from tiny_models import build_llama
 from vas_server.core.format import HeadSpec, TrunkSpec

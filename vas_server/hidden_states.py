@@ -88,7 +88,6 @@ class HiddenStateTap:
         hf = vllm_config.model_config.hf_config
         parallel = vllm_config.parallel_config
         reason = ("speculative decoding" if vllm_config.speculative_config is not None else
-                  "pipeline parallelism" if parallel.pipeline_parallel_size > 1 else
                   # it computes logits with compute_logits_local, past the tap's hand-over
                   "batch-sharded sampling" if getattr(parallel, "enable_batch_sharded_sampling", False) else None)
         tap = cls(shared_depths(vllm_config), hf.num_hidden_layers, hf.hidden_size, reason)

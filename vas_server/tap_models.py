@@ -27,8 +27,10 @@ import importlib
 from functools import cache
 
 import torch
+from vllm.sequence import IntermediateTensors
 
 from vas_server.hidden_states import HiddenStateTap
+from vas_server.pp_stage import prepare_stage
 
 _PREFIX = "Tap"
 _MODULE_SEP = "__"  # between the parts of the vLLM module name
@@ -61,13 +63,18 @@ class TapMixin:
         tap = HiddenStateTap.for_config(vllm_config)
         self.vas_tap = tap if tap.active else None
         if self.vas_tap is not None:
-            tap.bind(self)
             # vLLM's EAGLE-3 interface: the decoder returns (final, [hidden + residual at each layer]).
             self.set_aux_hidden_state_layers(tap.aux_layers)
+            # Under PP: the last stage's own embedding and the aux states' receive buffer (before
+            # bind, which takes the embedding module).
+            prepare_stage(self, vllm_config.model_config.hf_text_config, vllm_config.quant_config)
+            tap.bind(self)
 
     def forward(self, *args, **kwargs):
         output = super().forward(*args, **kwargs)
-        return output if self.vas_tap is None else self.vas_tap.output(output)
+        if self.vas_tap is None or isinstance(output, IntermediateTensors):  # not the last PP stage
+            return output
+        return self.vas_tap.output(output)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         if self.vas_tap is not None:
