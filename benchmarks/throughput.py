@@ -171,7 +171,7 @@ def shared_main(args) -> None:
     max_len = max(args.contexts or [448]) + args.tokens
     # --compiled: vLLM's own default forward (torch.compile with inductor; CUDA graphs on GPUs).
     common = dict(max_model_len=max_len, seed=0, disable_log_stats=True, enforce_eager=not args.compiled,
-                  **dtype_arg(args))
+                  tensor_parallel_size=args.tensor_parallel_size, **dtype_arg(args))
     shared_only = {k: models[k] for k in ("shared6", "shared30")}
     results: dict[str, dict[int, float]] = {}
     sweep: dict[str, dict[int, float]] = {}
@@ -342,6 +342,7 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true",
                     help="--shared: vLLM's compiled forward (enforce_eager=False) instead of eager mode")
     ap.add_argument("--context-batch", type=int, default=8, help="--shared: batch of the context sweep")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="--shared: every engine at this TP size")
     ap.add_argument("--dtype", help="engine dtype (default: the one `vas-server serve` picks on this machine)")
     args = ap.parse_args()
     if args.shared:

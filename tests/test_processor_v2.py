@@ -327,8 +327,6 @@ def test_v2_processor_steers_exactly_like_v1(tiny_base, models, base, seed):
 
 @pytest.mark.parametrize("change, reason", [
     ({"speculative_config": object()}, "speculative decoding"),
-    ({"pipeline_parallel_size": 2}, "pipeline parallelism"),
-    ({"tensor_parallel_size": 2}, "tensor parallelism"),
     ({"enable_batch_sharded_sampling": True}, "batch-sharded sampling"),
 ])
 def test_the_tap_refuses_what_it_cannot_serve(tiny_base, models, base, change, reason):
@@ -345,3 +343,16 @@ def test_the_tap_refuses_what_it_cannot_serve(tiny_base, models, base, change, r
     for key, value in change.items():
         setattr(separate_only if key == "speculative_config" else separate_only.parallel_config, key, value)
     assert not HiddenStateTap.for_config(separate_only).active  # no shared-path model: nothing to refuse
+
+
+@pytest.mark.parametrize("change", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}])
+def test_the_tap_takes_tensor_and_pipeline_parallelism(tiny_base, models, base, change):
+    """TP and PP are served on the shared path (tests/test_tensor_parallel.py runs TP = 2); under
+    TP the tap knows that its embedding is this rank's vocabulary shard."""
+    from vas_server.hidden_states import HiddenStateTap
+
+    config = _vllm_config(tiny_base, models, base, v2=False)
+    for key, value in change.items():
+        setattr(config.parallel_config, key, value)
+    tap = HiddenStateTap.for_config(config)
+    assert tap.active and tap.tensor_parallel == ("tensor_parallel_size" in change)
