@@ -110,6 +110,20 @@ class HiddenStateTap:
         """The base's input embedding module (a VocabParallelEmbedding: under TP, this rank's shard)."""
         return self.embed_module
 
+    def token_values(self, heads, hidden: torch.Tensor, candidates: torch.Tensor,
+                     rows_out: torch.Tensor | None = None) -> torch.Tensor:
+        """Token heads' values of the candidates [B, K] at states `hidden` [B, H] on the base's
+        embedding: [n_token, B, K]. Under tensor parallelism each rank scores the candidates of its
+        own vocabulary shard and one all-reduce adds them up (vas_server.tp_heads)."""
+        if not self.tensor_parallel:
+            return heads.token_values(hidden, self.embedding, candidates, rows_out=rows_out)
+        from vllm.distributed import get_tp_group
+
+        from vas_server.tp_heads import vocab_parallel_token_values
+
+        return vocab_parallel_token_values(heads, hidden, self.embedding_layer, candidates,
+                                           get_tp_group().all_reduce, rows_out=rows_out)
+
     # -- the model side (vas_server.tap_models) ------------------------------------------------
 
     def bind(self, causal_lm: torch.nn.Module) -> None:

@@ -259,14 +259,8 @@ class SharedScorer:
         hidden = hidden.to(device=candidates.device, dtype=self.dtype)
         embed = self.tap.embedding
         rows_out = self.candidate_rows.get(embed, candidates.numel())
-        if self.tap.tensor_parallel:
-            from vllm.distributed import get_tp_group
-
-            from vas_server.tp_heads import vocab_parallel_token_values
-
-            return None, vocab_parallel_token_values(self.heads, hidden, self.tap.embedding_layer, candidates,
-                                                     get_tp_group().all_reduce, rows_out=rows_out)
-        return None, self.heads.token_values(hidden, embed, candidates, rows_out=rows_out)
+        # The tap computes them: under tensor parallelism its embedding is this rank's shard.
+        return None, self.tap.token_values(self.heads, hidden, candidates, rows_out)
 
 
 class ValueRuntime:
