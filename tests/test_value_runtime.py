@@ -65,3 +65,37 @@ def test_rows_only_run_the_trunks_they_use(tiny_base, value_models):
     runtime.score([row], torch.tensor([[5, 6, 7, 8]]))
     assert int(runtime.scorers[0].cached[slot]) == 0  # the prefix trunk never ran
     assert int(runtime.scorers[1].cached[slot]) == 3
+
+
+def test_drafted_positions_score_as_if_committed_and_only_accepted_ones_stay(tiny_base, value_models):
+    """score_draft: position i's candidates valued after the prompt and the first i - 1 drafted
+    tokens, in one pass; commit_draft keeps the accepted ones, and later steps see exactly the
+    accepted tokens (a rejected drafted token never enters the cache)."""
+    names = ["prefix", "alone"]
+    models = [load_value_model(value_models[n], tiny_base, name=n) for n in names]
+    refs = {n: ReferenceValueModel(value_models[n], str(tiny_base)) for n in names}
+    runtime = ValueRuntime(models, max_requests=2, max_len=128, device="cpu", dtype=torch.float32)
+    rng = random.Random(1)
+    vocab = models[0].trunk.config.vocab_size
+    all_heads = frozenset(range(len(runtime.head_names)))
+    K, n = 5, 4
+    runtime.allocate()  # slot 0 taken: the row's slot is not the first
+    row = ScoredRequest(runtime.allocate(), [rng.randrange(vocab) for _ in range(7)], [], all_heads)
+
+    def check(values, prefix, candidates):
+        for g, head in enumerate(runtime.head_names):
+            owner = next(r for r in refs.values() if head in r.heads)
+            want = owner.values(head, prefix, candidates)
+            assert torch.allclose(values[g], want, atol=1e-4, rtol=0), (head, prefix)
+
+    for accepted in (2, 0, 3):
+        runtime.advance([row])
+        draft = [rng.randrange(vocab) for _ in range(n)]
+        candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)] for _ in range(n)])
+        values = runtime.score_draft(row, draft[:-1], candidates)
+        for i in range(n):
+            check(values[i], row.prompt + row.outputs + draft[:i], candidates[i].tolist())
+        runtime.commit_draft(row, accepted)
+        row.outputs += draft[:accepted] + [rng.randrange(vocab)]  # the accepted run, then VAS's own token
+    candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)]])
+    check(runtime.score([row], candidates)[0], row.prompt + row.outputs, candidates[0].tolist())

@@ -109,6 +109,7 @@ class TrunkScorer:
         self.has_state = bool(self.heads.state_names)
         self.has_token = bool(self.heads.token_names)
         self.candidate_rows = CandidateRows()
+        self.draft_hidden: dict[int, torch.Tensor | None] = {}  # slot -> its drafted tokens' hidden states
 
     @property
     def cache_bytes(self) -> int:
@@ -116,6 +117,7 @@ class TrunkScorer:
 
     def reset(self, slot: int) -> None:
         self.cached[slot] = 0
+        self.draft_hidden.pop(slot, None)
 
     @torch.inference_mode()
     def score(self, rows: list[ScoredRequest], candidates: torch.Tensor | None, new_tokens: NewTokens):
@@ -215,6 +217,80 @@ class TrunkScorer:
         return self.heads.state_values(hidden.reshape(B * Lq, -1).index_select(0, cand_dev).view(B, Kc, -1))
 
 
+    @torch.inference_mode()
+    def score_draft(self, slot: int, draft: list[int], candidates: torch.Tensor):
+        """Score the candidates of n drafted positions in one forward, committing nothing.
+
+        `draft` is x_1..x_{n-1} (the drafted tokens the later positions follow; the last drafted
+        token is only scored, as a candidate of position n); candidates [n, K]: position i's
+        candidates are alternatives to x_i, so they see the slot's committed tokens and x_1..x_{i-1}
+        (V(s + x_{<i} + [a])), at rotary position cached + i - 1. The drafted tokens' keys go to
+        the cache rows right after the committed ones, where committing them would put them: a
+        drafted token attends causally to the cache and the drafted tokens before it, exactly as a
+        committed one would. `commit_draft(slot, m)` then makes the first m of them committed by
+        moving `cached` (no copy, no recompute); the rest stay scratch, overwritten later. The
+        candidates' keys go past the drafted ones. Needs every committed token fed (`advance`).
+
+        Returns (state values [n, K, n_state] or None, token values [n_token, n, K] or None)."""
+        device = self.cache_k.device
+        P, d, (n, K) = self.cached[slot], len(draft), candidates.shape
+        if d != n - 1:
+            raise ValueError(f"a draft of {n} positions follows {n - 1} drafted tokens, not {d}")
+        Kc = K if self.has_state else 0
+        Lq = d + n * Kc
+        if P + Lq > self.row_len:
+            raise RuntimeError(f"value cache row {self.row_len} exceeded by a draft ({P} + {Lq} keys)")
+        hidden = None
+        if Lq:
+            j = torch.arange(d)
+            group = torch.arange(n).repeat_interleave(Kc)
+            key = torch.cat([P + j, P + d + torch.arange(n * Kc)])  # where each query's key is written
+            positions = torch.cat([P + j, P + group])
+            limit = torch.cat([P + j, P + group - 1])  # causal; a candidate sees x_{<i}, not x_i
+            own = torch.cat([torch.full((d,), -1), key[d:]])
+            tokens = torch.cat([torch.tensor(draft, dtype=torch.long).to(device),
+                                candidates.reshape(-1)[:n * Kc] if Kc else candidates.new_zeros(0)])
+            key, positions, limit, own = (to_device(t, device) for t in (key, positions, limit, own))
+            column = torch.arange(P + Lq, device=device)
+            mask = ((column <= limit[:, None]) | (column == own[:, None]))[None, None]  # [1, 1, Lq, Lk]
+            c = self.trunk.config
+            write = slot * self.row_len + key
+
+            def attend(layer: int, q, k, v):
+                cache_k = self.cache_k[layer].view(-1, c.num_kv_heads, c.head_dim)
+                cache_v = self.cache_v[layer].view(-1, c.num_kv_heads, c.head_dim)
+                cache_k.index_copy_(0, write, k[0].transpose(0, 1))
+                cache_v.index_copy_(0, write, v[0].transpose(0, 1))
+                keys = self.cache_k[layer, slot, :P + Lq].transpose(0, 1)[None]
+                values = self.cache_v[layer, slot, :P + Lq].transpose(0, 1)[None]
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                     enable_gqa=q.shape[1] != k.shape[1])
+                return out.transpose(1, 2).reshape(1, Lq, -1)
+
+            hidden = self.trunk(tokens.view(1, Lq), positions.view(1, Lq), attend)[0]  # [Lq, H]
+        self.draft_hidden[slot] = hidden[:d].clone() if hidden is not None and d else None
+        state_values = self.heads.state_values(hidden[d:].view(n, Kc, -1)) if Kc else None
+        token_values = None
+        if self.has_token:
+            before = self.last_hidden[slot][None]
+            if d:
+                before = torch.cat([before, hidden[:d]])
+            embed = self.trunk.embed_tokens.weight
+            token_values = self.heads.token_values(before, embed, candidates,
+                                                   rows_out=self.candidate_rows.get(embed, candidates.numel()))
+        return state_values, token_values
+
+    def commit_draft(self, slot: int, accepted: int) -> None:
+        """Make the first `accepted` drafted tokens of the slot's last `score_draft` committed."""
+        if accepted:
+            hidden = self.draft_hidden[slot]
+            if hidden is None or accepted > len(hidden):
+                raise ValueError(f"cannot commit {accepted} drafted tokens")
+            self.cached[slot] += accepted
+            self.last_hidden[slot] = hidden[accepted - 1]
+        self.draft_hidden[slot] = None
+
+
 class CandidateRows:
     """A grow-only buffer for the candidates' embedding rows (ValueHeads.token_values' rows_out):
     allocated once at the largest B x K seen, instead of a fresh tensor every step."""
@@ -253,6 +329,28 @@ class SharedScorer:
         pass
 
     @torch.inference_mode()
+    def score_draft(self, row: ScoredRequest, draft: list[int], candidates: torch.Tensor) -> torch.Tensor:
+        """Values of n drafted positions' candidates [n, K] of one row, every committed token of
+        which has been fed: [n, n_heads, K] (TrunkScorer.score_draft; separate trunks only)."""
+        n, K = candidates.shape
+        values = torch.zeros(n, len(self.head_names), K, device=candidates.device, dtype=torch.float32)
+        for t, scorer in enumerate(self.scorers):
+            if not row.heads & self.scorer_heads[t]:
+                continue
+            if not isinstance(scorer, TrunkScorer):
+                raise ValueError("drafted positions are scored on separate trunks only")
+            state, token = scorer.score_draft(row.slot, draft, candidates)
+            for g in self.scorer_heads[t]:
+                place = self.head_places[g]
+                values[:, g] = (state[:, :, place.index] if place.kind == "state" else token[place.index]).float()
+        return values
+
+    def commit_draft(self, row: ScoredRequest, accepted: int) -> None:
+        """The row's first `accepted` drafted tokens (of its last score_draft) become committed."""
+        for t, scorer in enumerate(self.scorers):
+            if row.heads & self.scorer_heads[t] and isinstance(scorer, TrunkScorer):
+                scorer.commit_draft(row.slot, accepted)
+
     def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, batch_rows: torch.Tensor, num_rows: int):
         """batch_rows [B]: each row's index in this step's logits (num_rows rows in all)."""
         hidden = self.tap.states(self.layer, num_rows).index_select(0, batch_rows.to(self.tap.embedding.device))
@@ -333,6 +431,28 @@ class ValueRuntime:
             members = [r for r in rows if r.heads & self.scorer_heads[t]]
             if members and isinstance(scorer, TrunkScorer):
                 scorer.score(members, None, new_tokens)
+
+    def score_draft(self, row: ScoredRequest, draft: list[int], candidates: torch.Tensor) -> torch.Tensor:
+        """Values of n drafted positions' candidates [n, K] of one row, every committed token of
+        which has been fed: [n, n_heads, K] (TrunkScorer.score_draft; separate trunks only)."""
+        n, K = candidates.shape
+        values = torch.zeros(n, len(self.head_names), K, device=candidates.device, dtype=torch.float32)
+        for t, scorer in enumerate(self.scorers):
+            if not row.heads & self.scorer_heads[t]:
+                continue
+            if not isinstance(scorer, TrunkScorer):
+                raise ValueError("drafted positions are scored on separate trunks only")
+            state, token = scorer.score_draft(row.slot, draft, candidates)
+            for g in self.scorer_heads[t]:
+                place = self.head_places[g]
+                values[:, g] = (state[:, :, place.index] if place.kind == "state" else token[place.index]).float()
+        return values
+
+    def commit_draft(self, row: ScoredRequest, accepted: int) -> None:
+        """The row's first `accepted` drafted tokens (of its last score_draft) become committed."""
+        for t, scorer in enumerate(self.scorers):
+            if row.heads & self.scorer_heads[t] and isinstance(scorer, TrunkScorer):
+                scorer.commit_draft(row.slot, accepted)
 
     def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, batch_rows: torch.Tensor | None = None,
               num_rows: int = 0, new_tokens: NewTokens | None = None) -> torch.Tensor:
