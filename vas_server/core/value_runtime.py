@@ -19,8 +19,12 @@ Invariants:
   * `cached[t, slot]` = number of committed tokens of the slot's request in trunk t's cache; the
     cache rows [0, cached) hold exactly the trunk's K/V for those tokens at those positions.
   * `last_hidden[slot]` is the trunk's final hidden state at the last committed token.
-  * All cache memory is allocated once in __init__ (max_requests x (max_len + MAX_CANDIDATES)); a slot is
-    taken by `allocate` and given back by `release`; nothing grows per request.
+  * Cache memory follows use: the cache is [layers, slots, row, ...] with both sizes grown (at
+    least doubled, one copy) when a step needs a slot or a row position past them, up to
+    max_requests slots and max_len committed tokens plus the step's scratch; it starts at
+    INITIAL_SLOTS x (INITIAL_LEN + MAX_CANDIDATES) and never shrinks. Growth is decided on the
+    host from the host-side counts, so it adds no device sync. A slot is taken by `allocate` and
+    given back by `release`.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class ScoredRequest:
 
 
 MAX_CANDIDATES = TOP_K_RANGE[1]  # the most candidates a row scores in one step
+INITIAL_SLOTS = 4  # the value cache's first size (it grows with use: TrunkScorer._ensure)
+INITIAL_LEN = 512
 
 # new_tokens(rows, cached) -> (the rows' committed tokens from index cached[b] on, concatenated,
 # as a long tensor on the runtime's device; their counts). Where the tokens live differs by vLLM
@@ -99,9 +105,10 @@ class TrunkScorer:
         self.heads = model.heads
         c = self.trunk.config
         self.max_len = max_len
-        # Each slot's row: max_len committed tokens, then scratch for one step's candidates (_forward).
-        self.row_len = max_len + MAX_CANDIDATES
-        shape = (c.num_layers, max_requests, self.row_len, c.num_kv_heads, c.head_dim)
+        self.max_requests = max_requests
+        # Each slot's row: its committed tokens, then scratch for one step's candidates (_forward).
+        self.row_len = min(max_len, INITIAL_LEN) + MAX_CANDIDATES
+        shape = (c.num_layers, min(max_requests, INITIAL_SLOTS), self.row_len, c.num_kv_heads, c.head_dim)
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
         self.cached = [0] * max_requests  # host-side: read by Python every step, never synced
@@ -114,6 +121,27 @@ class TrunkScorer:
     @property
     def cache_bytes(self) -> int:
         return 2 * self.cache_k.numel() * self.cache_k.element_size()
+
+    @property
+    def max_cache_bytes(self) -> int:
+        """The most the cache can grow to (every slot, max_len tokens and one step's scratch)."""
+        per_row = self.cache_k[:, :1, :1].numel() * self.cache_k.element_size()
+        return 2 * per_row * self.max_requests * (self.max_len + MAX_CANDIDATES)
+
+    def _ensure(self, slots: int, row_len: int) -> None:
+        """Room for `slots` slots of `row_len` keys: grown (at least doubled) by one copy if not."""
+        have_slots, have_len = self.cache_k.shape[1], self.cache_k.shape[2]
+        if slots <= have_slots and row_len <= have_len:
+            return
+        new_slots = have_slots if slots <= have_slots else min(self.max_requests, max(slots, 2 * have_slots))
+        new_len = have_len if row_len <= have_len else max(row_len, min(self.max_len + MAX_CANDIDATES, 2 * have_len))
+        shape = (self.cache_k.shape[0], new_slots, new_len) + tuple(self.cache_k.shape[3:])
+        for name in ("cache_k", "cache_v"):
+            old = getattr(self, name)
+            new = torch.zeros(shape, device=old.device, dtype=old.dtype)
+            new[:, :have_slots, :have_len] = old
+            setattr(self, name, new)
+        self.row_len = new_len
 
     def reset(self, slot: int) -> None:
         self.cached[slot] = 0
@@ -134,6 +162,7 @@ class TrunkScorer:
         if max(total) > self.max_len:
             raise RuntimeError(f"value cache length {self.max_len} exceeded ({max(total)} tokens)")
         Kc = candidates.shape[1] if self.has_state and candidates is not None else 0
+        self._ensure(max(slots) + 1, max(total) + Kc)
         Lq = max(k + Kc for k in n)
         # Lq == 0 only for a token-heads-only trunk with no new token (a repeated chunked-prefill
         # step): last_hidden is already current.
@@ -238,8 +267,9 @@ class TrunkScorer:
             raise ValueError(f"a draft of {n} positions follows {n - 1} drafted tokens, not {d}")
         Kc = K if self.has_state else 0
         Lq = d + n * Kc
-        if P + Lq > self.row_len:
-            raise RuntimeError(f"value cache row {self.row_len} exceeded by a draft ({P} + {Lq} keys)")
+        if P + n - 1 > self.max_len:
+            raise RuntimeError(f"value cache length {self.max_len} exceeded by a draft ({P} + {n - 1} tokens)")
+        self._ensure(slot + 1, P + Lq)
         hidden = None
         if Lq:
             j = torch.arange(d)
@@ -401,6 +431,10 @@ class ValueRuntime:
     @property
     def cache_bytes(self) -> int:
         return sum(r.cache_bytes for r in self.scorers)
+
+    @property
+    def max_cache_bytes(self) -> int:
+        return sum(r.max_cache_bytes for r in self.scorers if isinstance(r, TrunkScorer))
 
     def needs_slot(self, heads: frozenset[int]) -> bool:
         return bool(heads & self.cached_heads)
