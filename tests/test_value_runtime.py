@@ -14,13 +14,13 @@ from vas_server.core.value_runtime import ScoredRequest, ValueRuntime
 
 @pytest.fixture(params=["preset", "grown"])
 def cache_growth(request, monkeypatch):
-    """"grown": the value cache starts at 1 slot of 4 + 8 keys, so the tests' steps grow it (slots
+    """"grown": the value cache starts at 1 slot of 1 + 8 keys, so the tests' steps grow it (slots
     and rows, by copies) many times; the values must not change."""
     if request.param == "grown":
         from vas_server.core import value_runtime
 
         monkeypatch.setattr(value_runtime, "INITIAL_SLOTS", 1)
-        monkeypatch.setattr(value_runtime, "INITIAL_LEN", 4)
+        monkeypatch.setattr(value_runtime, "INITIAL_LEN", 1)
         monkeypatch.setattr(value_runtime, "MAX_CANDIDATES", 8)
     return request.param
 
