@@ -5,7 +5,9 @@ it asks right after choosing, and the work overlaps its next upstream call) and 
 its next candidates, once the upstream returned them). Work asked in the same event-loop turn,
 or while a batch is running, forms the next batch: one `ValueRuntime.advance` for all its
 advances, then one `ValueRuntime.score` for all its candidates (one trunk forward per value model
-each), as the in-process processor does for one engine step. A row's advance always precedes its
+each), as the in-process processor does for one engine step. A drafting loop asks for a third
+kind, `draft_values` (its round's drafted positions, one ValueRuntime.score_draft forward per
+row, after the batch's scoring), and its next `advance` first commits the accepted drafted tokens. A row's advance always precedes its
 values: it is asked first, and batches run one at a time, in order. The batch runs in a worker
 thread, so the event loop keeps serving HTTP and upstream calls meanwhile (torch releases the GIL).
 
