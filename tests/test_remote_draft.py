@@ -192,6 +192,7 @@ def test_drafting_is_refused_where_it_is_not_exact():
 
 def test_the_draft_length_follows_acceptance_within_its_cap():
     length = DraftLength(8)
+    assert length.next() == 8  # before any observation
     length.observe(100, 95)
     assert length.next() == 8
     length = DraftLength(8)

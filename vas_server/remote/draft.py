@@ -137,7 +137,9 @@ class DraftLength:
     """A request's draft length, adapted to its observed acceptance: with acceptance rate a an
     unbounded draft emits 1 / (1 - a) tokens on average (the accepted run, a / (1 - a), and the
     residual token at the rejection), so the next draft asks that many, rounded, within [1, cap].
-    a is estimated as (accepted + 1) / (drafted + 2). `adaptive` False: always `cap`."""
+    a is estimated as (accepted + 1) / (drafted + 2); the first draft, before any observation,
+    asks `cap` (unsteered and lightly steered requests accept most drafted tokens). `adaptive`
+    False: always `cap`."""
 
     def __init__(self, cap: int, adaptive: bool = True):
         self.cap = max(1, cap)
@@ -146,7 +148,7 @@ class DraftLength:
         self.accepted = 0
 
     def next(self) -> int:
-        if not self.adaptive:
+        if not self.adaptive or not self.drafted:
             return self.cap
         a = (self.accepted + 1) / (self.drafted + 2)
         return max(1, min(self.cap, round(1 / (1 - a))))
