@@ -190,7 +190,9 @@ class RemoteEngineCore:
                                                           seed=_seed(generator))
                     steps, accepted = await self._verify(row, positions, advancing, top_k, weight_vector, heads,
                                                          temperature, steering.restrict_to_top_k, generator, context)
-                    length.observe(len(positions), accepted)
+                    # The positions verified: the accepted ones and the one rejected, if any (not the
+                    # dropped rest, which says nothing about acceptance).
+                    length.observe(accepted + (accepted < len(positions)), accepted)
                     self.draft_rounds += 1
                     self.drafted += len(positions)
                     self.accepted += accepted
