@@ -53,14 +53,17 @@ def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> list[float]:
-    """Arrival times of one streamed completion's tokens."""
+    """Arrival times of one streamed completion's tokens: a chunk may carry several (a drafted
+    round), counted from the usage every chunk reports (continuous_usage_stats)."""
     times = []
+    body = dict(body, stream_options={"include_usage": True, "continuous_usage_stats": True})
     async with client.stream("POST", url, json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                if json.loads(line[6:])["choices"][0]["text"]:
-                    times.append(time.perf_counter())
+                usage = json.loads(line[6:]).get("usage") or {}
+                arrived = usage.get("completion_tokens", len(times)) - len(times)
+                times += [time.perf_counter()] * max(0, arrived)
     return times
 
 

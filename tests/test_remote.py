@@ -53,7 +53,8 @@ def upstream(tmp_path_factory, base_dir):
 
 
 @pytest.fixture(scope="module")
-def remote(tmp_path_factory, upstream):
+def remote_url(tmp_path_factory, upstream):
+    """The remote-mode server, drafting (its default --remote-draft 8: at T = 0 and 1)."""
     _, upstream_url = upstream
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -61,8 +62,21 @@ def remote(tmp_path_factory, upstream):
                       "--remote-model", UPSTREAM_NAME, "--port", str(port), "--dtype", "float32",
                       "--max-model-len", str(MAX_MODEL_LEN), "--remote-timeout", "20"],
                      tmp_path_factory.mktemp("remote") / "server.log", url)
-    yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+    yield url
     stop(process)
+
+
+@pytest.fixture(scope="module")
+def remote(remote_url):
+    return openai.OpenAI(base_url=f"{remote_url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def _remote_metrics(url: str) -> dict[str, float]:
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith("vas_remote_")}
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +133,12 @@ def _steering(weights, top_k, restrict) -> dict:
     return body
 
 
-def test_remote_greedy_tokens_equal_in_process_vas(remote, prompt_ids, in_process_greedy):
-    """All requests at once: the remote loops' value scoring runs batched, as it does in service."""
+def test_remote_greedy_tokens_equal_in_process_vas(remote, remote_url, prompt_ids, in_process_greedy):
+    """All requests at once: the remote loops' value scoring runs batched, as it does in service.
+    Drafted: several tokens per upstream call, each round's positions scored in one pass."""
     from concurrent.futures import ThreadPoolExecutor
+
+    before = _remote_metrics(remote_url)
 
     def greedy(case_and_prompt) -> list[int]:
         (weights, top_k, restrict), ids = case_and_prompt
@@ -135,6 +152,13 @@ def test_remote_greedy_tokens_equal_in_process_vas(remote, prompt_ids, in_proces
     mismatches = [(CASES[i // len(prompt_ids)], g, w) for i, (g, w) in enumerate(zip(got, in_process_greedy)) if g != w]
     assert not mismatches, mismatches
     assert got[0] != got[2 * len(prompt_ids)], "positive 4 changed nothing"
+    after = _remote_metrics(remote_url)
+    drafted = after["vas_remote_drafted_tokens_total"] - before.get("vas_remote_drafted_tokens_total", 0)
+    accepted = after["vas_remote_accepted_tokens_total"] - before.get("vas_remote_accepted_tokens_total", 0)
+    tokens = after["vas_remote_tokens_total"] - before.get("vas_remote_tokens_total", 0)
+    calls = after["vas_remote_upstream_calls_total"] - before.get("vas_remote_upstream_calls_total", 0)
+    assert tokens == sum(len(g) for g in got) and drafted > tokens > accepted > 0, after
+    assert calls < 0.7 * tokens, after  # drafting: several tokens per upstream call
 
 
 def chi_square_p(a: list[int], b: list[int]) -> tuple[float, int]:
@@ -196,6 +220,35 @@ def test_remote_sampling_matches_in_process_including_the_tail(remote, in_proces
     p, df = chi_square_p(remote_tokens, local_tokens)
     assert df >= 3, "too few distinct first tokens for the test to mean anything"
     assert p > 1e-3, (p, df, sorted(remote_tokens)[:50], sorted(local_tokens)[:50])
+
+
+def test_drafted_sampling_matches_in_process_over_two_positions(remote, in_process, prompt_ids):
+    """Temperature 1, drafted (two positions per call at most here): the first and the second
+    tokens of 250 draws each must pass a chi-square test of one distribution with in-process VAS;
+    tests/test_remote_draft.py checks the rule exactly, over several positions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vllm import SamplingParams
+
+    from vas_server.params import make_extra_args
+
+    draws, steering = 250, {"positive": 3.0}
+
+    def remote_draw(seed: int) -> list[int]:
+        answer = remote.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt_ids[1], max_tokens=2,
+                                           temperature=1.0, seed=seed,
+                                           extra_body={"return_token_ids": True, "vas_weights": steering,
+                                                       "vas_top_k": 5, "ignore_eos": True})
+        return answer.choices[0].token_ids
+
+    with ThreadPoolExecutor(8) as pool:
+        remote_tokens = list(pool.map(remote_draw, range(draws)))
+    params = [SamplingParams(temperature=1.0, max_tokens=2, seed=20_000 + s, ignore_eos=True,
+                             extra_args=make_extra_args(steering, top_k=5)) for s in range(draws)]
+    local_tokens = _in_process_tokens(in_process, [prompt_ids[1]] * draws, params)
+    for position in (0, 1):
+        p, df = chi_square_p([t[position] for t in remote_tokens], [t[position] for t in local_tokens])
+        assert df >= 3 and p > 1e-3, (position, p, df)
 
 
 def test_logprobs_of_the_chosen_tokens_equal_in_process_vas(remote, in_process, prompt_ids):

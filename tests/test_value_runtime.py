@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from reference_vas import ReferenceValueModel
@@ -11,7 +12,20 @@ from vas_server.core.model import load_value_model
 from vas_server.core.value_runtime import ScoredRequest, ValueRuntime
 
 
-def test_runtime_values_match_reference(tiny_base, value_models):
+@pytest.fixture(params=["preset", "grown"])
+def cache_growth(request, monkeypatch):
+    """"grown": the value cache starts at 1 slot of 1 + 8 keys, so the tests' steps grow it (slots
+    and rows, by copies) many times; the values must not change."""
+    if request.param == "grown":
+        from vas_server.core import value_runtime
+
+        monkeypatch.setattr(value_runtime, "INITIAL_SLOTS", 1)
+        monkeypatch.setattr(value_runtime, "INITIAL_LEN", 1)
+        monkeypatch.setattr(value_runtime, "MAX_CANDIDATES", 8)
+    return request.param
+
+
+def test_runtime_values_match_reference(tiny_base, value_models, cache_growth):
     names = ["prefix", "alone"]
     models = [load_value_model(value_models[n], tiny_base, name=n) for n in names]
     refs = {n: ReferenceValueModel(value_models[n], str(tiny_base)) for n in names}
@@ -43,6 +57,9 @@ def test_runtime_values_match_reference(tiny_base, value_models):
         for o in outputs:  # commit one token per row (a different count would also work)
             o.append(rng.randrange(vocab))
     assert compared == 6 * 3 * len(runtime.head_names) * K
+    if cache_growth == "grown":  # it grew, and by use: 3 slots of 4 allocated, rows shorter than max_len
+        assert all(r.cache_k.shape[1] == 3 and 14 < r.cache_k.shape[2] < 128 for r in runtime.scorers)
+        assert runtime.cache_bytes < sum(r.max_cache_bytes for r in runtime.scorers)
 
     # A released slot is rebuilt from scratch for a new request (e.g. a resumed preemption).
     runtime.release(slots[1])
@@ -65,3 +82,38 @@ def test_rows_only_run_the_trunks_they_use(tiny_base, value_models):
     runtime.score([row], torch.tensor([[5, 6, 7, 8]]))
     assert int(runtime.scorers[0].cached[slot]) == 0  # the prefix trunk never ran
     assert int(runtime.scorers[1].cached[slot]) == 3
+
+
+def test_drafted_positions_score_as_if_committed_and_only_accepted_ones_stay(tiny_base, value_models,
+                                                                            cache_growth):
+    """score_draft: position i's candidates valued after the prompt and the first i - 1 drafted
+    tokens, in one pass; commit_draft keeps the accepted ones, and later steps see exactly the
+    accepted tokens (a rejected drafted token never enters the cache)."""
+    names = ["prefix", "alone"]
+    models = [load_value_model(value_models[n], tiny_base, name=n) for n in names]
+    refs = {n: ReferenceValueModel(value_models[n], str(tiny_base)) for n in names}
+    runtime = ValueRuntime(models, max_requests=2, max_len=128, device="cpu", dtype=torch.float32)
+    rng = random.Random(1)
+    vocab = models[0].trunk.config.vocab_size
+    all_heads = frozenset(range(len(runtime.head_names)))
+    K, n = 5, 4
+    runtime.allocate()  # slot 0 taken: the row's slot is not the first
+    row = ScoredRequest(runtime.allocate(), [rng.randrange(vocab) for _ in range(7)], [], all_heads)
+
+    def check(values, prefix, candidates):
+        for g, head in enumerate(runtime.head_names):
+            owner = next(r for r in refs.values() if head in r.heads)
+            want = owner.values(head, prefix, candidates)
+            assert torch.allclose(values[g], want, atol=1e-4, rtol=0), (head, prefix)
+
+    for accepted in (2, 0, 3):
+        runtime.advance([row])
+        draft = [rng.randrange(vocab) for _ in range(n)]
+        candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)] for _ in range(n)])
+        values = runtime.score_draft(row, draft[:-1], candidates)
+        for i in range(n):
+            check(values[i], row.prompt + row.outputs + draft[:i], candidates[i].tolist())
+        runtime.commit_draft(row, accepted)
+        row.outputs += draft[:accepted] + [rng.randrange(vocab)]  # the accepted run, then VAS's own token
+    candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)]])
+    check(runtime.score([row], candidates)[0], row.prompt + row.outputs, candidates[0].tolist())

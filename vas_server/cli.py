@@ -114,6 +114,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     remote.add_argument("--remote-retries", type=int, default=2,
                         help="more tries of an upstream call that failed in a way another try may cure: "
                              "unreachable, timed out, 429 or 5xx (default: 2; backoff 0.25 s, doubled)")
+    remote.add_argument("--remote-draft", type=int, default=8, metavar="N",
+                        help="the most tokens one upstream call drafts, VAS verifying them exactly (at "
+                             "temperature 0 and 1; other temperatures take one token per call). The length "
+                             "adapts to each request's acceptance, up to N. 1: one token per call, no drafting "
+                             "(default: 8)")
+    remote.add_argument("--remote-draft-fixed", action="store_true",
+                        help="draft N tokens every call instead of adapting the length to the acceptance")
     remote.add_argument("--remote-skip-tokenizer-check", action="store_true",
                         help="serve although the upstream cannot show that it tokenizes as MODEL does (it "
                              "has no vLLM /tokenize route); a different tokenizer gives garbage")

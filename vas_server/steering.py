@@ -258,9 +258,9 @@ def _build_runtime(config: VASConfig, vllm_config: "VllmConfig",
             logger.info("VAS value model %r: separate runtime (own %s trunk%s, %s heads; value cache)", name,
                         spec.trunk.type, " with LoRA" if spec.trunk.lora else "",
                         "/".join(sorted({h.kind for h in spec.heads})))
-    logger.info("VAS: %d value model(s), heads %s, value cache %.1f MiB for %d requests x %d tokens",
-                len(specs), runtime.head_names, runtime.cache_bytes / 2**20, runtime.max_requests,
-                model_config.max_model_len)
+    logger.info("VAS: %d value model(s), heads %s, value cache %.1f MiB now, growing with use to at most %.1f MiB "
+                "(%d requests x %d tokens)", len(specs), runtime.head_names, runtime.cache_bytes / 2**20,
+                runtime.max_cache_bytes / 2**20, runtime.max_requests, model_config.max_model_len)
     compilation = vllm_config.compilation_config
     logger.info("VAS steers the base's %s forward (compilation mode %s, CUDA graphs %s), %s runner",
                 "eager" if model_config.enforce_eager else "compiled", compilation.mode,

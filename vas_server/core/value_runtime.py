@@ -19,8 +19,12 @@ Invariants:
   * `cached[t, slot]` = number of committed tokens of the slot's request in trunk t's cache; the
     cache rows [0, cached) hold exactly the trunk's K/V for those tokens at those positions.
   * `last_hidden[slot]` is the trunk's final hidden state at the last committed token.
-  * All cache memory is allocated once in __init__ (max_requests x (max_len + MAX_CANDIDATES)); a slot is
-    taken by `allocate` and given back by `release`; nothing grows per request.
+  * Cache memory follows use: the cache is [layers, slots, row, ...] with both sizes grown (at
+    least doubled, one copy) when a step needs a slot or a row position past them, up to
+    max_requests slots and max_len committed tokens plus the step's scratch; it starts at
+    INITIAL_SLOTS x (INITIAL_LEN + MAX_CANDIDATES) and never shrinks. Growth is decided on the
+    host from the host-side counts, so it adds no device sync. A slot is taken by `allocate` and
+    given back by `release`.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ class ScoredRequest:
 
 
 MAX_CANDIDATES = TOP_K_RANGE[1]  # the most candidates a row scores in one step
+INITIAL_SLOTS = 4  # the value cache's first size (it grows with use: TrunkScorer._ensure)
+INITIAL_LEN = 512
 
 # new_tokens(rows, cached) -> (the rows' committed tokens from index cached[b] on, concatenated,
 # as a long tensor on the runtime's device; their counts). Where the tokens live differs by vLLM
@@ -99,9 +105,10 @@ class TrunkScorer:
         self.heads = model.heads
         c = self.trunk.config
         self.max_len = max_len
-        # Each slot's row: max_len committed tokens, then scratch for one step's candidates (_forward).
-        self.row_len = max_len + MAX_CANDIDATES
-        shape = (c.num_layers, max_requests, self.row_len, c.num_kv_heads, c.head_dim)
+        self.max_requests = max_requests
+        # Each slot's row: its committed tokens, then scratch for one step's candidates (_forward).
+        self.row_len = min(max_len, INITIAL_LEN) + MAX_CANDIDATES
+        shape = (c.num_layers, min(max_requests, INITIAL_SLOTS), self.row_len, c.num_kv_heads, c.head_dim)
         self.cache_k = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
         self.cached = [0] * max_requests  # host-side: read by Python every step, never synced
@@ -109,13 +116,36 @@ class TrunkScorer:
         self.has_state = bool(self.heads.state_names)
         self.has_token = bool(self.heads.token_names)
         self.candidate_rows = CandidateRows()
+        self.draft_hidden: dict[int, torch.Tensor | None] = {}  # slot -> its drafted tokens' hidden states
 
     @property
     def cache_bytes(self) -> int:
         return 2 * self.cache_k.numel() * self.cache_k.element_size()
 
+    @property
+    def max_cache_bytes(self) -> int:
+        """The most the cache can grow to (every slot, max_len tokens and one step's scratch)."""
+        per_row = self.cache_k[:, :1, :1].numel() * self.cache_k.element_size()
+        return 2 * per_row * self.max_requests * (self.max_len + MAX_CANDIDATES)
+
+    def _ensure(self, slots: int, row_len: int) -> None:
+        """Room for `slots` slots of `row_len` keys: grown (at least doubled) by one copy if not."""
+        have_slots, have_len = self.cache_k.shape[1], self.cache_k.shape[2]
+        if slots <= have_slots and row_len <= have_len:
+            return
+        new_slots = have_slots if slots <= have_slots else min(self.max_requests, max(slots, 2 * have_slots))
+        new_len = have_len if row_len <= have_len else max(row_len, min(self.max_len + MAX_CANDIDATES, 2 * have_len))
+        shape = (self.cache_k.shape[0], new_slots, new_len) + tuple(self.cache_k.shape[3:])
+        for name in ("cache_k", "cache_v"):
+            old = getattr(self, name)
+            new = torch.zeros(shape, device=old.device, dtype=old.dtype)
+            new[:, :have_slots, :have_len] = old
+            setattr(self, name, new)
+        self.row_len = new_len
+
     def reset(self, slot: int) -> None:
         self.cached[slot] = 0
+        self.draft_hidden.pop(slot, None)
 
     @torch.inference_mode()
     def score(self, rows: list[ScoredRequest], candidates: torch.Tensor | None, new_tokens: NewTokens):
@@ -132,6 +162,7 @@ class TrunkScorer:
         if max(total) > self.max_len:
             raise RuntimeError(f"value cache length {self.max_len} exceeded ({max(total)} tokens)")
         Kc = candidates.shape[1] if self.has_state and candidates is not None else 0
+        self._ensure(max(slots) + 1, max(total) + Kc)
         Lq = max(k + Kc for k in n)
         # Lq == 0 only for a token-heads-only trunk with no new token (a repeated chunked-prefill
         # step): last_hidden is already current.
@@ -215,6 +246,81 @@ class TrunkScorer:
         return self.heads.state_values(hidden.reshape(B * Lq, -1).index_select(0, cand_dev).view(B, Kc, -1))
 
 
+    @torch.inference_mode()
+    def score_draft(self, slot: int, draft: list[int], candidates: torch.Tensor):
+        """Score the candidates of n drafted positions in one forward, committing nothing.
+
+        `draft` is x_1..x_{n-1} (the drafted tokens the later positions follow; the last drafted
+        token is only scored, as a candidate of position n); candidates [n, K]: position i's
+        candidates are alternatives to x_i, so they see the slot's committed tokens and x_1..x_{i-1}
+        (V(s + x_{<i} + [a])), at rotary position cached + i - 1. The drafted tokens' keys go to
+        the cache rows right after the committed ones, where committing them would put them: a
+        drafted token attends causally to the cache and the drafted tokens before it, exactly as a
+        committed one would. `commit_draft(slot, m)` then makes the first m of them committed by
+        moving `cached` (no copy, no recompute); the rest stay scratch, overwritten later. The
+        candidates' keys go past the drafted ones. Needs every committed token fed (`advance`).
+
+        Returns (state values [n, K, n_state] or None, token values [n_token, n, K] or None)."""
+        device = self.cache_k.device
+        P, d, (n, K) = self.cached[slot], len(draft), candidates.shape
+        if d != n - 1:
+            raise ValueError(f"a draft of {n} positions follows {n - 1} drafted tokens, not {d}")
+        Kc = K if self.has_state else 0
+        Lq = d + n * Kc
+        if P + n - 1 > self.max_len:
+            raise RuntimeError(f"value cache length {self.max_len} exceeded by a draft ({P} + {n - 1} tokens)")
+        self._ensure(slot + 1, P + Lq)
+        hidden = None
+        if Lq:
+            j = torch.arange(d)
+            group = torch.arange(n).repeat_interleave(Kc)
+            key = torch.cat([P + j, P + d + torch.arange(n * Kc)])  # where each query's key is written
+            positions = torch.cat([P + j, P + group])
+            limit = torch.cat([P + j, P + group - 1])  # causal; a candidate sees x_{<i}, not x_i
+            own = torch.cat([torch.full((d,), -1), key[d:]])
+            tokens = torch.cat([torch.tensor(draft, dtype=torch.long).to(device),
+                                candidates.reshape(-1)[:n * Kc] if Kc else candidates.new_zeros(0)])
+            key, positions, limit, own = (to_device(t, device) for t in (key, positions, limit, own))
+            column = torch.arange(P + Lq, device=device)
+            mask = ((column <= limit[:, None]) | (column == own[:, None]))[None, None]  # [1, 1, Lq, Lk]
+            c = self.trunk.config
+            write = slot * self.row_len + key
+
+            def attend(layer: int, q, k, v):
+                cache_k = self.cache_k[layer].view(-1, c.num_kv_heads, c.head_dim)
+                cache_v = self.cache_v[layer].view(-1, c.num_kv_heads, c.head_dim)
+                cache_k.index_copy_(0, write, k[0].transpose(0, 1))
+                cache_v.index_copy_(0, write, v[0].transpose(0, 1))
+                keys = self.cache_k[layer, slot, :P + Lq].transpose(0, 1)[None]
+                values = self.cache_v[layer, slot, :P + Lq].transpose(0, 1)[None]
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                     enable_gqa=q.shape[1] != k.shape[1])
+                return out.transpose(1, 2).reshape(1, Lq, -1)
+
+            hidden = self.trunk(tokens.view(1, Lq), positions.view(1, Lq), attend)[0]  # [Lq, H]
+        self.draft_hidden[slot] = hidden[:d].clone() if hidden is not None and d else None
+        state_values = self.heads.state_values(hidden[d:].view(n, Kc, -1)) if Kc else None
+        token_values = None
+        if self.has_token:
+            before = self.last_hidden[slot][None]
+            if d:
+                before = torch.cat([before, hidden[:d]])
+            embed = self.trunk.embed_tokens.weight
+            token_values = self.heads.token_values(before, embed, candidates,
+                                                   rows_out=self.candidate_rows.get(embed, candidates.numel()))
+        return state_values, token_values
+
+    def commit_draft(self, slot: int, accepted: int) -> None:
+        """Make the first `accepted` drafted tokens of the slot's last `score_draft` committed."""
+        if accepted:
+            hidden = self.draft_hidden[slot]
+            if hidden is None or accepted > len(hidden):
+                raise ValueError(f"cannot commit {accepted} drafted tokens")
+            self.cached[slot] += accepted
+            self.last_hidden[slot] = hidden[accepted - 1]
+        self.draft_hidden[slot] = None
+
+
 class CandidateRows:
     """A grow-only buffer for the candidates' embedding rows (ValueHeads.token_values' rows_out):
     allocated once at the largest B x K seen, instead of a fresh tensor every step."""
@@ -253,6 +359,28 @@ class SharedScorer:
         pass
 
     @torch.inference_mode()
+    def score_draft(self, row: ScoredRequest, draft: list[int], candidates: torch.Tensor) -> torch.Tensor:
+        """Values of n drafted positions' candidates [n, K] of one row, every committed token of
+        which has been fed: [n, n_heads, K] (TrunkScorer.score_draft; separate trunks only)."""
+        n, K = candidates.shape
+        values = torch.zeros(n, len(self.head_names), K, device=candidates.device, dtype=torch.float32)
+        for t, scorer in enumerate(self.scorers):
+            if not row.heads & self.scorer_heads[t]:
+                continue
+            if not isinstance(scorer, TrunkScorer):
+                raise ValueError("drafted positions are scored on separate trunks only")
+            state, token = scorer.score_draft(row.slot, draft, candidates)
+            for g in self.scorer_heads[t]:
+                place = self.head_places[g]
+                values[:, g] = (state[:, :, place.index] if place.kind == "state" else token[place.index]).float()
+        return values
+
+    def commit_draft(self, row: ScoredRequest, accepted: int) -> None:
+        """The row's first `accepted` drafted tokens (of its last score_draft) become committed."""
+        for t, scorer in enumerate(self.scorers):
+            if row.heads & self.scorer_heads[t] and isinstance(scorer, TrunkScorer):
+                scorer.commit_draft(row.slot, accepted)
+
     def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, batch_rows: torch.Tensor, num_rows: int):
         """batch_rows [B]: each row's index in this step's logits (num_rows rows in all)."""
         hidden = self.tap.states(self.layer, num_rows).index_select(0, batch_rows.to(self.tap.embedding.device))
@@ -305,6 +433,10 @@ class ValueRuntime:
     def cache_bytes(self) -> int:
         return sum(r.cache_bytes for r in self.scorers)
 
+    @property
+    def max_cache_bytes(self) -> int:
+        return sum(r.max_cache_bytes for r in self.scorers if isinstance(r, TrunkScorer))
+
     def needs_slot(self, heads: frozenset[int]) -> bool:
         return bool(heads & self.cached_heads)
 
@@ -334,6 +466,28 @@ class ValueRuntime:
             members = [r for r in rows if r.heads & self.scorer_heads[t]]
             if members and isinstance(scorer, TrunkScorer):
                 scorer.score(members, None, new_tokens)
+
+    def score_draft(self, row: ScoredRequest, draft: list[int], candidates: torch.Tensor) -> torch.Tensor:
+        """Values of n drafted positions' candidates [n, K] of one row, every committed token of
+        which has been fed: [n, n_heads, K] (TrunkScorer.score_draft; separate trunks only)."""
+        n, K = candidates.shape
+        values = torch.zeros(n, len(self.head_names), K, device=candidates.device, dtype=torch.float32)
+        for t, scorer in enumerate(self.scorers):
+            if not row.heads & self.scorer_heads[t]:
+                continue
+            if not isinstance(scorer, TrunkScorer):
+                raise ValueError("drafted positions are scored on separate trunks only")
+            state, token = scorer.score_draft(row.slot, draft, candidates)
+            for g in self.scorer_heads[t]:
+                place = self.head_places[g]
+                values[:, g] = (state[:, :, place.index] if place.kind == "state" else token[place.index]).float()
+        return values
+
+    def commit_draft(self, row: ScoredRequest, accepted: int) -> None:
+        """The row's first `accepted` drafted tokens (of its last score_draft) become committed."""
+        for t, scorer in enumerate(self.scorers):
+            if row.heads & self.scorer_heads[t] and isinstance(scorer, TrunkScorer):
+                scorer.commit_draft(row.slot, accepted)
 
     def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, batch_rows: torch.Tensor | None = None,
               num_rows: int = 0, new_tokens: NewTokens | None = None) -> torch.Tensor:

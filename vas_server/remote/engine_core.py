@@ -13,6 +13,15 @@ decodes each request with its own token loop. Per token:
   3. a token from VAS's distribution over C and the tail (vas_server.remote.sampling), which may
      take more upstream calls;
   4. the token, and its log-probs when asked, to AsyncLLM as an EngineCoreOutput.
+
+With drafting (`draft_cap` > 1, at T = 0 and T = 1 only: vas_server.remote.draft says why) a
+round replaces steps 1-4: one upstream call drafts n tokens with the top-K log-probs at each
+position; the value runtime scores the n positions' candidates in one pass per value model (the
+drafted tokens not committed); vas_server.remote.draft.verify accepts a prefix of the draft and
+may add VAS's own token at the first rejection; the accepted drafted tokens become committed
+in the value cache at the next advance (ValueRuntime.commit_draft), the rejected ones never do;
+the emitted tokens go to AsyncLLM in one EngineCoreOutput, cut at eos, a stop token or
+max_tokens. n adapts to the request's acceptance (draft.DraftLength).
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from vas_server.config import VASConfig
 from vas_server.core import rule
 from vas_server.core.value_runtime import ScoredRequest, ValueRuntime
 from vas_server.params import VASRequest
+from vas_server.remote.draft import DraftLength, drafts_at, verify
 from vas_server.remote.sampling import Step, steered_step
 from vas_server.remote.scoring import BatchedScorer
 from vas_server.remote.upstream import Draw, Upstream, UpstreamError
@@ -45,8 +55,15 @@ logger = init_logger("vllm.plugins.vas.remote")  # vLLM's log format and level
 class RemoteEngineCore:
     """The engine core AsyncLLM talks to, decoding every request against `upstream`."""
 
-    def __init__(self, upstream: Upstream, runtime: ValueRuntime, config: VASConfig):
+    def __init__(self, upstream: Upstream, runtime: ValueRuntime, config: VASConfig, draft_cap: int = 1,
+                 draft_adaptive: bool = True):
         self.upstream = upstream
+        self.draft_cap = draft_cap
+        self.draft_adaptive = draft_adaptive
+        self.drafted = 0  # drafted tokens received, accepted, and wasted (drafted, never emitted)
+        self.accepted = 0
+        self.wasted = 0
+        self.draft_rounds = 0
         self.runtime = runtime
         self.scorer = BatchedScorer(runtime)
         self.config = config
@@ -84,12 +101,64 @@ class RemoteEngineCore:
             outputs.append(self.outputs.get_nowait())
         return EngineCoreOutputs(outputs=outputs)
 
+    def stats(self) -> dict[str, float]:
+        """Remote mode's counters (GET /metrics, vas_server.metrics.WORKER_METRICS)."""
+        return {"remote_tokens": self.tokens, "remote_upstream_calls": self.upstream.calls,
+                "remote_calls_per_token": self.upstream.calls / self.tokens if self.tokens else 0.0,
+                "remote_drafted_tokens": self.drafted, "remote_accepted_tokens": self.accepted,
+                "remote_wasted_tokens": self.wasted,
+                "remote_acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+                "cache_slots_used": self.runtime.slots_in_use, "cache_slots_total": self.runtime.max_requests}
+
+    async def collective_rpc_async(self, method: str, timeout=None, args=(), kwargs=None):
+        """AsyncLLM.collective_rpc: only the metrics' `vas_stats` is answered."""
+        if method != "vas_stats":
+            raise NotImplementedError(f"remote-base mode has no worker to run {method!r}")
+        return [self.stats()]
+
     def shutdown(self, timeout: float | None = None) -> None:
         for task in self.loops.values():
             task.cancel()
         self.scorer.shutdown()
-        logger.info("remote-base totals: %d tokens, %d upstream calls, %d value batches of %d rows, %d capped steps",
-                    self.tokens, self.upstream.calls, self.scorer.batches, self.scorer.rows, self.capped_steps)
+        logger.info("remote-base totals: %d tokens, %d upstream calls (%.3f per token), %d value batches of %d rows, "
+                    "%d capped steps; %d drafts of %d tokens, %d accepted (%.1f%%), %d wasted",
+                    self.tokens, self.upstream.calls, self.upstream.calls / max(1, self.tokens), self.scorer.batches,
+                    self.scorer.rows, self.capped_steps, self.draft_rounds, self.drafted, self.accepted,
+                    100 * self.accepted / max(1, self.drafted), self.wasted)
+
+    async def _step(self, row, first: Draw, advancing, top_k, weight_vector, heads, temperature, restrict, generator,
+                    context) -> Step:
+        """One token from one draw (no drafting): sampling.steered_step."""
+        candidates = [t for t, _ in first.top[:top_k]]
+
+        def redraw(banned: bool):
+            return self.upstream.draw(context, 1, temperature=temperature, seed=_seed(generator),
+                                      banned=candidates if banned else ())
+
+        bonus = None
+        if heads:
+            if advancing is not None:
+                await advancing
+            values = await self.scorer.values(row, candidates)
+            bonus = rule.bonus(values[None], weight_vector)[0]
+        return await steered_step(first, top_k, bonus, temperature, restrict, generator, redraw)
+
+    async def _verify(self, row, positions: list[Draw], advancing, top_k, weight_vector, heads, temperature, restrict,
+                      generator, context) -> tuple[list[Step], int]:
+        """The tokens of one drafted round: its positions scored in one pass, then draft.verify."""
+        candidates = [[t for t, _ in at.top[:top_k]] for at in positions]
+        bonuses = [None] * len(positions)
+        if heads:
+            if advancing is not None:
+                await advancing
+            values = await self.scorer.draft_values(row, [at.token for at in positions[:-1]], candidates)
+            bonuses = [rule.bonus(values[i:i + 1, :, :len(c)], weight_vector)[0] for i, c in enumerate(candidates)]
+
+        def tail_draw(i: int):
+            prefix = context + [at.token for at in positions[:i]]
+            return self.upstream.draw(prefix, 1, temperature=temperature, seed=_seed(generator), banned=candidates[i])
+
+        return await verify(positions, top_k, bonuses, temperature, restrict, generator, tail_draw)
 
     async def _decode(self, request: EngineCoreRequest, steering: VASRequest) -> None:
         params = request.sampling_params
@@ -101,43 +170,58 @@ class RemoteEngineCore:
         heads = frozenset(self.runtime.head_index[name] for name in weights)
         weight_vector = rule.weight_vector(weights, self.runtime.head_index)[None]
         asked = max(top_k, params.logprobs or 0)  # the candidates, and the top log-probs the client wants
+        drafting = self.draft_cap > 1 and drafts_at(temperature)
+        length = DraftLength(self.draft_cap, self.draft_adaptive)
         slot = None
         try:
             if heads and self.runtime.needs_slot(heads):
                 slot = await self.scorer.allocate()  # waits while every value-cache slot is taken
             row = ScoredRequest(slot, list(request.prompt_token_ids), [], heads)
-            for step in range(params.max_tokens):
+            generated, commit = 0, None
+            while generated < params.max_tokens:
                 context = row.prompt + row.outputs
-                # The value trunks take the last token (the prompt, at first) while the upstream computes.
-                advancing = self.scorer.advance(row) if slot is not None else None
-                first = await self.upstream.draw(context, asked, temperature=temperature, seed=_seed(generator))
-                candidates = [t for t, _ in first.top[:top_k]]
-
-                def redraw(banned: bool):
-                    return self.upstream.draw(context, 1, temperature=temperature, seed=_seed(generator),
-                                              banned=candidates if banned else ())
-
-                bonus = None
-                if heads:
-                    if advancing is not None:
-                        await advancing
-                    values = await self.scorer.values(row, candidates)
-                    bonus = rule.bonus(values[None], weight_vector)[0]
-                chosen = await steered_step(first, top_k, bonus, temperature, steering.restrict_to_top_k,
-                                            generator, redraw)
-                row.outputs.append(chosen.token)
-                self.tokens += 1
-                self.capped_steps += chosen.capped
-                finished, stop_reason = None, None
-                if chosen.token == params.eos_token_id:
-                    finished = FinishReason.STOP
-                elif chosen.token in stop_ids:
-                    finished, stop_reason = FinishReason.STOP, chosen.token
-                elif step + 1 == params.max_tokens:
-                    finished = FinishReason.LENGTH
+                # The value trunks take the last tokens (the prompt, at first) while the upstream
+                # computes, after keeping the accepted drafted tokens of the last round.
+                advancing = self.scorer.advance(row, commit) if slot is not None else None
+                commit = None
+                if drafting:
+                    n = min(length.next(), params.max_tokens - generated)
+                    positions = await self.upstream.draft(context, n, asked, temperature=temperature,
+                                                          seed=_seed(generator))
+                    steps, accepted = await self._verify(row, positions, advancing, top_k, weight_vector, heads,
+                                                         temperature, steering.restrict_to_top_k, generator, context)
+                    # The positions verified: the accepted ones and the one rejected, if any (not the
+                    # dropped rest, which says nothing about acceptance).
+                    length.observe(accepted + (accepted < len(positions)), accepted)
+                    self.draft_rounds += 1
+                    self.drafted += len(positions)
+                    self.accepted += accepted
+                    self.wasted += len(positions) - accepted
+                    commit = min(accepted, len(positions) - 1)  # the drafted tokens the value trunks saw
+                else:
+                    first = await self.upstream.draw(context, asked, temperature=temperature, seed=_seed(generator))
+                    steps, positions = [await self._step(row, first, advancing, top_k, weight_vector, heads,
+                                                         temperature, steering.restrict_to_top_k, generator,
+                                                         context)], [first]
+                finished, stop_reason, emitted = None, None, []
+                for chosen in steps:
+                    emitted.append(chosen)
+                    generated += 1
+                    if chosen.token == params.eos_token_id:
+                        finished = FinishReason.STOP
+                    elif chosen.token in stop_ids:
+                        finished, stop_reason = FinishReason.STOP, chosen.token
+                    elif generated == params.max_tokens:
+                        finished = FinishReason.LENGTH
+                    if finished is not None:
+                        break
+                row.outputs.extend(chosen.token for chosen in emitted)
+                self.tokens += len(emitted)
+                self.capped_steps += sum(chosen.capped for chosen in emitted)
                 self.outputs.put_nowait(EngineCoreOutput(
-                    request.request_id, [chosen.token], finish_reason=finished, stop_reason=stop_reason,
-                    new_logprobs=None if params.logprobs is None else _logprobs(chosen, first, params.logprobs)))
+                    request.request_id, [chosen.token for chosen in emitted], finish_reason=finished,
+                    stop_reason=stop_reason,
+                    new_logprobs=None if params.logprobs is None else _logprobs(emitted, positions, params.logprobs)))
                 if finished is not None:
                     return
         except UpstreamError as e:
@@ -152,13 +236,13 @@ class RemoteEngineCore:
             self.scorer.release(slot)
 
 
-def _logprobs(chosen: Step, first: Draw, n: int) -> LogprobsLists:
-    """vLLM's log-probs of one position: the chosen token's first, then the base's top n (raw,
-    as in-process VAS reports them: vLLM's default logprobs_mode)."""
-    top = first.top[:n]
-    ids = np.array([[chosen.token] + [t for t, _ in top]], dtype=np.int64)
-    logprobs = np.array([[chosen.logprob] + [lp for _, lp in top]], dtype=np.float32)
-    return LogprobsLists(ids, logprobs, np.array([chosen.rank], dtype=np.int64))
+def _logprobs(emitted: list[Step], positions: list[Draw], n: int) -> LogprobsLists:
+    """vLLM's log-probs of the emitted positions: each chosen token's first, then the base's top n
+    there (raw, as in-process VAS reports them: vLLM's default logprobs_mode)."""
+    rows = list(zip(emitted, positions))
+    ids = np.array([[chosen.token] + [t for t, _ in at.top[:n]] for chosen, at in rows], dtype=np.int64)
+    logprobs = np.array([[chosen.logprob] + [lp for _, lp in at.top[:n]] for chosen, at in rows], dtype=np.float32)
+    return LogprobsLists(ids, logprobs, np.array([chosen.rank for chosen, _ in rows], dtype=np.int64))
 
 
 def unsupported(params) -> str | None:

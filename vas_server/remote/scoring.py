@@ -5,7 +5,9 @@ it asks right after choosing, and the work overlaps its next upstream call) and 
 its next candidates, once the upstream returned them). Work asked in the same event-loop turn,
 or while a batch is running, forms the next batch: one `ValueRuntime.advance` for all its
 advances, then one `ValueRuntime.score` for all its candidates (one trunk forward per value model
-each), as the in-process processor does for one engine step. A row's advance always precedes its
+each), as the in-process processor does for one engine step. A drafting loop asks for a third
+kind, `draft_values` (its round's drafted positions, one ValueRuntime.score_draft forward per
+row, after the batch's scoring), and its next `advance` first commits the accepted drafted tokens. A row's advance always precedes its
 values: it is asked first, and batches run one at a time, in order. The batch runs in a worker
 thread, so the event loop keeps serving HTTP and upstream calls meanwhile (torch releases the GIL).
 
@@ -28,8 +30,10 @@ from vas_server.core.value_runtime import ScoredRequest, ValueRuntime, to_device
 @dataclass(eq=False)
 class Work:
     row: ScoredRequest
-    candidates: list[int] | None  # None: advance the row; else score these candidates
+    candidates: list[int] | list[list[int]] | None  # None: advance the row; else score these candidates
     done: asyncio.Future
+    draft: list[int] | None = None  # drafted tokens: candidates are then one list per drafted position
+    commit: int | None = None  # advance: first commit this many drafted tokens of the last draft
 
 
 class BatchedScorer:
@@ -44,17 +48,24 @@ class BatchedScorer:
         self.batches = 0  # batches with candidates to score, and their rows (the benchmark reports both)
         self.rows = 0
 
-    def advance(self, row: ScoredRequest) -> asyncio.Future:
-        """Feed `row`'s newly committed tokens to its value trunks; done when fed."""
-        return self._ask(row, None)
+    def advance(self, row: ScoredRequest, commit: int | None = None) -> asyncio.Future:
+        """Feed `row`'s newly committed tokens to its value trunks; done when fed. `commit`: the
+        row's last draft had that many tokens accepted, committed first (ValueRuntime.commit_draft)."""
+        return self._ask(row, None, commit=commit)
+
+    async def draft_values(self, row: ScoredRequest, draft: list[int], candidates: list[list[int]]) -> torch.Tensor:
+        """The values of each drafted position's candidates, `draft` being the drafted tokens
+        before the last (ValueRuntime.score_draft): [n, n_heads, K_max], K_max the longest list."""
+        return await self._ask(row, candidates, draft=draft)
 
     async def values(self, row: ScoredRequest, candidates: list[int]) -> torch.Tensor:
         """The values q_h(a) of `row`'s candidates: [n_heads, len(candidates)], float32, on the host."""
         return await self._ask(row, candidates)
 
-    def _ask(self, row: ScoredRequest, candidates: list[int] | None) -> asyncio.Future:
+    def _ask(self, row: ScoredRequest, candidates, draft: list[int] | None = None,
+             commit: int | None = None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
-        work = Work(row, candidates, loop.create_future())
+        work = Work(row, candidates, loop.create_future(), draft, commit)
         self.pending.append(work)
         if self.drainer is None:
             self.drainer = loop.create_task(self._drain())
@@ -91,23 +102,26 @@ class BatchedScorer:
                 if not batch:
                     continue
                 advancing = [work for work in batch if work.candidates is None]
-                scored = [work for work in batch if work.candidates is not None]
+                scored = [work for work in batch if work.candidates is not None and work.draft is None]
+                drafted = [work for work in batch if work.draft is not None]
                 self.running = True
                 try:
-                    values = await loop.run_in_executor(self.executor, self._run, advancing, scored)
+                    values, draft_values = await loop.run_in_executor(self.executor, self._run, advancing, scored,
+                                                                      drafted)
                 except Exception as e:  # the loops end with it; the next batch may still succeed
                     results, error = None, e
                 else:
-                    results, error = [None] * len(advancing) + [values[b, :, :len(work.candidates)]
-                                                                for b, work in enumerate(scored)], None
+                    results, error = ([None] * len(advancing) + [values[b, :, :len(work.candidates)]
+                                                                 for b, work in enumerate(scored)]
+                                      + draft_values), None
                 finally:
                     self.running = False
                     for slot in self.deferred_releases:
                         self._release(slot)
                     self.deferred_releases.clear()
-                self.batches += bool(scored)
-                self.rows += len(scored)
-                for b, work in enumerate(advancing + scored):
+                self.batches += bool(scored or drafted)
+                self.rows += len(scored) + len(drafted)
+                for b, work in enumerate(advancing + scored + drafted):
                     if work.done.done():  # its loop ended meanwhile
                         continue
                     if error is not None:
@@ -117,17 +131,31 @@ class BatchedScorer:
         finally:
             self.drainer = None
 
-    def _run(self, advancing: list[Work], scored: list[Work]) -> torch.Tensor | None:
-        """Advance the advancing rows, then score the candidates of the scored ones: [B, n_heads,
-        K_max] on the host, rows with fewer candidates padded with their first."""
+    def _run(self, advancing: list[Work], scored: list[Work], drafted: list[Work]):
+        """Advance the advancing rows (committing their accepted drafted tokens first), then score
+        the candidates of the scored ones: [B, n_heads, K_max] on the host, rows with fewer
+        candidates padded with their first (None if none); then each drafted row's positions, one
+        forward per row: a list of [n, n_heads, K_max]."""
+        for work in advancing:
+            if work.commit is not None:
+                self.runtime.commit_draft(work.row, work.commit)
         if advancing:
             self.runtime.advance([work.row for work in advancing])
-        if not scored:
-            return None
-        width = max(len(work.candidates) for work in scored)
-        padded = torch.tensor([work.candidates + work.candidates[:1] * (width - len(work.candidates))
-                               for work in scored])
-        return self.runtime.score([work.row for work in scored], to_device(padded, self.runtime.device)).cpu()
+        values = None
+        if scored:
+            values = self.runtime.score([work.row for work in scored],
+                                        to_device(_padded(work.candidates for work in scored), self.runtime.device)).cpu()
+        draft_values = [self.runtime.score_draft(work.row, work.draft, to_device(_padded(work.candidates),
+                                                                                  self.runtime.device)).cpu()
+                        for work in drafted]
+        return values, draft_values
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _padded(lists) -> torch.Tensor:
+    """Candidate lists as one [B, K_max] tensor, shorter lists padded with their first."""
+    lists = list(lists)
+    width = max(len(c) for c in lists)
+    return torch.tensor([c + c[:1] * (width - len(c)) for c in lists])

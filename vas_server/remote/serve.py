@@ -27,7 +27,8 @@ UPSTREAM_STARTUP_WAIT_S = 300
 logger = init_logger("vllm.plugins.vas.remote")
 
 
-def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer):
+def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer, draft_cap: int = 1,
+                     draft_adaptive: bool = True):
     """vLLM's AsyncLLM for `vllm_config`, its engine core a RemoteEngineCore on `upstream`;
     `tokenizer` is MODEL's (its identity is checked against every value model's)."""
     from vllm.v1.engine import core_client
@@ -38,7 +39,11 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer)
 
     runtime = separate_runtime(vas, vllm_config, tokenizer_identity(tokenizer), list(vas.value_models),
                                value_device(vas))
-    core = RemoteEngineCore(upstream, runtime, vas)
+    logger.info("remote-base value cache: %.1f MiB now, growing with use to at most %.1f MiB (%d slots x %d tokens); "
+                "drafting up to %d tokens per call%s", runtime.cache_bytes / 2**20, runtime.max_cache_bytes / 2**20,
+                runtime.max_requests, runtime.max_len, draft_cap,
+                "" if draft_adaptive or draft_cap == 1 else " (fixed)")
+    core = RemoteEngineCore(upstream, runtime, vas, draft_cap, draft_adaptive)
     make_client = core_client.EngineCoreClient.make_async_mp_client
     core_client.EngineCoreClient.make_async_mp_client = staticmethod(lambda *args, **kwargs: core)
     try:
@@ -82,7 +87,9 @@ async def serve_remote(args: Namespace, vas: VASConfig) -> None:
             await check_tokenizer(upstream, tokenizer)
     except ValueError as e:
         raise SystemExit(f"vas-server: {e}") from None
-    engine = remote_async_llm(vllm_config, vas, upstream, tokenizer)
+    if args.remote_draft < 1:
+        raise SystemExit("vas-server: --remote-draft must be at least 1")
+    engine = remote_async_llm(vllm_config, vas, upstream, tokenizer, args.remote_draft, not args.remote_draft_fixed)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:
         shutdown = await build_and_serve(engine, listen_address, sock, args)

@@ -1,7 +1,7 @@
 """The remote base: an OpenAI-compatible /v1/completions that takes token-id prompts (vLLM's).
 
-One call is one decoding step of the base: `Upstream.draw` asks for one token with its top-k
-log-probs and returns what the upstream drew. Failures become UpstreamError with the status the
+`Upstream.draw` asks for one token with its top-k log-probs and returns what the upstream drew;
+`Upstream.draft` asks for n tokens in a row, with the top-k log-probs at each position. Failures become UpstreamError with the status the
 client should get; those that a second try can cure (unreachable, slow, overloaded, a 5xx) are
 retried with backoff, since a call has no side effects and its seed makes it repeatable.
 """
@@ -60,7 +60,13 @@ class Upstream:
                    seed: int | None = None) -> Draw:
         """The base's next token after `context` at `temperature` (0: greedy), never one of
         `banned`, with the top-k raw log-probs."""
-        body = {"model": self.model, "prompt": context, "max_tokens": 1, "logprobs": k, "temperature": temperature,
+        return (await self.draft(context, 1, k, temperature=temperature, banned=banned, seed=seed))[0]
+
+    async def draft(self, context: list[int], n: int, k: int, *, temperature: float, banned: list[int] = (),
+                    seed: int | None = None) -> list[Draw]:
+        """The base's next n tokens after `context`, drawn in a row at `temperature`, each with
+        its position's top-k raw log-probs (fewer than n where the upstream stopped, at its eos)."""
+        body = {"model": self.model, "prompt": context, "max_tokens": n, "logprobs": k, "temperature": temperature,
                 "return_tokens_as_token_ids": True}
         if banned:
             body["logit_bias"] = {str(t): BANNED for t in banned}
@@ -76,7 +82,7 @@ class Upstream:
             await asyncio.sleep(RETRY_BACKOFF_S * 2 ** attempt)
             attempt += 1
 
-    async def _call(self, body: dict, k: int) -> Draw:
+    async def _call(self, body: dict, k: int) -> list[Draw]:
         self.calls += 1
         try:
             response = await self.client.post("/completions", json=body)
@@ -89,19 +95,24 @@ class Upstream:
             raise UpstreamError(502, f"upstream {self.base_url} answered {response.status_code}: "
                                      f"{response.text[:500]}",
                                 retryable=response.status_code == 429 or response.status_code >= 500)
+        draws = []
         try:
             logprobs = response.json()["choices"][0]["logprobs"]
-            token = _token_id(logprobs["tokens"][0])
-            logprob = float(logprobs["token_logprobs"][0])
-            top = sorted(((_token_id(t), float(lp)) for t, lp in logprobs["top_logprobs"][0].items()),
-                         key=lambda pair: -pair[1])
+            for i in range(len(logprobs["tokens"])):
+                token = _token_id(logprobs["tokens"][i])
+                logprob = float(logprobs["token_logprobs"][i])
+                top = sorted(((_token_id(t), float(lp)) for t, lp in logprobs["top_logprobs"][i].items()),
+                             key=lambda pair: -pair[1])
+                if len(top) < k:
+                    raise UpstreamError(502, f"upstream {self.base_url} gave {len(top)} log-probs, {k} asked (a vLLM "
+                                             f"upstream needs --max-logprobs >= {k})")
+                # vLLM adds the drawn token's log-prob when it is not among the top k: the k best are the first k.
+                draws.append(Draw(token, logprob, top[:k]))
+            if not draws:
+                raise IndexError("no tokens")
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise UpstreamError(502, f"upstream {self.base_url} answered without token log-probs ({e!r})") from None
-        if len(top) < k:
-            raise UpstreamError(502, f"upstream {self.base_url} gave {len(top)} log-probs, {k} asked (a vLLM upstream "
-                                     f"needs --max-logprobs >= {k})")
-        # vLLM adds the drawn token's log-prob when it is not among the top k: the k best are the first k.
-        return Draw(token, logprob, top[:k])
+        return draws
 
 
 async def wait_until_reachable(upstream: Upstream, timeout_s: float, on_wait: Callable[[str], None]) -> None:
