@@ -76,7 +76,8 @@ class HiddenStateTap:
         # Depths the decoder must output as extra columns (N = num_layers is compute_logits' input).
         self.aux_layers = tuple(n for n in depths if n < num_layers)
         self.norm: torch.nn.Module | None = None  # the base's final norm (bound by the model class)
-        self.embed_module: torch.nn.Module | None = None  # the base's input embedding (same)
+        # the base's input embedding (same): under TP a VocabParallelEmbedding, this rank's shard
+        self.embed_module: torch.nn.Module | None = None
         self._rows: torch.Tensor | None = None  # this step's published rows [R, H * (1 + aux)]
         self.tensor_parallel = False  # the embedding is this rank's vocabulary shard
 
@@ -105,11 +106,6 @@ class HiddenStateTap:
         """The base's input embedding matrix [>= V, H] (token heads use the trunk's own)."""
         return self.embed_module.weight
 
-    @property
-    def embedding_layer(self):
-        """The base's input embedding module (a VocabParallelEmbedding: under TP, this rank's shard)."""
-        return self.embed_module
-
     def token_values(self, heads, hidden: torch.Tensor, candidates: torch.Tensor,
                      rows_out: torch.Tensor | None = None) -> torch.Tensor:
         """Token heads' values of the candidates [B, K] at states `hidden` [B, H] on the base's
@@ -121,7 +117,7 @@ class HiddenStateTap:
 
         from vas_server.tp_heads import vocab_parallel_token_values
 
-        return vocab_parallel_token_values(heads, hidden, self.embedding_layer, candidates,
+        return vocab_parallel_token_values(heads, hidden, self.embed_module, candidates,
                                            get_tp_group().all_reduce, rows_out=rows_out)
 
     # -- the model side (vas_server.tap_models) ------------------------------------------------

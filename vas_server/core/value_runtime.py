@@ -359,28 +359,6 @@ class SharedScorer:
         pass
 
     @torch.inference_mode()
-    def score_draft(self, row: ScoredRequest, draft: list[int], candidates: torch.Tensor) -> torch.Tensor:
-        """Values of n drafted positions' candidates [n, K] of one row, every committed token of
-        which has been fed: [n, n_heads, K] (TrunkScorer.score_draft; separate trunks only)."""
-        n, K = candidates.shape
-        values = torch.zeros(n, len(self.head_names), K, device=candidates.device, dtype=torch.float32)
-        for t, scorer in enumerate(self.scorers):
-            if not row.heads & self.scorer_heads[t]:
-                continue
-            if not isinstance(scorer, TrunkScorer):
-                raise ValueError("drafted positions are scored on separate trunks only")
-            state, token = scorer.score_draft(row.slot, draft, candidates)
-            for g in self.scorer_heads[t]:
-                place = self.head_places[g]
-                values[:, g] = (state[:, :, place.index] if place.kind == "state" else token[place.index]).float()
-        return values
-
-    def commit_draft(self, row: ScoredRequest, accepted: int) -> None:
-        """The row's first `accepted` drafted tokens (of its last score_draft) become committed."""
-        for t, scorer in enumerate(self.scorers):
-            if row.heads & self.scorer_heads[t] and isinstance(scorer, TrunkScorer):
-                scorer.commit_draft(row.slot, accepted)
-
     def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, batch_rows: torch.Tensor, num_rows: int):
         """batch_rows [B]: each row's index in this step's logits (num_rows rows in all)."""
         hidden = self.tap.states(self.layer, num_rows).index_select(0, batch_rows.to(self.tap.embedding.device))
