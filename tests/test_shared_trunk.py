@@ -53,6 +53,9 @@ def _install_probe(worker):
         procs = runner.sampler.logits_processors
     proc = next(p for p in procs if type(p).__name__ in ("V1Processor", "V2Processor"))
     runtime, log = proc.steering.runtime, []
+    worker.vas_probe_log = log
+    if runtime is None:  # a pipeline stage that does not sample: no value models, nothing to log
+        return None
     score = runtime.score
 
     def history(row) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -69,7 +72,6 @@ def _install_probe(worker):
         return values
 
     runtime.score = logged
-    worker.vas_probe_log = log
     return list(runtime.head_names)
 
 

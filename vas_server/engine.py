@@ -73,6 +73,11 @@ def engine_settings(vas: VASConfig | None, given: dict[str, Any]) -> dict[str, A
     defaults: dict[str, Any] = {}
     if not on_gpu():
         defaults.update(enforce_eager=True, enable_chunked_prefill=False)
+        if (given.get("pipeline_parallel_size") or 1) > 1:
+            # vLLM 0.32's CPU runner allocates a later stage's receive buffer only in its compile
+            # warm-up, so eager PP fails at the first step. Dynamo with its eager backend runs that
+            # warm-up and the same kernels as eager mode, without Inductor's minutes of compiling.
+            defaults.update(enforce_eager=False, compilation_config={"backend": "eager"})
     if default_dtype(None) is not None:
         defaults["dtype"] = default_dtype(None)
     settings = {key: value for key, value in defaults.items() if given.get(key) is None}

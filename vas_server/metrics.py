@@ -55,15 +55,17 @@ async def render_vas_metrics(engine_client, preset_requests: Mapping[str, int]) 
         presets.add_metric([name], count)
     text = generate_latest(_Families([presets]))
     try:
-        # One entry per worker; every tensor-parallel rank runs the same processor, rank 0 speaks.
+        # One entry per worker. Every tensor-parallel rank runs the same processor, and only the
+        # last pipeline stage's count (the others answer {}): the first non-empty entry speaks.
         results = await asyncio.wait_for(engine_client.collective_rpc("vas_stats"), WORKER_STATS_TIMEOUT_S)
     except Exception as e:  # noqa: BLE001 - a scrape must not fail because the engine is busy
         logger.warning("could not read VAS worker stats: %r", e)
         return text
-    if not results or not results[0]:
+    stats = next((r for r in results or () if r), None)
+    if stats is None:
         return text
     registry = CollectorRegistry()
-    registry.register(_WorkerStats(results[0]))
+    registry.register(_WorkerStats(stats))
     return text + generate_latest(registry)
 
 

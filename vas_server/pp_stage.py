@@ -7,6 +7,9 @@ them into a buffer made by `make_empty_intermediate_tensors`, which has only `hi
 `residual`: it is widened here; (2) the input embedding for the token heads, which vLLM builds on
 the first stage only (unless tied): the last stage builds its own VocabParallelEmbedding, loaded
 from the checkpoint by vLLM's own loader (V x H / TP more memory on that stage).
+
+Only the last stage samples, so only its logits processor steers (`samples_here`): the other
+stages' processors load no value model and count nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +17,14 @@ from __future__ import annotations
 from bisect import bisect_right
 
 import torch
+
+
+def samples_here() -> bool:
+    """Whether this worker runs vLLM's sampler: the last pipeline stage, or any worker when
+    pipeline parallelism is off (or no process group exists, as in unit tests)."""
+    from vllm.distributed import parallel_state
+
+    return parallel_state._PP is None or parallel_state.get_pp_group().is_last_rank
 
 
 def prepare_stage(model, hf_config, quant_config) -> None:

@@ -33,6 +33,7 @@ from vas_server.config import HeadInfo, VASConfig
 from vas_server.heap import HeapTrimmer
 from vas_server.hidden_states import HiddenStateTap
 from vas_server.params import VASRequest
+from vas_server.pp_stage import samples_here
 from vas_server.core.value_runtime import NewTokens, ScoredRequest, ValueRuntime, to_device
 
 if TYPE_CHECKING:
@@ -106,8 +107,11 @@ class Steering:
             if vllm_config.speculative_config is not None:
                 # Both processors map one logits row to one request; drafts add rows.
                 raise ValueError("VAS does not support speculative decoding (one logits row per request)")
-            self.heads = self.config.read_heads()
-            self.runtime, self.tap = _build_runtime(self.config, vllm_config, device)
+            if samples_here():
+                self.heads = self.config.read_heads()
+                self.runtime, self.tap = _build_runtime(self.config, vllm_config, device)
+            else:  # an earlier pipeline stage: it never samples, and rows stay unsteered here
+                logger.info("VAS: this pipeline stage does not sample; the value models load on the last stage")
 
     def request(self, params) -> tuple[VASRequest, frozenset[int], torch.Tensor] | None:
         """A new row's settings, the indices of the heads it weights and its weight vector, or
@@ -179,7 +183,10 @@ class Steering:
             self.tap.clear()  # this step's hidden states are used up
 
     def stats(self, active_requests: int) -> dict:
+        """The counters for /metrics; empty on a pipeline stage that does not sample."""
         rt = self.runtime
+        if rt is None and self.config.value_models:
+            return {}
         return {
             "vas_requests_total": self.requests_total,
             "active_requests": active_requests,

@@ -1,14 +1,18 @@
-"""Tensor parallelism (TP = 2) on vLLM's CPU backend: the shared path's token heads score a
-vocabulary-parallel embedding (vas_server.tp_heads), and the separate runtime runs on every rank.
+"""Tensor and pipeline parallelism (TP = 2, PP = 2) on vLLM's CPU backend.
 
-One tiny random Llama with 4 query heads and 2 KV heads (hidden 256: each rank takes 2 query heads
-and 1 KV head, and half of the 384-token vocabulary), two engines per session (TP = 1 and TP = 2),
-the same value models on both:
-  * "sh1": token heads on the base's layer 1 of 2 (shared path, N < all);
+TP: the shared path's token heads score a vocabulary-parallel embedding (vas_server.tp_heads),
+and the separate runtime runs on every rank. PP: the last stage receives the earlier stage's aux
+states (vas_server.pp_stage) and alone loads the value models and steers.
+
+One tiny random Llama with 2 layers, 4 query heads and 2 KV heads (hidden 256: each TP rank takes
+2 query heads and 1 KV head, and half of the 384-token vocabulary; each PP stage one layer), three
+engines per session (TP = 1, TP = 2, PP = 2), the same value models on all:
+  * "sh1": token heads on the base's layer 1 of 2 (shared path, N < all; under PP computed on
+    the first stage and carried to the last);
   * "sh2": token heads on layer 2 = all layers (shared path, N = all);
   * "sep": a state and a token head on a 1-layer base_prefix trunk (separate runtime).
-Greedy steered tokens and every row's head values (the probe of test_shared_trunk) at TP = 2 equal
-TP = 1's. The unit test at the bottom checks the sharded scoring itself in one process.
+Greedy steered tokens and every row's head values (the probe of test_shared_trunk) at TP = 2 and
+PP = 2 equal TP = 1's. The unit test at the bottom checks the sharded scoring itself in one process.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def tp_models(tiny_dir) -> tuple[str, dict[str, str]]:
     return str(base), {k: str(v) for k, v in models.items()}
 
 
-def _engine(tp_models, tp: int):
+def _engine(tp_models, tp: int = 1, pp: int = 1):
     from vllm import LLM
 
     from vas_server.config import VASConfig
@@ -55,10 +59,12 @@ def _engine(tp_models, tp: int):
     base, models = tp_models
     llm = LLM(**engine_kwargs(base, VASConfig(value_models=models), dtype="float32", max_model_len=MAX_MODEL_LEN,
                               num_gpu_blocks_override=KV_BLOCKS, max_num_seqs=16, seed=0, disable_log_stats=True,
-                              enforce_eager=True, tensor_parallel_size=tp))
+                              tensor_parallel_size=tp, pipeline_parallel_size=pp))
     names = llm.collective_rpc(_install_probe)
-    assert len(names) == tp and all(n == names[0] for n in names)
-    llm.vas_head_names = names[0]
+    assert len(names) == tp * pp
+    # Under PP only the last stage (the last workers) loads the value models.
+    assert names[:-tp] == [None] * (tp * (pp - 1)) and all(n == names[-1] for n in names[-tp:])
+    llm.vas_head_names = names[-1]
     yield llm
     llm.llm_engine.engine_core.shutdown()
     del llm
@@ -70,9 +76,12 @@ def tp1_llm(tp_models):
     yield from _engine(tp_models, 1)
 
 
-@pytest.fixture(scope="module")
-def tp2_llm(tp_models):
-    yield from _engine(tp_models, 2)
+@pytest.fixture(scope="module", params=["TP=2", "PP=2"])
+def parallel_llm(tp_models, request):
+    """One parallel engine at a time (pytest finishes one parameter's tests before the next's).
+    On CPU vas_server.engine runs PP with Dynamo's eager backend (vLLM's eager CPU PP fails)."""
+    size = {"TP=2": {"tp": 2}, "PP=2": {"pp": 2}}[request.param]
+    yield from _engine(tp_models, **size)
 
 
 @pytest.fixture(scope="module")
@@ -107,24 +116,39 @@ def _by_row(log):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_tp2_steers_like_one_device(tp1_llm, tp2_llm, tp_prompts, case):
+def test_parallel_steers_like_one_device(tp1_llm, parallel_llm, tp_prompts, case):
     weights = CASES[case]
     one, (log1,) = _run(tp1_llm, tp_prompts, weights)
-    two, logs2 = _run(tp2_llm, tp_prompts, weights)
+    two, logs2 = _run(parallel_llm, tp_prompts, weights)
     plain, _ = _run(tp1_llm, tp_prompts, [None] * len(tp_prompts))
     assert sum(a != b for a, b, w in zip(one, plain, weights) if w) >= 2, "steering changed little"
     assert two == one
-    # Both ranks scored every row with the same values, equal to the single device's.
-    assert logs2[0] == logs2[1]
-    rows1, rows2 = _by_row(log1), _by_row(logs2[0])
+    # Every worker that samples (both TP ranks; the last PP stage) scored every row with the same
+    # values, equal to the single device's; an earlier PP stage scored nothing.
+    tp = parallel_llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+    sampling = logs2[-tp:]  # vLLM's ranks: the last stage's TP ranks come last
+    assert all(log == sampling[0] for log in sampling) and not any(logs2[:-tp])
+    rows1, rows2 = _by_row(log1), _by_row(sampling[0])
     assert rows1.keys() == rows2.keys() and len(rows1) == sum(24 for w in weights if w)
     names = tp1_llm.vas_head_names
-    assert names == tp2_llm.vas_head_names
+    assert names == parallel_llm.vas_head_names
     for key, (c1, v1) in rows1.items():
         c2, v2 = rows2[key]
         assert c1 == c2
         for name, a, b in zip(names, v1, v2):
             assert max((abs(x - y) for x, y in zip(a, b)), default=0.0) < 1e-4, (case, name, key, a, b)
+
+
+def test_parallel_metrics_speak_once(parallel_llm):
+    """/metrics reads the first non-empty `vas_stats` (vas_server.metrics): under TP every rank
+    counts the same steps; under PP only the last stage counts, the first answers {}."""
+    stats = parallel_llm.collective_rpc("vas_stats")
+    counted = [s for s in stats if s]
+    assert len(counted) in (1, 2) and counted[0]["steps"] > 0 and counted[0]["vas_requests_total"] > 0
+    counts = ("vas_requests_total", "steps", "cache_slots_total", "dropped_requests")
+    assert all({k: s[k] for k in counts} == {k: counted[0][k] for k in counts} for s in counted)
+    tp = parallel_llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+    assert len(counted) == tp
 
 
 class _Shard:
