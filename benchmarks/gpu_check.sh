@@ -13,7 +13,7 @@
 # 2. Throughput of steered over plain vLLM at vLLM's defaults (compiled, CUDA graphs, async
 #    scheduling): benchmarks/throughput.py --shared --compiled, written to
 #    benchmarks/results/gpu_default_path.json.
-# 3. With two or more GPUs: tests/test_tensor_parallel.py (TP = 2 steers exactly as TP = 1) and the
+# 3. With two or more GPUs: tests/test_parallel.py (TP = 2 steers exactly as TP = 1) and the
 #    shared-trunk throughput at --tensor-parallel-size 2 (benchmarks/results/gpu_tp2.json).
 #    Not run yet: no machine with two GPUs was lent (docs/BENCHMARKS.md).
 # Logs go to build/gpu_check/. Report its summary lines with the GPU model and driver.
@@ -41,7 +41,7 @@ $PY benchmarks/throughput.py --shared --compiled --batches 1 8 32 128 --tokens 6
 grep -v " INFO \| WARNING " "$OUT/throughput.log" | tail -25
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
     echo "== tensor parallelism: TP = 2 against TP = 1"
-    if $PY -m pytest -q -rs tests/test_tensor_parallel.py > "$OUT/tests_tp2.log" 2>&1; then
+    if $PY -m pytest -q -rs tests/test_parallel.py > "$OUT/tests_tp2.log" 2>&1; then
         tail -1 "$OUT/tests_tp2.log"
     else
         status=1; tail -30 "$OUT/tests_tp2.log"

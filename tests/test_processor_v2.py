@@ -347,7 +347,7 @@ def test_the_tap_refuses_what_it_cannot_serve(tiny_base, models, base, change, r
 
 @pytest.mark.parametrize("change", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}])
 def test_the_tap_takes_tensor_and_pipeline_parallelism(tiny_base, models, base, change):
-    """TP and PP are served on the shared path (tests/test_tensor_parallel.py runs TP = 2); under
+    """TP and PP are served on the shared path (tests/test_parallel.py runs TP = 2); under
     TP the tap knows that its embedding is this rank's vocabulary shard."""
     from vas_server.hidden_states import HiddenStateTap
 
