@@ -16,7 +16,7 @@ if __name__ == "__main__":
     from vllm import LLM
     from vas_server.core.base_model import ensure_base_model
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine_args import engine_kwargs
     base = str(ensure_base_model())
     prompts = pick(chitchat_prompts("heldout"), 200, seed=0)
     tok = AutoTokenizer.from_pretrained(base)

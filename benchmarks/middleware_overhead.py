@@ -1,4 +1,4 @@
-"""The HTTP middleware's own cost per request (vas_server.middleware), without an engine.
+"""The HTTP middleware's own cost per request (vas_server.http.middleware), without an engine.
 
 The middleware wraps a stand-in for vLLM's app that answers at once: a completions JSON answer
 or a stream of SSE chunks shaped like vLLM's. Each request goes through the whole ASGI path
@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 from vas_server.cli import demo_presets, demo_value_models
 from vas_server.config import VASConfig
-from vas_server.middleware import VASMiddleware
+from vas_server.http.middleware import VASMiddleware
 
 BASE = "SmolLM2-135M-Instruct"
 ANSWER = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": BASE,

@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/remote.json")
     args = ap.parse_args()
     from vas_server.core.base_model import ensure_base_model
-    from vas_server.engine import prepare_environment
+    from vas_server.engine_args import prepare_environment
 
     prepare_environment()  # the servers inherit it: on a CPU, a 1 GiB KV cache each (vLLM's default takes most RAM)
     base = str(ensure_base_model())

@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--out", default="benchmarks/results/remote_latency.json")
     args = ap.parse_args()
-    from vas_server.engine import prepare_environment
+    from vas_server.engine_args import prepare_environment
 
     prepare_environment()
     upstream = fake_upstream(args.latency_ms / 1e3)

@@ -31,7 +31,7 @@ def main() -> None:
 
     from vas_server.core.base_model import ensure_base_model
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine_args import engine_kwargs
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=("plain", "shared"))

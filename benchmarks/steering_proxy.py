@@ -35,7 +35,7 @@ def make_data(out: Path, top_k: int = 20, responses_per_prompt: int = 4, dtype: 
     from value_models.rewards import load_reward
     from value_models.sample import chat_prompt_ids
     from vas_server.core.base_model import ensure_base_model
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine_args import engine_kwargs
 
     base = str(ensure_base_model())
     prompts = pick(chitchat_prompts("heldout"), 200, seed=0)

@@ -162,7 +162,7 @@ def shared_main(args) -> None:
 
     from vas_server.core.base_model import ensure_base_model
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_dtype, engine_kwargs
+    from vas_server.engine_args import engine_dtype, engine_kwargs
     from vas_server.params import make_extra_args
 
     base = ensure_base_model()
@@ -354,7 +354,7 @@ def main() -> None:
 
     from vas_server.core.base_model import ensure_base_model
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine_args import engine_kwargs
     from vas_server.params import make_extra_args
 
     base = ensure_base_model()

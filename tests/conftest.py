@@ -70,7 +70,7 @@ def vas_llm(tiny_base, value_models):
     from vllm import LLM
 
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine_args import engine_kwargs
 
     llm = LLM(**engine_kwargs(str(tiny_base), VASConfig(value_models=value_models), **engine_overrides()))
     yield llm
@@ -82,7 +82,7 @@ def vas_llm(tiny_base, value_models):
 def plain_llm(tiny_base):
     from vllm import LLM
 
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine_args import engine_kwargs
 
     llm = LLM(**engine_kwargs(str(tiny_base), None, **engine_overrides()))
     yield llm

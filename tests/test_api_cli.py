@@ -10,7 +10,7 @@ import pytest
 
 from vas_server import cli
 from vas_server.config import VASConfig
-from vas_server.engine import PROCESSOR_FQCN, WORKER_EXTENSION
+from vas_server.engine_args import PROCESSOR_FQCN, WORKER_EXTENSION
 
 
 def _configure(*argv: str):
@@ -107,9 +107,9 @@ def test_ready_message_is_a_working_curl_line(value_models, tiny_base):
     (False, [], "auto"),              # native bfloat16 (AVX512-BF16, AMX, ARM): the checkpoint's dtype
 ])
 def test_dtype_default_follows_the_cpu(slow_bf16, argv, dtype, tiny_base, monkeypatch):
-    from vas_server import engine
+    from vas_server import engine_args
 
-    monkeypatch.setattr(engine, "on_gpu", lambda: False)
-    monkeypatch.setattr(engine, "cpu_lacks_fast_bfloat16", lambda: slow_bf16)
+    monkeypatch.setattr(engine_args, "on_gpu", lambda: False)
+    monkeypatch.setattr(engine_args, "cpu_lacks_fast_bfloat16", lambda: slow_bf16)
     args, _ = _configure(str(tiny_base), "--no-value-models", *argv)
     assert args.dtype == dtype

@@ -96,7 +96,7 @@ def arch(request, tmp_path_factory, tiny_dir):
     from vllm import LLM
 
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine_args import engine_kwargs
 
     kind = request.param
     root = tmp_path_factory.mktemp(kind)
@@ -240,16 +240,16 @@ def test_fitted_value_model_serves_on_the_shared_path(arch):
         assert tokens == reference_greedy(str(base), refs, heads, p, 12), kind
 
 
-# -- refused at startup (vas_server.compatibility), before any engine process starts ------------
+# -- refused at startup (vas_server.engine.compatibility), before any engine process starts ------------
 
 
 def _engine_config(base, models: dict[str, str]):
     """vLLM's engine configuration for `base` with these value models: vLLM runs the plugin's
-    configuration check (vas_server.compatibility) while it builds it."""
+    configuration check (vas_server.engine.compatibility) while it builds it."""
     from vllm.engine.arg_utils import EngineArgs
 
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine_args import engine_kwargs
 
     kwargs = engine_kwargs(str(base), VASConfig(value_models=models), dtype="float32", max_model_len=MAX_MODEL_LEN)
     return EngineArgs(**kwargs).create_engine_config()

@@ -51,7 +51,7 @@ def test_interrupted_conversion_leaves_no_directory(tmp_path, monkeypatch):
 def smollm2_llm():
     from vllm import LLM
 
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine_args import engine_kwargs
 
     llm = LLM(**engine_kwargs(str(base_model.ensure_base_model()), None, dtype="bfloat16", max_model_len=1024,
                               disable_log_stats=True))

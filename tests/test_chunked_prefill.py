@@ -1,7 +1,7 @@
 """VAS under chunked prefill: prompts split over several engine steps give the same greedy tokens.
 
 A separate engine with a tiny per-step token budget forces the split. Greedy requests only:
-vLLM 0.32's CPU build cannot chunk seeded requests (see vas_server/engine.py).
+vLLM 0.32's CPU build cannot chunk seeded requests (see vas_server/engine_args.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def chunked_llm(tiny_base, value_models):
     from vllm import LLM
 
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine_args import engine_kwargs
 
     llm = LLM(**engine_kwargs(str(tiny_base), VASConfig(value_models=value_models), **engine_overrides(),
                               enable_chunked_prefill=True, max_num_batched_tokens=BUDGET))

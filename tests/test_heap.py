@@ -1,4 +1,4 @@
-"""The worker's heap trimming (vas_server.heap): how often it trims, and that it finds glibc."""
+"""The worker's heap trimming (vas_server.engine.heap): how often it trims, and that it finds glibc."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from vas_server.heap import HeapTrimmer, glibc_malloc_trim
+from vas_server.engine.heap import HeapTrimmer, glibc_malloc_trim
 
 
 class Clock:

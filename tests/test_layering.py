@@ -120,10 +120,10 @@ def test_imports_run_one_way():
 
 
 @pytest.mark.parametrize("path, planted", [
-    ("vas_server/core/rule.py", "from vas_server.engine import engine_kwargs"),
-    ("vas_server/core/value_runtime.py", "import vas_server.steering"),
+    ("vas_server/core/rule.py", "from vas_server.engine_args import engine_kwargs"),
+    ("vas_server/core/value_runtime.py", "import vas_server.engine.steering"),
     ("vas_server/core/model.py", "from vllm.config import VllmConfig"),
-    ("vas_server/steering.py", "from value_models.train import fit"),
+    ("vas_server/engine/steering.py", "from value_models.train import fit"),
     ("vas_server/params.py", "from value_models import rewards"),
 ])
 def test_a_planted_back_import_is_found(path, planted):
@@ -131,6 +131,46 @@ def test_a_planted_back_import_is_found(path, planted):
     assert not back_imports(path)
     source = path.read_text() + "\n\ndef later():\n    " + planted + "\n"
     assert len(back_imports(path, source)) == 1
+
+
+# Inside the server, two sides (docs/ARCHITECTURE.md, "Layers"): the worker side runs in vLLM's
+# engine, the HTTP side in its API process; they share only the top-level modules and the core.
+SIDES = ("vas_server.engine", "vas_server.http")
+
+
+def side(module: str) -> str | None:
+    return next((s for s in SIDES if module == s or module.startswith(s + ".")), None)
+
+
+def cross_imports(path: Path, source: str | None = None) -> list[str]:
+    """Imports in a file of one side (its text, or `source` in its place) that reach the other."""
+    module = module_name(path)
+    own = side(module)
+    if own is None:
+        return []
+    found = imports(source if source is not None else path.read_text(), module, path.name == "__init__.py")
+    return [f"{path.relative_to(ROOT)}:{line}: {own} imports {side(target)} ({target})"
+            for imported, name, line in found
+            if side(target := targets(imported, name)) not in (None, own)]
+
+
+def test_engine_and_http_sides_never_import_each_other():
+    assert {side(module_name(p)) for p in python_files("vas_server")} >= set(SIDES)
+    bad = [b for path in python_files("vas_server") for b in cross_imports(path)]
+    assert not bad, "the engine and HTTP sides share only vas_server's top level and the core:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("path, planted", [
+    ("vas_server/http/model_cards.py", "from vas_server.engine.steering import Steering"),
+    ("vas_server/engine/steering.py", "import vas_server.http.metrics"),
+    ("vas_server/engine/tap_models.py",
+     "from vas_server.http import middleware"),
+])
+def test_a_planted_cross_import_is_found(path, planted):
+    path = ROOT / path
+    assert not cross_imports(path)
+    source = path.read_text() + "\n\ndef later():\n    " + planted + "\n"
+    assert len(cross_imports(path, source)) == 1
 
 
 def test_tools_import_no_private_names():
@@ -150,3 +190,24 @@ def test_nothing_cites_the_external_spec():
     bad = [f"{rel}: {needle.decode()}" for rel in listed if (ROOT / rel).is_file()
            for needle in needles if needle in (ROOT / rel).read_bytes()]
     assert not bad, "cite docs/VAS_RULE.md, not files outside the repository:\n" + "\n".join(bad)
+
+
+def test_public_names_resolve_through_the_shims():
+    """The names users give `vllm serve` (and vas-server passes on) stay where they were, as
+    re-exports of the engine and HTTP sides' classes; vas_server's top level stays small."""
+    import importlib
+
+    from vas_server.cli import MIDDLEWARE
+    from vas_server.engine_args import PROCESSOR_FQCN, WORKER_EXTENSION
+
+    expected = {PROCESSOR_FQCN: "vas_server.engine.processor.VASLogitsProcessor",
+                WORKER_EXTENSION: "vas_server.engine.worker_extension.VASWorkerExtension",
+                MIDDLEWARE: "vas_server.http.middleware.VASMiddleware"}
+    assert set(expected) == {"vas_server.processor:VASLogitsProcessor", "vas_server.processor.VASWorkerExtension",
+                             "vas_server.middleware.VASMiddleware"}
+    for public, real in expected.items():
+        module, _, name = public.replace(":", ".").rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        assert f"{cls.__module__}.{cls.__qualname__}" == real
+    top = [p.stem for p in (ROOT / "vas_server").glob("*.py") if p.stem not in ("__init__", "__main__")]
+    assert len(top) <= 10, top

@@ -1,8 +1,8 @@
 """Tensor and pipeline parallelism (TP = 2, PP = 2) on vLLM's CPU backend.
 
-TP: the shared path's token heads score a vocabulary-parallel embedding (vas_server.tp_heads),
+TP: the shared path's token heads score a vocabulary-parallel embedding (vas_server.engine.tp_heads),
 and the separate runtime runs on every rank. PP: the last stage receives the earlier stage's aux
-states (vas_server.pp_stage) and alone loads the value models and steers.
+states (vas_server.engine.pp_stage) and alone loads the value models and steers.
 
 One tiny random Llama with 2 layers, 4 query heads and 2 KV heads (hidden 256: each TP rank takes
 2 query heads and 1 KV head, and half of the 384-token vocabulary; each PP stage one layer), three
@@ -53,7 +53,7 @@ def _engine(tp_models, tp: int = 1, pp: int = 1):
     from vllm import LLM
 
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine_args import engine_kwargs
 
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the probe is a pickled function
     base, models = tp_models
@@ -79,7 +79,7 @@ def tp1_llm(tp_models):
 @pytest.fixture(scope="module", params=["TP=2", "PP=2"])
 def parallel_llm(tp_models, request):
     """One parallel engine at a time (pytest finishes one parameter's tests before the next's).
-    On CPU vas_server.engine runs PP with Dynamo's eager backend (vLLM's eager CPU PP fails)."""
+    On CPU vas_server.engine_args runs PP with Dynamo's eager backend (vLLM's eager CPU PP fails)."""
     size = {"TP=2": {"tp": 2}, "PP=2": {"pp": 2}}[request.param]
     yield from _engine(tp_models, **size)
 
@@ -140,7 +140,7 @@ def test_parallel_steers_like_one_device(tp1_llm, parallel_llm, tp_prompts, case
 
 
 def test_parallel_metrics_speak_once(parallel_llm):
-    """/metrics reads the first non-empty `vas_stats` (vas_server.metrics): under TP every rank
+    """/metrics reads the first non-empty `vas_stats` (vas_server.http.metrics): under TP every rank
     counts the same steps; under PP only the last stage counts, the first answers {}."""
     stats = parallel_llm.collective_rpc("vas_stats")
     counted = [s for s in stats if s]
@@ -152,7 +152,7 @@ def test_parallel_metrics_speak_once(parallel_llm):
 
 
 class _Shard:
-    """A VocabParallelEmbedding's interface as vas_server.tp_heads reads it: `weight` (this
+    """A VocabParallelEmbedding's interface as vas_server.engine.tp_heads reads it: `weight` (this
     rank's rows, padded) and `shard_indices`."""
 
     def __init__(self, embed: torch.Tensor, start: int, end: int, padded: int, total_padded: int):
@@ -168,7 +168,7 @@ class _Shard:
 def test_vocab_parallel_values_equal_one_device():
     """Two shards of an uneven vocabulary (the second padded), summed by a simulated all-reduce:
     the values equal ValueHeads.token_values on the whole matrix; either shard alone does not."""
-    from vas_server.tp_heads import vocab_parallel_token_values
+    from vas_server.engine.tp_heads import vocab_parallel_token_values
 
     torch.manual_seed(0)
     V, H, B, K = 100, 16, 5, 30

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from vas_server.config import VASConfig
-from vas_server.engine import DEFAULT_VAS_REQUESTS, PROCESSOR_FQCN, engine_kwargs
+from vas_server.engine_args import DEFAULT_VAS_REQUESTS, PROCESSOR_FQCN, engine_kwargs
 from vas_server.params import (VASParamError, VASRequest, admitted, is_admitted, make_extra_args)
 from vas_server.processor import VASLogitsProcessor
 
@@ -207,7 +207,7 @@ def test_config_rejects_bad_top_k():
     ("/v1/chat/completions", {"n": 129}, "n", 422),
 ])
 def test_request_guard_refuses(path, body, param, status):
-    from vas_server.request_guard import RequestRejected, check_request
+    from vas_server.http.request_guard import RequestRejected, check_request
 
     with pytest.raises(RequestRejected) as info:
         check_request(path, body, 128)
@@ -215,7 +215,7 @@ def test_request_guard_refuses(path, body, param, status):
 
 
 def test_request_guard_passes_well_formed_requests():
-    from vas_server.request_guard import check_request
+    from vas_server.http.request_guard import check_request
 
     check_request("/v1/completions", {"model": "m", "prompt": ["a", "b"], "n": 64, "max_tokens": 5, "temperature": 1,
                                       "top_p": 0.5, "stop": ["x"], "logprobs": 2, "logit_bias": {"5": -100},

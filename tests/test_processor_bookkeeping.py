@@ -14,7 +14,7 @@ import pytest
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from vas_server.heap import HeapTrimmer
+from vas_server.engine.heap import HeapTrimmer
 from vas_server.params import make_extra_args
 from vas_server.processor import VASLogitsProcessor
 

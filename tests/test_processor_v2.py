@@ -1,5 +1,5 @@
-"""The Model Runner V2 processor (vas_server.processor_v2) steers exactly like the V1 processor
-(vas_server.processor_v1), fast: no engine, both processors fed the same engine steps by hand.
+"""The Model Runner V2 processor (vas_server.engine.processor_v2) steers exactly like the V1 processor
+(vas_server.engine.processor_v1), fast: no engine, both processors fed the same engine steps by hand.
 
 Both are built through the public dispatcher (VASLogitsProcessor), on real value models: the
 conftest "prefix" model (separate runtime: own 1-layer trunk and value cache; state heads s1, s2
@@ -38,8 +38,8 @@ from value_models.synthetic import random_value_model
 from vas_server.config import VASConfig
 from vas_server.params import make_extra_args
 from vas_server.processor import VASLogitsProcessor
-from vas_server.processor_v1 import V1Processor
-from vas_server.processor_v2 import V2Processor
+from vas_server.engine.processor_v1 import V1Processor
+from vas_server.engine.processor_v2 import V2Processor
 
 MAX_NUM_REQS = 8  # the V2 runner's request slots (= scheduler max_num_seqs) and the value-cache slots
 MAX_MODEL_LEN = 256
@@ -181,6 +181,7 @@ def _build(tiny_base, models, base):
     req_states = _req_states(base.hf_config.vocab_size)
     v2 = VASLogitsProcessor(_vllm_config(tiny_base, models, base, v2=True), req_states)
     assert type(v1) is V1Processor and type(v2) is V2Processor
+    assert isinstance(v1, VASLogitsProcessor) and isinstance(v2, VASLogitsProcessor)  # the public class
     for proc in (v1, v2):
         tap = proc.steering.tap
         assert tap is not None and tap.depths == (1, 2) and tap.aux_layers == (1,)
@@ -332,7 +333,7 @@ def test_v2_processor_steers_exactly_like_v1(tiny_base, models, base, seed):
 def test_the_tap_refuses_what_it_cannot_serve(tiny_base, models, base, change, reason):
     """Settings under which the shared path's rows would not be this rank's logits rows, or its
     embedding not the whole vocabulary: refused when the engine starts, naming the setting."""
-    from vas_server.hidden_states import HiddenStateTap
+    from vas_server.engine.hidden_states import HiddenStateTap
 
     config = _vllm_config(tiny_base, models, base, v2=False)
     for key, value in change.items():
@@ -349,7 +350,7 @@ def test_the_tap_refuses_what_it_cannot_serve(tiny_base, models, base, change, r
 def test_the_tap_takes_tensor_and_pipeline_parallelism(tiny_base, models, base, change):
     """TP and PP are served on the shared path (tests/test_parallel.py runs TP = 2); under
     TP the tap knows that its embedding is this rank's vocabulary shard."""
-    from vas_server.hidden_states import HiddenStateTap
+    from vas_server.engine.hidden_states import HiddenStateTap
 
     config = _vllm_config(tiny_base, models, base, v2=False)
     for key, value in change.items():

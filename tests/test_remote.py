@@ -96,7 +96,7 @@ def in_process(base_dir):
 
     from vas_server.cli import demo_value_models
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine_args import engine_kwargs
 
     llm = LLM(**engine_kwargs(base_dir, VASConfig(value_models=demo_value_models()), dtype="float32",
                               max_model_len=MAX_MODEL_LEN, seed=0))

@@ -1,4 +1,4 @@
-"""The shared-trunk path (vas_server.hidden_states): token heads on the base's own layer-N states.
+"""The shared-trunk path (vas_server.engine.hidden_states): token heads on the base's own layer-N states.
 
 Two engines, both real vLLM on CPU in float32:
   * `mixed_llm`: separate-runtime models ("prefix": N = 1, the conftest model; "deep": N = 2 =
@@ -89,7 +89,7 @@ def _engine(tiny_base, models, **overrides):
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_kwargs
+    from vas_server.engine_args import engine_kwargs
 
     llm = LLM(**engine_kwargs(str(tiny_base), VASConfig(value_models=models), **overrides))
     llm.vas_head_names = llm.collective_rpc(_install_probe)[0]
@@ -241,7 +241,7 @@ def test_only_shared_models_no_cap_no_cache(chunked_llm, mixed_llm, tiny_base, s
     Under chunked prefill (prompts split over several steps) the values and greedy tokens are those
     of the unchunked engine, whose shared values match the separate runtime."""
     from vas_server.config import VASConfig
-    from vas_server.engine import DEFAULT_VAS_REQUESTS, engine_kwargs
+    from vas_server.engine_args import DEFAULT_VAS_REQUESTS, engine_kwargs
 
     only_shared = {"shared1": shared_models["shared1"], "shared2": shared_models["shared2"]}
     assert "max_num_seqs" not in engine_kwargs(str(tiny_base), VASConfig(value_models=only_shared))

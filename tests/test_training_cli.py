@@ -111,7 +111,7 @@ def test_sample_takes_the_dtype_vas_server_would(tiny_base, monkeypatch, given, 
     import vllm
 
     from value_models.sample import sample
-    from vas_server import engine
+    from vas_server import engine_args
 
     seen = {}
 
@@ -119,8 +119,8 @@ def test_sample_takes_the_dtype_vas_server_would(tiny_base, monkeypatch, given, 
         seen.update(kwargs)
         raise _EngineStarted
 
-    monkeypatch.setattr(engine, "on_gpu", lambda: False)
-    monkeypatch.setattr(engine, "cpu_lacks_fast_bfloat16", lambda: slow_bf16)
+    monkeypatch.setattr(engine_args, "on_gpu", lambda: False)
+    monkeypatch.setattr(engine_args, "cpu_lacks_fast_bfloat16", lambda: slow_bf16)
     monkeypatch.setattr(vllm, "LLM", fake_llm)
     with pytest.raises(_EngineStarted):
         sample(tiny_base, ["Hello"], max_tokens=4, max_model_len=64, dtype=given)

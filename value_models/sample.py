@@ -54,7 +54,7 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
 
     from vas_server.core.format import tokenizer_identity
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_dtype, engine_kwargs
+    from vas_server.engine_args import engine_dtype, engine_kwargs
     from vas_server.params import make_extra_args
 
     if first_sample < 0 or first_sample + samples_per_prompt > SEEDS_PER_PROMPT:

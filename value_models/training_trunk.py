@@ -4,7 +4,7 @@ Training uses transformers (and peft) rather than vas_server.core.trunk, for two
   * every architecture transformers implements trains without a hand-written decoder: the trunk
     state is transformers' own residual stream after layer N through the model's own final norm
     (`last_hidden_state` of the decoder cut to N layers), the very number vLLM's decoder hands the
-    shared path (vas_server.hidden_states; tests/test_architectures.py compares the two);
+    shared path (vas_server.engine.hidden_states; tests/test_architectures.py compares the two);
   * what it saves is exactly what those libraries write: a PEFT adapter whose keys name the HF
     modules ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight") and, for a
     standalone trunk, an ordinary HF causal-LM directory. vas_server.core.trunk reproduces the HF

@@ -4,9 +4,9 @@
     vas-server serve MODEL --value-model NAME=PATH [--value-model ...] [any `vllm serve` flag]
 
 Every `vllm serve` flag is accepted and means what it means there. Ours add the value models and
-set, through vLLM's own extension points, what VAS needs (vas_server.engine.engine_settings): the
+set, through vLLM's own extension points, what VAS needs (vas_server.engine_args.engine_settings): the
 logits processor and its `additional_config`, the worker extension, the middleware that maps the
-`vas_*` request fields (vas_server.middleware), and engine defaults (eager mode on CPU, ...) that
+`vas_*` request fields (vas_server.http.middleware), and engine defaults (eager mode on CPU, ...) that
 a flag given by the user overrides. Then vLLM's `serve` command runs, in its usual process layout.
 When the server answers, it prints its URL and a ready-to-paste curl line.
 """
@@ -143,7 +143,7 @@ def configure(args: argparse.Namespace, defaults: argparse.Namespace, given: dic
     the VASConfig. A flag the user gave (`given`, from explicit_args) wins over our defaults
     (see engine.engine_settings)."""
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_settings, prepare_environment
+    from vas_server.engine_args import engine_settings, prepare_environment
 
     if args.model_tag is not None:  # `serve MODEL` as with `vllm serve MODEL`
         args.model, args.model_tag = args.model_tag, None

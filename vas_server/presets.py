@@ -3,7 +3,7 @@ cannot add a body field (chat UIs, LangChain, evaluation harnesses).
 
 A preset is `vas_weights` (+ optionally `vas_top_k`, `vas_restrict_to_top_k`) under a name. It is
 listed in GET /v1/models with `parent` = the base, and choosing it as `model` in chat,
-completions or responses runs the base with those settings (vas_server.middleware). Every head
+completions or responses runs the base with those settings (vas_server.http.middleware). Every head
 is also a preset under its own name, at DEFAULT_HEAD_WEIGHT, so every id /v1/models lists can be
 chosen.
 

@@ -95,7 +95,7 @@ def _generate_runs(config: EvalConfig, plan: _Plan, prompt_ids: list[list[int]],
     from vllm import LLM
 
     from vas_server.config import VASConfig
-    from vas_server.engine import engine_dtype, engine_kwargs
+    from vas_server.engine_args import engine_dtype, engine_kwargs
 
     overrides = dict(max_model_len=config.max_model_len, max_num_seqs=config.max_num_seqs,
                      seed=config.seed, disable_log_stats=True, max_logprobs=max_logprobs_for(config.top_k))
@@ -159,7 +159,7 @@ def _kls(config: EvalConfig, tokenizer, prompt_ids: list[list[int]], runs: dict[
 
     from transformers import AutoConfig
 
-    from vas_server.engine import default_dtype
+    from vas_server.engine_args import default_dtype
 
     # The engine's dtype: the one given, else float32 where the CPU emulates bfloat16, else the checkpoint's.
     chosen = default_dtype(config.dtype)

@@ -8,8 +8,8 @@ is delegated to a callable so one module serves both uses:
 Supported HF `model_type`s: llama, mistral (without sliding window), qwen2 (q/k/v bias), qwen3
 (per-head RMSNorm on q and k before the rotary embedding). These are the dense Llama-shaped
 decoders that differ by a flag; other architectures train with transformers' own implementation
-(value_models.training_trunk) and serve on the shared path (vas_server.hidden_states), and the
-separate runtime refuses them at startup (vas_server.compatibility).
+(value_models.training_trunk) and serve on the shared path (vas_server.engine.hidden_states), and the
+separate runtime refuses them at startup (vas_server.engine.compatibility).
 A `base_prefix` trunk is the first N layers of the served base, plus its embeddings and final
 norm, with an optional PEFT LoRA adapter merged into the weights at load time.
 """
@@ -97,7 +97,7 @@ class RMSNorm(nn.Module):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF Llama's RMSNorm: normalise in float32, cast back, scale. The trunk's final norm and the
-    shared-trunk path (vas_server.hidden_states) both use this one definition."""
+    shared-trunk path (vas_server.engine.hidden_states) both use this one definition."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)

@@ -3,7 +3,7 @@
 Two kinds of value model (vas_server.config.runtime_path decides from vas.json):
   * "separate" (TrunkScorer): the model's own trunk and a per-request KV cache, described below;
   * "shared" (SharedScorer): token heads on a LoRA-free prefix of the base, read from the base's
-    own hidden states at the sampled positions (vas_server.hidden_states): no trunk, no cache, no
+    own hidden states at the sampled positions (vas_server.engine.hidden_states): no trunk, no cache, no
     slot; a step costs the heads' matmul and gather.
 
 Per engine step, for each value-model trunk that at least one row needs:
@@ -337,7 +337,7 @@ class CandidateRows:
 
 class SharedScorer:
     """A token-heads-only value model on the base's first `layer` layers, without LoRA: its trunk
-    state is the base's own (vas_server.hidden_states.HiddenStateTap), so it keeps nothing per
+    state is the base's own (vas_server.engine.hidden_states.HiddenStateTap), so it keeps nothing per
     request. Same `score` contract as TrunkScorer, plus the rows' logits-row indices."""
 
     has_state = False

@@ -102,7 +102,7 @@ class RemoteEngineCore:
         return EngineCoreOutputs(outputs=outputs)
 
     def stats(self) -> dict[str, float]:
-        """Remote mode's counters (GET /metrics, vas_server.metrics.WORKER_METRICS)."""
+        """Remote mode's counters (GET /metrics, vas_server.http.metrics.WORKER_METRICS)."""
         return {"remote_tokens": self.tokens, "remote_upstream_calls": self.upstream.calls,
                 "remote_calls_per_token": self.upstream.calls / self.tokens if self.tokens else 0.0,
                 "remote_drafted_tokens": self.drafted, "remote_accepted_tokens": self.accepted,

@@ -35,7 +35,7 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer,
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from vas_server.core.format import tokenizer_identity
-    from vas_server.steering import separate_runtime
+    from vas_server.engine.runtime_factory import separate_runtime
 
     runtime = separate_runtime(vas, vllm_config, tokenizer_identity(tokenizer), list(vas.value_models),
                                value_device(vas))

@@ -2,7 +2,7 @@
 
 A value model reaches the base by one of two paths (vas_server.config.runtime_path):
   * shared: token heads on the base's own layer-N states, read out of vLLM's forward. It needs
-    vLLM's aux hidden-state outputs for the base's architecture (vas_server.tap_models);
+    vLLM's aux hidden-state outputs for the base's architecture (vas_server.engine.tap_models);
   * separate: the value model's own trunk in vas_server.core.trunk, a hand-written decoder that
     covers the dense model types in SUPPORTED_MODEL_TYPES (a base_prefix trunk is the base's own
     layers, so the base's type; a standalone trunk its own).
@@ -51,10 +51,10 @@ def check_trained_base(name: str, spec: ValueModelSpec, arch: str, hf) -> None:
 
 
 def check_shared_path(name: str, spec: ValueModelSpec, arch: str, model_config) -> None:
-    """The base's vLLM class has the tap (vas_server.tap_models), so its states can be read."""
+    """The base's vLLM class has the tap (vas_server.engine.tap_models), so its states can be read."""
     from vllm.model_executor.models.registry import ModelRegistry
 
-    from vas_server.tap_models import TapMixin
+    from vas_server.engine.tap_models import TapMixin
 
     model_cls, _ = ModelRegistry.resolve_model_cls(model_config.architectures, model_config)
     if issubclass(model_cls, TapMixin):

@@ -1,6 +1,6 @@
 """The body guard: admission checks on a request's JSON body, before vLLM sees it.
 
-The middleware (vas_server.middleware) hands every JSON POST (the generation routes and every
+The middleware (vas_server.http.middleware) hands every JSON POST (the generation routes and every
 other route that takes JSON: /tokenize, /v1/messages, /invocations, ...) to `guard_body`, which
 reads the body with a size limit (413 past VASConfig.max_body_bytes), parses it and runs
 `check_request(path, body, max_sequences)`. That raises `RequestRejected` (vLLM's
@@ -31,7 +31,7 @@ import json
 import math
 from typing import Any
 
-from vas_server.asgi import BodyTooLarge, Receive, Send, read_body, send_error
+from vas_server.http.asgi import BodyTooLarge, Receive, Send, read_body, send_error
 from vllm.exceptions import VLLMValidationError
 
 MAX_DEPTH = 64  # JSON nesting; chat messages with content parts and a JSON schema need ~10

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 
-from vas_server.asgi import Receive, Scope, Send, capture, send_error, send_json, send_raw
+from vas_server.http.asgi import Receive, Scope, Send, capture, send_error, send_json, send_raw
 from vas_server.params import VASRequest
 from vas_server.presets import Preset
-from vas_server.server_view import ServerView
+from vas_server.http.server_view import ServerView
 
 MODELS_PATH = "/v1/models"
 

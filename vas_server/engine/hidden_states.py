@@ -6,7 +6,7 @@ final norm: exactly what vas_server.core.trunk.Trunk (N layers, final norm) comp
 training uses. vLLM computes that residual stream for every scheduled token anyway. The tap gets
 it out of vLLM's own forward without hooks, so it survives torch.compile and CUDA graphs:
 
-  1. vas_server.tap_models registers, for the base's architecture, vLLM's own model class with
+  1. vas_server.engine.tap_models registers, for the base's architecture, vLLM's own model class with
      three small overrides. At init it turns on vLLM's auxiliary hidden-state outputs (the EAGLE-3
      mechanism, `SupportsEagle3.set_aux_hidden_state_layers`) for the value models' depths
      N < num_layers: the compiled decoder then returns `hidden + residual` after layer N as an
@@ -92,7 +92,7 @@ class HiddenStateTap:
                   # it computes logits with compute_logits_local, past the tap's hand-over
                   "batch-sharded sampling" if getattr(parallel, "enable_batch_sharded_sampling", False) else None)
         tap = cls(shared_depths(vllm_config), hf.num_hidden_layers, hf.hidden_size, reason)
-        # Token heads score a vocabulary-parallel embedding under TP (vas_server.tp_heads).
+        # Token heads score a vocabulary-parallel embedding under TP (vas_server.engine.tp_heads).
         tap.tensor_parallel = parallel.tensor_parallel_size > 1
         cls._by_config[id(vllm_config)] = (vllm_config, tap)
         return tap
@@ -110,17 +110,17 @@ class HiddenStateTap:
                      rows_out: torch.Tensor | None = None) -> torch.Tensor:
         """Token heads' values of the candidates [B, K] at states `hidden` [B, H] on the base's
         embedding: [n_token, B, K]. Under tensor parallelism each rank scores the candidates of its
-        own vocabulary shard and one all-reduce adds them up (vas_server.tp_heads)."""
+        own vocabulary shard and one all-reduce adds them up (vas_server.engine.tp_heads)."""
         if not self.tensor_parallel:
             return heads.token_values(hidden, self.embedding, candidates, rows_out=rows_out)
         from vllm.distributed import get_tp_group
 
-        from vas_server.tp_heads import vocab_parallel_token_values
+        from vas_server.engine.tp_heads import vocab_parallel_token_values
 
         return vocab_parallel_token_values(heads, hidden, self.embed_module, candidates,
                                            get_tp_group().all_reduce, rows_out=rows_out)
 
-    # -- the model side (vas_server.tap_models) ------------------------------------------------
+    # -- the model side (vas_server.engine.tap_models) ------------------------------------------------
 
     def bind(self, causal_lm: torch.nn.Module) -> None:
         """Take the final norm and the input embedding of the loaded base (vLLM's *ForCausalLM,
@@ -149,7 +149,7 @@ class HiddenStateTap:
         if published is None or published.shape[0] != rows:
             raise RuntimeError(
                 f"no layer-{n} hidden states for this step's {rows} logits rows: the base model "
-                "class is not vas_server.tap_models' (is the vas_server plugin installed in this "
+                "class is not vas_server.engine.tap_models' (is the vas_server plugin installed in this "
                 "environment?), or vLLM's runner did not call compute_logits on the sampled rows")
         H = self.hidden_size
         if n == self.num_layers:

@@ -9,7 +9,7 @@ from typing import Any
 
 from vllm import envs
 
-from vas_server.auth import ApiKeys
+from vas_server.http.auth import ApiKeys
 from vas_server.config import HeadInfo, VASConfig
 from vas_server.presets import PresetTable
 

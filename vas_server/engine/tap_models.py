@@ -18,7 +18,7 @@ shared-path value model is configured:
   * `__init__`: turn on the decoder's aux hidden-state outputs at the value models' depths;
   * `forward`: return the final hidden state with those states appended as columns;
   * `compute_logits`: hand the sampled rows to the tap, and the LM head its usual input.
-vas_server.hidden_states explains why this survives torch.compile and CUDA graphs.
+vas_server.engine.hidden_states explains why this survives torch.compile and CUDA graphs.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from functools import cache
 import torch
 from vllm.sequence import IntermediateTensors
 
-from vas_server.hidden_states import HiddenStateTap
-from vas_server.pp_stage import prepare_stage
+from vas_server.engine.hidden_states import HiddenStateTap
+from vas_server.engine.pp_stage import prepare_stage
 
 _PREFIX = "Tap"
 _MODULE_SEP = "__"  # between the parts of the vLLM module name

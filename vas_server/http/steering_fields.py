@@ -17,10 +17,10 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from vas_server.asgi import Message, Receive, Scope, Send, replay, send_error, send_raw, with_length
+from vas_server.http.asgi import Message, Receive, Scope, Send, replay, send_error, send_raw, with_length
 from vas_server.params import EXTRA_ARGS_KEY, STAMP_KEY, VASParamError, VASRequest, admitted
 from vas_server.presets import override
-from vas_server.server_view import ServerView
+from vas_server.http.server_view import ServerView
 
 
 # /invocations is SageMaker's route: vLLM answers it with the chat or completions handler.

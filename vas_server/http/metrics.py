@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from vas_server.asgi import Receive, Scope, Send, capture, send_raw
+from vas_server.http.asgi import Receive, Scope, Send, capture, send_raw
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from vllm import envs
 from vllm.entrypoints.serve.middleware.authenticate import GUARDED_PREFIX, AuthenticationMiddleware
 
-from vas_server.asgi import Scope, Send, send_error
+from vas_server.http.asgi import Scope, Send, send_error
 
 
 class ApiKeys:

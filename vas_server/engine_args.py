@@ -1,9 +1,9 @@
 """Build vLLM engine arguments with the VAS processor wired in. Both the server and the tests
 use this, so the environment and flags that VAS needs are set in exactly one place.
 
-VAS runs on vLLM's default execution path: either model runner (vas_server.processor picks the
+VAS runs on vLLM's default execution path: either model runner (vas_server.engine.processor picks the
 processor interface), async scheduling, torch.compile and CUDA graphs (the hidden-state tap lives
-inside the model's forward: vas_server.hidden_states). What it sets, each only when the user did
+inside the model's forward: vas_server.engine.hidden_states). What it sets, each only when the user did
 not set it (docs/SERVER.md, "What vas-server changes in vLLM's engine"):
   * the processor, its `additional_config` and the worker extension (`vas_stats`);
   * max_num_seqs capped at the value-cache capacity when a value model runs on the separate

@@ -15,7 +15,7 @@ Invariants:
   * Committed tokens only: under async scheduling `update_state` may see -1 placeholders in
     the output lists; vLLM fills them (update_async_output_token_ids) before `apply`, and only
     `apply` reads the lists (through the value runtime).
-  * The worker's heap is trimmed every `HeapTrimmer.interval_s` seconds (vas_server.heap):
+  * The worker's heap is trimmed every `HeapTrimmer.interval_s` seconds (vas_server.engine.heap):
     vLLM's CPU worker otherwise keeps freed memory and grows under long load.
   * Not argmax-invariant: vLLM applies it to the float32 raw logits before penalties,
     temperature and top-k/top-p, as the rule requires.
@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import torch
 
-from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from vas_server.steering import Row, StepBatch, Steering
+from vas_server.engine.processor import VASLogitsProcessor
+from vas_server.engine.steering import Row, StepBatch, Steering
 
 
-class V1Processor(LogitsProcessor):
+class V1Processor(VASLogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.steering = Steering(vllm_config, device)
         self.rows: dict[int, Row] = {}

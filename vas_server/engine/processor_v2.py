@@ -8,14 +8,14 @@ history is on the device (`req_states.all_token_ids`, valid up to each row's sam
 Invariants:
   * `self.slots` maps a request slot to its current occupant's Row when that occupant is
     steered; `add_request` replaces a slot's entry and gives back its value-cache slot first, so
-    a cache slot is held by at most one runner slot. Engines built by vas_server.engine cap
+    a cache slot is held by at most one runner slot. Engines built by vas_server.engine_args cap
     `max_num_seqs` at the cache capacity, so every occupied runner slot can hold one.
   * `apply` reads only host data (`ctx.idx_mapping_np`, `ctx.seq_lens_upper_bound_np`, its own
     tables) and launches device work: no `.item()`, `.tolist()` or copy back to the host, so
     async scheduling overlaps the steps. Separate-trunk heads read committed tokens from
     `all_token_ids` on the device, gathered with indices built on the host.
   * One logits row per request: speculative decoding is refused when the processor is built
-    (vas_server.steering).
+    (vas_server.engine.steering).
 """
 
 from __future__ import annotations
@@ -23,17 +23,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vllm.v1.worker.gpu.sample.logits_processor.interface import (
-    LogitsContext,
-    LogitsProcessor,
-    LogitsProcRequestState,
-)
+from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext, LogitsProcRequestState
 
-from vas_server.steering import Row, StepBatch, Steering
+from vas_server.engine.processor import VASLogitsProcessor
+from vas_server.engine.steering import Row, StepBatch, Steering
 from vas_server.core.value_runtime import ScoredRequest, to_device
 
 
-class V2Processor(LogitsProcessor):
+class V2Processor(VASLogitsProcessor):
     def __init__(self, vllm_config, req_states: LogitsProcRequestState):
         self.steering = Steering(vllm_config, req_states.device)
         self.req_states = req_states
@@ -92,3 +89,11 @@ class V2Processor(LogitsProcessor):
 
     def stats(self) -> dict:
         return self.steering.stats(len(self._positions))
+
+    # The V1 interface's abstract methods (VASLogitsProcessor has both interfaces): the V1 runner
+    # builds a V1Processor, never this class.
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def update_state(self, batch_update) -> None:
+        raise TypeError("V2Processor runs under Model Runner V2 only")
