@@ -29,7 +29,7 @@ from vas_server.core.format import HeadSpec, TokenizerIdentity, TrunkSpec, Value
 from vas_server.core.heads import ValueHeads
 from vas_server.core.model import ValueModel
 from vas_server.core.trunk import Trunk, TrunkConfig
-from vas_server.core.value_runtime import ScoredRequest, TrunkScorer
+from vas_server.core.value_runtime import ScoredRequest, StepInputs, TrunkScorer
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64,
                rms_norm_eps=1e-5, rope_theta=100000.0, qkv_bias=False, o_bias=False, mlp_bias=False)
@@ -53,14 +53,14 @@ def step_ms(context: int, batch: int, top_k: int, layers: int, repeats: int, dty
             for b in range(batch)]
     candidates = torch.randint(0, 49152, (batch, top_k), generator=g)
     start = time.perf_counter()
-    s.score(rows, candidates, _new_tokens)  # prefill: the whole prompt enters the cache
+    s.score(rows, candidates, StepInputs(_new_tokens))  # prefill: the whole prompt enters the cache
     prefill = time.perf_counter() - start
     best = float("inf")
     for i in range(repeats):
         for r in rows:
             r.outputs.append(int(candidates[0, i % top_k]))
         start = time.perf_counter()
-        s.score(rows, candidates, _new_tokens)
+        s.score(rows, candidates, StepInputs(_new_tokens))
         best = min(best, time.perf_counter() - start)
     return prefill * 1e3, best * 1e3
 

@@ -70,11 +70,11 @@ def _install_probe(worker):
         if type(scorer).__name__ != "SharedScorer":
             continue
 
-        def logged(rows, candidates, batch_rows, num_rows, score=scorer.score):
+        def logged(rows, candidates, step, score=scorer.score):
             read.clear()
-            values = score(rows, candidates, batch_rows, num_rows)
+            values = score(rows, candidates, step)
             for n, states_ in read:
-                for row, i in zip(rows, batch_rows.tolist()):
+                for row, i in zip(rows, step.batch_rows.tolist()):
                     log.append((list(row.prompt), list(row.outputs), n, states_[i].tolist()))
             return values
 

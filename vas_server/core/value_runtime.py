@@ -30,7 +30,7 @@ Invariants:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,41 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
+@dataclass
+class StepInputs:
+    """What a step gives every scorer besides its rows and their candidates (rows in the same
+    order): each kind of scorer reads its own part."""
+
+    new_tokens: NewTokens  # the rows' committed tokens not yet fed (separate trunks feed them)
+    batch_rows: torch.Tensor | None = None  # [B] each row's index in this step's logits (shared path)
+    num_rows: int = 0  # logits rows in this step: the tap's state has one per row
+
+    def subset(self, members: torch.Tensor | slice) -> "StepInputs":
+        rows = self.batch_rows[members] if self.batch_rows is not None else None
+        return StepInputs(self.new_tokens, rows, self.num_rows)
+
+
+class Scorer(Protocol):
+    """One value model in the runtime: TrunkScorer (its own trunk, a per-request value cache)
+    or SharedScorer (the base's own hidden states, nothing per request)."""
+
+    heads: ValueHeads
+    keeps_cache: bool  # a per-request value cache: rows take a slot; advance and drafts feed it
+
+    @property
+    def cache_bytes(self) -> int: ...
+
+    @property
+    def max_cache_bytes(self) -> int: ...
+
+    def reset(self, slot: int) -> None: ...
+
+    def score(self, rows: list["ScoredRequest"], candidates: torch.Tensor | None,
+              step: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(state values [B, K, n_state] or None, token values [n_token, B, K] or None) of the
+        rows' candidates [B, K]; candidates None: only feed the rows' new tokens."""
+
+
 def list_new_tokens(device: torch.device) -> NewTokens:
     """V1 and the evaluation: each row's tokens are `prompt + outputs` (host lists)."""
 
@@ -98,6 +133,8 @@ def list_new_tokens(device: torch.device) -> NewTokens:
 
 class TrunkScorer:
     """One value model's trunk, its heads, and the per-slot KV cache of committed tokens."""
+
+    keeps_cache = True
 
     def __init__(self, model: ValueModel, max_requests: int, max_len: int, device, dtype):
         self.model = model
@@ -148,16 +185,14 @@ class TrunkScorer:
         self.draft_hidden.pop(slot, None)
 
     @torch.inference_mode()
-    def score(self, rows: list[ScoredRequest], candidates: torch.Tensor | None, new_tokens: NewTokens):
-        """Feed new committed tokens, score candidates [B, K] (None: only feed).
-
-        Returns (state values [B, K, n_state] or None, token values [n_token, B, K] or None).
-        All bookkeeping is host-side (`cached`, token counts); the device only computes.
+    def score(self, rows: list[ScoredRequest], candidates: torch.Tensor | None, step: StepInputs):
+        """Scorer.score: feed the rows' new committed tokens (`step.new_tokens`), then score the
+        candidates. All bookkeeping is host-side (`cached`, token counts); the device only computes.
         """
         device = self.cache_k.device
         slots = [r.slot for r in rows]
         cached = [self.cached[s] for s in slots]
-        tokens, n = new_tokens(rows, cached)
+        tokens, n = step.new_tokens(rows, cached)
         total = [c + k for c, k in zip(cached, n)]
         if max(total) > self.max_len:
             raise RuntimeError(f"value cache length {self.max_len} exceeded ({max(total)} tokens)")
@@ -338,10 +373,13 @@ class CandidateRows:
 class SharedScorer:
     """A token-heads-only value model on the base's first `layer` layers, without LoRA: its trunk
     state is the base's own (vas_server.engine.hidden_states.HiddenStateTap), so it keeps nothing per
-    request. Same `score` contract as TrunkScorer, plus the rows' logits-row indices."""
+    request: it reads `step.batch_rows` (where each row's state sits in this step's logits)."""
 
     has_state = False
     has_token = True
+    keeps_cache = False
+    cache_bytes = 0
+    max_cache_bytes = 0
 
     def __init__(self, name: str, heads: ValueHeads, layer: int, tap):
         if heads.state_names:
@@ -353,15 +391,13 @@ class SharedScorer:
         self.dtype = heads.token_proj.dtype
         self.candidate_rows = CandidateRows()
 
-    cache_bytes = 0
-
     def reset(self, slot: int) -> None:
         pass
 
     @torch.inference_mode()
-    def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, batch_rows: torch.Tensor, num_rows: int):
-        """batch_rows [B]: each row's index in this step's logits (num_rows rows in all)."""
-        hidden = self.tap.states(self.layer, num_rows).index_select(0, batch_rows.to(self.tap.embedding.device))
+    def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, step: StepInputs):
+        """Scorer.score, for candidates [B, K]: the state of row b is the tap's row step.batch_rows[b]."""
+        hidden = self.tap.states(self.layer, step.num_rows).index_select(0, step.batch_rows.to(self.tap.embedding.device))
         hidden = hidden.to(device=candidates.device, dtype=self.dtype)
         embed = self.tap.embedding
         rows_out = self.candidate_rows.get(embed, candidates.numel())
@@ -378,7 +414,7 @@ class ValueRuntime:
 
     def __init__(self, models: list[ValueModel], max_requests: int, max_len: int, device, dtype,
                  shared: list[SharedScorer] = ()):
-        self.scorers: list[TrunkScorer | SharedScorer] = [TrunkScorer(m, max_requests, max_len, device, dtype)
+        self.scorers: list[Scorer] = [TrunkScorer(m, max_requests, max_len, device, dtype)
                                                           for m in models]
         self.scorers += list(shared)
         self.head_names: list[str] = []
@@ -413,7 +449,7 @@ class ValueRuntime:
 
     @property
     def max_cache_bytes(self) -> int:
-        return sum(r.max_cache_bytes for r in self.scorers if isinstance(r, TrunkScorer))
+        return sum(r.max_cache_bytes for r in self.scorers)
 
     def needs_slot(self, heads: frozenset[int]) -> bool:
         return bool(heads & self.cached_heads)
@@ -439,11 +475,11 @@ class ValueRuntime:
         use, scoring nothing: a later `score` of these rows then runs only their candidates (state
         heads) or only the heads (token heads). Remote mode advances a row while the upstream
         computes its next candidates."""
-        new_tokens = list_new_tokens(self.device)
+        step = StepInputs(list_new_tokens(self.device))
         for t, scorer in enumerate(self.scorers):
             members = [r for r in rows if r.heads & self.scorer_heads[t]]
-            if members and isinstance(scorer, TrunkScorer):
-                scorer.score(members, None, new_tokens)
+            if members and scorer.keeps_cache:
+                scorer.score(members, None, step)
 
     def score_draft(self, row: ScoredRequest, draft: list[int], candidates: torch.Tensor) -> torch.Tensor:
         """Values of n drafted positions' candidates [n, K] of one row, every committed token of
@@ -453,7 +489,7 @@ class ValueRuntime:
         for t, scorer in enumerate(self.scorers):
             if not row.heads & self.scorer_heads[t]:
                 continue
-            if not isinstance(scorer, TrunkScorer):
+            if not scorer.keeps_cache:
                 raise ValueError("drafted positions are scored on separate trunks only")
             state, token = scorer.score_draft(row.slot, draft, candidates)
             for g in self.scorer_heads[t]:
@@ -464,7 +500,7 @@ class ValueRuntime:
     def commit_draft(self, row: ScoredRequest, accepted: int) -> None:
         """The row's first `accepted` drafted tokens (of its last score_draft) become committed."""
         for t, scorer in enumerate(self.scorers):
-            if row.heads & self.scorer_heads[t] and isinstance(scorer, TrunkScorer):
+            if row.heads & self.scorer_heads[t] and scorer.keeps_cache:
                 scorer.commit_draft(row.slot, accepted)
 
     def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, batch_rows: torch.Tensor | None = None,
@@ -474,7 +510,7 @@ class ValueRuntime:
         `num_rows` rows): that is where the base's hidden state of the row sits. Separate-trunk
         heads read the rows' committed tokens with `new_tokens` (default: the rows' host lists)."""
         B, K = candidates.shape
-        new_tokens = new_tokens or list_new_tokens(candidates.device)
+        step = StepInputs(new_tokens or list_new_tokens(candidates.device), batch_rows, num_rows)
         values = torch.zeros(B, len(self.head_names), K, device=candidates.device, dtype=torch.float32)
         for t, scorer in enumerate(self.scorers):
             members = [b for b, r in enumerate(rows) if r.heads & self.scorer_heads[t]]
@@ -482,10 +518,7 @@ class ValueRuntime:
                 continue
             sub = (slice(None) if len(members) == B
                    else to_device(torch.tensor(members), candidates.device))
-            if isinstance(scorer, SharedScorer):
-                state, token = scorer.score([rows[b] for b in members], candidates[sub], batch_rows[sub], num_rows)
-            else:
-                state, token = scorer.score([rows[b] for b in members], candidates[sub], new_tokens)
+            state, token = scorer.score([rows[b] for b in members], candidates[sub], step.subset(sub))
             for g in self.scorer_heads[t]:
                 place = self.head_places[g]
                 v = state[:, :, place.index] if place.kind == "state" else token[place.index]
