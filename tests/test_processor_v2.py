@@ -357,3 +357,37 @@ def test_the_tap_takes_tensor_and_pipeline_parallelism(tiny_base, models, base, 
         setattr(config.parallel_config, key, value)
     tap = HiddenStateTap.for_config(config)
     assert tap.active and tap.tensor_parallel == ("tensor_parallel_size" in change)
+
+
+def test_v2_metrics_count_only_live_requests(tiny_base, models, base):
+    """Model Runner V2 never tells a processor that a request finished (its interface has no
+    removal): /metrics' active requests and value-cache slots follow the runner's occupied
+    request slots (RequestState.index_to_req_id, read by the worker extension)."""
+    from vas_server.processor import VASWorkerExtension
+
+    _, v2, _ = _build(tiny_base, models, base)
+    rng = random.Random(5)
+    vocab = base.hf_config.vocab_size
+    reqs = [_request("A", rng, vocab, ("s1", "u1")),  # separate trunk: a value-cache slot
+            _request("B", rng, vocab, ("u2",)),  # shared path only: no slot
+            _request("C", rng, vocab, None)]  # plain
+    occupied = {}
+    worker = VASWorkerExtension()
+    worker.model_runner = SimpleNamespace(sampler=SimpleNamespace(logits_processors=[v2]),
+                                          req_states=SimpleNamespace(index_to_req_id=occupied))
+    for slot, req in enumerate(reqs):
+        occupied[slot] = req.name
+        v2.add_request(slot, req.params)
+
+    def counts():
+        stats = worker.vas_stats()
+        return stats["active_requests"], stats["cache_slots_used"], stats["vas_requests_total"]
+
+    assert counts() == (2, 1, 2)
+    del occupied[0]  # A finished: vLLM's RequestState.remove_request
+    assert counts() == (1, 0, 2)
+    occupied.clear()  # idle
+    assert counts() == (0, 0, 2)
+    occupied[0] = "D"  # A's slot recycled for a plain request: add_request drops A's row
+    v2.add_request(0, SamplingParams())
+    assert counts() == (0, 0, 2) and v2.steering.runtime.slots_in_use == 0

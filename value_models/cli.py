@@ -165,13 +165,8 @@ def _cmd_eval(args) -> None:
     print(f"wrote {args.out}/eval.json, eval.md and plots")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_sample(sub) -> None:
     from value_models.sample import DEFAULT_RECORD_TOP_K
-    from value_models.train import LR_DECAYS, FitConfig
-
-    parser = argparse.ArgumentParser(prog="vas-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("sample", help="sample responses from the frozen base model")
     p.add_argument("--base", help="base model HF directory (default: the embedded SmolLM2)")
@@ -197,12 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_sample)
 
+
+def _add_score(sub) -> None:
     p = sub.add_parser("score", help="add rewards to sampled responses")
     p.add_argument("samples")
     p.add_argument("--reward", action="append", required=True,
                    help="positive | concise | simple | clean | module:function | hf:DIR[#label] (repeatable)")
     p.add_argument("--out", help="output JSONL (default: rewrite the input)")
     p.set_defaults(func=_cmd_score)
+
+
+def _add_fit(sub) -> None:
+    from value_models.train import LR_DECAYS, FitConfig
 
     p = sub.add_parser("fit", help="TD(lambda) training of a value model")
     p.add_argument("samples", nargs="+", help="scored samples (JSONL); several files are used in the given order")
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=_cmd_fit)
 
+
+def _add_convert_trl(sub) -> None:
     p = sub.add_parser("convert-trl", help="import a TRL AutoModelForCausalLMWithValueHead checkpoint")
     p.add_argument("trl_dir")
     p.add_argument("--out", required=True)
@@ -251,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="refuse the checkpoint unless it shares this base model's tokenizer")
     p.set_defaults(func=_cmd_convert_trl)
 
+
+def _add_eval(sub) -> None:
     from value_models.evaluate import DEFAULT_BON, DEFAULT_GRID_WEIGHTS, DEFAULT_WEIGHTS
 
     p = sub.add_parser("eval", help="VAS at several weights vs Best-of-N on held-out prompts (JSON, Markdown, PNG)")
@@ -279,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", help="where each run's responses are kept (default: OUT/generations); "
                                          "evaluations sharing it reuse the base run, e.g. at another --top-k")
     p.set_defaults(func=_cmd_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vas-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_sample, _add_score, _add_fit, _add_convert_trl, _add_eval):
+        add(sub)
     return parser
 
 

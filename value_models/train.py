@@ -130,13 +130,7 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     or on any training setting), so refitting heads skips the trunk entirely.
     """
     out_dir = Path(out_dir)
-    trunk_identity = _trunk_tokenizer_identity(config.trunk.model_dir)
-    data_hash = vocab_hash_of(samples)
-    if trunk_identity.vocab_hash != data_hash:
-        raise TokenizerMismatchError(
-            f"the trunk {config.trunk.model_dir!r} uses a different tokenizer (vocab hash "
-            f"{trunk_identity.vocab_hash[:12]}) than the one the training samples were tokenized with "
-            f"({data_hash[:12]}). Value models must share the base's vocabulary.")
+    trunk_identity = _checked_tokenizer(samples, config)
     samples = [s for s in samples if s.response_token_ids]
     if not samples:
         raise ValueError("no samples with a non-empty response to train on")
@@ -153,12 +147,7 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     # ValueHeads orders heads state-first; keep the reward rows in that same order.
     order = [[h.name for h in config.heads].index(n) for n in heads.names]
     rewards = rewards[order]
-    proj_lr = config.lr if config.token_proj_lr is None else config.token_proj_lr
-    groups = [{"params": [p for n, p in heads.named_parameters() if n != "token_proj"], "lr": config.lr},
-              {"params": [heads.token_proj], "lr": proj_lr}]
-    if config.trunk.trainable:
-        groups.append({"params": list(trunk.trainable_parameters().values()), "lr": config.trunk_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    optimizer = _optimizer(heads, trunk, config)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     spec = ValueModelSpec(
@@ -183,26 +172,9 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
         _explain_proxy_gaps(heads, held_out, proxy_rows)
 
     def validate(epoch: int) -> None:
-        if not held_out or any("validation" in c and c["epoch"] == epoch for c in curve):
-            return
-        error_list, proxy = _held_out_metrics(trunk, heads, embed, held_out, rewards[:, held_ids], cached_hidden,
-                                              held_ids, proxy_rows, config)
-        errors = dict(zip(heads.names, error_list))
-        curve.append({"step": step, "epoch": epoch, "validation": errors, **({"proxy_corr": proxy} if proxy else {})})
-        report = " ".join(f"{k} {v:.4f}" for k, v in errors.items())
-        if proxy:
-            report += (f"; steering proxy corr(S, r) on {len(proxy_rows)} of them: "
-                       + " ".join(f"{k} {v:.3f}" for k, v in proxy.items()))
-        tqdm.write(f"fit: held-out Monte-Carlo return error ({len(held_out)} responses) "
-                   f"{'before training' if epoch < 0 else f'after epoch {epoch + 1}'}: {report}")
-        before = next((c["validation"] for c in reversed(curve[:-1]) if "validation" in c), None)
-        # Noise moves a small held-out set by a few percent: a rise of more than RISE counts.
-        rose = [k for k in errors if before is not None and errors[k] > (1 + RISE) * before[k]]
-        if rose and epoch >= 0:
-            tqdm.write(f"fit: WARNING: the held-out error of {', '.join(rose)} rose by more than {RISE:.0%} over "
-                       f"epoch {epoch + 1}: the "
-                       "heads fit their training responses worse on others (over-fitting or divergence). "
-                       "Fewer --epochs, a lower --lr / --token-proj-lr, --lr-decay linear or --lam 1 may help.")
+        if held_out and not any("validation" in c and c["epoch"] == epoch for c in curve):
+            curve.append(_validation(trunk, heads, embed, held_out, rewards[:, held_ids], cached_hidden, held_ids,
+                                     proxy_rows, config, step, epoch, curve))
 
     validate(-1)
     bar = tqdm(total=total_steps, initial=step, desc="fit", disable=not progress)
@@ -211,9 +183,8 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
             _save(out_dir, spec, heads, trunk, optimizer, fingerprint, step, curve, final=False)
             bar.close()
             return FitResult(out_dir, step, curve)
-        epoch, index_in_epoch = divmod(step, batches_per_epoch)
-        permutation = torch.randperm(len(samples), generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
-        ids = permutation[index_in_epoch * config.batch_size:(index_in_epoch + 1) * config.batch_size].tolist()
+        epoch = step // batches_per_epoch
+        ids = _batch_ids(step, batches_per_epoch, len(samples), config)
         scale = 1.0 - step / total_steps if config.lr_decay == "linear" else 1.0  # a function of step: resumes exactly
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * scale
@@ -230,6 +201,59 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     bar.close()
     _save(out_dir, spec, heads, trunk, optimizer, fingerprint, step, curve, final=True)
     return FitResult(out_dir, step, curve)
+
+
+def _checked_tokenizer(samples: list[Sample], config: FitConfig):
+    """The trunk's tokenizer identity, which must be the one the samples were tokenized with."""
+    trunk_identity = _trunk_tokenizer_identity(config.trunk.model_dir)
+    data_hash = vocab_hash_of(samples)
+    if trunk_identity.vocab_hash != data_hash:
+        raise TokenizerMismatchError(
+            f"the trunk {config.trunk.model_dir!r} uses a different tokenizer (vocab hash "
+            f"{trunk_identity.vocab_hash[:12]}) than the one the training samples were tokenized with "
+            f"({data_hash[:12]}). Value models must share the base's vocabulary.")
+    return trunk_identity
+
+
+def _optimizer(heads: ValueHeads, trunk: TrainingTrunk, config: FitConfig) -> torch.optim.AdamW:
+    """AdamW with one learning rate for the heads, one for the token projection, one for LoRA."""
+    proj_lr = config.lr if config.token_proj_lr is None else config.token_proj_lr
+    groups = [{"params": [p for n, p in heads.named_parameters() if n != "token_proj"], "lr": config.lr},
+              {"params": [heads.token_proj], "lr": proj_lr}]
+    if config.trunk.trainable:
+        groups.append({"params": list(trunk.trainable_parameters().values()), "lr": config.trunk_lr})
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+
+
+def _batch_ids(step: int, batches_per_epoch: int, num_samples: int, config: FitConfig) -> list[int]:
+    """The samples of training step `step`: a seeded permutation per epoch, so a run resumes exactly."""
+    epoch, index_in_epoch = divmod(step, batches_per_epoch)
+    permutation = torch.randperm(num_samples, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
+    return permutation[index_in_epoch * config.batch_size:(index_in_epoch + 1) * config.batch_size].tolist()
+
+
+def _validation(trunk, heads, embed, held_out, held_rewards, cached_hidden, held_ids, proxy_rows, config: FitConfig,
+                step: int, epoch: int, curve: list[dict]) -> dict:
+    """The curve entry of a validation after `epoch` (-1: before training), reported on the
+    console with a warning when a head's held-out error rose by more than RISE."""
+    error_list, proxy = _held_out_metrics(trunk, heads, embed, held_out, held_rewards, cached_hidden,
+                                          held_ids, proxy_rows, config)
+    errors = dict(zip(heads.names, error_list))
+    report = " ".join(f"{k} {v:.4f}" for k, v in errors.items())
+    if proxy:
+        report += (f"; steering proxy corr(S, r) on {len(proxy_rows)} of them: "
+                   + " ".join(f"{k} {v:.3f}" for k, v in proxy.items()))
+    tqdm.write(f"fit: held-out Monte-Carlo return error ({len(held_out)} responses) "
+               f"{'before training' if epoch < 0 else f'after epoch {epoch + 1}'}: {report}")
+    before = next((c["validation"] for c in reversed(curve) if "validation" in c), None)
+    # Noise moves a small held-out set by a few percent: a rise of more than RISE counts.
+    rose = [k for k in errors if before is not None and errors[k] > (1 + RISE) * before[k]]
+    if rose and epoch >= 0:
+        tqdm.write(f"fit: WARNING: the held-out error of {', '.join(rose)} rose by more than {RISE:.0%} over "
+                   f"epoch {epoch + 1}: the "
+                   "heads fit their training responses worse on others (over-fitting or divergence). "
+                   "Fewer --epochs, a lower --lr / --token-proj-lr, --lr-decay linear or --lam 1 may help.")
+    return {"step": step, "epoch": epoch, "validation": errors, **({"proxy_corr": proxy} if proxy else {})}
 
 
 def _split(samples: list[Sample], config: FitConfig) -> tuple[list[Sample], list[Sample]]:

@@ -131,6 +131,58 @@ def list_new_tokens(device: torch.device) -> NewTokens:
     return new_tokens
 
 
+class StepLayout(NamedTuple):
+    """Where one step's tokens go, for TrunkScorer._forward: rows b of B, query columns j of Lq
+    (row b's n_b new committed tokens, then its Kc candidates, then padding).
+
+    A committed token is written to the slot's cache row at its position, candidate c at position
+    len(s) + c: scratch past the committed tokens that the next step's tokens overwrite (so a row
+    is max_len + MAX_CANDIDATES long). Key j is visible to a committed query iff j <= its
+    position (causal), to candidate c iff j < len(s) or j is its own key (never a sibling), to a
+    padding query iff j == 0 (any valid column; its output is unused). Index tensors are built
+    on the host and copied once, and the mask is built on the device from two small tensors, so
+    no step syncs the device."""
+
+    committed: torch.Tensor  # flat [B * Lq] indices of committed-token queries
+    candidates: torch.Tensor  # ... of candidate queries
+    written: torch.Tensor  # ... of both (the keys written to the cache)
+    write_index: torch.Tensor  # where each written key goes in the flat [slots * row_len] cache
+    positions: torch.Tensor  # [B, Lq] rotary positions (siblings share len(s))
+    slots: torch.Tensor  # [B]
+    mask: torch.Tensor  # [B, 1, Lq, Lk]
+    Lk: int  # keys gathered per row
+    has_new: torch.Tensor  # rows with a new committed token
+    last: torch.Tensor  # [B] column of each row's last new token
+    any_new: bool
+
+    @classmethod
+    def of(cls, slot_list, cached_list, n_list, Kc: int, Lq: int, row_len: int, device) -> "StepLayout":
+        B = len(slot_list)
+        slots_cpu = torch.tensor(slot_list)
+        cached, n = torch.tensor(cached_list), torch.tensor(n_list)
+        idx = torch.arange(Lq)[None, :]
+        n_col = n[:, None]
+        length = (cached + n)[:, None]  # len(s)
+        committed = idx < n_col  # [B, Lq]
+        is_cand = (idx >= n_col) & (idx < n_col + Kc)
+        written = committed | is_cand
+        positions = cached[:, None] + torch.minimum(idx, n_col)
+        key_slot = torch.where(committed, positions, length + (idx - n_col))  # where each key is written
+        limit = torch.where(committed, positions, torch.where(is_cand, length - 1, 0))
+        own = torch.where(is_cand, key_slot, -1)
+        has_new = (n > 0).nonzero().squeeze(1)
+        Lk = int((length + Kc).max())
+        flat = [m.reshape(-1).nonzero().squeeze(1) for m in (committed, is_cand, written)]
+        write_index = slots_cpu[:, None].expand(B, Lq)[written] * row_len + key_slot[written]
+        host = (*flat, write_index, positions, slots_cpu, has_new, (n - 1).clamp(min=0), limit, own)
+        (committed_d, cand_d, written_d, write_d, positions_d, slots_d, has_new_d, last_d, limit_d,
+         own_d) = (to_device(t, device) for t in host)
+        column = torch.arange(Lk, device=device)
+        mask = ((column <= limit_d[:, :, None]) | (column == own_d[:, :, None]))[:, None]
+        return cls(committed_d, cand_d, written_d, write_d, positions_d, slots_d, mask, Lk, has_new_d, last_d,
+                   len(has_new) > 0)
+
+
 class TrunkScorer:
     """One value model's trunk, its heads, and the per-slot KV cache of committed tokens."""
 
@@ -215,47 +267,15 @@ class TrunkScorer:
     def _forward(self, slot_list, cached_list, n_list, new_tokens, candidates, Kc: int, Lq: int):
         """One trunk forward over all rows; returns the candidates' state values [B, Kc, n_state].
 
-        Every key of the step goes into the slot's cache row before attention: a committed token
-        at its position, candidate c at position len(s) + c, scratch past the committed tokens
-        that the next step's tokens overwrite (so a row is max_len + MAX_CANDIDATES long). Then
-        one gather of the rows' caches is every key a query may see, and the mask is built on the
-        device from two small tensors. Index tensors are built on the host and copied once, so no
-        step syncs the device."""
+        Every key of the step goes into the slot's cache row before attention (where: StepLayout),
+        then one gather of the rows' caches is every key a query may see."""
         device = self.cache_k.device
         B = len(slot_list)
-        slots_cpu = torch.tensor(slot_list)
-        cached, n = torch.tensor(cached_list), torch.tensor(n_list)
-        idx = torch.arange(Lq)[None, :]
-        n_col = n[:, None]
-        length = (cached + n)[:, None]  # len(s)
-        committed = idx < n_col  # [B, Lq]
-        is_cand = (idx >= n_col) & (idx < n_col + Kc)
-        written = committed | is_cand
-        committed_flat = committed.reshape(-1).nonzero().squeeze(1)  # host: positions in [B * Lq]
-        cand_flat = is_cand.reshape(-1).nonzero().squeeze(1)
-        written_flat = written.reshape(-1).nonzero().squeeze(1)
-        # Candidates all sit at position len(s) = cached + n: siblings share one rotary position.
-        positions = cached[:, None] + torch.minimum(idx, n_col)
-        key_slot = torch.where(committed, positions, length + (idx - n_col))  # where each key is written
-        write_index = slots_cpu[:, None].expand(B, Lq)[written] * self.row_len + key_slot[written]
-        Lk = int((length + Kc).max())
-        # Key j is visible to a committed query iff j <= its position (causal), to candidate c iff
-        # j < len(s) or j is its own key (never a sibling), to a padding query iff j == 0 (any
-        # valid column; its output is unused).
-        limit = torch.where(committed, positions, torch.where(is_cand, length - 1, 0))
-        own = torch.where(is_cand, key_slot, -1)
-        has_new = (n > 0).nonzero().squeeze(1)
-        last = (n - 1).clamp(min=0)
-        (limit, own, write_index, committed_dev, cand_dev, written_dev, positions_dev, slots, has_new_dev,
-         last_dev) = (to_device(t, device) for t in (limit, own, write_index, committed_flat, cand_flat,
-                                                     written_flat, positions, slots_cpu, has_new, last))
-        column = torch.arange(Lk, device=device)
-        mask = ((column <= limit[:, :, None]) | (column == own[:, :, None]))[:, None]  # [B, 1, Lq, Lk]
-
+        at = StepLayout.of(slot_list, cached_list, n_list, Kc, Lq, self.row_len, device)
         tokens = torch.zeros(B * Lq, dtype=torch.long, device=device)
-        tokens.index_copy_(0, committed_dev, new_tokens)
+        tokens.index_copy_(0, at.committed, new_tokens)
         if Kc:
-            tokens.index_copy_(0, cand_dev, candidates[:, :Kc].reshape(-1))
+            tokens.index_copy_(0, at.candidates, candidates[:, :Kc].reshape(-1))
         c = self.trunk.config
         cache_k = self.cache_k.view(c.num_layers, -1, c.num_kv_heads, c.head_dim)
         cache_v = self.cache_v.view(c.num_layers, -1, c.num_kv_heads, c.head_dim)
@@ -264,21 +284,21 @@ class TrunkScorer:
             # k, v: [B, kvh, Lq, d]; write this step's keys into the cache rows, then attend.
             k_rows = k.transpose(1, 2).reshape(B * Lq, c.num_kv_heads, c.head_dim)
             v_rows = v.transpose(1, 2).reshape(B * Lq, c.num_kv_heads, c.head_dim)
-            cache_k[layer].index_copy_(0, write_index, k_rows.index_select(0, written_dev))
-            cache_v[layer].index_copy_(0, write_index, v_rows.index_select(0, written_dev))
-            keys = self.cache_k[layer, slots, :Lk].transpose(1, 2)
-            values = self.cache_v[layer, slots, :Lk].transpose(1, 2)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+            cache_k[layer].index_copy_(0, at.write_index, k_rows.index_select(0, at.written))
+            cache_v[layer].index_copy_(0, at.write_index, v_rows.index_select(0, at.written))
+            keys = self.cache_k[layer, at.slots, :at.Lk].transpose(1, 2)
+            values = self.cache_v[layer, at.slots, :at.Lk].transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=at.mask,
                                                  enable_gqa=q.shape[1] != k.shape[1])
             return out.transpose(1, 2).reshape(B, Lq, -1)
 
-        hidden = self.trunk(tokens.view(B, Lq), positions_dev, attend)  # [B, Lq, H]
-        if len(has_new):
-            h_last = hidden[torch.arange(B, device=device), last_dev]
-            self.last_hidden[slots.index_select(0, has_new_dev)] = h_last.index_select(0, has_new_dev)
+        hidden = self.trunk(tokens.view(B, Lq), at.positions, attend)  # [B, Lq, H]
+        if at.any_new:
+            h_last = hidden[torch.arange(B, device=device), at.last]
+            self.last_hidden[at.slots.index_select(0, at.has_new)] = h_last.index_select(0, at.has_new)
         if not Kc:
             return None
-        return self.heads.state_values(hidden.reshape(B * Lq, -1).index_select(0, cand_dev).view(B, Kc, -1))
+        return self.heads.state_values(hidden.reshape(B * Lq, -1).index_select(0, at.candidates).view(B, Kc, -1))
 
 
     @torch.inference_mode()

@@ -20,6 +20,8 @@ Invariants:
 
 from __future__ import annotations
 
+from typing import Collection
+
 import numpy as np
 import torch
 
@@ -87,8 +89,14 @@ class V2Processor(VASLogitsProcessor):
         flat = buffer.view(-1).index_select(0, to_device(torch.from_numpy(index), buffer.device))
         return flat.long(), counts
 
-    def stats(self) -> dict:
-        return self.steering.stats(len(self._positions))
+    def stats(self, live_slots: Collection[int] | None = None) -> dict:
+        """The counters, over the rows whose request is still in the runner (`live_slots`, the
+        runner's occupied request slots; None: every row held). Model Runner V2 tells processors
+        of new requests only, never of finished ones: a finished request's row (and value-cache
+        slot) stays until its slot is recycled, so counting all held rows would keep
+        active_vas_requests and cache_slots_used up after the engine went idle."""
+        rows = [r for s, r in self.slots.items() if live_slots is None or s in live_slots]
+        return self.steering.stats(len(rows), slots_used=sum(r.input.slot is not None for r in rows))
 
     # The V1 interface's abstract methods (VASLogitsProcessor has both interfaces): the V1 runner
     # builds a V1Processor, never this class.

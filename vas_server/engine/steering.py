@@ -182,8 +182,9 @@ class Steering:
         if self.tap is not None:
             self.tap.clear()  # this step's hidden states are used up
 
-    def stats(self, active_requests: int) -> dict:
-        """The counters for /metrics; empty on a pipeline stage that does not sample."""
+    def stats(self, active_requests: int, slots_used: int | None = None) -> dict:
+        """The counters for /metrics; empty on a pipeline stage that does not sample.
+        `slots_used`: the value-cache slots of live requests (default: every slot taken)."""
         rt = self.runtime
         if rt is None and self.config.value_models:
             return {}
@@ -192,7 +193,7 @@ class Steering:
             "active_requests": active_requests,
             "steps": self.steps,
             "runtime_seconds_total": self.seconds,
-            "cache_slots_used": rt.slots_in_use if rt else 0,
+            "cache_slots_used": (rt.slots_in_use if slots_used is None else slots_used) if rt else 0,
             "cache_slots_total": rt.max_requests if rt else 0,
             "cache_bytes": rt.cache_bytes if rt else 0,
             "dropped_requests": self.dropped_requests,

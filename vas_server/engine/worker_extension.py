@@ -11,9 +11,11 @@ class VASWorkerExtension:
         from vas_server.engine.processor import VASLogitsProcessor
 
         runner = self.model_runner
-        if hasattr(runner, "input_batch"):  # the V1 runner
+        if hasattr(runner, "input_batch"):  # the V1 runner: it tells the processor of removals
             processors = runner.input_batch.logitsprocs.non_argmax_invariant
-        else:  # Model Runner V2
+            live = {}
+        else:  # Model Runner V2: only the runner knows which of its request slots are occupied
             processors = runner.sampler.logits_processors
+            live = {"live_slots": runner.req_states.index_to_req_id.keys()}
         proc = next((p for p in processors if isinstance(p, VASLogitsProcessor)), None)
-        return proc.stats() if proc is not None else {}
+        return proc.stats(**live) if proc is not None else {}
