@@ -19,7 +19,7 @@ test: setup
 # float32 (docs/BENCHMARKS.md): there, `make demo-models DTYPE=float32` (same distribution, other
 # rounding, so other samples and Best-of-N sets than the shipped ones).
 DTYPE ?= bfloat16
-DEMO_MODEL := value_models/demo/smollm2
+DEMO_MODEL := vas_server/demo/smollm2
 # No top-K recorded: the demo fit holds nothing out (--validation-fraction 0), so the steering
 # proxy's data would only make the 48,000 records ~11x larger (docs/TRAINING.md, Samples).
 DEMO_SAMPLE := .venv/bin/vas-train sample --chitchat train --num-prompts 8000 --samples-per-prompt 2 --max-tokens 32 \

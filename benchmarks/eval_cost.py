@@ -21,7 +21,7 @@ if __name__ == "__main__":
     prompts = pick(chitchat_prompts("heldout"), 200, seed=0)
     tok = AutoTokenizer.from_pretrained(base)
     ids = [chat_prompt_ids(tok, p) for p in prompts]
-    llm = LLM(**engine_kwargs(base, VASConfig(value_models={"demo": "value_models/demo/smollm2"}), dtype="bfloat16",
+    llm = LLM(**engine_kwargs(base, VASConfig(value_models={"demo": "vas_server/demo/smollm2"}), dtype="bfloat16",
                               max_model_len=512, max_num_seqs=200, seed=0, disable_log_stats=True))
     out = {}
     generate(llm, ids[:20], n=1, seed=0, max_tokens=8, weights=None, top_k=20, keep_topk=False)  # warm-up

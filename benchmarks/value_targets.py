@@ -6,7 +6,7 @@ of a VAS-steered policy (`sample --value-model`), β = 0 fits that policy's valu
 iterated values.
 
     .venv/bin/python benchmarks/value_targets.py SAMPLES... [--heads positive] [--betas 0,1,2.2] \
-        [--weights 1.5,2.2,3,4,6] [--reference value_models/demo/smollm2] [--work build/soft] \
+        [--weights 1.5,2.2,3,4,6] [--reference vas_server/demo/smollm2] [--work build/soft] \
         [--states-cache DIR] [--generations DIR] [--out benchmarks/results/value_targets.json]
 
 SAMPLES: scored `vas-train sample` files. Each β gets one model with every head in --heads, fitted

@@ -313,7 +313,9 @@ def test_v2_processor_steers_exactly_like_v1(tiny_base, models, base, seed):
             checked_steered += 1
 
         assert v1.stats()["steps"] == v2.stats()["steps"] == step + 1
-        assert v1.stats()["active_requests"] == v2.stats()["active_requests"] == sum(r.steered for r in live)
+        live_slots = {r.v2_slot for r in live}  # what the worker extension reads from V2's runner
+        assert v1.stats()["active_requests"] == v2.stats(live_slots)["active_requests"] == sum(r.steered for r in live)
+        assert v1.stats()["cache_slots_used"] == v2.stats(live_slots)["cache_slots_used"]
         # Sample (greedy on V1's steered row) and commit: V1 reads its live lists, V2 its buffer.
         for i, r in enumerate(batch.rows):
             token = int(out1[i].argmax())

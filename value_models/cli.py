@@ -2,9 +2,9 @@
 
     vas-train sample --chitchat train --num-prompts 1000 --out data/samples.jsonl
     vas-train score data/samples.jsonl --reward positive --reward concise
-    vas-train fit data/samples.jsonl --head positive:token --num-layers 4 --out value_models/demo/positive
+    vas-train fit data/samples.jsonl --head positive:token --num-layers 4 --out vas_server/demo/positive
     vas-train convert-trl path/to/trl_checkpoint --out my_value_model
-    vas-train eval value_models/demo/smollm2 --num-prompts 200 --max-tokens 40 --out eval_out
+    vas-train eval vas_server/demo/smollm2 --num-prompts 200 --max-tokens 40 --out eval_out
 
 The base defaults to the embedded SmolLM2-135M-Instruct.
 """

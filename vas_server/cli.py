@@ -35,8 +35,8 @@ READY_TIMEOUT_S = 900
 
 def demo_value_models() -> dict[str, str]:
     """The shipped demo value models (for the embedded base): every directory with a vas.json
-    under the `value_models` package's demo/ data, by directory name."""
-    demo = files("value_models").joinpath("demo")
+    under the package's demo/ data, by directory name."""
+    demo = files("vas_server").joinpath("demo")
     if not demo.is_dir():
         return {}
     return {d.name: str(d) for d in sorted(demo.iterdir(), key=lambda d: d.name) if d.joinpath("vas.json").is_file()}
@@ -59,10 +59,10 @@ def parse_preset(text: str):
 
 
 def demo_presets() -> list[tuple[str, Any]]:
-    """The shipped presets for the demo heads (value_models/demo/presets.yaml, a --config file)."""
+    """The shipped presets for the demo heads (vas_server/demo/presets.yaml, a --config file)."""
     import yaml
 
-    path = files("value_models").joinpath("demo", "presets.yaml")
+    path = files("vas_server").joinpath("demo", "presets.yaml")
     if not path.is_file():
         return []
     return [parse_preset(text) for text in yaml.safe_load(path.read_text()).get("preset", [])]
@@ -88,7 +88,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     vas.add_argument("--preset", action="extend", nargs="+", type=parse_preset, default=None,
                      metavar="NAME=HEAD:W[,HEAD:W...][@K=N][@restrict]",
                      help="a steering preset served as a model named NAME; repeatable (default: the demo "
-                          "presets, value_models/demo/presets.yaml, when serving the embedded base). Every "
+                          "presets, vas_server/demo/presets.yaml, when serving the embedded base). Every "
                           f"head is also a preset under its own name, at weight {DEFAULT_HEAD_WEIGHT:g}")
     vas.add_argument("--no-value-models", action="store_true", help="serve without any value model")
     vas.add_argument("--default-top-k", type=int, default=None,
