@@ -20,6 +20,11 @@ inductor, vLLM's default) instead of eager mode; `--contexts` with no lengths sk
 
     python benchmarks/throughput.py --shared --batches 1 8 32 128 --tokens 32 --contexts \
         [--compiled] --out benchmarks/results/default_path_{eager,compiled}.json
+
+Under tensor parallelism (a random base of SmolLM2's size whose heads TP divides, TP = 1 for contrast):
+
+    python benchmarks/throughput.py --shared --random-base --tensor-parallel-size {2,1} --batches 1 8 32 \
+        --tokens 32 --contexts --out benchmarks/results/shared_tp{2,1}_cpu.json
 """
 
 from __future__ import annotations
@@ -156,6 +161,21 @@ def interleaved_tokens_per_second(llm, configs: dict, batches: list[int], new_to
     return best, share
 
 
+def random_smollm2_shape(smollm2: Path, out: Path) -> Path:
+    """A random Llama of SmolLM2-135M's shape (30 layers, MLP 1536, its tokenizer and vocabulary)
+    with 8 query and 4 KV heads of 64 (hidden 512) instead of 9 and 3, so that tensor parallelism
+    at 2 and 4 divides them. Decode speed does not depend on the weights."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(smollm2)
+    config.update(dict(hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=64))
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)  # as SmolLM2 ships
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(out)
+    return out
+
+
 def shared_main(args) -> None:
     """The shared-trunk benchmark: the shared-trunk path against plain vLLM, memory, context sweep."""
     from vllm import LLM
@@ -165,8 +185,8 @@ def shared_main(args) -> None:
     from vas_server.engine_args import engine_dtype, engine_kwargs
     from vas_server.params import make_extra_args
 
-    base = ensure_base_model()
     root = Path(tempfile.mkdtemp(prefix="vas-bench-"))
+    base = random_smollm2_shape(ensure_base_model(), root / "base") if args.random_base else ensure_base_model()
     models = build_shared_value_models(base, root)
     max_len = max(args.contexts or [448]) + args.tokens
     # --compiled: vLLM's own default forward (torch.compile with inductor; CUDA graphs on GPUs).
@@ -343,6 +363,9 @@ def main() -> None:
                     help="--shared: vLLM's compiled forward (enforce_eager=False) instead of eager mode")
     ap.add_argument("--context-batch", type=int, default=8, help="--shared: batch of the context sweep")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="--shared: every engine at this TP size")
+    ap.add_argument("--random-base", action="store_true",
+                    help="--shared: a random Llama of SmolLM2's size with 8 query / 4 KV heads (TP 2 and 4 divide them; "
+                         "SmolLM2's 9 / 3 heads do not)")
     ap.add_argument("--dtype", help="engine dtype (default: the one `vas-server serve` picks on this machine)")
     args = ap.parse_args()
     if args.shared:
