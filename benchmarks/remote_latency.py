@@ -18,7 +18,7 @@ drafting); for each temperature, `positive` weight and concurrency, that many st
 at once (PROMPT, --tokens tokens, `ignore_eos`, seeds 0..c-1). Measures tokens/s per stream and in
 total, upstream calls per generated token (counted by the fake or the proxy), drafted, accepted
 and wasted draft tokens (the server's /metrics counters), and the server's RSS (idle, after each
-row), and logs the value cache's startup line and the shutdown totals.
+row; one warm-up request between the idle RSS and the first row), and logs the value cache's startup line and the shutdown totals.
 
     python benchmarks/remote_latency.py [--upstream fake|vllm] [--latency-ms 50] [--concurrency 1 8 32]
                                         [--tokens 32] [--draft 8 1] [--weight 0 1 2 4] [--temperature 0 1]
@@ -167,6 +167,10 @@ def main() -> None:
                 cache = re.search(r"remote-base value cache: .*", log.read_text(errors="replace"))
                 rows[f"draft {draft}, idle"] = {"rss_mib": rss_mib(server.pid),
                                                 "value_cache_log": cache.group(0) if cache else None}
+                # One short steered request first (vLLM's and the value runtime's first-call costs).
+                asyncio.run(measure(1, lambda client, i: stream_one(client, "http://127.0.0.1:8304/v1/completions", {
+                    "model": "SmolLM2-135M-Instruct", "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0,
+                    "stream": True, "ignore_eos": True, "vas_weights": {"positive": 1.0}})))
                 print(f"draft {draft}  idle RSS {rows[f'draft {draft}, idle']['rss_mib']:.0f} MiB; "
                       f"{rows[f'draft {draft}, idle']['value_cache_log']}", flush=True)
                 for temperature in args.temperature:
