@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=50.0)
     args = ap.parse_args()
     web.run_app(app(args.target.rstrip("/"), args.latency_ms / 1e3), host="127.0.0.1", port=args.port,
-                access_log=None, print=None, backlog=1024)
+                access_log=None, print=None, backlog=1024, shutdown_timeout=1)
 
 
 if __name__ == "__main__":

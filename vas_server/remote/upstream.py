@@ -65,9 +65,16 @@ class Upstream:
     async def draft(self, context: list[int], n: int, k: int, *, temperature: float, banned: list[int] = (),
                     seed: int | None = None) -> list[Draw]:
         """The base's next n tokens after `context`, drawn in a row at `temperature`, each with
-        its position's top-k raw log-probs (fewer than n where the upstream stopped, at its eos)."""
+        its position's top-k raw log-probs (n unless the upstream stopped early: it is asked to
+        ignore its eos)."""
         body = {"model": self.model, "prompt": context, "max_tokens": n, "logprobs": k, "temperature": temperature,
                 "return_tokens_as_token_ids": True}
+        if n > 1:
+            # The draft goes on past the base's eos (vLLM's `ignore_eos`; stop strings are never
+            # sent): whether eos ends the answer is the local loop's decision (the request's own
+            # ignore_eos), and an upstream that stopped there made a request that ignores eos pay
+            # one more call per eos.
+            body["ignore_eos"] = True
         if banned:
             body["logit_bias"] = {str(t): BANNED for t in banned}
         if seed is not None:
