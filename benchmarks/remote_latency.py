@@ -15,7 +15,7 @@ Two upstreams:
 
 One remote server per --draft value (its `--remote-draft`; 1 is one token per call, as before
 drafting); for each temperature, `positive` weight and concurrency, that many streamed completions
-at once (PROMPT, --tokens tokens, `ignore_eos`, seeds 0..c-1). Measures tokens/s per stream and in
+at once (stream i: PROMPTS[i % 8], --tokens tokens, `ignore_eos`, seed i). Measures tokens/s per stream and in
 total, upstream calls per generated token (counted by the fake or the proxy), drafted, accepted
 and wasted draft tokens (the server's /metrics counters), and the server's RSS (idle, after each
 row; one warm-up request between the idle RSS and the first row), and logs the value cache's startup line and the shutdown totals.
@@ -46,6 +46,15 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from remote import PROMPT, measure, start, stream_one  # noqa: E402
+
+
+# Stream i asks PROMPTS[i % 8] (--upstream vllm; the fake ignores the prompt): at T = 0 every
+# stream of one prompt is the same greedy sequence, so the acceptance of 8 and 32 streams is that
+# of 8 sequences, not one.
+PROMPTS = [PROMPT, "Write a short note to a friend who just moved to a new city.",
+           "What do you think about rainy days?", "Describe your ideal weekend.",
+           "How was your day at work today?", "Give me some advice about learning to cook.",
+           "Tell me about the last book you read.", "What is it like to travel by train?"]
 
 
 def fake_upstream(latency_s: float) -> ThreadingHTTPServer:
@@ -180,7 +189,8 @@ def main() -> None:
                             before_calls, before = calls(), draft_counters("http://127.0.0.1:8304")
                             row = asyncio.run(measure(c, lambda client, i: stream_one(
                                 client, "http://127.0.0.1:8304/v1/completions", {
-                                    "model": "SmolLM2-135M-Instruct", "prompt": PROMPT, "max_tokens": args.tokens,
+                                    "model": "SmolLM2-135M-Instruct", "prompt": PROMPTS[i % len(PROMPTS)],
+                                    "max_tokens": args.tokens,
                                     "temperature": temperature, "seed": i, "stream": True, "ignore_eos": True,
                                     **steering})))
                             after = draft_counters("http://127.0.0.1:8304")
