@@ -35,13 +35,13 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Tell me about your favourite place to relax."
 
 
-def start(command: list[str], port: int, log: Path) -> subprocess.Popen:
+def start(command: list[str], port: int, log: Path, health: str = "/health") -> subprocess.Popen:
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}{health}", timeout=2).status_code == 200:
                 return process
         except httpx.HTTPError:
             pass

@@ -117,3 +117,45 @@ def test_drafted_positions_score_as_if_committed_and_only_accepted_ones_stay(tin
         row.outputs += draft[:accepted] + [rng.randrange(vocab)]  # the accepted run, then VAS's own token
     candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)]])
     check(runtime.score([row], candidates)[0], row.prompt + row.outputs, candidates[0].tolist())
+
+
+def test_drafts_of_several_rows_score_in_one_batch_as_each_alone(tiny_base, value_models, cache_growth):
+    """score_drafts: rows with different prompt lengths, draft lengths and K, in one batch (one
+    forward per trunk), give each row's values as score_draft of that row alone would, against
+    the uncached reference; then commit_draft keeps each row's accepted tokens."""
+    names = ["prefix", "alone"]
+    models = [load_value_model(value_models[n], tiny_base, name=n) for n in names]
+    refs = {n: ReferenceValueModel(value_models[n], str(tiny_base)) for n in names}
+    runtime = ValueRuntime(models, max_requests=4, max_len=128, device="cpu", dtype=torch.float32)
+    rng = random.Random(2)
+    vocab = models[0].trunk.config.vocab_size
+    all_heads = frozenset(range(len(runtime.head_names)))
+    only_alone = frozenset([runtime.head_index["s3"]])
+    rows = [ScoredRequest(runtime.allocate(), [rng.randrange(vocab) for _ in range(p)], [], heads)
+            for p, heads in ((3, all_heads), (9, all_heads), (5, only_alone))]
+    for round_, accepted in enumerate(((2, 0, 1), (0, 3, 0))):
+        runtime.advance(rows)
+        shapes = ((4, 5), (1, 3), (3, 6)) if round_ == 0 else ((2, 4), (5, 5), (1, 2))  # (n, K) per row
+        drafts = [[rng.randrange(vocab) for _ in range(n)] for n, _ in shapes]
+        candidates = [torch.tensor([[rng.randrange(vocab) for _ in range(K)] for _ in range(n)]) for n, K in shapes]
+        values = runtime.score_drafts(rows, [d[:-1] for d in drafts], candidates)
+        for b, row in enumerate(rows):
+            assert values[b].shape == (shapes[b][0], len(runtime.head_names), shapes[b][1])
+            for i in range(shapes[b][0]):
+                for g, head in enumerate(runtime.head_names):
+                    if g not in row.heads:
+                        continue
+                    owner = next(r for r in refs.values() if head in r.heads)
+                    want = owner.values(head, row.prompt + row.outputs + drafts[b][:i], candidates[b][i].tolist())
+                    assert torch.allclose(values[b][i, g], want, atol=1e-4, rtol=0), (round_, b, i, head)
+        for b, row in enumerate(rows):
+            runtime.commit_draft(row, accepted[b])
+            row.outputs += drafts[b][:accepted[b]] + [rng.randrange(vocab)]
+    candidates = torch.tensor([[rng.randrange(vocab) for _ in range(4)] for _ in rows])
+    values = runtime.score(rows, candidates)
+    for b, row in enumerate(rows):
+        for g, head in enumerate(runtime.head_names):
+            if g in row.heads:
+                owner = next(r for r in refs.values() if head in r.heads)
+                want = owner.values(head, row.prompt + row.outputs, candidates[b].tolist())
+                assert torch.allclose(values[b, g], want, atol=1e-4, rtol=0), (b, head)

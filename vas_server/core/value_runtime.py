@@ -99,7 +99,9 @@ class Scorer(Protocol):
     or SharedScorer (the base's own hidden states, nothing per request)."""
 
     heads: ValueHeads
-    keeps_cache: bool  # a per-request value cache: rows take a slot; advance and drafts feed it
+    # A per-request value cache: rows take a slot; `advance` feeds it, and such a scorer also
+    # scores and commits drafts (TrunkScorer.score_drafts, commit_draft).
+    keeps_cache: bool
 
     @property
     def cache_bytes(self) -> int: ...
@@ -301,69 +303,104 @@ class TrunkScorer:
         return self.heads.state_values(hidden.reshape(B * Lq, -1).index_select(0, at.candidates).view(B, Kc, -1))
 
 
-    @torch.inference_mode()
     def score_draft(self, slot: int, draft: list[int], candidates: torch.Tensor):
-        """Score the candidates of n drafted positions in one forward, committing nothing.
+        """One row's `score_drafts`: (state values [n, K, n_state] or None, token values
+        [n_token, n, K] or None)."""
+        return self.score_drafts([slot], [draft], [candidates])[0]
 
-        `draft` is x_1..x_{n-1} (the drafted tokens the later positions follow; the last drafted
-        token is only scored, as a candidate of position n); candidates [n, K]: position i's
-        candidates are alternatives to x_i, so they see the slot's committed tokens and x_1..x_{i-1}
-        (V(s + x_{<i} + [a])), at rotary position cached + i - 1. The drafted tokens' keys go to
-        the cache rows right after the committed ones, where committing them would put them: a
-        drafted token attends causally to the cache and the drafted tokens before it, exactly as a
-        committed one would. `commit_draft(slot, m)` then makes the first m of them committed by
-        moving `cached` (no copy, no recompute); the rest stay scratch, overwritten later. The
-        candidates' keys go past the drafted ones. Needs every committed token fed (`advance`).
+    @torch.inference_mode()
+    def score_drafts(self, slots: list[int], drafts: list[list[int]], candidates: list[torch.Tensor]):
+        """Score the candidates of each row's n drafted positions, all rows in one forward,
+        committing nothing.
 
-        Returns (state values [n, K, n_state] or None, token values [n_token, n, K] or None)."""
+        Row b's `drafts[b]` is x_1..x_{n-1} (the drafted tokens the later positions follow; the
+        last drafted token is only scored, as a candidate of position n); candidates[b] [n, K]:
+        position i's candidates are alternatives to x_i, so they see the slot's committed tokens
+        and x_1..x_{i-1} (V(s + x_{<i} + [a])), at rotary position cached + i - 1. The drafted
+        tokens' keys go to the cache rows right after the committed ones, where committing them
+        would put them: a drafted token attends causally to the cache and the drafted tokens
+        before it, exactly as a committed one would. `commit_draft(slot, m)` then makes the first
+        m of them committed by moving `cached` (no copy, no recompute); the rest stay scratch,
+        overwritten later. The candidates' keys go past the drafted ones. Rows have their own n
+        and K; each row's queries are padded to the longest (a padding query sees key 0 only, its
+        output unused). Needs every committed token fed (`advance`).
+
+        Returns per row (state values [n, K, n_state] or None, token values [n_token, n, K] or None)."""
         device = self.cache_k.device
-        P, d, (n, K) = self.cached[slot], len(draft), candidates.shape
-        if d != n - 1:
-            raise ValueError(f"a draft of {n} positions follows {n - 1} drafted tokens, not {d}")
-        Kc = K if self.has_state else 0
-        Lq = d + n * Kc
-        if P + n - 1 > self.max_len:
-            raise RuntimeError(f"value cache length {self.max_len} exceeded by a draft ({P} + {n - 1} tokens)")
-        self._ensure(slot + 1, P + Lq)
+        B = len(slots)
+        P = [self.cached[slot] for slot in slots]
+        shapes = [tuple(c.shape) for c in candidates]
+        for b, (draft, (n, K)) in enumerate(zip(drafts, shapes)):
+            if len(draft) != n - 1:
+                raise ValueError(f"a draft of {n} positions follows {n - 1} drafted tokens, not {len(draft)}")
+            if P[b] + n - 1 > self.max_len:
+                raise RuntimeError(f"value cache length {self.max_len} exceeded by a draft ({P[b]} + {n - 1} tokens)")
+        kc = [K if self.has_state else 0 for _, K in shapes]
+        lq = [len(draft) + n * k for draft, (n, _), k in zip(drafts, shapes, kc)]
+        Lq = max(lq)
+        self._ensure(max(slots) + 1, max(p + q for p, q in zip(P, lq)))
         hidden = None
         if Lq:
-            j = torch.arange(d)
-            group = torch.arange(n).repeat_interleave(Kc)
-            key = torch.cat([P + j, P + d + torch.arange(n * Kc)])  # where each query's key is written
-            positions = torch.cat([P + j, P + group])
-            limit = torch.cat([P + j, P + group - 1])  # causal; a candidate sees x_{<i}, not x_i
-            own = torch.cat([torch.full((d,), -1), key[d:]])
-            tokens = torch.cat([torch.tensor(draft, dtype=torch.long).to(device),
-                                candidates.reshape(-1)[:n * Kc] if Kc else candidates.new_zeros(0)])
-            key, positions, limit, own = (to_device(t, device) for t in (key, positions, limit, own))
-            column = torch.arange(P + Lq, device=device)
-            mask = ((column <= limit[:, None]) | (column == own[:, None]))[None, None]  # [1, 1, Lq, Lk]
+            # Host-side index tensors, [B, Lq]; row b's first lq[b] queries are real.
+            key = torch.zeros(B, Lq, dtype=torch.long)
+            positions = torch.zeros(B, Lq, dtype=torch.long)
+            limit = torch.zeros(B, Lq, dtype=torch.long)  # padding: key 0 only
+            own = torch.full((B, Lq), -1, dtype=torch.long)
+            tokens = torch.zeros(B, Lq, dtype=torch.long)
+            for b, (draft, (n, _), k) in enumerate(zip(drafts, shapes, kc)):
+                d, p = len(draft), P[b]
+                j = torch.arange(d)
+                group = torch.arange(n).repeat_interleave(k)
+                key[b, :lq[b]] = torch.cat([p + j, p + d + torch.arange(n * k)])
+                positions[b, :lq[b]] = torch.cat([p + j, p + group])
+                limit[b, :lq[b]] = torch.cat([p + j, p + group - 1])  # causal; a candidate sees x_{<i}, not x_i
+                own[b, d:lq[b]] = key[b, d:lq[b]]
+                tokens[b, :d] = torch.tensor(draft, dtype=torch.long)
+            real = (torch.arange(Lq)[None, :] < torch.tensor(lq)[:, None]).reshape(-1).nonzero().squeeze(1)
+            write = (torch.tensor(slots)[:, None] * self.row_len + key).reshape(-1)[real]
+            # Where the candidates go among the [B * Lq] queries (they stay on their device).
+            starts = [b * Lq + len(draft) for b, draft in enumerate(drafts)]
+            cand_at = torch.cat([s0 + torch.arange(lq[b] - len(drafts[b])) for b, s0 in enumerate(starts)])
+            Lk = max(p + q for p, q in zip(P, lq))
+            positions, limit, own, tokens, real, write, cand_at, slots_dev = (
+                to_device(t, device) for t in (positions, limit, own, tokens, real, write, cand_at,
+                                               torch.tensor(slots)))
+            if self.has_state:
+                tokens.view(-1).index_copy_(0, cand_at, torch.cat([c.reshape(-1) for c in candidates]))
+            column = torch.arange(Lk, device=device)
+            mask = ((column <= limit[:, :, None]) | (column == own[:, :, None]))[:, None]  # [B, 1, Lq, Lk]
             c = self.trunk.config
-            write = slot * self.row_len + key
 
             def attend(layer: int, q, k, v):
+                # k, v: [B, kvh, Lq, d]; write the real queries' keys into the cache rows, then attend.
                 cache_k = self.cache_k[layer].view(-1, c.num_kv_heads, c.head_dim)
                 cache_v = self.cache_v[layer].view(-1, c.num_kv_heads, c.head_dim)
-                cache_k.index_copy_(0, write, k[0].transpose(0, 1))
-                cache_v.index_copy_(0, write, v[0].transpose(0, 1))
-                keys = self.cache_k[layer, slot, :P + Lq].transpose(0, 1)[None]
-                values = self.cache_v[layer, slot, :P + Lq].transpose(0, 1)[None]
+                k_rows = k.transpose(1, 2).reshape(B * Lq, c.num_kv_heads, c.head_dim)
+                v_rows = v.transpose(1, 2).reshape(B * Lq, c.num_kv_heads, c.head_dim)
+                cache_k.index_copy_(0, write, k_rows.index_select(0, real))
+                cache_v.index_copy_(0, write, v_rows.index_select(0, real))
+                keys = self.cache_k[layer, slots_dev, :Lk].transpose(1, 2)
+                values = self.cache_v[layer, slots_dev, :Lk].transpose(1, 2)
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                                      enable_gqa=q.shape[1] != k.shape[1])
-                return out.transpose(1, 2).reshape(1, Lq, -1)
+                return out.transpose(1, 2).reshape(B, Lq, -1)
 
-            hidden = self.trunk(tokens.view(1, Lq), positions.view(1, Lq), attend)[0]  # [Lq, H]
-        self.draft_hidden[slot] = hidden[:d].clone() if hidden is not None and d else None
-        state_values = self.heads.state_values(hidden[d:].view(n, Kc, -1)) if Kc else None
-        token_values = None
-        if self.has_token:
-            before = self.last_hidden[slot][None]
-            if d:
-                before = torch.cat([before, hidden[:d]])
-            embed = self.trunk.embed_tokens.weight
-            token_values = self.heads.token_values(before, embed, candidates,
-                                                   rows_out=self.candidate_rows.get(embed, candidates.numel()))
-        return state_values, token_values
+            hidden = self.trunk(tokens, positions, attend)  # [B, Lq, H]
+        results = []
+        for b, (slot, draft, (n, _), k) in enumerate(zip(slots, drafts, shapes, kc)):
+            d = len(draft)
+            self.draft_hidden[slot] = hidden[b, :d].clone() if hidden is not None and d else None
+            state_values = self.heads.state_values(hidden[b, d:lq[b]].view(n, k, -1)) if k else None
+            token_values = None
+            if self.has_token:
+                before = self.last_hidden[slot][None]
+                if d:
+                    before = torch.cat([before, hidden[b, :d]])
+                embed = self.trunk.embed_tokens.weight
+                token_values = self.heads.token_values(before, embed, candidates[b],
+                                                       rows_out=self.candidate_rows.get(embed, candidates[b].numel()))
+            results.append((state_values, token_values))
+        return results
 
     def commit_draft(self, slot: int, accepted: int) -> None:
         """Make the first `accepted` drafted tokens of the slot's last `score_draft` committed."""
@@ -502,19 +539,28 @@ class ValueRuntime:
                 scorer.score(members, None, step)
 
     def score_draft(self, row: ScoredRequest, draft: list[int], candidates: torch.Tensor) -> torch.Tensor:
-        """Values of n drafted positions' candidates [n, K] of one row, every committed token of
-        which has been fed: [n, n_heads, K] (TrunkScorer.score_draft; separate trunks only)."""
-        n, K = candidates.shape
-        values = torch.zeros(n, len(self.head_names), K, device=candidates.device, dtype=torch.float32)
+        """One row's `score_drafts`: [n, n_heads, K]."""
+        return self.score_drafts([row], [draft], [candidates])[0]
+
+    def score_drafts(self, rows: list[ScoredRequest], drafts: list[list[int]],
+                     candidates: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Values of each row's n drafted positions' candidates [n, K] (n and K per row), every
+        committed token of which has been fed: per row [n, n_heads, K], in one forward per trunk
+        for all rows (TrunkScorer.score_drafts; separate trunks only)."""
+        values = [torch.zeros(c.shape[0], len(self.head_names), c.shape[1], device=c.device, dtype=torch.float32)
+                  for c in candidates]
         for t, scorer in enumerate(self.scorers):
-            if not row.heads & self.scorer_heads[t]:
+            members = [b for b, row in enumerate(rows) if row.heads & self.scorer_heads[t]]
+            if not members:
                 continue
             if not scorer.keeps_cache:
                 raise ValueError("drafted positions are scored on separate trunks only")
-            state, token = scorer.score_draft(row.slot, draft, candidates)
-            for g in self.scorer_heads[t]:
-                place = self.head_places[g]
-                values[:, g] = (state[:, :, place.index] if place.kind == "state" else token[place.index]).float()
+            scored = scorer.score_drafts([rows[b].slot for b in members], [drafts[b] for b in members],
+                                         [candidates[b] for b in members])
+            for b, (state, token) in zip(members, scored):
+                for g in self.scorer_heads[t]:
+                    place = self.head_places[g]
+                    values[b][:, g] = (state[:, :, place.index] if place.kind == "state" else token[place.index]).float()
         return values
 
     def commit_draft(self, row: ScoredRequest, accepted: int) -> None:

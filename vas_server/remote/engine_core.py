@@ -187,7 +187,7 @@ class RemoteEngineCore:
                 if drafting:
                     n = min(length.next(), params.max_tokens - generated)
                     positions = await self.upstream.draft(context, n, asked, temperature=temperature,
-                                                          seed=_seed(generator))
+                                                          seed=_seed(generator), ignore_eos=params.ignore_eos)
                     steps, accepted = await self._verify(row, positions, advancing, top_k, weight_vector, heads,
                                                          temperature, steering.restrict_to_top_k, generator, context)
                     # The positions verified: the accepted ones and the one rejected, if any (not the

@@ -6,8 +6,9 @@ its next candidates, once the upstream returned them). Work asked in the same ev
 or while a batch is running, forms the next batch: one `ValueRuntime.advance` for all its
 advances, then one `ValueRuntime.score` for all its candidates (one trunk forward per value model
 each), as the in-process processor does for one engine step. A drafting loop asks for a third
-kind, `draft_values` (its round's drafted positions, one ValueRuntime.score_draft forward per
-row, after the batch's scoring), and its next `advance` first commits the accepted drafted tokens. A row's advance always precedes its
+kind, `draft_values` (its round's drafted positions; the batch's drafted rows are scored
+together, one ValueRuntime.score_drafts forward per value model, after the batch's scoring), and
+its next `advance` first commits the accepted drafted tokens. A row's advance always precedes its
 values: it is asked first, and batches run one at a time, in order. The batch runs in a worker
 thread, so the event loop keeps serving HTTP and upstream calls meanwhile (torch releases the GIL).
 
@@ -134,8 +135,8 @@ class BatchedScorer:
     def _run(self, advancing: list[Work], scored: list[Work], drafted: list[Work]):
         """Advance the advancing rows (committing their accepted drafted tokens first), then score
         the candidates of the scored ones: [B, n_heads, K_max] on the host, rows with fewer
-        candidates padded with their first (None if none); then each drafted row's positions, one
-        forward per row: a list of [n, n_heads, K_max]."""
+        candidates padded with their first (None if none); then the drafted rows' positions, in
+        one forward per value model: a list of [n, n_heads, K_max]."""
         for work in advancing:
             if work.commit is not None:
                 self.runtime.commit_draft(work.row, work.commit)
@@ -145,9 +146,11 @@ class BatchedScorer:
         if scored:
             values = self.runtime.score([work.row for work in scored],
                                         to_device(_padded(work.candidates for work in scored), self.runtime.device)).cpu()
-        draft_values = [self.runtime.score_draft(work.row, work.draft, to_device(_padded(work.candidates),
-                                                                                  self.runtime.device)).cpu()
-                        for work in drafted]
+        draft_values = []
+        if drafted:
+            draft_values = [v.cpu() for v in self.runtime.score_drafts(
+                [work.row for work in drafted], [work.draft for work in drafted],
+                [to_device(_padded(work.candidates), self.runtime.device) for work in drafted])]
         return values, draft_values
 
     def shutdown(self) -> None:

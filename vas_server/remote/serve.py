@@ -10,6 +10,7 @@ those of `vas-server serve`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from argparse import Namespace
 
@@ -17,6 +18,7 @@ import torch
 from vllm.logger import init_logger
 
 from vas_server.config import VASConfig
+from vas_server.engine_args import DEFAULT_VAS_REQUESTS
 from vas_server.remote.engine_core import RemoteEngineCore
 from vas_server.remote.upstream import Upstream, check_tokenizer, wait_until_reachable
 
@@ -89,6 +91,10 @@ async def serve_remote(args: Namespace, vas: VASConfig) -> None:
         raise SystemExit(f"vas-server: {e}") from None
     if args.remote_draft < 1:
         raise SystemExit("vas-server: --remote-draft must be at least 1")
+    # Every value model is separate here, so the value cache's slots follow --max-vas-requests,
+    # else --max-num-seqs if given, else DEFAULT_VAS_REQUESTS (32), as `vas-server serve --help`
+    # says; vLLM's own default max_num_seqs (128 on a CPU) would let it grow to 4x that.
+    vas = dataclasses.replace(vas, max_requests=vas.max_requests or args.max_num_seqs or DEFAULT_VAS_REQUESTS)
     engine = remote_async_llm(vllm_config, vas, upstream, tokenizer, args.remote_draft, not args.remote_draft_fixed)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:

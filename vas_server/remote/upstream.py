@@ -63,11 +63,15 @@ class Upstream:
         return (await self.draft(context, 1, k, temperature=temperature, banned=banned, seed=seed))[0]
 
     async def draft(self, context: list[int], n: int, k: int, *, temperature: float, banned: list[int] = (),
-                    seed: int | None = None) -> list[Draw]:
+                    seed: int | None = None, ignore_eos: bool = False) -> list[Draw]:
         """The base's next n tokens after `context`, drawn in a row at `temperature`, each with
-        its position's top-k raw log-probs (fewer than n where the upstream stopped, at its eos)."""
+        its position's top-k raw log-probs (fewer than n where the upstream stopped at its eos,
+        unless `ignore_eos`: the request goes on past eos, and so does its draft, else every eos
+        would cost it one more call)."""
         body = {"model": self.model, "prompt": context, "max_tokens": n, "logprobs": k, "temperature": temperature,
                 "return_tokens_as_token_ids": True}
+        if ignore_eos and n > 1:
+            body["ignore_eos"] = True  # vLLM's; it changes where the upstream stops, not what it draws
         if banned:
             body["logit_bias"] = {str(t): BANNED for t in banned}
         if seed is not None:
