@@ -54,19 +54,19 @@ def test_admitted_settings_are_stamped_and_decoded_as_they_were_validated():
     extra_args = admitted(request)
     assert is_admitted(extra_args) and VASRequest.decode(extra_args) == request
     assert not is_admitted(request.to_extra_args())  # a client's own vllm_xargs carry no stamp
-    forged = dict(extra_args, vas=VASRequest({"positive": 1e9}).to_extra_args()["vas"])
+    forged = dict(extra_args, vas=make_extra_args({"positive": 1e9})["vas"])  # unvalidated, as a client may
     assert not is_admitted(forged)  # the stamp is of the settings it came with
 
 
 def test_validate_params_checks_only_what_the_middleware_did_not():
     from types import SimpleNamespace
 
-    bad = VASRequest({"positive": 1e9})  # past MAX_ABS_WEIGHT: only a forged request could carry it
+    bad = make_extra_args({"positive": 1e9})  # past MAX_ABS_WEIGHT (not validated): a forged request
     with pytest.raises(VASParamError, match="must be a number in"):
-        VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=bad.to_extra_args()))
+        VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=bad))
     with pytest.raises(VASParamError, match="must be a number in"):
         VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=dict(admitted(VASRequest({"positive": 1})),
-                                                                           vas=bad.to_extra_args()["vas"])))
+                                                                           vas=bad["vas"])))
     VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=admitted(VASRequest({"positive": 1}))))
     VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=None))
 
