@@ -54,19 +54,19 @@ def test_admitted_settings_are_stamped_and_decoded_as_they_were_validated():
     extra_args = admitted(request)
     assert is_admitted(extra_args) and VASRequest.decode(extra_args) == request
     assert not is_admitted(request.to_extra_args())  # a client's own vllm_xargs carry no stamp
-    forged = dict(extra_args, vas=VASRequest({"positive": 1e9}).to_extra_args()["vas"])
+    forged = dict(extra_args, vas=make_extra_args({"positive": 1e9})["vas"])  # unvalidated, as a client may
     assert not is_admitted(forged)  # the stamp is of the settings it came with
 
 
 def test_validate_params_checks_only_what_the_middleware_did_not():
     from types import SimpleNamespace
 
-    bad = VASRequest({"positive": 1e9})  # past MAX_ABS_WEIGHT: only a forged request could carry it
+    bad = make_extra_args({"positive": 1e9})  # past MAX_ABS_WEIGHT (not validated): a forged request
     with pytest.raises(VASParamError, match="must be a number in"):
-        VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=bad.to_extra_args()))
+        VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=bad))
     with pytest.raises(VASParamError, match="must be a number in"):
         VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=dict(admitted(VASRequest({"positive": 1})),
-                                                                           vas=bad.to_extra_args()["vas"])))
+                                                                           vas=bad["vas"])))
     VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=admitted(VASRequest({"positive": 1}))))
     VASLogitsProcessor.validate_params(SimpleNamespace(extra_args=None))
 
@@ -225,13 +225,11 @@ def test_request_guard_passes_well_formed_requests():
                                            "logprobs": True, "top_logprobs": 2, "stop": "x", "n": 128}, 128)
 
 
-def test_the_http_path_validates_once(monkeypatch):
-    """The middleware validates a request's steering and stamps it; vLLM carries the stamp from
-    `vllm_xargs` into `SamplingParams.extra_args`, and validate_params then checks nothing again."""
+def _through_middleware(body: dict, path: str = "/v1/completions") -> tuple[int, dict, list[dict]]:
+    """POST `body` through VASMiddleware (the demo heads) to a stand-in for vLLM that answers `{}`:
+    (status, JSON answer, the bodies vLLM got). No engine."""
     import asyncio
     from types import SimpleNamespace
-
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
     from vas_server.cli import demo_value_models
     from vas_server.middleware import VASMiddleware
@@ -241,25 +239,35 @@ def test_the_http_path_validates_once(monkeypatch):
                             args=SimpleNamespace(api_key=None), engine_client=None,
                             openai_serving_models=SimpleNamespace(base_model_paths=[SimpleNamespace(name="base")],
                                                                   lora_requests={}))
-    seen = []
+    seen, sent = [], []
 
     async def vllm_stand_in(scope, receive, send):
         seen.append(json.loads((await receive())["body"]))
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    body = json.dumps({"model": "base", "prompt": "hi", "vas_weights": {"positive": 2}}).encode()
-    messages = [{"type": "http.request", "body": body, "more_body": False}]
-    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "",
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": "",
              "headers": [(b"content-type", b"application/json")], "app": SimpleNamespace(state=state)}
 
     async def receive():
         return messages.pop(0) if messages else {"type": "http.disconnect"}
 
     async def send(message):
-        pass
+        sent.append(message)
 
     asyncio.run(VASMiddleware(vllm_stand_in)(scope, receive, send))
+    answer = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(answer), seen
+
+
+def test_the_http_path_validates_once(monkeypatch):
+    """The middleware validates a request's steering and stamps it; vLLM carries the stamp from
+    `vllm_xargs` into `SamplingParams.extra_args`, and validate_params then checks nothing again."""
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    status, _, seen = _through_middleware({"model": "base", "prompt": "hi", "vas_weights": {"positive": 2}})
+    assert status == 200
     params = CompletionRequest(**seen[0]).to_sampling_params(16)
     assert is_admitted(params.extra_args)
     assert VASRequest.decode(params.extra_args) == VASRequest({"positive": 2.0}, 256)  # top-K resolved: vas.json's
@@ -269,3 +277,41 @@ def test_the_http_path_validates_once(monkeypatch):
 
     monkeypatch.setattr(VASRequest, "from_extra_args", second_validation)
     VASLogitsProcessor.validate_params(params)
+
+
+# -- the request contract (VASRequest, a strict pydantic model), as an HTTP client meets it ---------
+
+
+@pytest.mark.parametrize("steering, param, message", [
+    # no field beyond the model's: a misspelt top-level field, or an unknown key inside vllm_xargs
+    ({"vas_topk": 5}, "vas_topk", "unknown field 'vas_topk'"),
+    ({"vllm_xargs": {"vas": {"weights": {"positive": 1}, "head": True}}}, "vllm_xargs",
+     r"unknown VAS setting\(s\) \['head'\]"),
+    # strict: no coercion, and the field the client wrote is named
+    ({"vas_weights": {"positive": "2"}}, "vas_weights", r"vas_weights\['positive'\] must be a number in -100..100, got '2'"),
+    ({"vas_weights": {"positive": 1}, "vas_top_k": "5"}, "vas_top_k", "vas_top_k must be an integer in 1..256, got '5'"),
+    ({"vas_weights": {"positive": 1}, "vas_top_k": 5.0}, "vas_top_k", "vas_top_k must be an integer in 1..256, got 5.0"),
+    ({"vas_weights": {"positive": 1}, "vas_restrict_to_top_k": 1}, "vas_restrict_to_top_k",
+     "vas_restrict_to_top_k must be a boolean, got 1"),
+    ({"vas_weights": "positive"}, "vas_weights", "vas_weights must be an object mapping head names to numbers"),
+])
+def test_the_contract_refuses_with_the_field_named(steering, param, message):
+    import re
+
+    status, answer, seen = _through_middleware({"model": "base", "prompt": "hi", **steering})
+    assert status == 400 and not seen, answer
+    assert answer["error"]["param"] == param and re.search(message, answer["error"]["message"]), answer
+
+
+def test_the_contract_takes_null_as_the_default():
+    status, _, seen = _through_middleware({"model": "base", "prompt": "hi", "vas_weights": {"positive": 1},
+                                           "vas_top_k": None, "vas_restrict_to_top_k": None})
+    assert status == 200
+    assert VASRequest.decode(seen[0]["vllm_xargs"]) == VASRequest({"positive": 1.0}, 256, False)
+
+
+def test_the_guard_names_a_standard_field_of_the_wrong_type():
+    status, answer, seen = _through_middleware({"model": "base", "prompt": "hi", "max_tokens": "5"})
+    assert status == 400 and not seen
+    assert answer["error"]["param"] == "max_tokens"
+    assert answer["error"]["message"] == "max_tokens must be an integer, got a string '5'"

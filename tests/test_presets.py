@@ -152,3 +152,45 @@ def test_the_embedded_base_ships_presets_for_the_demo_heads():
     assert {"cheerful", "brief", "plain-words"} <= set(presets)
     assert {h for p in presets.values() for h in p.weights} == {"positive", "concise", "simple"}
 
+
+
+# -- presets and their cards as the request contract's models (no engine) -------------------------
+
+
+def test_a_configured_preset_is_held_to_the_request_contract():
+    from vas_server.presets import Preset, PresetTable
+
+    table = PresetTable.build({"calm": {"weights": {"likes": -2, "t1": 0}, "top_k": 40}}, ["likes", "t1"], [])
+    assert table.get("calm") == Preset({"likes": -2.0}, 40)  # zero weights dropped, as in a request
+    assert PresetTable.build({"calm": table.get("calm").to_json()}, ["likes", "t1"], []).get("calm") == table.get("calm")
+    for raw, message in [({"weights": {"likes": 1}, "topk": 3}, r"unknown VAS setting\(s\) \['topk'\]"),
+                         ({"weights": {"likes": 1}, "top_k": "3"}, "vas_top_k must be an integer"),
+                         ({"weights": {"likes": True}}, r"vas_weights\['likes'\] must be a number")]:
+        with pytest.raises(ValueError, match=f"preset 'calm': {message}"):
+            PresetTable.build({"calm": raw}, ["likes"], [])
+
+
+def test_preset_cards_are_openai_model_objects_with_the_settings_as_they_apply():
+    from types import SimpleNamespace
+
+    from vas_server.config import VASConfig
+    from vas_server.http.model_cards import preset_card
+    from vas_server.http.server_view import ServerView
+
+    config = VASConfig(value_models=cli.demo_value_models(), presets={"calm": {"weights": {"positive": -1}}})
+    state = SimpleNamespace(vllm_config=SimpleNamespace(additional_config=config.to_additional_config()),
+                            args=SimpleNamespace(api_key=None), engine_client=None,
+                            openai_serving_models=SimpleNamespace(base_model_paths=[SimpleNamespace(name="base")],
+                                                                  lora_requests={}))
+    server = ServerView.of(state)
+    card = preset_card("calm", server.presets.get("calm"), server, "base", 7)
+    assert card == {"id": "calm", "object": "model", "created": 7, "owned_by": "vas-server", "root": "base",
+                    "parent": "base", "max_model_len": None, "permission": [],
+                    "vas_preset": {"weights": {"positive": -1.0}, "top_k": 256, "restrict_to_top_k": False}}
+    head = preset_card("positive", server.presets.get("positive"), server, "base", 7)
+    assert {k: v for k, v in head.items() if k != "vas_head"} == {
+        **card, "id": "positive", "vas_preset": {"weights": {"positive": DEFAULT_HEAD_WEIGHT}, "top_k": 256,
+                                                 "restrict_to_top_k": False}}
+    assert set(head["vas_head"]) == {"value_model", "kind", "description", "trunk", "runtime", "reward_mean",
+                                     "reward_std", "num_training_samples"}
+    assert head["vas_head"]["trunk"]["type"] == "base_prefix" and head["vas_head"]["kind"] in ("state", "token")

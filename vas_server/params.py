@@ -1,4 +1,5 @@
-"""One request's steering settings, `VASRequest`: validated once per request path, then trusted.
+"""One request's steering settings, `VASRequest`: a strict pydantic model, validated once per
+request path, then trusted.
 
 The settings travel in `SamplingParams.extra_args["vas"]`, a JSON string (vLLM's `vllm_xargs`
 carries only scalars and lists): `{"weights": {"positive": 2.0}, "top_k": 20,
@@ -16,7 +17,13 @@ carries only scalars and lists): `{"weights": {"positive": 2.0}, "top_k": 20,
     there: the worker runs a request naming a head it does not serve unsteered, logged
     (docs/SERVER.md).
 
-In the worker, `VASRequest.decode` reads the settings without validating them again.
+In the worker, `VASRequest.decode` reads the settings without validating them again
+(`model_construct`).
+
+The contract is the model: strict types (a string is not a number, a bool is not an integer, a
+float is not a top-K), no field beyond the three, `null` meaning the default. Every validation
+failure is a VASParamError naming the API field (`vas_weights`, ...), with this module's message
+(`_param_error`), not pydantic's: the message and the field are what a client of the 400 sees.
 """
 
 from __future__ import annotations
@@ -25,9 +32,9 @@ import hashlib
 import hmac
 import json
 import secrets
-from dataclasses import dataclass
-from typing import Any, Collection, Mapping
+from typing import Annotated, Any, Collection, Mapping, Self
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from vllm.exceptions import VLLMValidationError
 
 from vas_server.core.format import TOP_K_RANGE, is_top_k
@@ -39,6 +46,9 @@ API_FIELDS = {"weights": "vas_weights", "top_k": "vas_top_k", "restrict_to_top_k
 # every logit the processor writes finite (docs/VAS_RULE.md, "Numerical safety").
 MAX_ABS_WEIGHT = 100.0
 
+Weight = Annotated[float, Field(ge=-MAX_ABS_WEIGHT, le=MAX_ABS_WEIGHT, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=TOP_K_RANGE[0], le=TOP_K_RANGE[1])]
+
 
 class VASParamError(VLLMValidationError, ValueError):
     """Invalid steering settings. `parameter` names the API field (`vas_weights`, ...). A
@@ -49,11 +59,34 @@ class VASParamError(VLLMValidationError, ValueError):
         super().__init__(message, parameter=param)
 
 
-@dataclass(frozen=True)
-class VASRequest:
-    weights: dict[str, float]  # head name -> weight; only non-zero weights
-    top_k: int | None = None  # None: the default, resolved by VASConfig.top_k_for
-    restrict_to_top_k: bool = False
+class VASRequest(BaseModel):
+    """The settings applied: only non-zero weights, each a finite number within MAX_ABS_WEIGHT;
+    top_k None for the default (resolved by VASConfig.top_k_for). Constructing one validates it
+    (a pydantic ValidationError); `parse` validates a wire object and raises VASParamError."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    # Each description is what the 400's message says the field must be (`_param_error`).
+    weights: dict[str, Weight] = Field({}, description="an object mapping head names to numbers")
+    top_k: TopK | None = Field(None, description=f"an integer in {TOP_K_RANGE[0]}..{TOP_K_RANGE[1]}")
+    restrict_to_top_k: bool = Field(False, description="a boolean")
+
+    def __init__(self, weights: Mapping[str, float] | None = None, top_k: int | None = None,
+                 restrict_to_top_k: bool = False, **fields: Any):
+        # Positional, as the dataclass it was: VASRequest({"positive": 2.0}, 20). pydantic calls
+        # it from model_validate too, so it passes everything on: unknown fields are refused there.
+        super().__init__(weights=weights, top_k=top_k, restrict_to_top_k=restrict_to_top_k, **fields)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, raw: Any) -> Any:
+        # JSON `null` (or Python None) for a setting means "not given", as for vLLM's own fields.
+        return {k: v for k, v in raw.items() if v is not None} if isinstance(raw, dict) else raw
+
+    @field_validator("weights")
+    @classmethod
+    def _non_zero(cls, weights: dict[str, float]) -> dict[str, float]:
+        return {name: w for name, w in weights.items() if w != 0}
 
     @property
     def active(self) -> bool:
@@ -62,11 +95,11 @@ class VASRequest:
 
     def to_extra_args(self) -> dict[str, str]:
         """The `extra_args` (or `vllm_xargs`) entry that carries these settings."""
-        settings = {"weights": self.weights, "top_k": self.top_k, "restrict_to_top_k": self.restrict_to_top_k}
-        return {EXTRA_ARGS_KEY: json.dumps(settings)}
+        return {EXTRA_ARGS_KEY: json.dumps(self.report())}
 
     def report(self) -> dict[str, Any]:
-        """What a response says was applied (the `vas` field)."""
+        """What a response says was applied (the `vas` field): the settings alone, also for a
+        subclass with fields of its own (presets.Preset)."""
         return {"weights": dict(self.weights), "top_k": self.top_k, "restrict_to_top_k": self.restrict_to_top_k}
 
     @classmethod
@@ -81,6 +114,8 @@ class VASRequest:
         """Validate an API body's steering: its top-level `vas_*` fields over the settings a
         `vllm_xargs["vas"]` in it may carry; None when it has neither. Raises VASParamError
         naming the field, also for a misspelt `vas_*` field."""
+        # The body is vLLM's to validate, so this is not a pydantic model with extra="forbid":
+        # only the `vas_` prefix is ours.
         unknown = sorted(k for k in body if k.startswith("vas_") and k not in API_FIELDS.values())
         if unknown:
             raise VASParamError(unknown[0], f"unknown field {unknown[0]!r}; the steering fields are "
@@ -94,17 +129,25 @@ class VASRequest:
         return cls.parse(raw, known_heads)
 
     @classmethod
-    def parse(cls, raw: Mapping[str, Any], known_heads: Collection[str] | None = None) -> VASRequest:
-        """The validation of a settings object, the one both request paths run. Raises
-        VASParamError naming the API field for: an unknown key, weights that are not an object,
-        an unknown head (when `known_heads` is given), a weight that is not a number (booleans
-        and strings are not numbers) or whose magnitude exceeds MAX_ABS_WEIGHT, a top_k that is
-        not an integer in 1..256, a restrict_to_top_k that is not a boolean."""
-        extra = sorted(set(raw) - set(API_FIELDS))
-        if extra:
-            raise VASParamError("vllm_xargs", f"unknown VAS setting(s) {extra}; known: {sorted(API_FIELDS)}")
-        return cls(weights=_weights(raw.get("weights"), known_heads), top_k=_top_k(raw.get("top_k")),
-                   restrict_to_top_k=_restrict(raw.get("restrict_to_top_k")))
+    def parse(cls, raw: Mapping[str, Any], known_heads: Collection[str] | None = None) -> Self:
+        """The validation of a settings object, the one both request paths run (and presets).
+        Raises VASParamError naming the API field for: an unknown key, weights that are not an
+        object, an unknown head (when `known_heads` is given), a weight that is not a number
+        (booleans and strings are not numbers) or whose magnitude exceeds MAX_ABS_WEIGHT, a
+        top_k that is not an integer in 1..256, a restrict_to_top_k that is not a boolean."""
+        weights = raw.get("weights")
+        if known_heads is not None and isinstance(weights, Mapping):
+            # The server's heads are not the model's to know (the engine path has none), so they are
+            # checked here, before any value: a weight of 0 for a head this server lacks is still a
+            # mistake worth a 400.
+            for name in weights:
+                if name not in known_heads:
+                    raise VASParamError("vas_weights", f"vas_weights: unknown head {name!r}; known heads: "
+                                                       f"{', '.join(sorted(known_heads)) or '(none)'}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise _param_error(e) from None
 
     @classmethod
     def decode(cls, extra_args: Mapping[str, Any] | None) -> VASRequest | None:
@@ -121,7 +164,7 @@ class VASRequest:
         top_k = raw.get("top_k")
         if top_k is not None and not is_top_k(top_k):
             raise ValueError(f"top_k {top_k!r} out of range")
-        return cls(weights, top_k, raw.get("restrict_to_top_k") is True)
+        return cls.model_construct(weights=weights, top_k=top_k, restrict_to_top_k=raw.get("restrict_to_top_k") is True)
 
 
 # Settings the middleware validated carry STAMP_KEY: an HMAC of their JSON under a key that only
@@ -149,8 +192,10 @@ def is_admitted(extra_args: Mapping[str, Any] | None) -> bool:
 
 def make_extra_args(weights: Mapping[str, float] | None = None, top_k: int | None = None,
                     restrict_to_top_k: bool = False) -> dict[str, str]:
-    """`SamplingParams.extra_args` asking for VAS, for direct engine users (tests, benchmarks)."""
-    return VASRequest(dict(weights or {}), top_k, restrict_to_top_k).to_extra_args()
+    """`SamplingParams.extra_args` asking for VAS, for direct engine users (tests, benchmarks).
+    Not validated here: vLLM's validate_params does that, as for any direct user."""
+    return VASRequest.model_construct(weights=dict(weights or {}), top_k=top_k,
+                                      restrict_to_top_k=restrict_to_top_k).to_extra_args()
 
 
 def _settings_object(raw: Any) -> Mapping[str, Any]:
@@ -165,38 +210,23 @@ def _settings_object(raw: Any) -> Mapping[str, Any]:
     return raw
 
 
-def _weights(weights: Any, known_heads: Collection[str] | None) -> dict[str, float]:
-    if weights is None:
-        return {}
-    if not isinstance(weights, Mapping):
-        raise VASParamError("vas_weights", "vas_weights must be an object mapping head names to numbers")
-    clean: dict[str, float] = {}
-    for name, w in weights.items():
-        if known_heads is not None and name not in known_heads:
-            raise VASParamError("vas_weights", f"vas_weights: unknown head {name!r}; known heads: "
-                                               f"{', '.join(sorted(known_heads)) or '(none)'}")
-        # Integers are compared before any float conversion: 10**400 must not overflow.
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not abs(w) <= MAX_ABS_WEIGHT:
-            raise VASParamError("vas_weights", f"vas_weights[{name!r}] must be a number in "
-                                               f"-{MAX_ABS_WEIGHT:g}..{MAX_ABS_WEIGHT:g}, got {_short(w)}")
-        if w != 0:
-            clean[str(name)] = float(w)
-    return clean
-
-
-def _top_k(top_k: Any) -> int | None:
-    if top_k is not None and not is_top_k(top_k):
-        raise VASParamError("vas_top_k", f"vas_top_k must be an integer in {TOP_K_RANGE[0]}..{TOP_K_RANGE[1]}, "
-                                         f"got {_short(top_k)}")
-    return top_k
-
-
-def _restrict(restrict: Any) -> bool:
-    if restrict is None:
-        return False
-    if not isinstance(restrict, bool):
-        raise VASParamError("vas_restrict_to_top_k", f"vas_restrict_to_top_k must be a boolean, got {_short(restrict)}")
-    return restrict
+def _param_error(error: ValidationError) -> VASParamError:
+    """The VASParamError of a failed validation: unknown settings first (as a whole), then the
+    first failed field, named by its API field."""
+    errors = error.errors(include_url=False, include_context=False)
+    extra = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+    if extra:
+        return VASParamError("vllm_xargs", f"unknown VAS setting(s) {extra}; known: {sorted(API_FIELDS)}")
+    first = errors[0]
+    loc, value = first["loc"], first["input"]
+    if not loc:  # not an object at all (parse was given something other than a mapping)
+        return VASParamError("vllm_xargs", "vllm_xargs['vas'] must be a JSON object")
+    param = API_FIELDS[loc[0]]
+    if loc[0] == "weights" and len(loc) == 2:  # one weight (for a key that is not a string: the object)
+        where, kind = f"{param}[{loc[1]!r}]", f"a number in -{MAX_ABS_WEIGHT:g}..{MAX_ABS_WEIGHT:g}"
+    else:
+        where, kind = param, VASRequest.model_fields[loc[0]].description
+    return VASParamError(param, f"{where} must be {kind}, got {_short(value)}")
 
 
 def _short(value: Any) -> str:
@@ -206,4 +236,3 @@ def _short(value: Any) -> str:
     except ValueError:  # an integer past Python's digit limit for str()
         return "a number too large to print"
     return text if len(text) <= 40 else text[:37] + "..."
-

@@ -21,7 +21,7 @@ replaces the preset's weights as a whole (it is not merged head by head), `vas_t
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Collection, Mapping
 
 from vas_server.params import API_FIELDS, VASParamError, VASRequest
@@ -32,19 +32,15 @@ DEFAULT_HEAD_WEIGHT = 2.0
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-@dataclass(frozen=True)
-class Preset:
-    weights: dict[str, float]
-    top_k: int | None = None
-    restrict_to_top_k: bool = False
+class Preset(VASRequest):
+    """A VASRequest under a name: the same contract (strict, validated on construction, no field
+    beyond the model's), its weights the non-zero ones, plus whether it is a head's own preset."""
+
     head: bool = False  # the automatic preset of one head (its name is the head's)
 
-    def settings(self) -> dict[str, Any]:
-        """The preset as a settings object (params.API_FIELDS keys)."""
-        return {"weights": dict(self.weights), "top_k": self.top_k, "restrict_to_top_k": self.restrict_to_top_k}
-
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The preset as VASConfig.presets holds it (in the engine's additional_config)."""
+        return {**self.report(), "head": self.head}
 
 
 def parse(text: str) -> tuple[str, Preset]:
@@ -75,7 +71,10 @@ def parse(text: str) -> tuple[str, Preset]:
             restrict = True
         else:
             raise ValueError(f"preset {name!r}: unknown option {option!r} (K=<integer> or restrict)")
-    return name, Preset(weights, top_k, restrict)
+    try:
+        return name, Preset.parse({"weights": weights, "top_k": top_k, "restrict_to_top_k": restrict})
+    except VASParamError as e:
+        raise ValueError(f"preset {name!r}: {e.args[0]}") from None
 
 
 @dataclass
@@ -92,17 +91,16 @@ class PresetTable:
         preset) and add one preset per head."""
         table: dict[str, Preset] = {}
         for name, raw in configured.items():
-            preset = Preset(**raw) if not isinstance(raw, Preset) else raw
             if name in reserved:
                 raise ValueError(f"preset {name!r} has the name of a served model; choose another name")
             if name in heads:
                 raise ValueError(f"preset {name!r} has the name of a head (every head is already a preset "
                                  f"at weight {DEFAULT_HEAD_WEIGHT:g}); choose another name")
             try:
-                request = VASRequest.parse(preset.settings(), heads)
+                preset = Preset.parse(raw.to_json() if isinstance(raw, Preset) else raw, heads)
             except VASParamError as e:
                 raise ValueError(f"preset {name!r}: {e.args[0]}") from None
-            if not request.active:
+            if not preset.active:
                 raise ValueError(f"preset {name!r}: no non-zero weight")
             table[name] = preset
         for head in heads:
@@ -118,7 +116,7 @@ class PresetTable:
 def override(preset: Preset, body: Mapping[str, Any]) -> dict[str, Any]:
     """The request fields that apply when `body` chose `preset`: each `vas_*` field the body
     gives replaces the preset's, field by field."""
-    settings = preset.settings()
+    settings = preset.report()
     for key, field_name in API_FIELDS.items():
         if field_name in body:
             settings[key] = body[field_name]

@@ -1,13 +1,21 @@
 """The model cards of GET /v1/models and /v1/models/{id}: vLLM's own, then one per preset (every
-head is one), each with `parent` = the base, so that every listed id can be chosen as `model`."""
+head is one), each with `parent` = the base, so that every listed id can be chosen as `model`.
+
+A preset's card is a `PresetCard` (a head's own preset: a `HeadPresetCard`): OpenAI's model object
+(`id`, `object`, `created`, `owned_by`), the fields vLLM's own cards add (`root`, `parent`,
+`max_model_len`, `permission`: vLLM's ModelCard), and VAS's. vLLM's cards pass as vLLM wrote them,
+but for `root`."""
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict
+
+from vas_server.core.format import TrunkSpec
 from vas_server.http.asgi import Receive, Scope, Send, capture, send_error, send_json, send_raw
-from vas_server.params import VASRequest
 from vas_server.presets import Preset
 from vas_server.http.server_view import ServerView
 
@@ -39,22 +47,51 @@ async def list_models(app, server: ServerView, model_id: str | None, scope: Scop
     await send_json(send, 200, card)
 
 
-def preset_card(name: str, preset: Preset, server: ServerView, parent: str | None, created: int) -> dict:
-    """A preset's /v1/models card: a model whose parent is the base, with its settings (`vas_preset`,
-    top_k as it will apply) and, for a head's own preset, the head's card (`vas_head`)."""
-    from dataclasses import asdict
+class PresetCard(BaseModel):
+    """A preset as a model whose parent (and root) is the base. `vas_preset` is the preset's
+    settings as they apply (VASRequest.report, with top_k resolved by VASConfig.top_k_for)."""
 
-    request = VASRequest(dict(preset.weights), preset.top_k, preset.restrict_to_top_k)
-    card = {
-        "id": name, "object": "model", "created": created, "owned_by": "vas-server", "root": parent,
-        "parent": parent, "max_model_len": None, "permission": [],
-        "vas_preset": {**request.report(), "top_k": server.config.top_k_for(request, server.heads)},
-    }
-    if preset.head:
-        head = server.heads[name]
-        card["vas_head"] = {"value_model": head.value_model, "kind": head.spec.kind,
-                            "description": head.spec.description, "trunk": asdict(head.trunk),
-                            "runtime": head.runtime, "reward_mean": head.spec.reward_mean,
-                            "reward_std": head.spec.reward_std,
-                            "num_training_samples": head.spec.num_training_samples}
-    return card
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "vas-server"
+    root: str | None
+    parent: str | None
+    max_model_len: int | None = None
+    permission: list[Any] = []
+    vas_preset: dict[str, Any]
+
+
+class HeadCard(BaseModel):
+    """What a head's own preset card says of the head (`vas_head`): its value model and spec."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    value_model: str
+    kind: str
+    description: str
+    trunk: TrunkSpec
+    runtime: str  # "shared" or "separate" (config.HeadInfo)
+    reward_mean: float
+    reward_std: float
+    num_training_samples: int
+
+
+class HeadPresetCard(PresetCard):
+    vas_head: HeadCard
+
+
+def preset_card(name: str, preset: Preset, server: ServerView, parent: str | None, created: int) -> dict:
+    """A preset's /v1/models card (the JSON object): a PresetCard, or for a head's own preset a
+    HeadPresetCard."""
+    settings = {**preset.report(), "top_k": server.config.top_k_for(preset, server.heads)}
+    card = dict(id=name, created=created, root=parent, parent=parent, vas_preset=settings)
+    if not preset.head:
+        return PresetCard(**card).model_dump()
+    head = server.heads[name]
+    vas_head = HeadCard(value_model=head.value_model, kind=head.spec.kind, description=head.spec.description,
+                        trunk=head.trunk, runtime=head.runtime, reward_mean=head.spec.reward_mean,
+                        reward_std=head.spec.reward_std, num_training_samples=head.spec.num_training_samples)
+    return HeadPresetCard(**card, vas_head=vas_head).model_dump()

@@ -14,22 +14,29 @@ reads the body with a size limit (413 past VASConfig.max_body_bytes), parses it 
         `min_tokens` ... past int64 fail when the request is serialised to the engine);
       - NaN or +-Infinity anywhere (Python's JSON parser, and vLLM's, accept them);
       - a body nested deeper than MAX_DEPTH;
-  * the types of the standard OpenAI fields, strictly: vLLM's pydantic models are lax and take
-    `"max_tokens": "5"`, `"stream": "yes"`, `"temperature": "1"`, `"n": true`; OpenAI does not.
-    A string is not a number, a bool is not an integer, a float is not an integer; a logit_bias
-    value is a number in -100..100, as OpenAI documents (vLLM adds 1e308 to a float32 logit: +inf);
+  * the types of the standard OpenAI fields, strictly (the pydantic model `StandardFields`, and
+    `CompletionFields` for /v1/completions, where `logprobs` is an integer): vLLM's pydantic models
+    are lax and take `"max_tokens": "5"`, `"stream": "yes"`, `"temperature": "1"`, `"n": true`;
+    OpenAI does not. A string is not a number, a bool is not an integer, a float is not an
+    integer; a logit_bias value is a number in -100..100, as OpenAI documents (vLLM adds 1e308 to
+    a float32 logit: +inf);
   * what one request may queue: prompts x n (x best_of) past `VASConfig.max_sequences_per_request`
     is a 422 (the request is well-formed, but more than this server takes at once).
 
 Each rule is checked once, here; values vLLM validates correctly itself (ranges such as n >= 1,
-temperature >= 0, token ids within the vocabulary) are left to vLLM.
+temperature >= 0, token ids within the vocabulary) are left to vLLM. The walk over every value
+(`_check_values`) stays hand-written: pydantic checks the fields a model declares, not every
+string, number and nesting level of an arbitrary body (messages, tools, JSON schemas). The VAS
+fields are vas_server.params' (VASRequest), checked on the generation routes after this guard.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vas_server.http.asgi import BodyTooLarge, Receive, Send, read_body, send_error
 from vllm.exceptions import VLLMValidationError
@@ -38,19 +45,86 @@ MAX_DEPTH = 64  # JSON nesting; chat messages with content parts and a JSON sche
 INT64 = (-2**63, 2**63 - 1)
 MAX_LOGIT_BIAS = 100
 
-# The standard fields of the three routes, by the JSON type OpenAI's API gives them. A field that is
-# absent or null is left to vLLM's defaults. ("logprobs" is an integer for completions, a boolean for chat.)
-INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of", "seed", "top_k",
-                  "min_tokens", "top_logprobs", "prompt_logprobs", "truncate_prompt_tokens", "priority",
-                  "max_tool_calls")
-NUMBER_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                 "length_penalty")
-BOOLEAN_FIELDS = ("stream", "echo", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
-                  "include_stop_str_in_output", "add_special_tokens", "use_beam_search", "add_generation_prompt",
-                  "continue_final_message", "return_tokens_as_token_ids", "return_token_ids", "parallel_tool_calls",
-                  "store", "background", "include_reasoning")
-STRING_FIELDS = ("model", "user", "suffix", "instructions", "previous_response_id")
-TOKEN_LIST_FIELDS = ("stop_token_ids", "allowed_token_ids", "logprob_token_ids")
+# The types of the standard fields, OpenAI's (a `kind` is what the 400 says the field must be).
+# strict: no coercion, so a string is not a number and a bool or a float is not an integer.
+Integer = Annotated[int | None, Field(description="an integer")]
+Number = Annotated[float | None, Field(description="a number")]
+Boolean = Annotated[bool | None, Field(description="a boolean")]
+String = Annotated[str | None, Field(description="a string")]
+# Non-empty strings: vLLM refuses an empty stop string too, but its Anthropic route
+# (/v1/messages, `stop_sequences`) logs a traceback for it.
+NonEmpty = Annotated[str, Field(min_length=1)]
+Stop = Annotated[NonEmpty | list[NonEmpty] | None,
+                 Field(description="a non-empty string or a list of non-empty strings")]
+TokenList = Annotated[list[int] | None, Field(description="a list of integers")]
+# OpenAI documents -100..100; vLLM takes any float, and 1e308 becomes an infinite logit.
+LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None,
+                      Field(description=f"an object mapping token ids to numbers in "
+                                        f"-{MAX_LOGIT_BIAS}..{MAX_LOGIT_BIAS}")]
+
+
+class StandardFields(BaseModel):
+    """The standard fields of the generation routes, by the JSON type OpenAI's API gives them; any
+    route's body is checked against them. A field that is absent or null is left to vLLM's
+    defaults, and every other field to vLLM (extra="ignore": nothing is copied). Only the types:
+    ranges vLLM checks itself are vLLM's."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    max_tokens: Integer = None
+    max_completion_tokens: Integer = None
+    max_output_tokens: Integer = None
+    n: Integer = None
+    best_of: Integer = None
+    seed: Integer = None
+    top_k: Integer = None
+    min_tokens: Integer = None
+    top_logprobs: Integer = None
+    prompt_logprobs: Integer = None
+    truncate_prompt_tokens: Integer = None
+    priority: Integer = None
+    max_tool_calls: Integer = None
+    temperature: Number = None
+    top_p: Number = None
+    min_p: Number = None
+    presence_penalty: Number = None
+    frequency_penalty: Number = None
+    repetition_penalty: Number = None
+    length_penalty: Number = None
+    stream: Boolean = None
+    echo: Boolean = None
+    ignore_eos: Boolean = None
+    skip_special_tokens: Boolean = None
+    spaces_between_special_tokens: Boolean = None
+    include_stop_str_in_output: Boolean = None
+    add_special_tokens: Boolean = None
+    use_beam_search: Boolean = None
+    add_generation_prompt: Boolean = None
+    continue_final_message: Boolean = None
+    return_tokens_as_token_ids: Boolean = None
+    return_token_ids: Boolean = None
+    parallel_tool_calls: Boolean = None
+    store: Boolean = None
+    background: Boolean = None
+    include_reasoning: Boolean = None
+    model: String = None
+    user: String = None
+    suffix: String = None
+    instructions: String = None
+    previous_response_id: String = None
+    stop: Stop = None
+    stop_sequences: Stop = None
+    stop_token_ids: TokenList = None
+    allowed_token_ids: TokenList = None
+    logprob_token_ids: TokenList = None
+    logit_bias: LogitBias = None
+    logprobs: Boolean = None  # chat (and every route but completions): whether to return them
+
+
+class CompletionFields(StandardFields):
+    logprobs: Integer = None  # completions: how many per token
+
+
 COMPLETIONS = "/v1/completions"
 
 
@@ -67,8 +141,8 @@ async def guard_body(path: str, steerable_paths: tuple[str, ...], max_bytes: int
                      receive: Receive, send: Send) -> tuple[bytes, Any] | None:
     """Read and check a JSON POST's body: (body, parsed JSON or None), or None when the request
     was refused here (answered with vLLM's error body). An empty body on a route that does not
-    steer passes, as vLLM's business. A route that does not steer (`steerable` False) refuses
-    `vas_*` fields, so that no answer is silently unsteered."""
+    steer (one not in `steerable_paths`) passes, as vLLM's business; such a route refuses `vas_*`
+    fields, so that no answer is silently unsteered."""
     try:
         body = await read_body(receive, max_bytes)
     except BodyTooLarge:
@@ -101,37 +175,17 @@ def check_request(path: str, body: Any, max_sequences: int) -> None:
         # answer some of these in FastAPI's own shape ({"detail": ...}), not OpenAI's.
         raise RequestRejected("body", "the request body must be a JSON object (UTF-8)")
     _check_values(body)
-    for field in INTEGER_FIELDS + ("logprobs",) * (path == COMPLETIONS):
-        _check_type(body, field, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
-    for field in NUMBER_FIELDS:
-        _check_type(body, field, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool))
-    for field in BOOLEAN_FIELDS + ("logprobs",) * (path != COMPLETIONS):
-        _check_type(body, field, "a boolean", lambda v: isinstance(v, bool))
-    for field in STRING_FIELDS:
-        _check_type(body, field, "a string", lambda v: isinstance(v, str))
-    # Non-empty strings: vLLM refuses an empty stop string too, but its Anthropic route
-    # (/v1/messages, `stop_sequences`) logs a traceback for it.
-    for field in ("stop", "stop_sequences"):
-        _check_type(body, field, "a non-empty string or a list of non-empty strings",
-                    lambda v: isinstance(v, str) and v != "" or isinstance(v, list)
-                    and all(isinstance(s, str) and s != "" for s in v))
-    for field in TOKEN_LIST_FIELDS:
-        _check_type(body, field, "a list of integers",
-                    lambda v: isinstance(v, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in v))
-    # OpenAI documents -100..100; vLLM takes any float, and 1e308 becomes an infinite logit.
-    _check_type(body, "logit_bias", f"an object mapping token ids to numbers in -{MAX_LOGIT_BIAS}..{MAX_LOGIT_BIAS}",
-                lambda v: isinstance(v, dict) and all(isinstance(b, (int, float)) and not isinstance(b, bool)
-                                                      and abs(b) <= MAX_LOGIT_BIAS for b in v.values()))
+    fields = CompletionFields if path == COMPLETIONS else StandardFields
+    try:
+        fields.model_validate(body)
+    except ValidationError as e:  # the first field refused, in the model's order; its own message
+        field = str(e.errors(include_url=False, include_context=False)[0]["loc"][0])
+        raise RequestRejected(field, f"{field} must be {fields.model_fields[field].description}, "
+                                     f"got {_describe(body[field])}") from None
     sequences = _num_prompts(body) * max(_count(body, "n"), _count(body, "best_of"))
     if sequences > max_sequences:
         raise RequestRejected("n", f"this request asks for {sequences} sequences (prompts x n); this server takes "
                                    f"at most {max_sequences} per request", 422)
-
-
-def _check_type(body: dict, field: str, kind: str, ok) -> None:
-    value = body.get(field)
-    if value is not None and not ok(value):
-        raise RequestRejected(field, f"{field} must be {kind}, got {_describe(value)}")
 
 
 def _check_values(body: Any) -> None:

@@ -13,7 +13,6 @@ generation routes, STEERABLE_PATHS):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -82,7 +81,8 @@ def steer_request(server: ServerView, payload: dict, body: bytes) -> SteeredRequ
         if payload.get("prompt_embeds") is not None:  # the value runtime needs token ids
             raise VASParamError("prompt_embeds", "steering needs the prompt as text or token ids, "
                                                  "not prompt_embeds")
-        request = dataclasses.replace(request, top_k=server.config.top_k_for(request, server.heads))
+        # model_copy does not validate again: top_k_for gives a top-K in range.
+        request = request.model_copy(update={"top_k": server.config.top_k_for(request, server.heads)})
         xargs.update(admitted(request))
         report = request.report()
     if xargs or given is not None:
