@@ -84,27 +84,39 @@ def test_rows_only_run_the_trunks_they_use(tiny_base, value_models):
     assert int(runtime.scorers[1].cached[slot]) == 3
 
 
+def _draft_runtime(tiny_base, value_models, max_requests: int):
+    """A runtime of the "prefix" and "alone" models (state and token heads), and their uncached
+    references by name."""
+    names = ["prefix", "alone"]
+    models = [load_value_model(value_models[n], tiny_base, name=n) for n in names]
+    refs = {n: ReferenceValueModel(value_models[n], str(tiny_base)) for n in names}
+    return ValueRuntime(models, max_requests=max_requests, max_len=128, device="cpu", dtype=torch.float32), refs
+
+
+def _assert_reference_values(runtime, refs, values, prefix, candidates, heads, where=()):
+    """values [n_heads, K] of `candidates` after `prefix` equal the reference's, for `heads`."""
+    for g, head in enumerate(runtime.head_names):
+        if g in heads:
+            owner = next(r for r in refs.values() if head in r.heads)
+            want = owner.values(head, prefix, candidates)
+            assert torch.allclose(values[g], want, atol=1e-4, rtol=0), (*where, head, prefix)
+
+
 def test_drafted_positions_score_as_if_committed_and_only_accepted_ones_stay(tiny_base, value_models,
                                                                             cache_growth):
     """score_draft: position i's candidates valued after the prompt and the first i - 1 drafted
     tokens, in one pass; commit_draft keeps the accepted ones, and later steps see exactly the
     accepted tokens (a rejected drafted token never enters the cache)."""
-    names = ["prefix", "alone"]
-    models = [load_value_model(value_models[n], tiny_base, name=n) for n in names]
-    refs = {n: ReferenceValueModel(value_models[n], str(tiny_base)) for n in names}
-    runtime = ValueRuntime(models, max_requests=2, max_len=128, device="cpu", dtype=torch.float32)
+    runtime, refs = _draft_runtime(tiny_base, value_models, max_requests=2)
     rng = random.Random(1)
-    vocab = models[0].trunk.config.vocab_size
+    vocab = runtime.scorers[0].trunk.config.vocab_size
     all_heads = frozenset(range(len(runtime.head_names)))
     K, n = 5, 4
     runtime.allocate()  # slot 0 taken: the row's slot is not the first
     row = ScoredRequest(runtime.allocate(), [rng.randrange(vocab) for _ in range(7)], [], all_heads)
 
     def check(values, prefix, candidates):
-        for g, head in enumerate(runtime.head_names):
-            owner = next(r for r in refs.values() if head in r.heads)
-            want = owner.values(head, prefix, candidates)
-            assert torch.allclose(values[g], want, atol=1e-4, rtol=0), (head, prefix)
+        _assert_reference_values(runtime, refs, values, prefix, candidates, all_heads)
 
     for accepted in (2, 0, 3):
         runtime.advance([row])
@@ -123,12 +135,9 @@ def test_drafts_of_several_rows_score_in_one_batch_as_each_alone(tiny_base, valu
     """score_drafts: rows with different prompt lengths, draft lengths and K, in one batch (one
     forward per trunk), give each row's values as score_draft of that row alone would, against
     the uncached reference; then commit_draft keeps each row's accepted tokens."""
-    names = ["prefix", "alone"]
-    models = [load_value_model(value_models[n], tiny_base, name=n) for n in names]
-    refs = {n: ReferenceValueModel(value_models[n], str(tiny_base)) for n in names}
-    runtime = ValueRuntime(models, max_requests=4, max_len=128, device="cpu", dtype=torch.float32)
+    runtime, refs = _draft_runtime(tiny_base, value_models, max_requests=4)
     rng = random.Random(2)
-    vocab = models[0].trunk.config.vocab_size
+    vocab = runtime.scorers[0].trunk.config.vocab_size
     all_heads = frozenset(range(len(runtime.head_names)))
     only_alone = frozenset([runtime.head_index["s3"]])
     rows = [ScoredRequest(runtime.allocate(), [rng.randrange(vocab) for _ in range(p)], [], heads)
@@ -142,20 +151,13 @@ def test_drafts_of_several_rows_score_in_one_batch_as_each_alone(tiny_base, valu
         for b, row in enumerate(rows):
             assert values[b].shape == (shapes[b][0], len(runtime.head_names), shapes[b][1])
             for i in range(shapes[b][0]):
-                for g, head in enumerate(runtime.head_names):
-                    if g not in row.heads:
-                        continue
-                    owner = next(r for r in refs.values() if head in r.heads)
-                    want = owner.values(head, row.prompt + row.outputs + drafts[b][:i], candidates[b][i].tolist())
-                    assert torch.allclose(values[b][i, g], want, atol=1e-4, rtol=0), (round_, b, i, head)
+                _assert_reference_values(runtime, refs, values[b][i], row.prompt + row.outputs + drafts[b][:i],
+                                         candidates[b][i].tolist(), row.heads, (round_, b, i))
         for b, row in enumerate(rows):
             runtime.commit_draft(row, accepted[b])
             row.outputs += drafts[b][:accepted[b]] + [rng.randrange(vocab)]
     candidates = torch.tensor([[rng.randrange(vocab) for _ in range(4)] for _ in rows])
     values = runtime.score(rows, candidates)
     for b, row in enumerate(rows):
-        for g, head in enumerate(runtime.head_names):
-            if g in row.heads:
-                owner = next(r for r in refs.values() if head in r.heads)
-                want = owner.values(head, row.prompt + row.outputs, candidates[b].tolist())
-                assert torch.allclose(values[b, g], want, atol=1e-4, rtol=0), (b, head)
+        _assert_reference_values(runtime, refs, values[b], row.prompt + row.outputs, candidates[b].tolist(),
+                                 row.heads, (b,))
