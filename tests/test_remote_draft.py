@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from test_remote_sampling import LOWER, RAISE, goodness_of_fit_p
-from vas_server.remote.draft import DraftLength, drafts_at, verify
+from vas_server.remote.draft import DraftLength, RoundCost, drafts_at, expected_tokens, verify
 from vas_server.remote.sampling import steered_step
 from vas_server.remote.upstream import Draw
 
@@ -201,3 +201,42 @@ def test_the_draft_length_follows_acceptance_within_its_cap():
     length.observe(1000, 0)
     assert length.next() == 1
     assert DraftLength(1).next() == 1 and DraftLength(5, adaptive=False).next() == 5
+
+
+def test_expected_tokens_per_round_is_the_simulated_mean():
+    generator = torch.Generator().manual_seed(0)
+    for a, n in [(0.6, 1), (0.6, 3), (0.9, 8), (1.0, 5)]:
+        accepted = torch.rand(200_000, n, generator=generator, dtype=torch.float64) < a
+        run = accepted.long().cumprod(1).sum(1)  # accepted drafted tokens before the first rejection
+        emitted = torch.where(run < n, run + 1, run).double()  # + the residual's token at a rejection
+        assert abs(float(emitted.mean()) - expected_tokens(a, n)) < 4 * float(emitted.std()) / 200_000 ** 0.5 + 1e-9
+
+
+def test_the_round_cost_is_fitted_from_the_rounds_lengths_and_times():
+    cost = RoundCost()
+    for _ in range(20):
+        cost.observe(8, 0.05 + 8 * 0.07)
+    assert cost.line() is None  # one length only: no slope
+    for n in (1, 3, 5, 8, 2, 8):
+        cost.observe(n, 0.05 + n * 0.07)
+    fixed, per_token = cost.line()
+    assert abs(fixed - 0.05) < 1e-9 and abs(per_token - 0.07) < 1e-9
+
+
+@pytest.mark.parametrize("fixed, per_token, acceptance", [(0.05, 0.0, 0.6), (0.2, 0.07, 0.59), (0.2, 0.07, 0.75),
+                                                          (0.06, 0.01, 0.75), (0.05, 0.2, 0.9), (0.05, 0.2, 0.5)])
+def test_the_draft_length_maximises_tokens_per_second_given_the_round_cost(fixed, per_token, acceptance):
+    cost = RoundCost()
+    for n in (1, 2, 4, 8, 8, 3):
+        cost.observe(n, fixed + n * per_token)
+    length = DraftLength(8, cost=cost)
+    length.observe(10_000, round(10_000 * acceptance))
+    rate = {n: expected_tokens(acceptance, n) / (fixed + per_token * n) for n in range(1, 9)}
+    best = max(rate, key=rate.get)
+    second = max((r for n, r in rate.items() if n != best))
+    assert rate[best] > 1.001 * second  # no near-tie between lengths in these cases
+    assert length.next() == best
+    if per_token == 0:
+        assert best == 8  # free drafted tokens: the cap
+    if per_token > fixed and acceptance <= 0.5:
+        assert best == 1  # drafted tokens dearer than a call, half rejected: one token per call

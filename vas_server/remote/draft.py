@@ -133,26 +133,88 @@ async def verify(draft: list[Draw], k: int, bonuses: list[torch.Tensor | None], 
     return steps, len(draft)
 
 
-class DraftLength:
-    """A request's draft length, adapted to its observed acceptance: with acceptance rate a an
-    unbounded draft emits 1 / (1 - a) tokens on average (the accepted run, a / (1 - a), and the
-    residual token at the rejection), so the next draft asks that many, rounded, within [1, cap].
-    a is estimated as (accepted + 1) / (drafted + 2); the first draft, before any observation,
-    asks `cap` (unsteered and lightly steered requests accept most drafted tokens). `adaptive`
-    False: always `cap`."""
+def expected_tokens(acceptance: float, n: int) -> float:
+    """Tokens one round of an n-token draft emits on average when each drafted position is
+    accepted with probability `acceptance` given the ones before it: (1 - a^n) / (1 - a).
 
-    def __init__(self, cap: int, adaptive: bool = True):
+    Proof: the round emits its accepted run and then, at a rejection, one more token (the
+    residual's), so it emits at least j tokens (1 <= j <= n) iff the first j - 1 positions were
+    accepted, with probability a^(j-1); the mean is sum_{j=1..n} a^(j-1) = (1 - a^n) / (1 - a)
+    (n at a = 1)."""
+    if acceptance >= 1:
+        return float(n)
+    return (1 - acceptance ** n) / (1 - acceptance)
+
+
+class RoundCost:
+    """What a drafted round costs the stream that makes it, learned from this server's rounds:
+    seconds(n) = fixed + per_token * n, a line fitted by least squares to the rounds' (drafted
+    tokens, wall time from the upstream call to the verified tokens), each round's weight decaying
+    by DECAY per later round (the upstream's load moves). `fixed` is the network's round trip and
+    the upstream's and this server's cost per call; `per_token` the upstream's decoding of one
+    more drafted token plus its scoring here. One instance per upstream: every request shares it.
+
+    The fit needs rounds of at least two lengths (`line` is None until then); each request's
+    first draft asks the cap before its acceptance is known, and the last round of a request is
+    cut to its remaining tokens, so lengths vary without exploring on purpose."""
+
+    DECAY = 0.98  # a round's weight halves after ~34 later rounds
+    MIN_SPREAD = 0.25  # the weighted variance of n below which the slope is not trusted
+
+    def __init__(self):
+        self.w = self.wn = self.wnn = self.wt = self.wnt = 0.0
+
+    def observe(self, n: int, seconds: float) -> None:
+        d = self.DECAY
+        self.w, self.wn, self.wnn = d * self.w + 1, d * self.wn + n, d * self.wnn + n * n
+        self.wt, self.wnt = d * self.wt + seconds, d * self.wnt + n * seconds
+
+    def line(self) -> tuple[float, float] | None:
+        """(fixed, per_token) seconds, both >= 0 and fixed > 0, or None while the lengths seen
+        do not spread enough to give a slope."""
+        if not self.w:
+            return None
+        mean_n, mean_t = self.wn / self.w, self.wt / self.w
+        spread = self.wnn / self.w - mean_n ** 2
+        if spread < self.MIN_SPREAD:
+            return None
+        per_token = max(0.0, (self.wnt / self.w - mean_n * mean_t) / spread)
+        return max(1e-6, mean_t - per_token * mean_n), per_token
+
+
+class DraftLength:
+    """A request's draft length, from its observed acceptance and the rounds' cost.
+
+    With acceptance a per drafted position, a round of n emits E(n) = (1 - a^n) / (1 - a) tokens
+    (`expected_tokens`) and costs fixed + per_token * n seconds (`RoundCost`). Rounds follow each
+    other, so the stream's tokens per second are E(n) / seconds(n) (renewal-reward): the next
+    draft asks the n in [1, cap] that maximises it. A long draft pays when drafted tokens are cheap
+    next to a call (a GPU upstream far away: per_token << fixed); when they cost as much as a
+    call (an upstream decoding on a busy CPU) and acceptance is low, n = 1 wins: one token per
+    call, as without drafting. While the cost is not yet known, the draft asks 1 / (1 - a), E's limit for an unbounded draft.
+
+    a is estimated as (accepted + 1) / (verified + 2) (the posterior mean under a uniform prior),
+    counting the verified positions: the accepted ones and the one rejected, not the dropped rest.
+    The first draft, before any observation, asks `cap` (unsteered and lightly steered requests
+    accept most drafted tokens). `adaptive` False: always `cap`."""
+
+    def __init__(self, cap: int, adaptive: bool = True, cost: RoundCost | None = None):
         self.cap = max(1, cap)
         self.adaptive = adaptive
-        self.drafted = 0
+        self.cost = cost
+        self.verified = 0
         self.accepted = 0
 
     def next(self) -> int:
-        if not self.adaptive or not self.drafted:
+        if not self.adaptive or not self.verified:
             return self.cap
-        a = (self.accepted + 1) / (self.drafted + 2)
-        return max(1, min(self.cap, round(1 / (1 - a))))
+        a = (self.accepted + 1) / (self.verified + 2)
+        line = self.cost.line() if self.cost is not None else None
+        if line is None:
+            return max(1, min(self.cap, round(1 / (1 - a))))
+        fixed, per_token = line
+        return max(range(1, self.cap + 1), key=lambda n: expected_tokens(a, n) / (fixed + per_token * n))
 
-    def observe(self, drafted: int, accepted: int) -> None:
-        self.drafted += drafted
+    def observe(self, verified: int, accepted: int) -> None:
+        self.verified += verified
         self.accepted += accepted

@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from http import HTTPStatus
+import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,7 +38,7 @@ import torch
 
 from vllm.exceptions import GracefulHTTPError, VLLMValidationError
 from vllm.logger import init_logger
-from vllm.sampling_params import SamplingType
+from vllm.sampling_params import SamplingParams, SamplingType
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, FinishReason
 from vllm.v1.outputs import LogprobsLists
 
@@ -44,7 +46,7 @@ from vas_server.config import VASConfig
 from vas_server.core import rule
 from vas_server.core.value_runtime import ScoredRequest, ValueRuntime
 from vas_server.params import VASRequest
-from vas_server.remote.draft import DraftLength, drafts_at, verify
+from vas_server.remote.draft import DraftLength, RoundCost, drafts_at, verify
 from vas_server.remote.sampling import Step, steered_step
 from vas_server.remote.scoring import BatchedScorer
 from vas_server.remote.upstream import Draw, Upstream, UpstreamError
@@ -64,6 +66,7 @@ class RemoteEngineCore:
         self.accepted = 0
         self.wasted = 0
         self.draft_rounds = 0
+        self.round_cost = RoundCost()  # one upstream: every request's draft length reads the same cost
         self.runtime = runtime
         self.scorer = BatchedScorer(runtime)
         self.config = config
@@ -103,7 +106,9 @@ class RemoteEngineCore:
 
     def stats(self) -> dict[str, float]:
         """Remote mode's counters (GET /metrics, vas_server.http.metrics.WORKER_METRICS)."""
-        return {"remote_tokens": self.tokens, "remote_upstream_calls": self.upstream.calls,
+        fixed, per_token = self.round_cost.line() or (0.0, 0.0)
+        return {"remote_round_fixed_seconds": fixed, "remote_round_token_seconds": per_token,
+                "remote_tokens": self.tokens, "remote_upstream_calls": self.upstream.calls,
                 "remote_calls_per_token": self.upstream.calls / self.tokens if self.tokens else 0.0,
                 "remote_drafted_tokens": self.drafted, "remote_accepted_tokens": self.accepted,
                 "remote_wasted_tokens": self.wasted,
@@ -121,108 +126,25 @@ class RemoteEngineCore:
             task.cancel()
         self.scorer.shutdown()
         logger.info("remote-base totals: %d tokens, %d upstream calls (%.3f per token), %d value batches of %d rows, "
-                    "%d capped steps; %d drafts of %d tokens, %d accepted (%.1f%%), %d wasted",
+                    "%d capped steps; %d drafts of %d tokens, %d accepted (%.1f%%), %d wasted; a round costs "
+                    "%.1f ms + %.1f ms per drafted token (as fitted last)",
                     self.tokens, self.upstream.calls, self.upstream.calls / max(1, self.tokens), self.scorer.batches,
                     self.scorer.rows, self.capped_steps, self.draft_rounds, self.drafted, self.accepted,
-                    100 * self.accepted / max(1, self.drafted), self.wasted)
-
-    async def _step(self, row, first: Draw, advancing, top_k, weight_vector, heads, temperature, restrict, generator,
-                    context) -> Step:
-        """One token from one draw (no drafting): sampling.steered_step."""
-        candidates = [t for t, _ in first.top[:top_k]]
-
-        def redraw(banned: bool):
-            return self.upstream.draw(context, 1, temperature=temperature, seed=_seed(generator),
-                                      banned=candidates if banned else ())
-
-        bonus = None
-        if heads:
-            if advancing is not None:
-                await advancing
-            values = await self.scorer.values(row, candidates)
-            bonus = rule.bonus(values[None], weight_vector)[0]
-        return await steered_step(first, top_k, bonus, temperature, restrict, generator, redraw)
-
-    async def _verify(self, row, positions: list[Draw], advancing, top_k, weight_vector, heads, temperature, restrict,
-                      generator, context) -> tuple[list[Step], int]:
-        """The tokens of one drafted round: its positions scored in one pass, then draft.verify."""
-        candidates = [[t for t, _ in at.top[:top_k]] for at in positions]
-        bonuses = [None] * len(positions)
-        if heads:
-            if advancing is not None:
-                await advancing
-            values = await self.scorer.draft_values(row, [at.token for at in positions[:-1]], candidates)
-            bonuses = [rule.bonus(values[i:i + 1, :, :len(c)], weight_vector)[0] for i, c in enumerate(candidates)]
-
-        def tail_draw(i: int):
-            prefix = context + [at.token for at in positions[:i]]
-            return self.upstream.draw(prefix, 1, temperature=temperature, seed=_seed(generator), banned=candidates[i])
-
-        return await verify(positions, top_k, bonuses, temperature, restrict, generator, tail_draw)
+                    100 * self.accepted / max(1, self.drafted), self.wasted,
+                    *(1e3 * x for x in self.round_cost.line() or (0.0, 0.0)))
 
     async def _decode(self, request: EngineCoreRequest, steering: VASRequest) -> None:
-        params = request.sampling_params
-        weights = steering.weights
-        top_k = self.config.top_k_for(steering, self.heads)  # unsteered too: the candidates of an exact draw
-        stop_ids = set(params.stop_token_ids or ())  # vLLM's check_stop: these, and eos unless ignore_eos
-        generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed() % 2**31)
-        temperature = 0.0 if params.sampling_type == SamplingType.GREEDY else params.temperature
-        heads = frozenset(self.runtime.head_index[name] for name in weights)
-        weight_vector = rule.weight_vector(weights, self.runtime.head_index)[None]
-        asked = max(top_k, params.logprobs or 0)  # the candidates, and the top log-probs the client wants
-        drafting = self.draft_cap > 1 and drafts_at(temperature)
-        length = DraftLength(self.draft_cap, self.draft_adaptive)
+        """The request's token loop: rounds until eos, a stop token or max_tokens, each round's
+        tokens to AsyncLLM as one EngineCoreOutput; a failure ends the request with its status."""
         slot = None
         try:
-            if heads and self.runtime.needs_slot(heads):
+            if steering.weights and self.runtime.needs_slot(self._head_ids(steering)):
                 slot = await self.scorer.allocate()  # waits while every value-cache slot is taken
-            row = ScoredRequest(slot, list(request.prompt_token_ids), [], heads)
-            generated, commit = 0, None
-            while generated < params.max_tokens:
-                context = row.prompt + row.outputs
-                # The value trunks take the last tokens (the prompt, at first) while the upstream
-                # computes, after keeping the accepted drafted tokens of the last round.
-                advancing = self.scorer.advance(row, commit) if slot is not None else None
-                commit = None
-                if drafting:
-                    n = min(length.next(), params.max_tokens - generated)
-                    positions = await self.upstream.draft(context, n, asked, temperature=temperature,
-                                                          seed=_seed(generator), ignore_eos=params.ignore_eos)
-                    steps, accepted = await self._verify(row, positions, advancing, top_k, weight_vector, heads,
-                                                         temperature, steering.restrict_to_top_k, generator, context)
-                    # The positions verified: the accepted ones and the one rejected, if any (not the
-                    # dropped rest, which says nothing about acceptance).
-                    length.observe(accepted + (accepted < len(positions)), accepted)
-                    self.draft_rounds += 1
-                    self.drafted += len(positions)
-                    self.accepted += accepted
-                    self.wasted += len(positions) - accepted
-                    commit = min(accepted, len(positions) - 1)  # the drafted tokens the value trunks saw
-                else:
-                    first = await self.upstream.draw(context, asked, temperature=temperature, seed=_seed(generator))
-                    steps, positions = [await self._step(row, first, advancing, top_k, weight_vector, heads,
-                                                         temperature, steering.restrict_to_top_k, generator,
-                                                         context)], [first]
-                finished, stop_reason, emitted = None, None, []
-                for chosen in steps:
-                    emitted.append(chosen)
-                    generated += 1
-                    if chosen.token == params.eos_token_id:
-                        finished = FinishReason.STOP
-                    elif chosen.token in stop_ids:
-                        finished, stop_reason = FinishReason.STOP, chosen.token
-                    elif generated == params.max_tokens:
-                        finished = FinishReason.LENGTH
-                    if finished is not None:
-                        break
-                row.outputs.extend(chosen.token for chosen in emitted)
-                self.tokens += len(emitted)
-                self.capped_steps += sum(chosen.capped for chosen in emitted)
-                self.outputs.put_nowait(EngineCoreOutput(
-                    request.request_id, [chosen.token for chosen in emitted], finish_reason=finished,
-                    stop_reason=stop_reason,
-                    new_logprobs=None if params.logprobs is None else _logprobs(emitted, positions, params.logprobs)))
-                if finished is not None:
+            decoding = self._decoding(request, steering, slot)
+            commit = None
+            while decoding.generated < decoding.params.max_tokens:
+                steps, positions, commit = await self._round(decoding, commit)
+                if self._emit(decoding, steps, positions):
                     return
         except UpstreamError as e:
             # The client gets the upstream's failure as its status (502/503/504) and message.
@@ -234,6 +156,127 @@ class RemoteEngineCore:
         finally:
             self.loops.pop(request.request_id, None)
             self.scorer.release(slot)
+
+    def _head_ids(self, steering: VASRequest) -> frozenset[int]:
+        return frozenset(self.runtime.head_index[name] for name in steering.weights)
+
+    def _decoding(self, request: EngineCoreRequest, steering: VASRequest, slot: int | None) -> "Decoding":
+        params = request.sampling_params
+        top_k = self.config.top_k_for(steering, self.heads)  # unsteered too: the candidates of an exact draw
+        temperature = 0.0 if params.sampling_type == SamplingType.GREEDY else params.temperature
+        drafting = self.draft_cap > 1 and drafts_at(temperature)
+        return Decoding(
+            request_id=request.request_id, params=params, top_k=top_k,
+            asked=max(top_k, params.logprobs or 0),  # the candidates, and the top log-probs the client wants
+            temperature=temperature, restrict=steering.restrict_to_top_k, head_ids=self._head_ids(steering),
+            weight_vector=rule.weight_vector(steering.weights, self.runtime.head_index)[None],
+            stop_ids=set(params.stop_token_ids or ()),  # vLLM's check_stop: these, and eos unless ignore_eos
+            generator=torch.Generator().manual_seed(params.seed if params.seed is not None
+                                                    else torch.seed() % 2**31),
+            row=ScoredRequest(slot, list(request.prompt_token_ids), [], self._head_ids(steering)),
+            length=DraftLength(self.draft_cap, self.draft_adaptive, self.round_cost) if drafting else None)
+
+    async def _round(self, d: "Decoding", commit: int | None) -> tuple[list[Step], list[Draw], int | None]:
+        """One round: the tokens to emit, the positions they were drawn at, and how many drafted
+        tokens the value trunks saw that the next round's advance commits (None: not a draft)."""
+        context = d.row.prompt + d.row.outputs
+        # The value trunks take the last tokens (the prompt, at first) while the upstream
+        # computes, after keeping the accepted drafted tokens of the last round.
+        advancing = self.scorer.advance(d.row, commit) if d.row.slot is not None else None
+        if d.length is None:
+            first = await self.upstream.draw(context, d.asked, temperature=d.temperature, seed=_seed(d.generator))
+            return [await self._step(d, first, advancing, context)], [first], None
+        started = time.perf_counter()
+        n = min(d.length.next(), d.params.max_tokens - d.generated)
+        positions = await self.upstream.draft(context, n, d.asked, temperature=d.temperature,
+                                              seed=_seed(d.generator), ignore_eos=d.params.ignore_eos)
+        steps, accepted = await self._verify(d, positions, advancing, context)
+        self.round_cost.observe(len(positions), time.perf_counter() - started)
+        # The positions verified: the accepted ones and the one rejected, if any (not the dropped
+        # rest, which says nothing about acceptance).
+        d.length.observe(accepted + (accepted < len(positions)), accepted)
+        self.draft_rounds += 1
+        self.drafted += len(positions)
+        self.accepted += accepted
+        self.wasted += len(positions) - accepted
+        return steps, positions, min(accepted, len(positions) - 1)  # the drafted tokens the trunks saw
+
+    def _emit(self, d: "Decoding", steps: list[Step], positions: list[Draw]) -> bool:
+        """Send the round's tokens, cut at eos, a stop token or max_tokens; whether that finished it."""
+        params = d.params
+        finished, stop_reason, emitted = None, None, []
+        for chosen in steps:
+            emitted.append(chosen)
+            d.generated += 1
+            if chosen.token == params.eos_token_id:
+                finished = FinishReason.STOP
+            elif chosen.token in d.stop_ids:
+                finished, stop_reason = FinishReason.STOP, chosen.token
+            elif d.generated == params.max_tokens:
+                finished = FinishReason.LENGTH
+            if finished is not None:
+                break
+        d.row.outputs.extend(chosen.token for chosen in emitted)
+        self.tokens += len(emitted)
+        self.capped_steps += sum(chosen.capped for chosen in emitted)
+        self.outputs.put_nowait(EngineCoreOutput(
+            d.request_id, [chosen.token for chosen in emitted], finish_reason=finished, stop_reason=stop_reason,
+            new_logprobs=None if params.logprobs is None else _logprobs(emitted, positions, params.logprobs)))
+        return finished is not None
+
+    async def _step(self, d: "Decoding", first: Draw, advancing, context: list[int]) -> Step:
+        """One token from one draw (no drafting): sampling.steered_step."""
+        candidates = [t for t, _ in first.top[:d.top_k]]
+
+        def redraw(banned: bool):
+            return self.upstream.draw(context, 1, temperature=d.temperature, seed=_seed(d.generator),
+                                      banned=candidates if banned else ())
+
+        bonus = None
+        if d.head_ids:
+            if advancing is not None:
+                await advancing
+            values = await self.scorer.values(d.row, candidates)
+            bonus = rule.bonus(values[None], d.weight_vector)[0]
+        return await steered_step(first, d.top_k, bonus, d.temperature, d.restrict, d.generator, redraw)
+
+    async def _verify(self, d: "Decoding", positions: list[Draw], advancing,
+                      context: list[int]) -> tuple[list[Step], int]:
+        """The tokens of one drafted round: its positions scored in one pass, then draft.verify."""
+        candidates = [[t for t, _ in at.top[:d.top_k]] for at in positions]
+        bonuses = [None] * len(positions)
+        if d.head_ids:
+            if advancing is not None:
+                await advancing
+            values = await self.scorer.draft_values(d.row, [at.token for at in positions[:-1]], candidates)
+            bonuses = [rule.bonus(values[i:i + 1, :, :len(c)], d.weight_vector)[0] for i, c in enumerate(candidates)]
+
+        def tail_draw(i: int):
+            prefix = context + [at.token for at in positions[:i]]
+            return self.upstream.draw(prefix, 1, temperature=d.temperature, seed=_seed(d.generator),
+                                      banned=candidates[i])
+
+        return await verify(positions, d.top_k, bonuses, d.temperature, d.restrict, d.generator, tail_draw)
+
+
+@dataclass(eq=False)
+class Decoding:
+    """One request's token loop: its settings, fixed at the start, and its progress (`row`'s
+    outputs, `generated`, the draft length's observations)."""
+
+    request_id: str
+    params: SamplingParams
+    top_k: int  # the candidates C
+    asked: int  # log-probs asked of the upstream per position: C, and the client's top log-probs
+    temperature: float  # 0: greedy
+    restrict: bool  # vas_restrict_to_top_k
+    head_ids: frozenset[int]  # the steering heads (indices into the runtime's heads)
+    weight_vector: torch.Tensor  # [1, n_heads]
+    stop_ids: set[int]
+    generator: torch.Generator  # every random choice of the loop, seeded by the request's seed
+    row: ScoredRequest  # what the value runtime reads: slot (None: no cached heads), prompt, outputs
+    length: DraftLength | None  # None: one token per call
+    generated: int = 0
 
 
 def _logprobs(emitted: list[Step], positions: list[Draw], n: int) -> LogprobsLists:
