@@ -22,6 +22,7 @@ row; one warm-up request between the idle RSS and the first row), and logs the v
 
     python benchmarks/remote_latency.py [--upstream fake|vllm] [--latency-ms 50] [--concurrency 1 8 32]
                                         [--tokens 32] [--draft 8 1] [--weight 0 1 2 4] [--temperature 0 1]
+                                        [--rounds 1]
                                         [--out benchmarks/results/remote_latency.json]
 
 Prints a table and writes JSON. Run it alone on the machine.
@@ -35,6 +36,7 @@ import json
 import math
 import re
 import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -122,10 +124,25 @@ def draft_counters(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     counters = {}
     for key, name in (("drafted", "vas_remote_drafted_tokens"), ("accepted", "vas_remote_accepted_tokens"),
-                      ("wasted", "vas_remote_wasted_draft_tokens"), ("tokens", "vas_remote_tokens")):
+                      ("wasted", "vas_remote_wasted_draft_tokens"), ("tokens", "vas_remote_tokens"),
+                      ("round_fixed_s", "vas_remote_draft_round_fixed_seconds"),
+                      ("round_token_s", "vas_remote_draft_round_token_seconds")):
         found = re.search(rf"^{name}(?:_total)? ([0-9.e+]+)$", text, re.M)
         counters[key] = float(found.group(1)) if found else 0.0
     return counters
+
+
+def repeated(rounds: int, concurrency: int, run) -> dict:
+    """`measure` `rounds` times, round r's stream i being request r * concurrency + i: tokens and
+    wall time summed, the per-stream tok/s and gaps the median of the rounds' (one stream: the
+    median request's)."""
+    results = [asyncio.run(measure(concurrency, lambda client, i, r=r: run(client, r * concurrency + i)))
+               for r in range(rounds)]
+    tokens, wall = sum(r["tokens"] for r in results), sum(r["wall_s"] for r in results)
+    row = {"tokens": tokens, "wall_s": wall, "total_tok_s": tokens / wall, "rounds": rounds}
+    for key in ("per_stream_tok_s", "gap_p50_ms", "gap_p99_ms"):
+        row[key] = statistics.median(r[key] for r in results)
+    return row
 
 
 def main() -> None:
@@ -139,6 +156,9 @@ def main() -> None:
                     help="the server's --remote-draft, one server each (1: one token per call)")
     ap.add_argument("--weight", type=float, nargs="+", default=[2.0], help="`positive`'s weights (0: unsteered)")
     ap.add_argument("--temperature", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="send each row's streams this many times, one after the other (round r's stream i is "
+                         "request r * concurrency + i: its prompt and seed), for more than one request per stream")
     ap.add_argument("--out", default="benchmarks/results/remote_latency.json")
     args = ap.parse_args()
     from vas_server.core.base_model import ensure_base_model
@@ -187,12 +207,12 @@ def main() -> None:
                         steering = {"vas_weights": {"positive": weight}} if weight else {}
                         for c in args.concurrency:
                             before_calls, before = calls(), draft_counters("http://127.0.0.1:8304")
-                            row = asyncio.run(measure(c, lambda client, i: stream_one(
+                            row = repeated(args.rounds, c, lambda client, i: stream_one(
                                 client, "http://127.0.0.1:8304/v1/completions", {
                                     "model": "SmolLM2-135M-Instruct", "prompt": PROMPTS[i % len(PROMPTS)],
                                     "max_tokens": args.tokens,
                                     "temperature": temperature, "seed": i, "stream": True, "ignore_eos": True,
-                                    **steering})))
+                                    **steering}))
                             after = draft_counters("http://127.0.0.1:8304")
                             row["upstream_calls"] = calls() - before_calls
                             row["calls_per_token"] = row["upstream_calls"] / row["tokens"]
@@ -201,12 +221,16 @@ def main() -> None:
                             row["wasted_draft_tokens"] = delta["wasted"]
                             row["acceptance_rate"] = delta["accepted"] / delta["drafted"] if delta["drafted"] else None
                             row["rss_mib"] = rss_mib(server.pid)
+                            # The round cost the draft length was choosing with, as fitted after the row.
+                            row["round_fixed_ms"] = 1e3 * after["round_fixed_s"]
+                            row["round_token_ms"] = 1e3 * after["round_token_s"]
                             rows[f"draft {draft}, T {temperature:g}, positive {weight:g}, {c} streams"] = row
                             acceptance = "" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.3f}"
                             print(f"draft {draft}  T {temperature:g}  positive {weight:g}  {c:>3} streams  "
                                   f"{row['per_stream_tok_s']:7.2f} tok/s per stream  {row['total_tok_s']:7.2f} total  "
                                   f"{row['calls_per_token']:.3f} calls/token  acceptance {acceptance:>5}  "
-                                  f"wasted {row['wasted_draft_tokens']:.0f}  RSS {row['rss_mib']:.0f} MiB", flush=True)
+                                  f"wasted {row['wasted_draft_tokens']:.0f}  RSS {row['rss_mib']:.0f} MiB  round "
+                                  f"{row['round_fixed_ms']:.0f} + {row['round_token_ms']:.0f} ms/token", flush=True)
             finally:
                 server.terminate()
                 server.wait(timeout=90)
@@ -221,7 +245,7 @@ def main() -> None:
             fake.shutdown()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     command = (f"python benchmarks/remote_latency.py --upstream {args.upstream} --latency-ms {args.latency_ms:g} "
-               f"--concurrency {' '.join(map(str, args.concurrency))} --tokens {args.tokens} "
+               f"--concurrency {' '.join(map(str, args.concurrency))} --tokens {args.tokens} --rounds {args.rounds} "
                f"--draft {' '.join(map(str, args.draft))} --weight {' '.join(f'{w:g}' for w in args.weight)} "
                f"--temperature {' '.join(f'{t:g}' for t in args.temperature)}")
     Path(args.out).write_text(json.dumps({"command": command, "results": rows}, indent=2) + "\n")
