@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from test_remote_sampling import LOWER, RAISE, goodness_of_fit_p
-from vas_server.remote.draft import DraftLength, RoundCost, drafts_at, expected_tokens, verify
+from vas_server.remote.draft import DraftLength, RoundCost, RoundCosts, drafts_at, expected_tokens, verify
 from vas_server.remote.sampling import steered_step
 from vas_server.remote.upstream import Draw
 
@@ -223,13 +223,30 @@ def test_the_round_cost_is_fitted_from_the_rounds_lengths_and_times():
     assert abs(fixed - 0.05) < 1e-9 and abs(per_token - 0.07) < 1e-9
 
 
+def test_the_round_cost_of_one_load_is_not_bent_by_another():
+    """Rounds at 32 requests in flight (0.1 s + 0.7 s per drafted token) and at 1 (0.2 s +
+    0.07 s), interleaved: each load's draft lengths read their own line."""
+    costs = RoundCosts()
+    for i in range(100):
+        n = 1 + i % 8
+        costs.observe(32, n, 0.1 + 0.7 * n)
+        costs.observe(1, 1 + i % 3, 0.2 + 0.07 * (1 + i % 3))
+    light, heavy = costs.line(1), costs.line(40)
+    assert abs(light[0] - 0.2) < 1e-6 and abs(light[1] - 0.07) < 1e-6
+    assert abs(heavy[0] - 0.1) < 1e-6 and abs(heavy[1] - 0.7) < 1e-6
+    assert costs.line(8) is None and costs.line() == light  # no round at 8; the last round's load
+    length = DraftLength(8, cost=costs)
+    length.observe(100, 75)
+    assert length.next(1) > length.next(32) == 1
+
+
 @pytest.mark.parametrize("fixed, per_token, acceptance", [(0.05, 0.0, 0.6), (0.2, 0.07, 0.59), (0.2, 0.07, 0.75),
                                                           (0.06, 0.01, 0.75), (0.05, 0.2, 0.9), (0.05, 0.2, 0.5)])
 def test_the_draft_length_maximises_tokens_per_second_given_the_round_cost(fixed, per_token, acceptance):
-    cost = RoundCost()
+    costs = RoundCosts()
     for n in (1, 2, 4, 8, 8, 3):
-        cost.observe(n, fixed + n * per_token)
-    length = DraftLength(8, cost=cost)
+        costs.observe(1, n, fixed + n * per_token)
+    length = DraftLength(8, cost=costs)
     length.observe(10_000, round(10_000 * acceptance))
     rate = {n: expected_tokens(acceptance, n) / (fixed + per_token * n) for n in range(1, 9)}
     best = max(rate, key=rate.get)

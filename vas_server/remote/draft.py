@@ -147,12 +147,12 @@ def expected_tokens(acceptance: float, n: int) -> float:
 
 
 class RoundCost:
-    """What a drafted round costs the stream that makes it, learned from this server's rounds:
+    """What a drafted round costs the stream that makes it, under one load of the upstream:
     seconds(n) = fixed + per_token * n, a line fitted by least squares to the rounds' (drafted
     tokens, wall time from the upstream call to the verified tokens), each round's weight decaying
-    by DECAY per later round (the upstream's load moves). `fixed` is the network's round trip and
-    the upstream's and this server's cost per call; `per_token` the upstream's decoding of one
-    more drafted token plus its scoring here. One instance per upstream: every request shares it.
+    by DECAY per later round. `fixed` is the network's round trip and the upstream's and this
+    server's cost per call; `per_token` the upstream's decoding of one more drafted token plus its
+    scoring here.
 
     The fit needs rounds of at least two lengths (`line` is None until then); each request's
     first draft asks the cap before its acceptance is known, and the last round of a request is
@@ -182,11 +182,38 @@ class RoundCost:
         return max(1e-6, mean_t - per_token * mean_n), per_token
 
 
+class RoundCosts:
+    """The round cost by load: one RoundCost per power-of-two band of requests in flight here
+    (1, 2-3, 4-7, ...). Both terms move with the upstream's load: a drafted token costs one of
+    its batch steps, and a step of 32 sequences takes longer than one of 1. One line across loads
+    would read the load's change as the length's cost (rounds under 32 streams are long and,
+    with more rejections among more requests, of every length), so each band has its own. One
+    instance per upstream: every request shares it."""
+
+    def __init__(self):
+        self.bands: dict[int, RoundCost] = {}
+        self.last_band = None
+
+    @staticmethod
+    def band(load: int) -> int:
+        return max(1, load).bit_length()
+
+    def observe(self, load: int, n: int, seconds: float) -> None:
+        self.last_band = self.band(load)
+        self.bands.setdefault(self.last_band, RoundCost()).observe(n, seconds)
+
+    def line(self, load: int | None = None) -> tuple[float, float] | None:
+        """The line at `load` requests in flight (None: at the load of the last round)."""
+        band = self.last_band if load is None else self.band(load)
+        cost = self.bands.get(band)
+        return cost.line() if cost is not None else None
+
+
 class DraftLength:
     """A request's draft length, from its observed acceptance and the rounds' cost.
 
     With acceptance a per drafted position, a round of n emits E(n) = (1 - a^n) / (1 - a) tokens
-    (`expected_tokens`) and costs fixed + per_token * n seconds (`RoundCost`). Rounds follow each
+    (`expected_tokens`) and costs fixed + per_token * n seconds (`RoundCosts`, at the current load). Rounds follow each
     other, so the stream's tokens per second are E(n) / seconds(n) (renewal-reward): the next
     draft asks the n in [1, cap] that maximises it. A long draft pays when drafted tokens are cheap
     next to a call (a GPU upstream far away: per_token << fixed); when they cost as much as a
@@ -198,18 +225,19 @@ class DraftLength:
     The first draft, before any observation, asks `cap` (unsteered and lightly steered requests
     accept most drafted tokens). `adaptive` False: always `cap`."""
 
-    def __init__(self, cap: int, adaptive: bool = True, cost: RoundCost | None = None):
+    def __init__(self, cap: int, adaptive: bool = True, cost: RoundCosts | None = None):
         self.cap = max(1, cap)
         self.adaptive = adaptive
         self.cost = cost
         self.verified = 0
         self.accepted = 0
 
-    def next(self) -> int:
+    def next(self, load: int = 1) -> int:
+        """The next draft's length, `load` requests being in flight (RoundCosts' band)."""
         if not self.adaptive or not self.verified:
             return self.cap
         a = (self.accepted + 1) / (self.verified + 2)
-        line = self.cost.line() if self.cost is not None else None
+        line = self.cost.line(load) if self.cost is not None else None
         if line is None:
             return max(1, min(self.cap, round(1 / (1 - a))))
         fixed, per_token = line
