@@ -213,12 +213,13 @@ class DraftLength:
     """A request's draft length, from its observed acceptance and the rounds' cost.
 
     With acceptance a per drafted position, a round of n emits E(n) = (1 - a^n) / (1 - a) tokens
-    (`expected_tokens`) and costs fixed + per_token * n seconds (`RoundCosts`, at the current load). Rounds follow each
-    other, so the stream's tokens per second are E(n) / seconds(n) (renewal-reward): the next
-    draft asks the n in [1, cap] that maximises it. A long draft pays when drafted tokens are cheap
+    (`expected_tokens`) and costs fixed + per_token * n seconds (`RoundCosts`, at the current
+    load). Rounds follow each other, so the stream's tokens per second are E(n) / seconds(n)
+    (renewal-reward): the next draft asks the n in [1, cap] that maximises it. A long draft pays when drafted tokens are cheap
     next to a call (a GPU upstream far away: per_token << fixed); when they cost as much as a
     call (an upstream decoding on a busy CPU) and acceptance is low, n = 1 wins: one token per
-    call, as without drafting. While the cost is not yet known, the draft asks 1 / (1 - a), E's limit for an unbounded draft.
+    call, as without drafting. While the cost at this load is not yet known, the draft asks
+    1 / (1 - a), E's limit for an unbounded draft.
 
     a is estimated as (accepted + 1) / (verified + 2) (the posterior mean under a uniform prior),
     counting the verified positions: the accepted ones and the one rejected, not the dropped rest.

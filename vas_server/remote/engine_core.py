@@ -136,11 +136,11 @@ class RemoteEngineCore:
     async def _decode(self, request: EngineCoreRequest, steering: VASRequest) -> None:
         """The request's token loop: rounds until eos, a stop token or max_tokens, each round's
         tokens to AsyncLLM as one EngineCoreOutput; a failure ends the request with its status."""
-        slot = None
+        decoding = None
         try:
-            if steering.weights and self.runtime.needs_slot(self._head_ids(steering)):
-                slot = await self.scorer.allocate()  # waits while every value-cache slot is taken
-            decoding = self._decoding(request, steering, slot)
+            decoding = self._decoding(request, steering)
+            if decoding.head_ids and self.runtime.needs_slot(decoding.head_ids):
+                decoding.row.slot = await self.scorer.allocate()  # waits while every value-cache slot is taken
             commit = None
             while decoding.generated < decoding.params.max_tokens:
                 steps, positions, commit = await self._round(decoding, commit)
@@ -155,28 +155,28 @@ class RemoteEngineCore:
                                                             HTTPStatus.INTERNAL_SERVER_ERROR))
         finally:
             self.loops.pop(request.request_id, None)
-            self.scorer.release(slot)
+            if decoding is not None:
+                self.scorer.release(decoding.row.slot)
 
-    def _head_ids(self, steering: VASRequest) -> frozenset[int]:
-        return frozenset(self.runtime.head_index[name] for name in steering.weights)
-
-    def _decoding(self, request: EngineCoreRequest, steering: VASRequest, slot: int | None) -> "Decoding":
+    def _decoding(self, request: EngineCoreRequest, steering: VASRequest) -> "Decoding":
+        """The request's loop state, before its first round (no value-cache slot yet)."""
         params = request.sampling_params
         top_k = self.config.top_k_for(steering, self.heads)  # unsteered too: the candidates of an exact draw
         temperature = 0.0 if params.sampling_type == SamplingType.GREEDY else params.temperature
         drafting = self.draft_cap > 1 and drafts_at(temperature)
+        head_ids = frozenset(self.runtime.head_index[name] for name in steering.weights)
         return Decoding(
             request_id=request.request_id, params=params, top_k=top_k,
             asked=max(top_k, params.logprobs or 0),  # the candidates, and the top log-probs the client wants
-            temperature=temperature, restrict=steering.restrict_to_top_k, head_ids=self._head_ids(steering),
+            temperature=temperature, restrict=steering.restrict_to_top_k, head_ids=head_ids,
             weight_vector=rule.weight_vector(steering.weights, self.runtime.head_index)[None],
             stop_ids=set(params.stop_token_ids or ()),  # vLLM's check_stop: these, and eos unless ignore_eos
             generator=torch.Generator().manual_seed(params.seed if params.seed is not None
                                                     else torch.seed() % 2**31),
-            row=ScoredRequest(slot, list(request.prompt_token_ids), [], self._head_ids(steering)),
+            row=ScoredRequest(None, list(request.prompt_token_ids), [], head_ids),
             # Unsteered, VAS's distribution is the base's: every drafted token is accepted, so the
             # longest draft is the best whatever the cost (DraftLength with acceptance 1).
-            length=DraftLength(self.draft_cap, self.draft_adaptive and bool(steering.weights), self.round_costs)
+            length=DraftLength(self.draft_cap, self.draft_adaptive and bool(head_ids), self.round_costs)
             if drafting else None)
 
     async def _round(self, d: "Decoding", commit: int | None) -> tuple[list[Step], list[Draw], int | None]:
