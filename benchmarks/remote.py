@@ -1,19 +1,21 @@
 """VAS over a remote base against in-process VAS and against the upstream serving plainly.
 
-Starts three servers on this machine, all on the embedded SmolLM2-135M-Instruct in float32: the
-upstream (vLLM's own server, `--max-logprobs 256`), `vas-server serve --remote-base` steering it,
-and `vas-server serve` (in-process VAS). Then, for each concurrency, sends that many streamed
-completions at once (32 tokens, temperature 1 unless --temperature, the demo `positive` head at weight 2 for the two VAS
-servers, none for the upstream) and measures tokens/s per stream and in total, the time between
-tokens (p50/p99), and, for remote mode, upstream calls per generated token (from the upstream's
-own `vllm:request_success_total`). A fourth row, "upstream, 1-token calls", makes the upstream
-calls remote mode makes (one-token completions with 256 log-probs, token-id prompts) without any
-VAS work: remote mode's ceiling on this machine.
+Starts the servers on this machine, all on the embedded SmolLM2-135M-Instruct in float32: the
+upstream (vLLM's own server, `--max-logprobs 256`), one `vas-server serve --remote-base` steering it
+per --draft value (its `--remote-draft`: 1 is one token per call, 8 drafts up to 8 tokens per call
+and VAS verifies them), and `vas-server serve` (in-process VAS). Then, for each temperature,
+`positive` weight and concurrency, sends that many streamed completions at once (32 tokens, the
+demo `positive` head at that weight for the VAS servers, none for the upstream) and measures
+tokens/s per stream and in total, the time between tokens (p50/p99), and, for remote mode,
+upstream calls per generated token (from the upstream's own `vllm:request_success_total`). A row
+"upstream, 1-token calls" makes the upstream calls remote mode makes without drafting (one-token
+completions with 256 log-probs, token-id prompts) without any VAS work: the ceiling of one
+token per call on this machine.
 
-    python benchmarks/remote.py [--concurrency 1 8 32] [--tokens 32] [--temperature 1.0]
-                                [--out benchmarks/results/remote.json]
+    python benchmarks/remote.py [--concurrency 1 8 32] [--tokens 32] [--temperature 1] [--weight 2]
+                                [--draft 8 1] [--out benchmarks/results/remote.json]
 
-Prints a table and writes JSON. Run it alone on the machine: the three servers share its cores.
+Prints a table and writes JSON. Run it alone on the machine: the servers share its cores.
 """
 
 from __future__ import annotations
@@ -102,11 +104,25 @@ def upstream_requests(url: str) -> float:
     return sum(float(v) for v in re.findall(r"^vllm:request_success_total\{[^}]*\} ([0-9.e+]+)$", text, re.M))
 
 
+def remote_totals(log: Path) -> dict | None:
+    """A remote server's own totals, logged at shutdown: value batches and their rows show the
+    batching, drafts their acceptance."""
+    found = re.search(r"remote-base totals: (\d+) tokens, (\d+) upstream calls \([0-9.]+ per token\), (\d+) value "
+                      r"batches of (\d+) rows, (\d+) capped steps; (\d+) drafts of (\d+) tokens, (\d+) accepted",
+                      log.read_text(errors="replace"))
+    keys = ("tokens", "upstream_calls", "value_batches", "value_rows", "capped_steps", "drafts", "drafted_tokens",
+            "accepted_tokens")
+    return dict(zip(keys, map(int, found.groups()))) if found else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--temperature", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--weight", type=float, nargs="+", default=[2.0], help="`positive`'s weights (0: unsteered)")
+    ap.add_argument("--draft", type=int, nargs="+", default=[8, 1],
+                    help="one remote server per value, its --remote-draft (1: one token per call)")
     ap.add_argument("--out", default="benchmarks/results/remote.json")
     args = ap.parse_args()
     from vas_server.core.base_model import ensure_base_model
@@ -120,57 +136,61 @@ def main() -> None:
                       "--served-model-name", "smol", "--port", "8301", "--max-logprobs", "256", "--enforce-eager",
                       "--no-enable-chunked-prefill", *common], 8301, logs / "upstream.log")
     servers = [upstream]
+    remote_ports = {draft: 8310 + i for i, draft in enumerate(args.draft)}
     try:
-        servers.append(start([sys.executable, "-m", "vas_server", "serve", "--port", "8302", "--remote-base",
-                              "http://127.0.0.1:8301/v1", "--remote-model", "smol", *common], 8302, logs / "remote.log"))
+        for draft, port in remote_ports.items():
+            servers.append(start([sys.executable, "-m", "vas_server", "serve", "--port", str(port), "--remote-base",
+                                  "http://127.0.0.1:8301/v1", "--remote-model", "smol", "--remote-draft", str(draft),
+                                  *common], port, logs / f"remote_draft{draft}.log"))
         servers.append(start([sys.executable, "-m", "vas_server", "serve", "--port", "8303", *common], 8303,
                              logs / "in_process.log"))
         from transformers import AutoTokenizer
 
         prompt_ids = AutoTokenizer.from_pretrained(base)(PROMPT)["input_ids"]
 
-        def streamed(url: str, model: str, steering: dict):
+        def streamed(url: str, model: str, steering: dict, temperature: float):
             def run(client, i):
                 return stream_one(client, f"{url}/v1/completions", {
-                    "model": model, "prompt": PROMPT, "max_tokens": args.tokens, "temperature": args.temperature,
+                    "model": model, "prompt": PROMPT, "max_tokens": args.tokens, "temperature": temperature,
                     "seed": i, "stream": True, "ignore_eos": True, **steering})
             return run
 
-        targets = {"upstream, plain": streamed("http://127.0.0.1:8301", "smol", {}),
-                   "upstream, 1-token calls": lambda client, i: one_token_calls(
-                       client, "http://127.0.0.1:8301/v1/completions", "smol", prompt_ids, args.tokens,
-                       args.temperature, i),
-                   "remote VAS": streamed("http://127.0.0.1:8302", "SmolLM2-135M-Instruct",
-                                          {"vas_weights": {"positive": 2.0}}),
-                   "in-process VAS": streamed("http://127.0.0.1:8303", "SmolLM2-135M-Instruct",
-                                              {"vas_weights": {"positive": 2.0}})}
         rows = {}
-        for name, run in targets.items():
-            for c in args.concurrency:
-                before = upstream_requests("http://127.0.0.1:8301")
-                row = asyncio.run(measure(c, run))
-                if name == "remote VAS":
-                    row["upstream_calls_per_token"] = (upstream_requests("http://127.0.0.1:8301") - before) / row["tokens"]
-                rows[f"{name}, {c} streams"] = row
-                print(f"{name:<24}{c:>4} streams  {row['per_stream_tok_s']:7.2f} tok/s per stream  "
-                      f"{row['total_tok_s']:7.2f} total  gap p50 {row['gap_p50_ms']:7.1f} ms  p99 {row['gap_p99_ms']:7.1f} ms"
-                      + (f"  {row['upstream_calls_per_token']:.2f} upstream calls/token"
-                         if "upstream_calls_per_token" in row else ""), flush=True)
+        for temperature in args.temperature:
+            targets = {"upstream, plain": streamed("http://127.0.0.1:8301", "smol", {}, temperature),
+                       "upstream, 1-token calls": lambda client, i, t=temperature: one_token_calls(
+                           client, "http://127.0.0.1:8301/v1/completions", "smol", prompt_ids, args.tokens, t, i)}
+            for weight in args.weight:
+                steering = {"vas_weights": {"positive": weight}} if weight else {}
+                for draft, port in remote_ports.items():
+                    targets[f"remote VAS, draft {draft}, positive {weight:g}"] = streamed(
+                        f"http://127.0.0.1:{port}", "SmolLM2-135M-Instruct", steering, temperature)
+                targets[f"in-process VAS, positive {weight:g}"] = streamed(
+                    "http://127.0.0.1:8303", "SmolLM2-135M-Instruct", steering, temperature)
+            for name, run in targets.items():
+                for c in args.concurrency:
+                    before = upstream_requests("http://127.0.0.1:8301")
+                    row = asyncio.run(measure(c, run))
+                    if name.startswith("remote VAS"):
+                        row["upstream_calls_per_token"] = (upstream_requests("http://127.0.0.1:8301") - before) / row["tokens"]
+                    rows[f"T {temperature:g}, {name}, {c} streams"] = row
+                    print(f"T {temperature:g}  {name:<36}{c:>4} streams  {row['per_stream_tok_s']:7.2f} tok/s per stream  "
+                          f"{row['total_tok_s']:7.2f} total  gap p50 {row['gap_p50_ms']:7.1f} ms  p99 {row['gap_p99_ms']:7.1f} ms"
+                          + (f"  {row['upstream_calls_per_token']:.3f} upstream calls/token"
+                             if "upstream_calls_per_token" in row else ""), flush=True)
     finally:
         for process in servers:
             process.terminate()
         for process in servers:
             process.wait(timeout=90)
-    # The remote server's own totals, logged at shutdown: value batches and their rows show the batching.
-    totals = re.search(r"remote-base totals: (\d+) tokens, (\d+) upstream calls, (\d+) value batches of (\d+) rows, "
-                       r"(\d+) capped steps", (logs / "remote.log").read_text(errors="replace"))
-    remote_totals = dict(zip(("tokens", "upstream_calls", "value_batches", "value_rows", "capped_steps"),
-                             map(int, totals.groups()))) if totals else None
-    print(f"remote server totals: {remote_totals}")
+    totals = {f"draft {draft}": remote_totals(logs / f"remote_draft{draft}.log") for draft in remote_ports}
+    print(f"remote server totals: {totals}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"command": "python benchmarks/remote.py --concurrency "
-                                          + " ".join(map(str, args.concurrency)) + f" --tokens {args.tokens} --temperature {args.temperature:g}",
-                                          "results": rows, "remote_totals": remote_totals}, indent=2) + "\n")
+    command = (f"python benchmarks/remote.py --concurrency {' '.join(map(str, args.concurrency))} --tokens {args.tokens} "
+               f"--temperature {' '.join(f'{t:g}' for t in args.temperature)} "
+               f"--weight {' '.join(f'{w:g}' for w in args.weight)} --draft {' '.join(map(str, args.draft))}")
+    Path(args.out).write_text(json.dumps({"command": command, "results": rows, "remote_totals": totals},
+                                         indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
