@@ -216,11 +216,22 @@ def test_the_round_cost_is_fitted_from_the_rounds_lengths_and_times():
     cost = RoundCost()
     for _ in range(20):
         cost.observe(8, 0.05 + 8 * 0.07)
-    assert cost.line() is None  # one length only: no slope
-    for n in (1, 3, 5, 8, 2, 8):
+    cost.observe(3, 0.05 + 3 * 0.07)
+    assert cost.line() is None  # one length with enough rounds: no slope
+    for n in (1, 3, 5, 1, 5, 1, 5, 3):
         cost.observe(n, 0.05 + n * 0.07)
     fixed, per_token = cost.line()
     assert abs(fixed - 0.05) < 1e-9 and abs(per_token - 0.07) < 1e-9
+
+
+def test_one_slow_round_does_not_bend_the_round_cost():
+    """A first call's warm-up (3 s at n = 8) among ordinary rounds (0.12 s + 0.07 s per token)."""
+    cost = RoundCost()
+    cost.observe(8, 3.0)
+    for n in (8, 2, 3, 8, 2, 3, 8, 2, 3):
+        cost.observe(n, 0.12 + 0.07 * n)
+    fixed, per_token = cost.line()
+    assert abs(fixed - 0.12) < 1e-9 and abs(per_token - 0.07) < 1e-9
 
 
 def test_the_round_cost_of_one_load_is_not_bent_by_another():
@@ -244,7 +255,7 @@ def test_the_round_cost_of_one_load_is_not_bent_by_another():
                                                           (0.06, 0.01, 0.75), (0.05, 0.2, 0.9), (0.05, 0.2, 0.5)])
 def test_the_draft_length_maximises_tokens_per_second_given_the_round_cost(fixed, per_token, acceptance):
     costs = RoundCosts()
-    for n in (1, 2, 4, 8, 8, 3):
+    for n in (1, 2, 4, 8, 8, 3) * 3:
         costs.observe(1, n, fixed + n * per_token)
     length = DraftLength(8, cost=costs)
     length.observe(10_000, round(10_000 * acceptance))

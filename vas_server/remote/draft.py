@@ -44,6 +44,8 @@ Bernoulli factory (exact), and says so (`drafts_at`). No approximation is made a
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import torch
@@ -148,37 +150,42 @@ def expected_tokens(acceptance: float, n: int) -> float:
 
 class RoundCost:
     """What a drafted round costs the stream that makes it, under one load of the upstream:
-    seconds(n) = fixed + per_token * n, a line fitted by least squares to the rounds' (drafted
-    tokens, wall time from the upstream call to the verified tokens), each round's weight decaying
-    by DECAY per later round. `fixed` is the network's round trip and the upstream's and this
-    server's cost per call; `per_token` the upstream's decoding of one more drafted token plus its
-    scoring here.
+    seconds(n) = fixed + per_token * n. `fixed` is the network's round trip and the upstream's and
+    this server's cost per call; `per_token` the upstream's decoding of one more drafted token
+    plus its scoring here.
 
-    The fit needs rounds of at least two lengths (`line` is None until then); each request's
-    first draft asks the cap before its acceptance is known, and the last round of a request is
-    cut to its remaining tokens, so lengths vary without exploring on purpose."""
+    The line is fitted by least squares to the median round time at each length n (the last KEEP
+    rounds of that length; lengths with MIN_ROUNDS rounds at least, each weighted by its count).
+    Medians, not means: a single slow round (a first call's warm-up, a pause) would bend a
+    least-squares line through the rounds themselves for as long as it is remembered, and a
+    short draft chosen on a bent line is then never corrected. The caller leaves out each
+    request's first round, whose upstream call also prefills the prompt.
 
-    DECAY = 0.98  # a round's weight halves after ~34 later rounds
-    MIN_SPREAD = 0.25  # the weighted variance of n below which the slope is not trusted
+    The fit needs two lengths (`line` is None until then). The rounds' lengths vary without
+    exploring on purpose: the draft length follows each request's acceptance, and a request's
+    last round is cut to its remaining tokens."""
+
+    KEEP = 16
+    MIN_ROUNDS = 3
 
     def __init__(self):
-        self.w = self.wn = self.wnn = self.wt = self.wnt = 0.0
+        self.seconds: dict[int, deque[float]] = {}
 
     def observe(self, n: int, seconds: float) -> None:
-        d = self.DECAY
-        self.w, self.wn, self.wnn = d * self.w + 1, d * self.wn + n, d * self.wnn + n * n
-        self.wt, self.wnt = d * self.wt + seconds, d * self.wnt + n * seconds
+        self.seconds.setdefault(n, deque(maxlen=self.KEEP)).append(seconds)
 
     def line(self) -> tuple[float, float] | None:
-        """(fixed, per_token) seconds, both >= 0 and fixed > 0, or None while the lengths seen
-        do not spread enough to give a slope."""
-        if not self.w:
+        """(fixed, per_token) seconds, both >= 0 and fixed > 0, or None while fewer than two
+        lengths have MIN_ROUNDS rounds."""
+        points = [(n, statistics.median(times), len(times)) for n, times in self.seconds.items()
+                  if len(times) >= self.MIN_ROUNDS]
+        if len(points) < 2:
             return None
-        mean_n, mean_t = self.wn / self.w, self.wt / self.w
-        spread = self.wnn / self.w - mean_n ** 2
-        if spread < self.MIN_SPREAD:
-            return None
-        per_token = max(0.0, (self.wnt / self.w - mean_n * mean_t) / spread)
+        w = sum(c for _, _, c in points)
+        mean_n = sum(c * n for n, _, c in points) / w
+        mean_t = sum(c * t for _, t, c in points) / w
+        spread = sum(c * (n - mean_n) ** 2 for n, _, c in points) / w
+        per_token = max(0.0, sum(c * (n - mean_n) * (t - mean_t) for n, t, c in points) / w / spread)
         return max(1e-6, mean_t - per_token * mean_n), per_token
 
 

@@ -190,11 +190,13 @@ class RemoteEngineCore:
             first = await self.upstream.draw(context, d.asked, temperature=d.temperature, seed=_seed(d.generator))
             return [await self._step(d, first, advancing, context)], [first], None
         started, load = time.perf_counter(), len(self.loops)  # the requests in flight here: the upstream's load
+        first = not d.generated  # its upstream call also prefills the prompt: not a round like the others
         n = min(d.length.next(load), d.params.max_tokens - d.generated)
         positions = await self.upstream.draft(context, n, d.asked, temperature=d.temperature,
                                               seed=_seed(d.generator), ignore_eos=d.params.ignore_eos)
         steps, accepted = await self._verify(d, positions, advancing, context)
-        self.round_costs.observe(load, len(positions), time.perf_counter() - started)
+        if not first:
+            self.round_costs.observe(load, len(positions), time.perf_counter() - started)
         # The positions verified: the accepted ones and the one rejected, if any (not the dropped
         # rest, which says nothing about acceptance).
         d.length.observe(accepted + (accepted < len(positions)), accepted)
