@@ -71,7 +71,7 @@ class V1Processor(VASLogitsProcessor):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.batch is not None:
-            logits = self.steering.steer(logits, self.batch)
+            logits = self.steering.apply(logits, self.batch)
         self.steering.end_step()
         return logits
 

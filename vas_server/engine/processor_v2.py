@@ -75,7 +75,7 @@ class V2Processor(VASLogitsProcessor):
             lengths = ctx.seq_lens_upper_bound_np  # = sampled position + 1 without spec decoding
             for i, row_input in zip(self._positions, batch.inputs):
                 row_input.length = int(lengths[i])
-            logits = self.steering.steer(logits, batch, self._device_tokens)
+            logits = self.steering.apply(logits, batch, self._device_tokens)
         self.steering.end_step()
         return logits
 

@@ -6,14 +6,14 @@ of a step's logits with the value runtime (built by vas_server.engine.runtime_fa
 
 The rule itself is vas_server.core.rule. vLLM 0.32 has two logits-processor interfaces, and
 vas_server.engine.processor picks the one the engine's model runner uses; each keeps its own
-bookkeeping (which logits row is which request) and hands `Steering.steer` a `StepBatch`.
+bookkeeping (which logits row is which request) and hands `Steering.apply` a `StepBatch`.
 
 Invariants:
   * Rows without weights are never touched, so they sample exactly as in plain vLLM.
-  * Nothing a request carries can make `steer` raise or write a NaN or +inf logit: settings are
+  * Nothing a request carries can make `apply` raise or write a NaN or +inf logit: settings are
     validated at admission (vas_server.params), a row whose settings the worker cannot read runs
     unsteered, weights are bounded, and rule.bonus is finite and clipped.
-  * `steer` builds nothing on the host that it must wait for: the batch's tensors are built by
+  * `apply` builds nothing on the host that it must wait for: the batch's tensors are built by
     the bookkeeping (and copied without a sync), and the candidates never leave the device.
 """
 
@@ -161,7 +161,7 @@ class Steering:
         top_k = self.config.top_k_for(request, self.heads)
         return Row(request, weights, top_k, ScoredRequest(slot, prompt, outputs, heads, token_slot=token_slot))
 
-    def steer(self, logits: torch.Tensor, batch: StepBatch, new_tokens: NewTokens | None = None) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, batch: StepBatch, new_tokens: NewTokens | None = None) -> torch.Tensor:
         """Steer the batch's rows of `logits` [R, V] (in place when every row is steered)."""
         start = time.perf_counter()
         every_row = len(batch.inputs) == logits.shape[0]  # batch.index is then 0..R-1
@@ -171,7 +171,7 @@ class Steering:
         values = self.runtime.score(batch.inputs, candidates, batch.index, logits.shape[0], new_tokens)
         valid = batch.valid[:, :k]
         bonus = rule.bonus(values.to(logits.device), batch.weights, valid)
-        rule.steer_(row_logits, candidates, bonus, valid, batch.restrict)
+        rule.add_bonus_(row_logits, candidates, bonus, valid, batch.restrict)
         if not every_row:
             logits.index_copy_(0, batch.index, row_logits)
         self.steps += 1

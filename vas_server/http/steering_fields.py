@@ -1,7 +1,7 @@
-"""The steering fields of a generation request and of its answer (`steer`: the middleware's
-generation routes, STEERABLE_PATHS):
+"""The steering fields of a generation request and of its answer (`serve_generation`: the
+middleware's generation routes, STEERABLE_PATHS):
 
-  * `steer_request`: a `model` that names a preset becomes the base, with the preset's settings
+  * `rewrite_request`: a `model` that names a preset becomes the base, with the preset's settings
     under the request's own `vas_*` fields (vas_server.presets.override); the body's steering
     becomes a VASRequest (`VASRequest.from_api`: the one validation on this path, done before
     any stream starts), its top-K is resolved (VASConfig.top_k_for), and what vLLM gets in
@@ -27,8 +27,8 @@ STEERABLE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "
 REPORTING_PATHS = ("/v1/completions", "/v1/chat/completions", "/invocations")  # answers that gain `vas`
 
 
-async def steer(app, server: ServerView, path: str, payload: dict, body: bytes, scope: Scope, receive: Receive,
-                send: Send) -> None:
+async def serve_generation(app, server: ServerView, path: str, payload: dict, body: bytes, scope: Scope,
+                           receive: Receive, send: Send) -> None:
     """A generation request whose body the guard passed (so `payload` is its JSON object): a
     `model` no served name, adapter or preset is a 404; invalid steering a 400; else vLLM answers
     the rewritten request, its answer rewritten on the way out (AnswerRewrite)."""
@@ -36,27 +36,27 @@ async def steer(app, server: ServerView, path: str, payload: dict, body: bytes, 
     if missing:
         return await send_error(send, 404, missing, "model", "NotFoundError")
     try:
-        steered = steer_request(server, payload, body)
+        rewritten = rewrite_request(server, payload, body)
     except VASParamError as e:
         # Refused here, not later: vLLM validates a streaming request only once its 200 event
         # stream has started, and would send the 400 inside it.
         return await send_error(send, 400, e.args[0], e.parameter)
     reporting = path in REPORTING_PATHS
-    scope, receive = with_length(scope, len(steered.body)), replay(steered.body, receive)
-    if not reporting and steered.preset is None:
+    scope, receive = with_length(scope, len(rewritten.body)), replay(rewritten.body, receive)
+    if not reporting and rewritten.preset is None:
         return await app(scope, receive, send)
-    rename = (server.base_name, steered.preset) if steered.preset is not None else None
-    await app(scope, receive, AnswerRewrite(send, steered.report, reporting, rename))
+    rename = (server.base_name, rewritten.preset) if rewritten.preset is not None else None
+    await app(scope, receive, AnswerRewrite(send, rewritten.report, reporting, rename))
 
 
 @dataclass
-class SteeredRequest:
+class RewrittenRequest:
     body: bytes  # what vLLM gets
     report: dict | None  # the `vas` echo: the settings applied, None when unsteered
     preset: str | None  # the preset the request chose as its model
 
 
-def steer_request(server: ServerView, payload: dict, body: bytes) -> SteeredRequest:
+def rewrite_request(server: ServerView, payload: dict, body: bytes) -> RewrittenRequest:
     """Rewrite a generation request's parsed body (`payload`, modified in place). Raises
     VASParamError (a 400 naming the field) for invalid settings."""
     changed, preset_id = False, None
@@ -69,7 +69,7 @@ def steer_request(server: ServerView, payload: dict, body: bytes) -> SteeredRequ
         changed = True
     request = VASRequest.from_api(payload, server.heads)
     if request is None:
-        return SteeredRequest(json.dumps(payload).encode() if changed else body, None, preset_id)
+        return RewrittenRequest(json.dumps(payload).encode() if changed else body, None, preset_id)
     for field in [f for f in payload if f.startswith("vas_")]:
         del payload[field]
     given = payload.get("vllm_xargs")
@@ -87,7 +87,7 @@ def steer_request(server: ServerView, payload: dict, body: bytes) -> SteeredRequ
         report = request.report()
     if xargs or given is not None:
         payload["vllm_xargs"] = xargs
-    return SteeredRequest(json.dumps(payload).encode(), report, preset_id)
+    return RewrittenRequest(json.dumps(payload).encode(), report, preset_id)
 
 
 class AnswerRewrite:
