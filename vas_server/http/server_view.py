@@ -19,7 +19,7 @@ class ServerView:
     """What the middleware needs from the running server, read once from app.state."""
 
     config: VASConfig  # the defaults when the engine has no additional_config["vas"]
-    heads: dict[str, HeadInfo]
+    head_infos: dict[str, HeadInfo]  # by head name (VASConfig.read_heads)
     presets: PresetTable
     api_keys: ApiKeys
     state: Any  # app.state: engine_client for /metrics, openai_serving_models for model ids
@@ -29,9 +29,9 @@ class ServerView:
     def of(cls, state) -> "ServerView":
         additional = getattr(state.vllm_config, "additional_config", None) or {}
         config = VASConfig.from_additional_config(additional)
-        heads = config.read_heads()
-        presets = config.preset_table(heads, [m.name for m in state.openai_serving_models.base_model_paths])
-        return cls(config, heads, presets, ApiKeys(state), state, {})
+        head_infos = config.read_heads()
+        presets = config.preset_table(head_infos, [m.name for m in state.openai_serving_models.base_model_paths])
+        return cls(config, head_infos, presets, ApiKeys(state), state, {})
 
     @property
     def base_name(self) -> str:

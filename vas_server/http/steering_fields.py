@@ -67,7 +67,7 @@ def rewrite_request(server: ServerView, payload: dict, body: bytes) -> Rewritten
         payload["model"] = server.base_name
         server.preset_requests[preset_id] = server.preset_requests.get(preset_id, 0) + 1
         changed = True
-    request = VASRequest.from_api(payload, server.heads)
+    request = VASRequest.from_api(payload, server.head_infos)
     if request is None:
         return RewrittenRequest(json.dumps(payload).encode() if changed else body, None, preset_id)
     for field in [f for f in payload if f.startswith("vas_")]:
@@ -82,7 +82,7 @@ def rewrite_request(server: ServerView, payload: dict, body: bytes) -> Rewritten
             raise VASParamError("prompt_embeds", "steering needs the prompt as text or token ids, "
                                                  "not prompt_embeds")
         # model_copy does not validate again: top_k_for gives a top-K in range.
-        request = request.model_copy(update={"top_k": server.config.top_k_for(request, server.heads)})
+        request = request.model_copy(update={"top_k": server.config.top_k_for(request, server.head_infos)})
         xargs.update(admitted(request))
         report = request.report()
     if xargs or given is not None:

@@ -42,7 +42,7 @@ from vllm.v1.outputs import LogprobsLists
 
 from vas_server.config import VASConfig
 from vas_server.core import rule
-from vas_server.core.value_runtime import ScoredRequest, ValueRuntime
+from vas_server.core.value_runtime import ValueRow, ValueRuntime
 from vas_server.params import VASRequest
 from vas_server.remote.draft import DraftLength, drafts_at, verify
 from vas_server.remote.sampling import Step, steered_step
@@ -67,7 +67,7 @@ class RemoteEngineCore:
         self.runtime = runtime
         self.scorer = BatchedScorer(runtime)
         self.config = config
-        self.heads = config.read_heads()
+        self.head_infos = config.read_heads()
         self.outputs: asyncio.Queue[EngineCoreOutput] = asyncio.Queue()
         # fail(request_id, error): end one request with `error` as its answer (set by
         # vas_server.remote.serve once AsyncLLM exists: it reaches AsyncLLM's per-request queues).
@@ -163,7 +163,7 @@ class RemoteEngineCore:
     async def _decode(self, request: EngineCoreRequest, steering: VASRequest) -> None:
         params = request.sampling_params
         weights = steering.weights
-        top_k = self.config.top_k_for(steering, self.heads)  # unsteered too: the candidates of an exact draw
+        top_k = self.config.top_k_for(steering, self.head_infos)  # unsteered too: the candidates of an exact draw
         stop_ids = set(params.stop_token_ids or ())  # vLLM's check_stop: these, and eos unless ignore_eos
         generator = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed() % 2**31)
         temperature = 0.0 if params.sampling_type == SamplingType.GREEDY else params.temperature
@@ -176,7 +176,7 @@ class RemoteEngineCore:
         try:
             if heads and self.runtime.needs_slot(heads):
                 slot = await self.scorer.allocate()  # waits while every value-cache slot is taken
-            row = ScoredRequest(slot, list(request.prompt_token_ids), [], heads)
+            row = ValueRow(slot, list(request.prompt_token_ids), [], heads)
             generated, commit = 0, None
             while generated < params.max_tokens:
                 context = row.prompt + row.outputs
