@@ -114,13 +114,13 @@ def test_the_demo_model_steers_with_top_k_256_by_default():
 
 
 @pytest.mark.parametrize("extra, param, message", [
-    ({"weights": {"positive": math.nan}}, "vas_weights", "must be a number in -100..100"),
-    ({"weights": {"positive": math.inf}}, "vas_weights", "must be a number in -100..100"),
-    ({"weights": {"positive": 1e39}}, "vas_weights", "must be a number in -100..100"),
-    ({"weights": {"positive": -100.5}}, "vas_weights", "must be a number in -100..100"),
-    ({"weights": {"positive": 10**400}}, "vas_weights", "must be a number in -100..100"),
-    ({"weights": {"positive": "2"}}, "vas_weights", "must be a number"),
-    ({"weights": {"positive": True}}, "vas_weights", "must be a number"),
+    ({"weights": {"positive": math.nan}}, "vas_weights.positive", "must be a number in -100..100"),
+    ({"weights": {"positive": math.inf}}, "vas_weights.positive", "must be a number in -100..100"),
+    ({"weights": {"positive": 1e39}}, "vas_weights.positive", "must be a number in -100..100"),
+    ({"weights": {"positive": -100.5}}, "vas_weights.positive", "must be a number in -100..100"),
+    ({"weights": {"positive": 10**400}}, "vas_weights.positive", "must be a number in -100..100"),
+    ({"weights": {"positive": "2"}}, "vas_weights.positive", "must be a number"),
+    ({"weights": {"positive": True}}, "vas_weights.positive", "must be a number"),
     ({"weights": [1, 2]}, "vas_weights", "must be an object"),
     ({"weights": {"positive": 1}, "top_k": 0}, "vas_top_k", "1..256"),
     ({"weights": {"positive": 1}, "top_k": 257}, "vas_top_k", "1..256"),
@@ -140,7 +140,7 @@ def test_parse_rejects_with_the_field_named(extra, param, message, path):
 def test_an_unknown_head_is_refused_on_the_http_path():
     with pytest.raises(VASParamError, match="unknown head 'nope'; known heads: concise, positive") as e:
         from_api({"vas_weights": {"nope": 1}})
-    assert e.value.parameter == "vas_weights"
+    assert e.value.parameter == "vas_weights.nope"
     assert parse(make_extra_args({"nope": 1})).weights == {"nope": 1.0}  # the worker runs it unsteered (logged)
 
 
@@ -194,10 +194,11 @@ def test_config_rejects_bad_top_k():
     ("/v1/chat/completions", {"logprobs": 1}, "logprobs", 400),  # a boolean for chat
     ("/v1/completions", {"stop": ["a", 5]}, "stop", 400),
     ("/v1/completions", {"stop": "\ud800"}, "stop", 400),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}, "messages", 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}, "messages[0].content", 400),
     ("/v1/completions", {"top_k": 2**64}, "top_k", 400),
-    ("/v1/completions", {"vas_weights": {"likes": 10**400}}, "vas_weights", 400),
-    ("/v1/completions", {"logit_bias": {"5": float("nan")}}, "logit_bias", 400),
+    ("/v1/completions", {"vas_weights": {"likes": 10**400}}, "vas_weights.likes", 400),
+    ("/v1/completions", {"vas_weights": {"likes": float("inf")}}, "vas_weights.likes", 400),
+    ("/v1/completions", {"logit_bias": {"5": float("nan")}}, "logit_bias.5", 400),
     ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias", 400),
     ("/v1/completions", {"stop_token_ids": ["1"]}, "stop_token_ids", 400),
     ("/v1/completions", {"prompt": json.loads("[" * 80 + "]" * 80)}, "prompt", 400),
@@ -288,7 +289,9 @@ def test_the_http_path_validates_once(monkeypatch):
     ({"vllm_xargs": {"vas": {"weights": {"positive": 1}, "head": True}}}, "vllm_xargs",
      r"unknown VAS setting\(s\) \['head'\]"),
     # strict: no coercion, and the field the client wrote is named
-    ({"vas_weights": {"positive": "2"}}, "vas_weights", r"vas_weights\['positive'\] must be a number in -100..100, got '2'"),
+    ({"vas_weights": {"positive": "2"}}, "vas_weights.positive",
+     r"vas_weights\.positive must be a number in -100..100, got '2'"),
+    ({"vas_weights": {"positive": 1, "nope": 1}}, "vas_weights.nope", "vas_weights: unknown head 'nope'"),
     ({"vas_weights": {"positive": 1}, "vas_top_k": "5"}, "vas_top_k", "vas_top_k must be an integer in 1..256, got '5'"),
     ({"vas_weights": {"positive": 1}, "vas_top_k": 5.0}, "vas_top_k", "vas_top_k must be an integer in 1..256, got 5.0"),
     ({"vas_weights": {"positive": 1}, "vas_restrict_to_top_k": 1}, "vas_restrict_to_top_k",
