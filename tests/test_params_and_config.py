@@ -226,20 +226,28 @@ def test_request_guard_passes_well_formed_requests():
                                            "logprobs": True, "top_logprobs": 2, "stop": "x", "n": 128}, 128)
 
 
+def _demo_app_state():
+    """A stand-in for vLLM's app.state serving `base` with the demo heads (each also a preset)."""
+    from types import SimpleNamespace
+
+    from vas_server.cli import demo_value_models
+
+    config = VASConfig(value_models=demo_value_models())
+    return SimpleNamespace(vllm_config=SimpleNamespace(additional_config=config.to_additional_config()),
+                           args=SimpleNamespace(api_key=None), engine_client=None,
+                           openai_serving_models=SimpleNamespace(base_model_paths=[SimpleNamespace(name="base")],
+                                                                 lora_requests={}))
+
+
 def _through_middleware(body: dict, path: str = "/v1/completions") -> tuple[int, dict, list[dict]]:
     """POST `body` through VASMiddleware (the demo heads) to a stand-in for vLLM that answers `{}`:
     (status, JSON answer, the bodies vLLM got). No engine."""
     import asyncio
     from types import SimpleNamespace
 
-    from vas_server.cli import demo_value_models
     from vas_server.middleware import VASMiddleware
 
-    config = VASConfig(value_models=demo_value_models())
-    state = SimpleNamespace(vllm_config=SimpleNamespace(additional_config=config.to_additional_config()),
-                            args=SimpleNamespace(api_key=None), engine_client=None,
-                            openai_serving_models=SimpleNamespace(base_model_paths=[SimpleNamespace(name="base")],
-                                                                  lora_requests={}))
+    state = _demo_app_state()
     seen, sent = [], []
 
     async def vllm_stand_in(scope, receive, send):
@@ -278,6 +286,25 @@ def test_the_http_path_validates_once(monkeypatch):
 
     monkeypatch.setattr(VASRequest, "from_extra_args", second_validation)
     VASLogitsProcessor.validate_params(params)
+
+
+def test_a_preset_chosen_alone_is_admitted_once(monkeypatch):
+    """A preset chosen with no steering of its own: vLLM gets what the preset's settings written
+    out in the request's own fields give, and they are validated at the preset's first request
+    only (the preset path's share of the middleware's cost)."""
+    from vas_server.http.server_view import ServerView
+    from vas_server.http.steering_fields import rewrite_request
+
+    server = ServerView.of(_demo_app_state())
+    validations = []
+    from_api = VASRequest.from_api
+    monkeypatch.setattr(VASRequest, "from_api", lambda body, heads: validations.append(body) or from_api(body, heads))
+    written_out = rewrite_request(server, {"model": "base", "prompt": "hi", "vas_weights": {"positive": 2.0}}, b"")
+    first, second = (rewrite_request(server, {"model": "positive", "prompt": "hi"}, b"") for _ in range(2))
+    assert first.body == second.body == written_out.body and first.report == second.report == written_out.report
+    assert first.preset == "positive" and len(validations) == 2  # the written-out request's and the first preset's
+    with pytest.raises(VASParamError, match="unknown field 'vas_topk'"):  # the request's own fields: validated
+        rewrite_request(server, {"model": "positive", "prompt": "hi", "vas_topk": 5}, b"")
 
 
 # -- the request contract (VASRequest, a strict pydantic model), as an HTTP client meets it ---------

@@ -4,14 +4,17 @@ API keys, and the served names and LoRA adapters that a request's `model` may na
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from vllm import envs
 
 from vas_server.http.auth import ApiKeys
 from vas_server.config import HeadInfo, VASConfig
 from vas_server.presets import PresetTable
+
+if TYPE_CHECKING:
+    from vas_server.http.steering_fields import Admission
 
 
 @dataclass
@@ -24,6 +27,8 @@ class ServerView:
     api_keys: ApiKeys
     state: Any  # app.state: engine_client for /metrics, openai_serving_models for model ids
     preset_requests: dict[str, int]  # requests per preset, for /metrics
+    # Each preset's own settings, admitted at its first request (steering_fields._preset_admission).
+    preset_admissions: dict[str, "Admission"] = field(default_factory=dict)
 
     @classmethod
     def of(cls, state) -> "ServerView":
