@@ -54,10 +54,9 @@ TopK = Annotated[int, Field(ge=TOP_K_RANGE[0], le=TOP_K_RANGE[1])]
 
 
 class VASParamError(VLLMValidationError, ValueError):
-    """Invalid steering settings. `parameter` names the API field (`vas_top_k`, or a path into
-    one: `vas_weights.positive`). A
-    VLLMValidationError, so that vLLM answers 400 naming the field; a ValueError for callers that
-    catch those."""
+    """Invalid steering settings. `parameter` names the API field (`vas_top_k`), or the path of a
+    value inside one (`vas_weights.positive`). A VLLMValidationError, so that vLLM answers 400
+    naming it; a ValueError for callers that catch those."""
 
     def __init__(self, param: str, message: str):
         super().__init__(message, parameter=param)
@@ -135,11 +134,11 @@ class VASRequest(BaseModel):
     @classmethod
     def parse(cls, raw: Mapping[str, Any], known_heads: Collection[str] | None = None) -> Self:
         """The validation of a settings object, the one both request paths run (and presets).
-        Raises VASParamError naming the API field (a weight's path for a weight or an unknown
+        Raises VASParamError naming the API field (the weight's path for a weight or an unknown
         head) for: an unknown key, weights that are not an object, an unknown head (when
-        `known_heads` is given), a weight that is not a number
-        (booleans and strings are not numbers) or whose magnitude exceeds MAX_ABS_WEIGHT, a
-        top_k that is not an integer in 1..256, a restrict_to_top_k that is not a boolean."""
+        `known_heads` is given), a weight that is not a number (booleans and strings are not
+        numbers) or whose magnitude exceeds MAX_ABS_WEIGHT, a top_k that is not an integer in
+        1..256, a restrict_to_top_k that is not a boolean."""
         weights = raw.get("weights")
         if known_heads is not None and isinstance(weights, Mapping):
             # The server's heads are not the model's to know (the engine path has none), so they are
