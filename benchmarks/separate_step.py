@@ -29,7 +29,7 @@ from vas_server.core.format import HeadSpec, TokenizerIdentity, TrunkSpec, Value
 from vas_server.core.heads import ValueHeads
 from vas_server.core.model import ValueModel
 from vas_server.core.trunk import Trunk, TrunkConfig
-from vas_server.core.value_runtime import ScoredRequest, StepInputs, TrunkScorer
+from vas_server.core.value_runtime import ValueRow, StepInputs, TrunkScorer
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64,
                rms_norm_eps=1e-5, rope_theta=100000.0, qkv_bias=False, o_bias=False, mlp_bias=False)
@@ -49,7 +49,7 @@ def step_ms(context: int, batch: int, top_k: int, layers: int, repeats: int, dty
     """(the prefill's milliseconds: every row's whole prompt and first candidates, best decoding step's)."""
     s = scorer(layers, batch, context + repeats + 8, dtype)
     g = torch.Generator().manual_seed(1)
-    rows = [ScoredRequest(b, torch.randint(0, 49152, (context,), generator=g).tolist(), [], frozenset({0, 1}))
+    rows = [ValueRow(b, torch.randint(0, 49152, (context,), generator=g).tolist(), [], frozenset({0, 1}))
             for b in range(batch)]
     candidates = torch.randint(0, 49152, (batch, top_k), generator=g)
     start = time.perf_counter()

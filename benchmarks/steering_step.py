@@ -58,7 +58,7 @@ def time_step(batch: int, top_k: int, n_heads: int, repeats: int) -> dict[str, f
             "values": lambda: heads.token_values(hidden, embed, candidates,
                                                  rows_out=rows.get(embed, candidates.numel())),
             "bonus": lambda: rule.bonus(values, weights, valid),
-            "update": lambda: rule.steer_(logits, candidates, bonus, valid, None),
+            "update": lambda: rule.add_bonus_(logits, candidates, bonus, valid, None),
         }
         out = {name: best_ms(fn, repeats) for name, fn in parts.items()}
     out["total"] = sum(out.values())

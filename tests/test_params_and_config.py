@@ -114,13 +114,13 @@ def test_the_demo_model_steers_with_top_k_256_by_default():
 
 
 @pytest.mark.parametrize("extra, param, message", [
-    ({"weights": {"positive": math.nan}}, "vas_weights", "must be a number in -100..100"),
-    ({"weights": {"positive": math.inf}}, "vas_weights", "must be a number in -100..100"),
-    ({"weights": {"positive": 1e39}}, "vas_weights", "must be a number in -100..100"),
-    ({"weights": {"positive": -100.5}}, "vas_weights", "must be a number in -100..100"),
-    ({"weights": {"positive": 10**400}}, "vas_weights", "must be a number in -100..100"),
-    ({"weights": {"positive": "2"}}, "vas_weights", "must be a number"),
-    ({"weights": {"positive": True}}, "vas_weights", "must be a number"),
+    ({"weights": {"positive": math.nan}}, "vas_weights.positive", "must be a number in -100..100"),
+    ({"weights": {"positive": math.inf}}, "vas_weights.positive", "must be a number in -100..100"),
+    ({"weights": {"positive": 1e39}}, "vas_weights.positive", "must be a number in -100..100"),
+    ({"weights": {"positive": -100.5}}, "vas_weights.positive", "must be a number in -100..100"),
+    ({"weights": {"positive": 10**400}}, "vas_weights.positive", "must be a number in -100..100"),
+    ({"weights": {"positive": "2"}}, "vas_weights.positive", "must be a number"),
+    ({"weights": {"positive": True}}, "vas_weights.positive", "must be a number"),
     ({"weights": [1, 2]}, "vas_weights", "must be an object"),
     ({"weights": {"positive": 1}, "top_k": 0}, "vas_top_k", "1..256"),
     ({"weights": {"positive": 1}, "top_k": 257}, "vas_top_k", "1..256"),
@@ -140,7 +140,7 @@ def test_parse_rejects_with_the_field_named(extra, param, message, path):
 def test_an_unknown_head_is_refused_on_the_http_path():
     with pytest.raises(VASParamError, match="unknown head 'nope'; known heads: concise, positive") as e:
         from_api({"vas_weights": {"nope": 1}})
-    assert e.value.parameter == "vas_weights"
+    assert e.value.parameter == "vas_weights.nope"
     assert parse(make_extra_args({"nope": 1})).weights == {"nope": 1.0}  # the worker runs it unsteered (logged)
 
 
@@ -194,10 +194,11 @@ def test_config_rejects_bad_top_k():
     ("/v1/chat/completions", {"logprobs": 1}, "logprobs", 400),  # a boolean for chat
     ("/v1/completions", {"stop": ["a", 5]}, "stop", 400),
     ("/v1/completions", {"stop": "\ud800"}, "stop", 400),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}, "messages", 400),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "\udfff"}]}, "messages[0].content", 400),
     ("/v1/completions", {"top_k": 2**64}, "top_k", 400),
-    ("/v1/completions", {"vas_weights": {"likes": 10**400}}, "vas_weights", 400),
-    ("/v1/completions", {"logit_bias": {"5": float("nan")}}, "logit_bias", 400),
+    ("/v1/completions", {"vas_weights": {"likes": 10**400}}, "vas_weights.likes", 400),
+    ("/v1/completions", {"vas_weights": {"likes": float("inf")}}, "vas_weights.likes", 400),
+    ("/v1/completions", {"logit_bias": {"5": float("nan")}}, "logit_bias.5", 400),
     ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias", 400),
     ("/v1/completions", {"stop_token_ids": ["1"]}, "stop_token_ids", 400),
     ("/v1/completions", {"prompt": json.loads("[" * 80 + "]" * 80)}, "prompt", 400),
@@ -225,20 +226,28 @@ def test_request_guard_passes_well_formed_requests():
                                            "logprobs": True, "top_logprobs": 2, "stop": "x", "n": 128}, 128)
 
 
+def _demo_app_state():
+    """A stand-in for vLLM's app.state serving `base` with the demo heads (each also a preset)."""
+    from types import SimpleNamespace
+
+    from vas_server.cli import demo_value_models
+
+    config = VASConfig(value_models=demo_value_models())
+    return SimpleNamespace(vllm_config=SimpleNamespace(additional_config=config.to_additional_config()),
+                           args=SimpleNamespace(api_key=None), engine_client=None,
+                           openai_serving_models=SimpleNamespace(base_model_paths=[SimpleNamespace(name="base")],
+                                                                 lora_requests={}))
+
+
 def _through_middleware(body: dict, path: str = "/v1/completions") -> tuple[int, dict, list[dict]]:
     """POST `body` through VASMiddleware (the demo heads) to a stand-in for vLLM that answers `{}`:
     (status, JSON answer, the bodies vLLM got). No engine."""
     import asyncio
     from types import SimpleNamespace
 
-    from vas_server.cli import demo_value_models
     from vas_server.middleware import VASMiddleware
 
-    config = VASConfig(value_models=demo_value_models())
-    state = SimpleNamespace(vllm_config=SimpleNamespace(additional_config=config.to_additional_config()),
-                            args=SimpleNamespace(api_key=None), engine_client=None,
-                            openai_serving_models=SimpleNamespace(base_model_paths=[SimpleNamespace(name="base")],
-                                                                  lora_requests={}))
+    state = _demo_app_state()
     seen, sent = [], []
 
     async def vllm_stand_in(scope, receive, send):
@@ -279,6 +288,25 @@ def test_the_http_path_validates_once(monkeypatch):
     VASLogitsProcessor.validate_params(params)
 
 
+def test_a_preset_chosen_alone_is_admitted_once(monkeypatch):
+    """A preset chosen with no steering of its own: vLLM gets what the preset's settings written
+    out in the request's own fields give, and they are validated at the preset's first request
+    only (the preset path's share of the middleware's cost)."""
+    from vas_server.http.server_view import ServerView
+    from vas_server.http.steering_fields import rewrite_request
+
+    server = ServerView.of(_demo_app_state())
+    validations = []
+    from_api = VASRequest.from_api
+    monkeypatch.setattr(VASRequest, "from_api", lambda body, heads: validations.append(body) or from_api(body, heads))
+    written_out = rewrite_request(server, {"model": "base", "prompt": "hi", "vas_weights": {"positive": 2.0}}, b"")
+    first, second = (rewrite_request(server, {"model": "positive", "prompt": "hi"}, b"") for _ in range(2))
+    assert first.body == second.body == written_out.body and first.report == second.report == written_out.report
+    assert first.preset == "positive" and len(validations) == 2  # the written-out request's and the first preset's
+    with pytest.raises(VASParamError, match="unknown field 'vas_topk'"):  # the request's own fields: validated
+        rewrite_request(server, {"model": "positive", "prompt": "hi", "vas_topk": 5}, b"")
+
+
 # -- the request contract (VASRequest, a strict pydantic model), as an HTTP client meets it ---------
 
 
@@ -288,7 +316,9 @@ def test_the_http_path_validates_once(monkeypatch):
     ({"vllm_xargs": {"vas": {"weights": {"positive": 1}, "head": True}}}, "vllm_xargs",
      r"unknown VAS setting\(s\) \['head'\]"),
     # strict: no coercion, and the field the client wrote is named
-    ({"vas_weights": {"positive": "2"}}, "vas_weights", r"vas_weights\['positive'\] must be a number in -100..100, got '2'"),
+    ({"vas_weights": {"positive": "2"}}, "vas_weights.positive",
+     r"vas_weights\.positive must be a number in -100..100, got '2'"),
+    ({"vas_weights": {"positive": 1, "nope": 1}}, "vas_weights.nope", "vas_weights: unknown head 'nope'"),
     ({"vas_weights": {"positive": 1}, "vas_top_k": "5"}, "vas_top_k", "vas_top_k must be an integer in 1..256, got '5'"),
     ({"vas_weights": {"positive": 1}, "vas_top_k": 5.0}, "vas_top_k", "vas_top_k must be an integer in 1..256, got 5.0"),
     ({"vas_weights": {"positive": 1}, "vas_restrict_to_top_k": 1}, "vas_restrict_to_top_k",

@@ -71,7 +71,7 @@ def test_plain_vllm_serve_steers_with_vas_flags(plain_server, tokenizer, liked_t
 def test_plain_vllm_serve_refuses_invalid_settings(plain_server):
     with pytest.raises(openai.BadRequestError) as e:
         _complete(plain_server, {"likes": "lots"})
-    assert e.value.status_code == 400 and "vas_weights['likes'] must be a number" in str(e.value)
+    assert e.value.status_code == 400 and "vas_weights.likes must be a number" in str(e.value)
 
 
 def test_plain_vllm_serve_runs_an_unknown_head_unsteered_and_logs_it(plain_server, server_log):

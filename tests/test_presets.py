@@ -115,7 +115,7 @@ def _configure(tiny_base, value_models, *argv):
 
 @pytest.mark.parametrize("preset, message", [
     ("happy=nope:2", "preset 'happy': vas_weights: unknown head 'nope'"),
-    ("happy=likes:101", "preset 'happy': vas_weights['likes'] must be a number in -100..100"),
+    ("happy=likes:101", "preset 'happy': vas_weights.likes must be a number in -100..100"),
     ("happy=likes:2@K=0", "preset 'happy': vas_top_k must be an integer in 1..256"),
     ("tiny=likes:2", "preset 'tiny' has the name of a served model"),
     ("likes=likes:3", "preset 'likes' has the name of a head"),
@@ -165,7 +165,7 @@ def test_a_configured_preset_is_held_to_the_request_contract():
     assert PresetTable.build({"calm": table.get("calm").to_json()}, ["likes", "t1"], []).get("calm") == table.get("calm")
     for raw, message in [({"weights": {"likes": 1}, "topk": 3}, r"unknown VAS setting\(s\) \['topk'\]"),
                          ({"weights": {"likes": 1}, "top_k": "3"}, "vas_top_k must be an integer"),
-                         ({"weights": {"likes": True}}, r"vas_weights\['likes'\] must be a number")]:
+                         ({"weights": {"likes": True}}, r"vas_weights\.likes must be a number")]:
         with pytest.raises(ValueError, match=f"preset 'calm': {message}"):
             PresetTable.build({"calm": raw}, ["likes"], [])
 

@@ -115,7 +115,7 @@ def test_swap_exchanges_rows_and_their_settings():
     proc = processor()
     proc.update_state(update(2, added=[add(0, 2.0, prompt=(10,)), add(1, None)]))
     proc.update_state(update(2, moved=[(0, 1, MoveDirectionality.SWAP)]))
-    assert list(proc.rows) == [1] and proc.rows[1].input.prompt == [10]
+    assert list(proc.rows) == [1] and proc.rows[1].value_row.prompt == [10]
     before = logits(2)
     out = proc.apply(before.clone())
     assert torch.equal(out[0], before[0]) and not torch.equal(out[1], before[1])
@@ -125,7 +125,7 @@ def test_one_way_move_overwrites_the_target_and_frees_its_slot():
     proc = processor()
     proc.update_state(update(3, added=[add(0, 1.0, prompt=(10,)), add(2, 1.0, prompt=(12,))]))
     proc.update_state(update(2, removed=[1], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
-    assert list(proc.rows) == [0] and proc.rows[0].input.prompt == [12]
+    assert list(proc.rows) == [0] and proc.rows[0].value_row.prompt == [12]
     assert proc.steering.runtime.slots_in_use == 1
 
 
@@ -135,7 +135,7 @@ def test_preempted_request_is_re_added_with_its_outputs():
     proc.update_state(update(0, removed=[0]))  # preempted: removed, its slot freed
     assert proc.steering.runtime.slots_in_use == 0
     proc.update_state(update(1, added=[add(0, 1.0, prompt=(1, 2), outputs=(3, 4))]))
-    assert proc.steering.resumed_requests == 1 and proc.rows[0].input.outputs == [3, 4]
+    assert proc.steering.resumed_requests == 1 and proc.rows[0].value_row.outputs == [3, 4]
     assert proc.steering.runtime.slots_in_use == 1
 
 
@@ -185,7 +185,7 @@ def test_rows_without_top_k_take_the_value_models_declared_default():
                              use_v2_model_runner=False)
     proc = VASLogitsProcessor(config, torch.device("cpu"), False)
     proc.steering.runtime = FakeRuntime(4)
-    proc.steering.heads = {"h": SimpleNamespace(default_top_k=2)}  # as vas.json's default_top_k would say
+    proc.steering.head_infos = {"h": SimpleNamespace(default_top_k=2)}  # as vas.json's default_top_k would say
     proc.update_state(update(2, added=[add(0, 1.0), add(1, 1.0, top_k=4)]))
     assert proc.rows[0].top_k == 2 and proc.rows[1].top_k == 4  # the request's vas_top_k wins
     before = logits(2)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vas_server.core.model import load_value_model
-from vas_server.core.value_runtime import ScoredRequest, ValueRuntime
+from vas_server.core.value_runtime import ValueRow, ValueRuntime
 from vas_server.remote.scoring import BatchedScorer
 
 
@@ -25,25 +25,25 @@ def make_runtime(tiny_base, value_models):
 def _requests(runtime: ValueRuntime, count: int, seed: int = 0):
     rng = random.Random(seed)
     vocab = runtime.scorers[0].trunk.config.vocab_size
-    heads = frozenset(range(len(runtime.head_names)))
+    head_ids = frozenset(range(len(runtime.head_names)))
     prompts = [[rng.randrange(vocab) for _ in range(rng.randrange(2, 12))] for _ in range(count)]
     candidates = [[rng.randrange(vocab) for _ in range(k)] for k in rng.choices([3, 5, 8], k=count)]
-    return prompts, candidates, heads
+    return prompts, candidates, head_ids
 
 
 def test_loops_ready_together_are_one_batch_with_the_values_each_gets_alone(make_runtime):
     runtime, alone = make_runtime(), make_runtime()
-    prompts, candidates, heads = _requests(runtime, 5)
+    prompts, candidates, head_ids = _requests(runtime, 5)
     scorer = BatchedScorer(runtime)
 
     async def loops():
-        rows = [ScoredRequest(await scorer.allocate(), p, [], heads) for p in prompts]
+        rows = [ValueRow(await scorer.allocate(), p, [], head_ids) for p in prompts]
         return await asyncio.gather(*(scorer.values(r, c) for r, c in zip(rows, candidates)))
 
     batched = asyncio.run(loops())
     assert (scorer.batches, scorer.rows) == (1, 5)
     for p, c, values in zip(prompts, candidates, batched):
-        want = alone.score([ScoredRequest(alone.allocate(), p, [], heads)], torch.tensor([c]))[0]
+        want = alone.score([ValueRow(alone.allocate(), p, [], head_ids)], torch.tensor([c]))[0]
         assert values.shape == (len(runtime.head_names), len(c))
         torch.testing.assert_close(values, want, atol=1e-4, rtol=0)
 
@@ -65,12 +65,12 @@ class BlockingRuntime:
 
 def test_a_cancelled_loop_is_not_scored_and_a_slot_waits_for_the_running_batch(make_runtime):
     runtime = BlockingRuntime(make_runtime(max_requests=2))
-    prompts, candidates, heads = _requests(runtime.runtime, 3)
+    prompts, candidates, head_ids = _requests(runtime.runtime, 3)
     scorer = BatchedScorer(runtime)
 
     async def scenario():
-        a = ScoredRequest(await scorer.allocate(), prompts[0], [], heads)
-        b = ScoredRequest(await scorer.allocate(), prompts[1], [], heads)
+        a = ValueRow(await scorer.allocate(), prompts[0], [], head_ids)
+        b = ValueRow(await scorer.allocate(), prompts[1], [], head_ids)
         first = asyncio.create_task(scorer.values(a, candidates[0]))
         await asyncio.sleep(0.2)  # the batch [a] is running, held
         cancelled = asyncio.create_task(scorer.values(b, candidates[1]))
@@ -94,12 +94,12 @@ def test_rows_advanced_before_scoring_get_the_values_of_scoring_alone(make_runti
     """The loops' pattern: advance (the chosen token; the prompt at first) without waiting, then
     score; over three steps, each row's values equal those of a runtime that only scores."""
     runtime, alone = make_runtime(), make_runtime()
-    prompts, candidates, heads = _requests(runtime, 3, seed=1)
+    prompts, candidates, head_ids = _requests(runtime, 3, seed=1)
     scorer = BatchedScorer(runtime)
 
     async def steps():
-        rows = [ScoredRequest(await scorer.allocate(), p, [], heads) for p in prompts]
-        twins = [ScoredRequest(alone.allocate(), p, r.outputs, heads) for p, r in zip(prompts, rows)]
+        rows = [ValueRow(await scorer.allocate(), p, [], head_ids) for p in prompts]
+        twins = [ValueRow(alone.allocate(), p, r.outputs, head_ids) for p, r in zip(prompts, rows)]
         for step in range(3):
             advanced = [scorer.advance(r) for r in rows]
             got = await asyncio.gather(*(scorer.values(r, c) for r, c in zip(rows, candidates)))

@@ -32,15 +32,15 @@ def test_bonus_is_finite_whatever_the_values():
     assert torch.isfinite(b).all() and b.abs().max() <= rule.MAX_BONUS
 
 
-def test_steer_adds_the_bonus_to_candidates_and_restricts():
+def test_add_bonus_adds_the_bonus_to_candidates_and_restricts():
     logits = torch.tensor([[0.0, 5.0, 1.0, 4.0], [0.0, 5.0, 1.0, 4.0]])
     candidates = torch.tensor([[1, 3], [1, 3]])
     b = torch.tensor([[-2.0, 2.0], [-2.0, 2.0]])
     valid = torch.tensor([[True, True], [True, False]])
-    out = rule.steer_(logits.clone(), candidates, b, valid, torch.tensor([False, True]))
+    out = rule.add_bonus_(logits.clone(), candidates, b, valid, torch.tensor([False, True]))
     assert out[0].tolist() == [0.0, 3.0, 1.0, 6.0]  # unrestricted: the rest keeps its logits
     assert out[1].tolist() == [-math.inf, 3.0, -math.inf, -math.inf]  # restricted to its one valid candidate
     # No restricted row (restrict None): the same as an all-False mask; the logits are steered in place.
-    unrestricted = rule.steer_(logits, candidates, b, valid, None)
+    unrestricted = rule.add_bonus_(logits, candidates, b, valid, None)
     assert unrestricted is logits and logits[0].tolist() == [0.0, 3.0, 1.0, 6.0]
     assert logits[1].tolist() == [0.0, 3.0, 1.0, 4.0]  # its invalid candidate keeps its logit

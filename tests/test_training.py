@@ -94,10 +94,10 @@ def true_values(sample: Sample) -> dict[str, list[float]]:
 def value_rmse(model_dir: Path, base_dir: Path, samples: list[Sample]) -> dict[str, float]:
     model = load_value_model(model_dir, base_dir)
     predicted = state_values(model, [s.prompt_token_ids for s in samples], [s.response_token_ids for s in samples])
-    errors: dict[str, list[float]] = {name: [] for name in model.heads.names}
+    errors: dict[str, list[float]] = {name: [] for name in model.value_heads.names}
     for s, values in zip(samples, predicted):
         truth = true_values(s)
-        for h, name in enumerate(model.heads.names):
+        for h, name in enumerate(model.value_heads.names):
             errors[name].extend(((values[h] - torch.tensor(truth[name])) ** 2).tolist())
     return {name: (sum(e) / len(e)) ** 0.5 for name, e in errors.items()}
 
@@ -160,7 +160,7 @@ def test_soft_fit_learns_soft_values(models, vocab_hash, tmp_path):
 
     model = load_value_model(result.path, models["base"])
     values = state_values(model, [s.prompt_token_ids for s in fresh], [s.response_token_ids for s in fresh])
-    h = model.heads.names.index("first")
+    h = model.value_heads.names.index("first")
     before = torch.tensor([float(v[h, 0]) for v in values])
     after = torch.cat([v[h, 1:] - first_reward(s.response_token_ids[0]) for s, v in zip(fresh, values)])
     assert float(before.mean()) == pytest.approx(soft, abs=0.1)
@@ -195,7 +195,7 @@ def test_lora_checkpoint_round_trip(models, vocab_hash, tmp_path):
     batch = make_batch([s.prompt_token_ids for s in samples], [s.response_token_ids for s in samples])
     with torch.no_grad():
         hidden = hf.base_model.model.model(input_ids=batch.tokens).last_hidden_state
-        reference = head_values(served.heads, gather_states(hidden, batch.positions),
+        reference = head_values(served.value_heads, gather_states(hidden, batch.positions),
                                 served.trunk.embed_tokens.weight, batch.next_tokens)
     ours = state_values(served, [s.prompt_token_ids for s in samples], [s.response_token_ids for s in samples],
                         reward_units=False)

@@ -9,7 +9,7 @@ import torch
 
 from reference_vas import ReferenceValueModel
 from vas_server.core.model import load_value_model
-from vas_server.core.value_runtime import ScoredRequest, ValueRuntime
+from vas_server.core.value_runtime import ValueRow, ValueRuntime
 
 
 @pytest.fixture(params=["preset", "grown"])
@@ -39,7 +39,7 @@ def test_runtime_values_match_reference(tiny_base, value_models, cache_growth):
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (3, 9, 5)]
     slots = [runtime.allocate() for _ in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
-    rows = [ScoredRequest(slot, p, o, all_heads) for slot, p, o in zip(slots, prompts, outputs)]
+    rows = [ValueRow(slot, p, o, all_heads) for slot, p, o in zip(slots, prompts, outputs)]
     compared = 0
     for step in range(6):
         candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)] for _ in rows])
@@ -64,7 +64,7 @@ def test_runtime_values_match_reference(tiny_base, value_models, cache_growth):
     # A released slot is rebuilt from scratch for a new request (e.g. a resumed preemption).
     runtime.release(slots[1])
     slot = runtime.allocate()
-    resumed = ScoredRequest(slot, prompts[1], outputs[1][:4], all_heads)
+    resumed = ValueRow(slot, prompts[1], outputs[1][:4], all_heads)
     candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)]])
     values = runtime.score([resumed], candidates)
     for g, head in enumerate(runtime.head_names):
@@ -78,7 +78,7 @@ def test_rows_only_run_the_trunks_they_use(tiny_base, value_models):
     runtime = ValueRuntime(models, max_requests=2, max_len=64, device="cpu", dtype=torch.float32)
     only_alone = frozenset([runtime.head_index["s3"]])
     slot = runtime.allocate()
-    row = ScoredRequest(slot, [1, 2, 3], [], only_alone)
+    row = ValueRow(slot, [1, 2, 3], [], only_alone)
     runtime.score([row], torch.tensor([[5, 6, 7, 8]]))
     assert int(runtime.scorers[0].cached[slot]) == 0  # the prefix trunk never ran
     assert int(runtime.scorers[1].cached[slot]) == 3
@@ -113,7 +113,7 @@ def test_drafted_positions_score_as_if_committed_and_only_accepted_ones_stay(tin
     all_heads = frozenset(range(len(runtime.head_names)))
     K, n = 5, 4
     runtime.allocate()  # slot 0 taken: the row's slot is not the first
-    row = ScoredRequest(runtime.allocate(), [rng.randrange(vocab) for _ in range(7)], [], all_heads)
+    row = ValueRow(runtime.allocate(), [rng.randrange(vocab) for _ in range(7)], [], all_heads)
 
     def check(values, prefix, candidates):
         _assert_reference_values(runtime, refs, values, prefix, candidates, all_heads)
@@ -140,7 +140,7 @@ def test_drafts_of_several_rows_score_in_one_batch_as_each_alone(tiny_base, valu
     vocab = runtime.scorers[0].trunk.config.vocab_size
     all_heads = frozenset(range(len(runtime.head_names)))
     only_alone = frozenset([runtime.head_index["s3"]])
-    rows = [ScoredRequest(runtime.allocate(), [rng.randrange(vocab) for _ in range(p)], [], heads)
+    rows = [ValueRow(runtime.allocate(), [rng.randrange(vocab) for _ in range(p)], [], heads)
             for p, heads in ((3, all_heads), (9, all_heads), (5, only_alone))]
     for round_, accepted in enumerate(((2, 0, 1), (0, 3, 0))):
         runtime.advance(rows)
@@ -152,7 +152,7 @@ def test_drafts_of_several_rows_score_in_one_batch_as_each_alone(tiny_base, valu
             assert values[b].shape == (shapes[b][0], len(runtime.head_names), shapes[b][1])
             for i in range(shapes[b][0]):
                 _assert_reference_values(runtime, refs, values[b][i], row.prompt + row.outputs + drafts[b][:i],
-                                         candidates[b][i].tolist(), row.heads, (round_, b, i))
+                                         candidates[b][i].tolist(), row.head_ids, (round_, b, i))
         for b, row in enumerate(rows):
             runtime.commit_draft(row, accepted[b])
             row.outputs += drafts[b][:accepted[b]] + [rng.randrange(vocab)]
@@ -160,4 +160,4 @@ def test_drafts_of_several_rows_score_in_one_batch_as_each_alone(tiny_base, valu
     values = runtime.score(rows, candidates)
     for b, row in enumerate(rows):
         _assert_reference_values(runtime, refs, values[b], row.prompt + row.outputs, candidates[b].tolist(),
-                                 row.heads, (b,))
+                                 row.head_ids, (b,))

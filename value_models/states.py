@@ -50,15 +50,15 @@ def gather_states(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
     return torch.gather(hidden, 1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def head_values(heads: ValueHeads, state_hidden: torch.Tensor, embed: torch.Tensor,
+def head_values(value_heads: ValueHeads, state_hidden: torch.Tensor, embed: torch.Tensor,
                 next_tokens: torch.Tensor) -> torch.Tensor:
-    """Values of every head at every state, in `heads.names` order: [n_heads, B, T]
+    """Values of every head at every state, in `value_heads.names` order: [n_heads, B, T]
     (standardised reward units)."""
     B, T, H = state_hidden.shape
     parts = []
-    if heads.state_names:
-        parts.append(heads.state_values(state_hidden).permute(2, 0, 1))
-    if heads.token_names:
-        flat = heads.token_values(state_hidden.reshape(B * T, H), embed, next_tokens.reshape(B * T, 1))
-        parts.append(flat.reshape(len(heads.token_names), B, T))
+    if value_heads.state_names:
+        parts.append(value_heads.state_values(state_hidden).permute(2, 0, 1))
+    if value_heads.token_names:
+        flat = value_heads.token_values(state_hidden.reshape(B * T, H), embed, next_tokens.reshape(B * T, 1))
+        parts.append(flat.reshape(len(value_heads.token_names), B, T))
     return torch.cat(parts, dim=0)

@@ -143,11 +143,11 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     trunk = TrainingTrunk(config.trunk)
     specs = [HeadSpec(h.name, h.kind, h.description or h.reward, float(m), float(s), len(samples))
              for h, m, s in zip(config.heads, reward_mean, reward_std)]
-    heads = ValueHeads(specs, trunk.hidden_size, trunk.vocab_size)
+    value_heads = ValueHeads(specs, trunk.hidden_size, trunk.vocab_size)
     # ValueHeads orders heads state-first; keep the reward rows in that same order.
-    order = [[h.name for h in config.heads].index(n) for n in heads.names]
+    order = [[h.name for h in config.heads].index(n) for n in value_heads.names]
     rewards = rewards[order]
-    optimizer = _optimizer(heads, trunk, config)
+    optimizer = _optimizer(value_heads, trunk, config)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
 
     spec = ValueModelSpec(
@@ -161,7 +161,7 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     step, curve = 0, []
     fingerprint = _run_fingerprint(config, samples)
     if state_path.is_file():
-        step, curve = _restore(state_path, fingerprint, heads, trunk, optimizer)
+        step, curve = _restore(state_path, fingerprint, value_heads, trunk, optimizer)
 
     cached_hidden = (None if config.trunk.trainable
                      else _trunk_states(trunk, samples + held_out, config, progress, states_cache))
@@ -169,18 +169,18 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     held_ids = list(range(len(samples), len(samples) + len(held_out)))
     proxy_rows = _proxy_rows(held_out)
     if held_out:
-        _explain_proxy_gaps(heads, held_out, proxy_rows)
+        _explain_proxy_gaps(value_heads, held_out, proxy_rows)
 
     def validate(epoch: int) -> None:
         if held_out and not any("validation" in c and c["epoch"] == epoch for c in curve):
-            curve.append(_validation(trunk, heads, embed, held_out, rewards[:, held_ids], cached_hidden, held_ids,
+            curve.append(_validation(trunk, value_heads, embed, held_out, rewards[:, held_ids], cached_hidden, held_ids,
                                      proxy_rows, config, step, epoch, curve))
 
     validate(-1)
     bar = tqdm(total=total_steps, initial=step, desc="fit", disable=not progress)
     while step < total_steps:
         if stop_after_steps is not None and step >= stop_after_steps:
-            _save(out_dir, spec, heads, trunk, optimizer, fingerprint, step, curve, final=False)
+            _save(out_dir, spec, value_heads, trunk, optimizer, fingerprint, step, curve, final=False)
             bar.close()
             return FitResult(out_dir, step, curve)
         epoch = step // batches_per_epoch
@@ -188,18 +188,18 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
         scale = 1.0 - step / total_steps if config.lr_decay == "linear" else 1.0  # a function of step: resumes exactly
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * scale
-        losses = _train_batch(trunk, heads, optimizer, embed, [samples[i] for i in ids], rewards[:, ids],
+        losses = _train_batch(trunk, value_heads, optimizer, embed, [samples[i] for i in ids], rewards[:, ids],
                               cached_hidden, ids, config)
         step += 1
-        curve.append({"step": step, "epoch": epoch, "loss": dict(zip(heads.names, losses))})
+        curve.append({"step": step, "epoch": epoch, "loss": dict(zip(value_heads.names, losses))})
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses):.4f}", **_last_validation(curve))
         if step % batches_per_epoch == 0:
             validate(epoch)
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
-            _save(out_dir, spec, heads, trunk, optimizer, fingerprint, step, curve, final=False)
+            _save(out_dir, spec, value_heads, trunk, optimizer, fingerprint, step, curve, final=False)
     bar.close()
-    _save(out_dir, spec, heads, trunk, optimizer, fingerprint, step, curve, final=True)
+    _save(out_dir, spec, value_heads, trunk, optimizer, fingerprint, step, curve, final=True)
     return FitResult(out_dir, step, curve)
 
 
@@ -215,11 +215,11 @@ def _checked_tokenizer(samples: list[Sample], config: FitConfig):
     return trunk_identity
 
 
-def _optimizer(heads: ValueHeads, trunk: TrainingTrunk, config: FitConfig) -> torch.optim.AdamW:
+def _optimizer(value_heads: ValueHeads, trunk: TrainingTrunk, config: FitConfig) -> torch.optim.AdamW:
     """AdamW with one learning rate for the heads, one for the token projection, one for LoRA."""
     proj_lr = config.lr if config.token_proj_lr is None else config.token_proj_lr
-    groups = [{"params": [p for n, p in heads.named_parameters() if n != "token_proj"], "lr": config.lr},
-              {"params": [heads.token_proj], "lr": proj_lr}]
+    groups = [{"params": [p for n, p in value_heads.named_parameters() if n != "token_proj"], "lr": config.lr},
+              {"params": [value_heads.token_proj], "lr": proj_lr}]
     if config.trunk.trainable:
         groups.append({"params": list(trunk.trainable_parameters().values()), "lr": config.trunk_lr})
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
@@ -232,13 +232,13 @@ def _batch_ids(step: int, batches_per_epoch: int, num_samples: int, config: FitC
     return permutation[index_in_epoch * config.batch_size:(index_in_epoch + 1) * config.batch_size].tolist()
 
 
-def _validation(trunk, heads, embed, held_out, held_rewards, cached_hidden, held_ids, proxy_rows, config: FitConfig,
-                step: int, epoch: int, curve: list[dict]) -> dict:
+def _validation(trunk, value_heads, embed, held_out, held_rewards, cached_hidden, held_ids, proxy_rows,
+                config: FitConfig, step: int, epoch: int, curve: list[dict]) -> dict:
     """The curve entry of a validation after `epoch` (-1: before training), reported on the
     console with a warning when a head's held-out error rose by more than RISE."""
-    error_list, proxy = _held_out_metrics(trunk, heads, embed, held_out, held_rewards, cached_hidden,
+    error_list, proxy = _held_out_metrics(trunk, value_heads, embed, held_out, held_rewards, cached_hidden,
                                           held_ids, proxy_rows, config)
-    errors = dict(zip(heads.names, error_list))
+    errors = dict(zip(value_heads.names, error_list))
     report = " ".join(f"{k} {v:.4f}" for k, v in errors.items())
     if proxy:
         report += (f"; steering proxy corr(S, r) on {len(proxy_rows)} of them: "
@@ -266,10 +266,10 @@ def _split(samples: list[Sample], config: FitConfig) -> tuple[list[Sample], list
     return [s for i, s in enumerate(samples) if i not in held], [samples[i] for i in sorted(held)]
 
 
-def _training_stats(raw_rewards: torch.Tensor, heads: list[HeadPlan]) -> tuple[torch.Tensor, torch.Tensor]:
+def _training_stats(raw_rewards: torch.Tensor, head_plans: list[HeadPlan]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each head's reward mean and std over the training samples (the standardisation)."""
     reward_mean, reward_std = raw_rewards.mean(dim=1), raw_rewards.std(dim=1)
-    for h, std in zip(heads, reward_std.tolist()):
+    for h, std in zip(head_plans, reward_std.tolist()):
         if not std > 0:
             raise ValueError(f"head {h.name!r}: every training reward is the same; there is nothing to learn")
     return reward_mean, reward_std
@@ -296,29 +296,30 @@ def _proxy_rows(held_out: list[Sample]) -> list[int]:
     return rows
 
 
-def _explain_proxy_gaps(heads: ValueHeads, held_out: list[Sample], proxy_rows: list[int]) -> None:
+def _explain_proxy_gaps(value_heads: ValueHeads, held_out: list[Sample], proxy_rows: list[int]) -> None:
     """Say once which heads get no steering proxy, and why."""
-    if heads.state_names:
+    if value_heads.state_names:
         # A state head's candidate values V(s + a) need one trunk position per candidate; the
         # training states hold only the sampled token's.
-        tqdm.write(f"fit: the steering proxy is reported for token heads only, not for {', '.join(heads.state_names)}")
-    if heads.token_names and not proxy_rows:
+        tqdm.write("fit: the steering proxy is reported for token heads only, not for "
+                   f"{', '.join(value_heads.state_names)}")
+    if value_heads.token_names and not proxy_rows:
         tqdm.write(f"fit: none of the {len(held_out)} held-out responses is a base sample with top-K candidates "
                    "(sampled before `vas-train sample` recorded them, with --record-top-k 0, or steered): "
                    "no steering proxy")
 
 
 @torch.no_grad()
-def _held_out_metrics(trunk: TrainingTrunk, heads: ValueHeads, embed, samples: list[Sample], rewards: torch.Tensor,
-                      cached_hidden, ids: list[int], proxy_rows: list[int],
+def _held_out_metrics(trunk: TrainingTrunk, value_heads: ValueHeads, embed, samples: list[Sample],
+                      rewards: torch.Tensor, cached_hidden, ids: list[int], proxy_rows: list[int],
                       config: FitConfig) -> tuple[list[float], dict[str, float]]:
     """Per head: mean (v - G)^2 over the held-out responses' states, G their Monte-Carlo return
     (td_lambda_returns with λ = 1: the discounted standardised reward, whatever the values). Per
     token head: the steering proxy's corr(S, r) over the held-out samples `proxy_rows` ({} when
     there are none), from the same trunk states."""
-    sums = torch.zeros(len(heads.names), dtype=torch.float64)
+    sums = torch.zeros(len(value_heads.names), dtype=torch.float64)
     count = 0
-    proxy = ProxySums(len(proxy_rows), len(heads.token_names)) if proxy_rows and heads.token_names else None
+    proxy = ProxySums(len(proxy_rows), len(value_heads.token_names)) if proxy_rows and value_heads.token_names else None
     proxy_index = {row: n for n, row in enumerate(proxy_rows)}
     # Candidates per step: the fewest any scored step has (all steps of a sampling run have K).
     k = min((len(step_ids) for row in proxy_rows for step_ids, _ in samples[row].topk), default=0)
@@ -326,22 +327,23 @@ def _held_out_metrics(trunk: TrainingTrunk, heads: ValueHeads, embed, samples: l
         chunk, chunk_ids = samples[start:start + config.batch_size], ids[start:start + config.batch_size]
         batch = make_batch([s.prompt_token_ids for s in chunk], [s.response_token_ids for s in chunk])
         state_hidden = _states(trunk, batch, cached_hidden, chunk_ids)
-        values = head_values(heads, state_hidden, embed, batch.next_tokens)
+        values = head_values(value_heads, state_hidden, embed, batch.next_tokens)
         for h in range(values.shape[0]):
             returns = td_lambda_returns(values[h], rewards[h, start:start + len(chunk)], batch.lengths, lam=1.0,
                                         gamma=config.gamma)
             sums[h] += ((values[h] - returns) ** 2)[batch.mask].double().sum()
         count += int(batch.mask.sum())
         if proxy is not None:
-            _add_proxy_steps(proxy, heads, embed, state_hidden, batch.next_tokens, chunk,
+            _add_proxy_steps(proxy, value_heads, embed, state_hidden, batch.next_tokens, chunk,
                              [proxy_index.get(start + b) for b in range(len(chunk))], k)
     if proxy is None:
         return (sums / count).tolist(), {}
-    token_rewards = rewards[len(heads.state_names):, proxy_rows]  # heads are ordered state-first
-    return (sums / count).tolist(), {name: proxy.corr(j, token_rewards[j]) for j, name in enumerate(heads.token_names)}
+    token_rewards = rewards[len(value_heads.state_names):, proxy_rows]  # heads are ordered state-first
+    proxy_corr = {name: proxy.corr(j, token_rewards[j]) for j, name in enumerate(value_heads.token_names)}
+    return (sums / count).tolist(), proxy_corr
 
 
-def _add_proxy_steps(proxy: ProxySums, heads: ValueHeads, embed, state_hidden: torch.Tensor,
+def _add_proxy_steps(proxy: ProxySums, value_heads: ValueHeads, embed, state_hidden: torch.Tensor,
                      next_tokens: torch.Tensor, chunk: list[Sample], proxy_ids: list[int | None], k: int) -> None:
     """Add to `proxy` every step of the chunk's samples that have a proxy index (proxy_ids[b]):
     the token heads' values at the step's first k top-K candidates, read at the step's trunk state
@@ -358,11 +360,11 @@ def _add_proxy_steps(proxy: ProxySums, heads: ValueHeads, embed, state_hidden: t
         return
     b, t, rows = torch.tensor(where).T
     candidates = torch.tensor(candidates)
-    values = heads.token_values(state_hidden[b, t], embed, candidates)  # [n_token, steps, k]
+    values = value_heads.token_values(state_hidden[b, t], embed, candidates)  # [n_token, steps, k]
     proxy.add(rows, values.permute(1, 0, 2), candidates, torch.tensor(logp0, dtype=torch.float64), next_tokens[b, t])
 
 
-def _train_batch(trunk: TrainingTrunk, heads: ValueHeads, optimizer, embed, batch_samples, batch_rewards,
+def _train_batch(trunk: TrainingTrunk, value_heads: ValueHeads, optimizer, embed, batch_samples, batch_rewards,
                  cached_hidden, ids, config: FitConfig) -> list[float]:
     batch = make_batch([s.prompt_token_ids for s in batch_samples], [s.response_token_ids for s in batch_samples])
     if cached_hidden is not None:  # a frozen trunk: the same states in every pass
@@ -370,7 +372,7 @@ def _train_batch(trunk: TrainingTrunk, heads: ValueHeads, optimizer, embed, batc
     for _ in range(config.passes_per_batch):
         if cached_hidden is None:
             state_hidden = _states(trunk, batch, None, ids)
-        values = head_values(heads, state_hidden, embed, batch.next_tokens)  # [n_heads, B, T]
+        values = head_values(value_heads, state_hidden, embed, batch.next_tokens)  # [n_heads, B, T]
         per_head = []
         for h in range(values.shape[0]):
             targets = td_lambda_returns(values[h], batch_rewards[h], batch.lengths, lam=config.lam, gamma=config.gamma)
@@ -442,10 +444,10 @@ def _pad_cached(rows: list[torch.Tensor], length: int) -> torch.Tensor:
     return out
 
 
-def _reward_matrix(samples: list[Sample], heads: list[HeadPlan]) -> torch.Tensor:
-    """[n_heads, N] raw rewards, in `heads` order."""
+def _reward_matrix(samples: list[Sample], head_plans: list[HeadPlan]) -> torch.Tensor:
+    """[n_heads, N] raw rewards, in `head_plans` order."""
     rows = []
-    for h in heads:
+    for h in head_plans:
         missing = sum(1 for s in samples if h.reward not in s.rewards)
         if missing:
             raise ValueError(f"head {h.name!r}: {missing} samples have no reward {h.reward!r}; run `score` first")
@@ -471,10 +473,10 @@ def _run_fingerprint(config: FitConfig, samples: list[Sample]) -> str:
     return json.dumps({"config": config.to_json(), "data": data.hexdigest()}, sort_keys=True)
 
 
-def _save(out_dir: Path, spec: ValueModelSpec, heads: ValueHeads, trunk: TrainingTrunk, optimizer, fingerprint: str,
-          step: int, curve: list[dict], *, final: bool) -> None:
+def _save(out_dir: Path, spec: ValueModelSpec, value_heads: ValueHeads, trunk: TrainingTrunk, optimizer,
+          fingerprint: str, step: int, curve: list[dict], *, final: bool) -> None:
     lora_dir, standalone_dir = trunk.save(out_dir)
-    save_value_model(out_dir, spec, heads, lora_dir=lora_dir, standalone_dir=standalone_dir)
+    save_value_model(out_dir, spec, value_heads, lora_dir=lora_dir, standalone_dir=standalone_dir)
     (out_dir / CURVE_FILE).write_text(json.dumps(curve) + "\n")
     state_dir = out_dir / TRAIN_STATE_DIR
     if final:
@@ -484,7 +486,7 @@ def _save(out_dir: Path, spec: ValueModelSpec, heads: ValueHeads, trunk: Trainin
     state = {
         "run": fingerprint,
         "step": step,
-        "heads": heads.state_dict(),
+        "heads": value_heads.state_dict(),
         "trunk": {n: p.detach().clone() for n, p in trunk.trainable_parameters().items()},
         "optimizer": optimizer.state_dict(),
         "curve": json.dumps(curve),
@@ -494,13 +496,14 @@ def _save(out_dir: Path, spec: ValueModelSpec, heads: ValueHeads, trunk: Trainin
     os.replace(tmp, state_dir / TRAIN_STATE_FILE)  # an interruption mid-write keeps the old state
 
 
-def _restore(path: Path, fingerprint: str, heads: ValueHeads, trunk: TrainingTrunk, optimizer) -> tuple[int, list[dict]]:
+def _restore(path: Path, fingerprint: str, value_heads: ValueHeads, trunk: TrainingTrunk,
+             optimizer) -> tuple[int, list[dict]]:
     state = torch.load(path, weights_only=True)  # tensors and plain data only: no pickled code
     if state["run"] != fingerprint:
         raise ValueError(
             f"{path} holds the training state of a run with different settings; resume with the same "
             f"settings and data, or delete {path.parent} to start afresh")
-    heads.load_state_dict(state["heads"])
+    value_heads.load_state_dict(state["heads"])
     params = trunk.trainable_parameters()
     with torch.no_grad():
         for name, value in state["trunk"].items():

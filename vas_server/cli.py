@@ -186,20 +186,21 @@ def configure(args: argparse.Namespace, defaults: argparse.Namespace, given: dic
     return vas
 
 
-def ready_message(args: argparse.Namespace, heads: Sequence[str], url: str, presets: Sequence[str] = ()) -> str:
+def ready_message(args: argparse.Namespace, head_names: Sequence[str], url: str, presets: Sequence[str] = ()) -> str:
     """The lines printed once the server answers."""
     name = (args.served_model_name or [args.model])[0]
     body: dict[str, Any] = {"model": name, "prompt": "Hello, my name is", "max_tokens": 32}
-    if heads:
-        body["vas_weights"] = {sorted(heads)[0]: 2.0}
+    if head_names:
+        body["vas_weights"] = {sorted(head_names)[0]: 2.0}
     auth = f" -H \"Authorization: Bearer ${API_KEY_ENV}\"" if args.api_key else ""
     named = f"; presets: {', '.join(presets)}" if presets else ""
-    return (f"vas-server ready at {url}/v1 (model {name!r}, value heads: {', '.join(sorted(heads)) or 'none'}{named})\n"
+    listed = ", ".join(sorted(head_names)) or "none"
+    return (f"vas-server ready at {url}/v1 (model {name!r}, value heads: {listed}{named})\n"
             f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
             f"-d {shlex.quote(json.dumps(body))}")
 
 
-def announce_when_ready(args: argparse.Namespace, heads: Sequence[str], presets: Sequence[str] = ()) -> None:
+def announce_when_ready(args: argparse.Namespace, head_names: Sequence[str], presets: Sequence[str] = ()) -> None:
     """Print the ready lines from a thread once GET /health answers 200 (vLLM serves in this
     process's event loop, which this thread must not block)."""
     host = "localhost" if args.host in (None, "", "0.0.0.0", "::") else args.host
@@ -211,7 +212,7 @@ def announce_when_ready(args: argparse.Namespace, heads: Sequence[str], presets:
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
                     if response.status == 200:
-                        print(ready_message(args, heads, url, presets), flush=True)
+                        print(ready_message(args, head_names, url, presets), flush=True)
                         return
             except OSError:
                 pass

@@ -102,14 +102,14 @@ class VASConfig:
                                        spec.default_top_k)
         return out
 
-    def preset_table(self, heads: Mapping[str, HeadInfo], served_names: Collection[str]) -> "PresetTable":
+    def preset_table(self, head_infos: Mapping[str, HeadInfo], served_names: Collection[str]) -> "PresetTable":
         """Every preset the server offers (the configured ones and one per head), checked:
         ValueError naming the preset for an unknown head, a bad weight or top-K, or a name clash."""
         from vas_server.presets import PresetTable
 
-        return PresetTable.build(self.presets, list(heads), served_names)
+        return PresetTable.build(self.presets, list(head_infos), served_names)
 
-    def top_k_for(self, request: VASRequest, heads: Mapping[str, HeadInfo]) -> int:
+    def top_k_for(self, request: VASRequest, head_infos: Mapping[str, HeadInfo]) -> int:
         """A request's VAS top-K: its `vas_top_k`; else the server's `--default-top-k`; else the
         largest top-K declared by the value models of the heads it weights (for token heads the
         cost does not depend on K, so the larger choice costs nothing); else the spec's 20."""
@@ -117,5 +117,5 @@ class VASConfig:
             return request.top_k
         if self.default_top_k is not None:
             return self.default_top_k
-        declared = [heads[h].default_top_k for h in request.weights if h in heads]
+        declared = [head_infos[h].default_top_k for h in request.weights if h in head_infos]
         return max((k for k in declared if k is not None), default=DEFAULT_TOP_K)

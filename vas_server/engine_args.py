@@ -87,8 +87,8 @@ def engine_settings(vas: VASConfig | None, given: dict[str, Any]) -> dict[str, A
     settings["additional_config"] = {**(given.get("additional_config") or {}), **vas.to_additional_config()}
     if not vas.value_models:
         return settings
-    heads = vas.read_heads()  # fails fast, here, on a bad value-model directory or a name clash
-    if any(h.runtime == "separate" for h in heads.values()):
+    head_infos = vas.read_heads()  # fails fast, here, on a bad value-model directory or a name clash
+    if any(h.runtime == "separate" for h in head_infos.values()):
         # The value cache holds max_requests requests. Capping the scheduler's concurrency at the
         # same number makes further requests wait in vLLM's queue instead of overflowing it.
         # Shared-path models (config.runtime_path) keep no cache: with only those, no cap.

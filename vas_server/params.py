@@ -24,6 +24,9 @@ The contract is the model: strict types (a string is not a number, a bool is not
 float is not a top-K), no field beyond the three, `null` meaning the default. Every validation
 failure is a VASParamError naming the API field (`vas_weights`, ...), with this module's message
 (`_param_error`), not pydantic's: the message and the field are what a client of the 400 sees.
+The 400's `param` is the exact field, as a path in OpenAI's style (dots for object keys, as in
+`messages[0].content`): `vas_weights.positive` for the weight of head `positive`, the same path
+the body guard names (vas_server.http.request_guard) and the message starts with.
 """
 
 from __future__ import annotations
@@ -51,9 +54,9 @@ TopK = Annotated[int, Field(ge=TOP_K_RANGE[0], le=TOP_K_RANGE[1])]
 
 
 class VASParamError(VLLMValidationError, ValueError):
-    """Invalid steering settings. `parameter` names the API field (`vas_weights`, ...). A
-    VLLMValidationError, so that vLLM answers 400 naming the field; a ValueError for callers that
-    catch those."""
+    """Invalid steering settings. `parameter` names the API field (`vas_top_k`), or the path of a
+    value inside one (`vas_weights.positive`). A VLLMValidationError, so that vLLM answers 400
+    naming it; a ValueError for callers that catch those."""
 
     def __init__(self, param: str, message: str):
         super().__init__(message, parameter=param)
@@ -131,10 +134,11 @@ class VASRequest(BaseModel):
     @classmethod
     def parse(cls, raw: Mapping[str, Any], known_heads: Collection[str] | None = None) -> Self:
         """The validation of a settings object, the one both request paths run (and presets).
-        Raises VASParamError naming the API field for: an unknown key, weights that are not an
-        object, an unknown head (when `known_heads` is given), a weight that is not a number
-        (booleans and strings are not numbers) or whose magnitude exceeds MAX_ABS_WEIGHT, a
-        top_k that is not an integer in 1..256, a restrict_to_top_k that is not a boolean."""
+        Raises VASParamError naming the API field (the weight's path for a weight or an unknown
+        head) for: an unknown key, weights that are not an object, an unknown head (when
+        `known_heads` is given), a weight that is not a number (booleans and strings are not
+        numbers) or whose magnitude exceeds MAX_ABS_WEIGHT, a top_k that is not an integer in
+        1..256, a restrict_to_top_k that is not a boolean."""
         weights = raw.get("weights")
         if known_heads is not None and isinstance(weights, Mapping):
             # The server's heads are not the model's to know (the engine path has none), so they are
@@ -142,8 +146,8 @@ class VASRequest(BaseModel):
             # mistake worth a 400.
             for name in weights:
                 if name not in known_heads:
-                    raise VASParamError("vas_weights", f"vas_weights: unknown head {name!r}; known heads: "
-                                                       f"{', '.join(sorted(known_heads)) or '(none)'}")
+                    raise VASParamError(_weight_path(name), f"vas_weights: unknown head {name!r}; known heads: "
+                                                           f"{', '.join(sorted(known_heads)) or '(none)'}")
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
@@ -221,12 +225,16 @@ def _param_error(error: ValidationError) -> VASParamError:
     loc, value = first["loc"], first["input"]
     if not loc:  # not an object at all (parse was given something other than a mapping)
         return VASParamError("vllm_xargs", "vllm_xargs['vas'] must be a JSON object")
-    param = API_FIELDS[loc[0]]
     if loc[0] == "weights" and len(loc) == 2:  # one weight (for a key that is not a string: the object)
-        where, kind = f"{param}[{loc[1]!r}]", f"a number in -{MAX_ABS_WEIGHT:g}..{MAX_ABS_WEIGHT:g}"
+        param, kind = _weight_path(str(loc[1])), f"a number in -{MAX_ABS_WEIGHT:g}..{MAX_ABS_WEIGHT:g}"
     else:
-        where, kind = param, VASRequest.model_fields[loc[0]].description
-    return VASParamError(param, f"{where} must be {kind}, got {_short(value)}")
+        param, kind = API_FIELDS[loc[0]], VASRequest.model_fields[loc[0]].description
+    return VASParamError(param, f"{param} must be {kind}, got {_short(value)}")
+
+
+def _weight_path(head: str) -> str:
+    """The 400's `param` for the weight of `head`: its path in the body, OpenAI's style."""
+    return f"{API_FIELDS['weights']}.{head}"
 
 
 def _short(value: Any) -> str:

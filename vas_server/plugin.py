@@ -57,5 +57,4 @@ def check_vas_config(vllm_config) -> None:
     if not (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY):
         return
     config = VASConfig.from_additional_config(vllm_config.additional_config)
-    config.read_heads()
-    check_value_models(config, vllm_config.model_config)
+    check_value_models(config.read_heads(), vllm_config.model_config)  # one read of each vas.json

@@ -84,7 +84,7 @@ class PresetTable:
     presets: dict[str, Preset] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, configured: Mapping[str, Mapping[str, Any]], heads: Collection[str],
+    def build(cls, configured: Mapping[str, Mapping[str, Any]], head_names: Collection[str],
               reserved: Collection[str]) -> "PresetTable":
         """Check the configured presets (a name clashing with a head, with `reserved` ids such as
         the base's served names, or an unknown head or bad weight or top-K: ValueError naming the
@@ -93,17 +93,17 @@ class PresetTable:
         for name, raw in configured.items():
             if name in reserved:
                 raise ValueError(f"preset {name!r} has the name of a served model; choose another name")
-            if name in heads:
+            if name in head_names:
                 raise ValueError(f"preset {name!r} has the name of a head (every head is already a preset "
                                  f"at weight {DEFAULT_HEAD_WEIGHT:g}); choose another name")
             try:
-                preset = Preset.parse(raw.to_json() if isinstance(raw, Preset) else raw, heads)
+                preset = Preset.parse(raw.to_json() if isinstance(raw, Preset) else raw, head_names)
             except VASParamError as e:
                 raise ValueError(f"preset {name!r}: {e.args[0]}") from None
             if not preset.active:
                 raise ValueError(f"preset {name!r}: no non-zero weight")
             table[name] = preset
-        for head in heads:
+        for head in head_names:
             if head in reserved:
                 raise ValueError(f"head {head!r} has the name of a served model; a head is also a preset")
             table[head] = Preset({head: DEFAULT_HEAD_WEIGHT}, head=True)

@@ -19,18 +19,18 @@ from value_models.evaluate.generation import Generation
 
 
 def replay_steps(runtime, prompt_ids: list[list[int]], token_ids: list[list[int]],
-                 topk: list[list[tuple[list[int], list[float]]]], heads: frozenset[int], batch_size: int):
+                 topk: list[list[tuple[list[int], list[float]]]], head_ids: frozenset[int], batch_size: int):
     """Replay sampled responses through the serving value runtime, one decoding step at a time, as
     the engine scored them. Response i follows prompt_ids[i]; topk[i][t] holds step t's candidates
     and their raw base log-probs. Per step of each batch of `batch_size` responses, yields
     (live [B] response indices, candidates [B, k], base log-probs [B, k] float64,
-    values of every runtime head [B, n_heads, k] float64 -- only `heads` are computed --,
+    values of every runtime head [B, n_heads, k] float64 -- only those of `head_ids` are computed --,
     the sampled tokens [B])."""
-    from vas_server.core.value_runtime import ScoredRequest
+    from vas_server.core.value_runtime import ValueRow
 
     for start in range(0, len(prompt_ids), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompt_ids))))
-        rows = [ScoredRequest(runtime.allocate(), list(prompt_ids[i]), [], heads) for i in idx]
+        rows = [ValueRow(runtime.allocate(), list(prompt_ids[i]), [], head_ids) for i in idx]
         try:
             for t in range(max(len(token_ids[i]) for i in idx)):
                 live = [b for b, i in enumerate(idx) if t < len(token_ids[i])]

@@ -30,7 +30,7 @@ class ValueModel:
     path: Path
     spec: ValueModelSpec
     trunk: Trunk
-    heads: ValueHeads
+    value_heads: ValueHeads
 
 
 def trunk_source(path: Path, spec: ValueModelSpec, base_model_dir: Path | str) -> tuple[Path, Path | None]:
@@ -51,15 +51,15 @@ def load_value_model(path: Path | str, base_model_dir: Path | str, *, name: str 
     source, lora = trunk_source(path, spec, base_model_dir)
     trunk = load_trunk(source, spec.trunk.num_layers, lora, dtype=dtype, device=device)
     c = trunk.config
-    heads = load_value_heads(path, spec, c.hidden_size, c.vocab_size, dtype=dtype, device=device)
-    return ValueModel(name=name or path.name, path=path, spec=spec, trunk=trunk, heads=heads)
+    value_heads = load_value_heads(path, spec, c.hidden_size, c.vocab_size, dtype=dtype, device=device)
+    return ValueModel(name=name or path.name, path=path, spec=spec, trunk=trunk, value_heads=value_heads)
 
 
 def load_value_heads(path: Path | str, spec: ValueModelSpec, hidden_size: int, vocab_size: int, *,
                      dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ValueHeads:
     """A value model's heads alone (the shared-trunk path reads its trunk state from the base)."""
-    heads = ValueHeads.from_tensors(spec.heads, load_head_tensors(Path(path)), hidden_size, vocab_size)
-    return heads.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    value_heads = ValueHeads.from_tensors(spec.heads, load_head_tensors(Path(path)), hidden_size, vocab_size)
+    return value_heads.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def save_value_model(path: Path | str, spec: ValueModelSpec, heads: ValueHeads, *,

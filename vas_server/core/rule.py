@@ -42,8 +42,8 @@ def bonus(values: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor | Non
     return torch.nan_to_num(total, nan=0.0, posinf=0.0, neginf=0.0).clamp(-MAX_BONUS, MAX_BONUS)
 
 
-def steer_(row_logits: torch.Tensor, candidates: torch.Tensor, row_bonus: torch.Tensor, valid: torch.Tensor,
-           restrict: torch.Tensor | None) -> torch.Tensor:
+def add_bonus_(row_logits: torch.Tensor, candidates: torch.Tensor, row_bonus: torch.Tensor, valid: torch.Tensor,
+              restrict: torch.Tensor | None) -> torch.Tensor:
     """§1.4, in place: row_logits [B, V] become the steered logits of B rows (and are returned).
     candidates [B, K] with bonus and validity [B, K]; restrict [B] bool, or None when no row is
     restricted: outside its candidates a restricted row is -inf, an unrestricted one keeps its

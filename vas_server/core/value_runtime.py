@@ -49,14 +49,16 @@ class HeadPlace(NamedTuple):
 
 
 @dataclass
-class ScoredRequest:
-    """A request the value runtime scores: its token history (V1: host lists; V2: a slot in the
-    model runner's device buffer), its value-cache slot, and the heads it weights."""
+class ValueRow:
+    """What the value runtime reads of one request (its input, not a result): its token history
+    (V1: host lists; V2: a slot in the model runner's device buffer), its value-cache slot, and
+    the heads it weights. The runtime only reads it (a slot's cached-token count lives in the
+    scorers); the processors keep it current (V2 sets `length` every step)."""
 
     slot: int | None  # value-cache slot; None when the row uses no separate-trunk head
     prompt: list[int] | None  # V1: the request's token lists (None when `length` is given)
     outputs: list[int] | None  # V1: the live list vLLM appends sampled tokens to
-    heads: frozenset[int]  # indices (into ValueRuntime.head_names) of the heads this row uses
+    head_ids: frozenset[int]  # indices (into ValueRuntime.head_names) of the heads this row uses
     # V2: the request's slot in the model runner's token buffer (req_states.all_token_ids), and the
     # length of s this step (its sampled position + 1); the tokens themselves stay on the device.
     token_slot: int | None = None
@@ -70,7 +72,7 @@ INITIAL_LEN = 512
 # new_tokens(rows, cached) -> (the rows' committed tokens from index cached[b] on, concatenated,
 # as a long tensor on the runtime's device; their counts). Where the tokens live differs by vLLM
 # interface: host lists under V1 (list_new_tokens), the runner's device buffer under V2.
-NewTokens = Callable[[list[ScoredRequest], list[int]], tuple[torch.Tensor, list[int]]]
+NewTokens = Callable[[list[ValueRow], list[int]], tuple[torch.Tensor, list[int]]]
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -98,7 +100,7 @@ class Scorer(Protocol):
     """One value model in the runtime: TrunkScorer (its own trunk, a per-request value cache)
     or SharedScorer (the base's own hidden states, nothing per request)."""
 
-    heads: ValueHeads
+    value_heads: ValueHeads
     # A per-request value cache: rows take a slot; `advance` feeds it, and such a scorer also
     # scores and commits drafts (TrunkScorer.score_drafts, commit_draft).
     keeps_cache: bool
@@ -111,7 +113,7 @@ class Scorer(Protocol):
 
     def reset(self, slot: int) -> None: ...
 
-    def score(self, rows: list["ScoredRequest"], candidates: torch.Tensor | None,
+    def score(self, rows: list["ValueRow"], candidates: torch.Tensor | None,
               step: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(state values [B, K, n_state] or None, token values [n_token, B, K] or None) of the
         rows' candidates [B, K]; candidates None: only feed the rows' new tokens."""
@@ -120,7 +122,7 @@ class Scorer(Protocol):
 def list_new_tokens(device: torch.device) -> NewTokens:
     """V1 and the evaluation: each row's tokens are `prompt + outputs` (host lists)."""
 
-    def new_tokens(rows: list[ScoredRequest], cached: list[int]) -> tuple[torch.Tensor, list[int]]:
+    def new_tokens(rows: list[ValueRow], cached: list[int]) -> tuple[torch.Tensor, list[int]]:
         flat: list[int] = []
         counts = []
         for r, c in zip(rows, cached):
@@ -193,7 +195,7 @@ class TrunkScorer:
     def __init__(self, model: ValueModel, max_requests: int, max_len: int, device, dtype):
         self.model = model
         self.trunk = model.trunk
-        self.heads = model.heads
+        self.value_heads = model.value_heads
         c = self.trunk.config
         self.max_len = max_len
         self.max_requests = max_requests
@@ -204,8 +206,8 @@ class TrunkScorer:
         self.cache_v = torch.zeros(shape, device=device, dtype=dtype)
         self.cached = [0] * max_requests  # host-side: read by Python every step, never synced
         self.last_hidden = torch.zeros(max_requests, c.hidden_size, device=device, dtype=dtype)
-        self.has_state = bool(self.heads.state_names)
-        self.has_token = bool(self.heads.token_names)
+        self.has_state = bool(self.value_heads.state_names)
+        self.has_token = bool(self.value_heads.token_names)
         self.candidate_rows = CandidateRows()
         self.draft_hidden: dict[int, torch.Tensor | None] = {}  # slot -> its drafted tokens' hidden states
 
@@ -239,7 +241,7 @@ class TrunkScorer:
         self.draft_hidden.pop(slot, None)
 
     @torch.inference_mode()
-    def score(self, rows: list[ScoredRequest], candidates: torch.Tensor | None, step: StepInputs):
+    def score(self, rows: list[ValueRow], candidates: torch.Tensor | None, step: StepInputs):
         """Scorer.score: feed the rows' new committed tokens (`step.new_tokens`), then score the
         candidates. All bookkeeping is host-side (`cached`, token counts); the device only computes.
         """
@@ -262,7 +264,7 @@ class TrunkScorer:
         if self.has_token and candidates is not None:
             embed = self.trunk.embed_tokens.weight
             hidden = self.last_hidden[to_device(torch.tensor(slots), device)]
-            token_values = self.heads.token_values(hidden, embed, candidates,
+            token_values = self.value_heads.token_values(hidden, embed, candidates,
                                                    rows_out=self.candidate_rows.get(embed, candidates.numel()))
         return state_values, token_values
 
@@ -300,7 +302,7 @@ class TrunkScorer:
             self.last_hidden[at.slots.index_select(0, at.has_new)] = h_last.index_select(0, at.has_new)
         if not Kc:
             return None
-        return self.heads.state_values(hidden.reshape(B * Lq, -1).index_select(0, at.candidates).view(B, Kc, -1))
+        return self.value_heads.state_values(hidden.reshape(B * Lq, -1).index_select(0, at.candidates).view(B, Kc, -1))
 
 
     def score_draft(self, slot: int, draft: list[int], candidates: torch.Tensor):
@@ -390,14 +392,14 @@ class TrunkScorer:
         for b, (slot, draft, (n, _), k) in enumerate(zip(slots, drafts, shapes, kc)):
             d = len(draft)
             self.draft_hidden[slot] = hidden[b, :d].clone() if hidden is not None and d else None
-            state_values = self.heads.state_values(hidden[b, d:lq[b]].view(n, k, -1)) if k else None
+            state_values = self.value_heads.state_values(hidden[b, d:lq[b]].view(n, k, -1)) if k else None
             token_values = None
             if self.has_token:
                 before = self.last_hidden[slot][None]
                 if d:
                     before = torch.cat([before, hidden[b, :d]])
                 embed = self.trunk.embed_tokens.weight
-                token_values = self.heads.token_values(before, embed, candidates[b],
+                token_values = self.value_heads.token_values(before, embed, candidates[b],
                                                        rows_out=self.candidate_rows.get(embed, candidates[b].numel()))
             results.append((state_values, token_values))
         return results
@@ -438,28 +440,28 @@ class SharedScorer:
     cache_bytes = 0
     max_cache_bytes = 0
 
-    def __init__(self, name: str, heads: ValueHeads, layer: int, tap):
-        if heads.state_names:
+    def __init__(self, name: str, value_heads: ValueHeads, layer: int, tap):
+        if value_heads.state_names:
             raise ValueError(f"value model {name!r}: the shared-trunk path serves token heads only")
         self.name = name
-        self.heads = heads
+        self.value_heads = value_heads
         self.layer = layer
         self.tap = tap
-        self.dtype = heads.token_proj.dtype
+        self.dtype = value_heads.token_proj.dtype
         self.candidate_rows = CandidateRows()
 
     def reset(self, slot: int) -> None:
         pass
 
     @torch.inference_mode()
-    def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, step: StepInputs):
+    def score(self, rows: list[ValueRow], candidates: torch.Tensor, step: StepInputs):
         """Scorer.score, for candidates [B, K]: the state of row b is the tap's row step.batch_rows[b]."""
         hidden = self.tap.states(self.layer, step.num_rows).index_select(0, step.batch_rows.to(self.tap.embedding.device))
         hidden = hidden.to(device=candidates.device, dtype=self.dtype)
         embed = self.tap.embedding
         rows_out = self.candidate_rows.get(embed, candidates.numel())
         # The tap computes them: under tensor parallelism its embedding is this rank's shard.
-        return None, self.tap.token_values(self.heads, hidden, candidates, rows_out)
+        return None, self.tap.token_values(self.value_heads, hidden, candidates, rows_out)
 
 
 class ValueRuntime:
@@ -477,10 +479,10 @@ class ValueRuntime:
         self.head_names: list[str] = []
         self.head_places: list[HeadPlace] = []  # by global head index
         for t, r in enumerate(self.scorers):
-            for i, name in enumerate(r.heads.state_names):
+            for i, name in enumerate(r.value_heads.state_names):
                 self.head_names.append(name)
                 self.head_places.append(HeadPlace(t, "state", i))
-            for i, name in enumerate(r.heads.token_names):
+            for i, name in enumerate(r.value_heads.token_names):
                 self.head_names.append(name)
                 self.head_places.append(HeadPlace(t, "token", i))
         if len(set(self.head_names)) != len(self.head_names):
@@ -508,8 +510,8 @@ class ValueRuntime:
     def max_cache_bytes(self) -> int:
         return sum(r.max_cache_bytes for r in self.scorers)
 
-    def needs_slot(self, heads: frozenset[int]) -> bool:
-        return bool(heads & self.cached_heads)
+    def needs_slot(self, head_ids: frozenset[int]) -> bool:
+        return bool(head_ids & self.cached_heads)
 
     def allocate(self) -> int | None:
         """A free cache slot, or None when all are taken."""
@@ -527,22 +529,22 @@ class ValueRuntime:
             r.reset(slot)
         self.free_slots.append(slot)
 
-    def advance(self, rows: list[ScoredRequest]) -> None:
+    def advance(self, rows: list[ValueRow]) -> None:
         """Feed the rows' newly committed tokens (their host lists) to the separate trunks they
         use, scoring nothing: a later `score` of these rows then runs only their candidates (state
         heads) or only the heads (token heads). Remote mode advances a row while the upstream
         computes its next candidates."""
         step = StepInputs(list_new_tokens(self.device))
         for t, scorer in enumerate(self.scorers):
-            members = [r for r in rows if r.heads & self.scorer_heads[t]]
+            members = [r for r in rows if r.head_ids & self.scorer_heads[t]]
             if members and scorer.keeps_cache:
                 scorer.score(members, None, step)
 
-    def score_draft(self, row: ScoredRequest, draft: list[int], candidates: torch.Tensor) -> torch.Tensor:
+    def score_draft(self, row: ValueRow, draft: list[int], candidates: torch.Tensor) -> torch.Tensor:
         """One row's `score_drafts`: [n, n_heads, K]."""
         return self.score_drafts([row], [draft], [candidates])[0]
 
-    def score_drafts(self, rows: list[ScoredRequest], drafts: list[list[int]],
+    def score_drafts(self, rows: list[ValueRow], drafts: list[list[int]],
                      candidates: list[torch.Tensor]) -> list[torch.Tensor]:
         """Values of each row's n drafted positions' candidates [n, K] (n and K per row), every
         committed token of which has been fed: per row [n, n_heads, K], in one forward per trunk
@@ -550,7 +552,7 @@ class ValueRuntime:
         values = [torch.zeros(c.shape[0], len(self.head_names), c.shape[1], device=c.device, dtype=torch.float32)
                   for c in candidates]
         for t, scorer in enumerate(self.scorers):
-            members = [b for b, row in enumerate(rows) if row.heads & self.scorer_heads[t]]
+            members = [b for b, row in enumerate(rows) if row.head_ids & self.scorer_heads[t]]
             if not members:
                 continue
             if not scorer.keeps_cache:
@@ -563,13 +565,13 @@ class ValueRuntime:
                     values[b][:, g] = (state[:, :, place.index] if place.kind == "state" else token[place.index]).float()
         return values
 
-    def commit_draft(self, row: ScoredRequest, accepted: int) -> None:
+    def commit_draft(self, row: ValueRow, accepted: int) -> None:
         """The row's first `accepted` drafted tokens (of its last score_draft) become committed."""
         for t, scorer in enumerate(self.scorers):
-            if row.heads & self.scorer_heads[t] and scorer.keeps_cache:
+            if row.head_ids & self.scorer_heads[t] and scorer.keeps_cache:
                 scorer.commit_draft(row.slot, accepted)
 
-    def score(self, rows: list[ScoredRequest], candidates: torch.Tensor, batch_rows: torch.Tensor | None = None,
+    def score(self, rows: list[ValueRow], candidates: torch.Tensor, batch_rows: torch.Tensor | None = None,
               num_rows: int = 0, new_tokens: NewTokens | None = None) -> torch.Tensor:
         """Values q_h(a) of each row's candidates: [B, n_heads, K] (0 for heads a row does not use).
         Shared-trunk heads need `batch_rows` [B] (each row's index in this step's logits, of
@@ -579,7 +581,7 @@ class ValueRuntime:
         step = StepInputs(new_tokens or list_new_tokens(candidates.device), batch_rows, num_rows)
         values = torch.zeros(B, len(self.head_names), K, device=candidates.device, dtype=torch.float32)
         for t, scorer in enumerate(self.scorers):
-            members = [b for b, r in enumerate(rows) if r.heads & self.scorer_heads[t]]
+            members = [b for b, r in enumerate(rows) if r.head_ids & self.scorer_heads[t]]
             if not members:
                 continue
             sub = (slice(None) if len(members) == B

@@ -16,27 +16,33 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Mapping, Sequence
 
-from vas_server.config import VASConfig, runtime_path
-from vas_server.core.format import STANDALONE_DIR, ValueModelSpec, load_spec
+from vas_server.config import HeadInfo
+from vas_server.core.format import STANDALONE_DIR, TrunkSpec
 
 
-def check_value_models(config: VASConfig, model_config) -> None:
-    """ValueError for the first value model of `config` the served base cannot take."""
+def check_value_models(head_infos: Mapping[str, HeadInfo], model_config) -> None:
+    """ValueError for the first value model the served base cannot take. `head_infos` is
+    VASConfig.read_heads(): every value model has at least one head (format.load_spec refuses
+    one without), and its heads' infos carry what the checks read of its vas.json (trunk,
+    runtime path, head kinds), so no vas.json is read here again."""
     hf = model_config.hf_text_config
     arch = model_config.architecture
-    for name, path in config.value_models.items():
-        spec = load_spec(Path(path))
-        check_trained_base(name, spec, arch, hf)
-        if runtime_path(spec) == "shared":
-            check_shared_path(name, spec, arch, model_config)
+    by_model: dict[str, list[HeadInfo]] = {}
+    for info in head_infos.values():
+        by_model.setdefault(info.value_model, []).append(info)
+    for name, infos in by_model.items():
+        trunk, path = infos[0].trunk, infos[0].path
+        check_trained_base(name, trunk, arch, hf)
+        if infos[0].runtime == "shared":
+            check_shared_path(name, trunk, arch, model_config)
         else:
-            check_separate_trunk(name, spec, path, arch, hf)
+            check_separate_trunk(name, trunk, [info.spec.kind for info in infos], path, arch, hf)
 
 
-def check_trained_base(name: str, spec: ValueModelSpec, arch: str, hf) -> None:
+def check_trained_base(name: str, trunk: TrunkSpec, arch: str, hf) -> None:
     """A base_prefix model's depth fits the base, and the base is the one it was trained on."""
-    trunk = spec.trunk
     if trunk.type != "base_prefix":
         return
     if not 1 <= trunk.num_layers <= hf.num_hidden_layers:
@@ -50,7 +56,7 @@ def check_trained_base(name: str, spec: ValueModelSpec, arch: str, hf) -> None:
                          "Serve it with the base it was trained on, or train it on this one (vas-train fit).")
 
 
-def check_shared_path(name: str, spec: ValueModelSpec, arch: str, model_config) -> None:
+def check_shared_path(name: str, trunk: TrunkSpec, arch: str, model_config) -> None:
     """The base's vLLM class has the tap (vas_server.engine.tap_models), so its states can be read."""
     from vllm.model_executor.models.registry import ModelRegistry
 
@@ -62,16 +68,16 @@ def check_shared_path(name: str, spec: ValueModelSpec, arch: str, model_config) 
     separate = ("or give it a state head or LoRA so that it takes the separate runtime on the base's own "
                 "layers, " if _trunk_support(model_config.hf_text_config.to_dict()) is None else "")
     raise ValueError(
-        f"value model {name!r} takes the shared path (token heads on the base's own layer-{spec.trunk.num_layers} "
+        f"value model {name!r} takes the shared path (token heads on the base's own layer-{trunk.num_layers} "
         f"hidden states), which needs vLLM's aux hidden-state outputs (EagleModelMixin / SupportsEagle3); vLLM's "
         f"{arch} ({model_cls.__name__}) has none. It can still be served {separate}with a standalone trunk of "
         f"its own (vas-train fit --trunk standalone, a model of type {', '.join(_supported_types())} that shares "
         "the base's tokenizer), or by remote mode's separate trunks.")
 
 
-def check_separate_trunk(name: str, spec: ValueModelSpec, path: str, arch: str, hf) -> None:
+def check_separate_trunk(name: str, trunk: TrunkSpec, head_kinds: Sequence[str], path: str, arch: str, hf) -> None:
     """The separate runtime's hand-written trunk covers the trunk's model type."""
-    if spec.trunk.type == "base_prefix":
+    if trunk.type == "base_prefix":
         source, hf_dict = f"the base's ({arch})", hf.to_dict()
     else:
         source = "its standalone trunk's"
@@ -79,9 +85,9 @@ def check_separate_trunk(name: str, spec: ValueModelSpec, path: str, arch: str, 
     reason = _trunk_support(hf_dict)
     if reason is None:
         return
-    why = "a state head" if any(h.kind == "state" for h in spec.heads) else "LoRA" if spec.trunk.lora else "its trunk"
+    why = "a state head" if "state" in head_kinds else "LoRA" if trunk.lora else "its trunk"
     shared = (" Token heads without LoRA on the base's own layers take the shared path instead, which "
-              "covers every architecture with vLLM aux hidden states." if spec.trunk.type == "base_prefix" else "")
+              "covers every architecture with vLLM aux hidden states." if trunk.type == "base_prefix" else "")
     raise ValueError(f"value model {name!r} needs the separate runtime ({why}), whose trunk cannot run "
                      f"{source} layers: {reason}.{shared}")
 

@@ -59,7 +59,7 @@ class V1Processor(VASLogitsProcessor):
                 if row_b is not None:
                     self.rows[a] = row_b
             elif row_b is not None:  # a one-way move overwrites b
-                steering.runtime.release(row_b.input.slot)
+                steering.runtime.release(row_b.value_row.slot)
             if row_a is not None:
                 self.rows[b] = row_a
         self.batch = StepBatch.of(sorted(self.rows.items()), steering.device)
@@ -67,11 +67,11 @@ class V1Processor(VASLogitsProcessor):
     def _drop(self, index: int) -> None:
         row = self.rows.pop(index, None)
         if row is not None:
-            self.steering.runtime.release(row.input.slot)
+            self.steering.runtime.release(row.value_row.slot)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.batch is not None:
-            logits = self.steering.steer(logits, self.batch)
+            logits = self.steering.apply(logits, self.batch)
         self.steering.end_step()
         return logits
 

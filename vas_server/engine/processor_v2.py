@@ -29,7 +29,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext, 
 
 from vas_server.engine.processor import VASLogitsProcessor
 from vas_server.engine.steering import Row, StepBatch, Steering
-from vas_server.core.value_runtime import ScoredRequest, to_device
+from vas_server.core.value_runtime import ValueRow, to_device
 
 
 class V2Processor(VASLogitsProcessor):
@@ -48,7 +48,7 @@ class V2Processor(VASLogitsProcessor):
         if steering.runtime is None:
             return False
         if old is not None:
-            steering.runtime.release(old.input.slot)
+            steering.runtime.release(old.value_row.slot)
         rs = self.req_states
         # prefilled with outputs: re-added after preemption
         row = steering.new_row(sampling_params, resumed=bool(rs.prefill_len.np[req_idx] > rs.prompt_len.np[req_idx]),
@@ -73,13 +73,13 @@ class V2Processor(VASLogitsProcessor):
         batch = self._batch
         if batch is not None:
             lengths = ctx.seq_lens_upper_bound_np  # = sampled position + 1 without spec decoding
-            for i, row_input in zip(self._positions, batch.inputs):
-                row_input.length = int(lengths[i])
-            logits = self.steering.steer(logits, batch, self._device_tokens)
+            for i, value_row in zip(self._positions, batch.value_rows):
+                value_row.length = int(lengths[i])
+            logits = self.steering.apply(logits, batch, self._device_tokens)
         self.steering.end_step()
         return logits
 
-    def _device_tokens(self, rows: list[ScoredRequest], cached: list[int]) -> tuple[torch.Tensor, list[int]]:
+    def _device_tokens(self, rows: list[ValueRow], cached: list[int]) -> tuple[torch.Tensor, list[int]]:
         """The rows' committed tokens from cached[b] on, gathered from all_token_ids on the device."""
         buffer = self.req_states.all_token_ids.gpu
         width = buffer.shape[1]
@@ -96,7 +96,7 @@ class V2Processor(VASLogitsProcessor):
         slot) stays until its slot is recycled, so counting all held rows would keep
         active_vas_requests and cache_slots_used up after the engine went idle."""
         rows = [r for s, r in self.slots.items() if live_slots is None or s in live_slots]
-        return self.steering.stats(len(rows), slots_used=sum(r.input.slot is not None for r in rows))
+        return self.steering.stats(len(rows), slots_used=sum(r.value_row.slot is not None for r in rows))
 
     # The V1 interface's abstract methods (VASLogitsProcessor has both interfaces): the V1 runner
     # builds a V1Processor, never this class.

@@ -70,8 +70,8 @@ def build_runtime(config: VASConfig, vllm_config: "VllmConfig",
             path = config.value_models[name]
             check_tokenizer(spec, identity, value_model=path, base_model=base_dir)
             # On the worker's device (not config.device): the base's states and embedding live there.
-            heads = load_value_heads(path, spec, hf.hidden_size, hf.vocab_size, dtype=dtype, device=device)
-            shared.append(SharedScorer(name, heads, spec.trunk.num_layers, tap))
+            value_heads = load_value_heads(path, spec, hf.hidden_size, hf.vocab_size, dtype=dtype, device=device)
+            shared.append(SharedScorer(name, value_heads, spec.trunk.num_layers, tap))
     separate = [name for name in specs if name not in shared_specs]
     runtime = separate_runtime(config, vllm_config, identity, separate, config.device or device, shared)
     base_layers = model_config.hf_config.num_hidden_layers

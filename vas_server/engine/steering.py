@@ -6,14 +6,14 @@ of a step's logits with the value runtime (built by vas_server.engine.runtime_fa
 
 The rule itself is vas_server.core.rule. vLLM 0.32 has two logits-processor interfaces, and
 vas_server.engine.processor picks the one the engine's model runner uses; each keeps its own
-bookkeeping (which logits row is which request) and hands `Steering.steer` a `StepBatch`.
+bookkeeping (which logits row is which request) and hands `Steering.apply` a `StepBatch`.
 
 Invariants:
   * Rows without weights are never touched, so they sample exactly as in plain vLLM.
-  * Nothing a request carries can make `steer` raise or write a NaN or +inf logit: settings are
+  * Nothing a request carries can make `apply` raise or write a NaN or +inf logit: settings are
     validated at admission (vas_server.params), a row whose settings the worker cannot read runs
     unsteered, weights are bounded, and rule.bonus is finite and clipped.
-  * `steer` builds nothing on the host that it must wait for: the batch's tensors are built by
+  * `apply` builds nothing on the host that it must wait for: the batch's tensors are built by
     the bookkeeping (and copied without a sync), and the candidates never leave the device.
 """
 
@@ -34,7 +34,7 @@ from vas_server.engine.hidden_states import HiddenStateTap
 from vas_server.params import VASRequest
 from vas_server.engine.pp_stage import samples_here
 from vas_server.engine.runtime_factory import build_runtime
-from vas_server.core.value_runtime import NewTokens, ScoredRequest, ValueRuntime, to_device
+from vas_server.core.value_runtime import NewTokens, ValueRow, ValueRuntime, to_device
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -50,7 +50,7 @@ class Row:
     request: VASRequest
     weights: torch.Tensor  # [n_heads] float32 on the host (rule.weight_vector)
     top_k: int
-    input: ScoredRequest
+    value_row: ValueRow  # what the value runtime reads of the request
 
 
 @dataclass
@@ -58,7 +58,7 @@ class StepBatch:
     """The steered rows of one step as tensors, in ascending logits-row order."""
 
     index: torch.Tensor  # [B] logits row of each steered row
-    inputs: list[ScoredRequest]  # [B], for the value runtime
+    value_rows: list[ValueRow]  # [B], for the value runtime
     weights: torch.Tensor  # [B, n_heads] float32, 0 for heads a row does not weight
     k_max: int  # the largest top-K of the rows
     valid: torch.Tensor  # [B, k_max] bool: candidate j counts for row b iff j < top_k(b)
@@ -75,7 +75,7 @@ class StepBatch:
         top_k = torch.tensor([r.top_k for r in ordered])
         return cls(
             index=to_device(torch.tensor([i for i, _ in rows]), device),
-            inputs=[r.input for r in ordered],
+            value_rows=[r.value_row for r in ordered],
             weights=to_device(torch.stack([r.weights for r in ordered]), device),
             k_max=k_max,
             valid=to_device(torch.arange(k_max)[None, :] < top_k[:, None], device),
@@ -96,7 +96,7 @@ class Steering:
         self.device = device
         self.runtime: ValueRuntime | None = None
         self.tap: HiddenStateTap | None = None  # set when a value model takes the shared path
-        self.heads: dict[str, HeadInfo] = {}  # by name, from vas.json (each model's default top-K)
+        self.head_infos: dict[str, HeadInfo] = {}  # by name, from vas.json (each model's default top-K)
         self.heap = HeapTrimmer()
         self.requests_total = 0
         self.dropped_requests = 0  # VAS requests that found no free cache slot
@@ -108,7 +108,7 @@ class Steering:
                 # Both processors map one logits row to one request; drafts add rows.
                 raise ValueError("VAS does not support speculative decoding (one logits row per request)")
             if samples_here():
-                self.heads = self.config.read_heads()
+                self.head_infos = self.config.read_heads()
                 self.runtime, self.tap = build_runtime(self.config, vllm_config, device)
             else:  # an earlier pipeline stage: it never samples, and rows stay unsteered here
                 logger.info("VAS: this pipeline stage does not sample; the value models load on the last stage")
@@ -124,8 +124,8 @@ class Steering:
             request = VASRequest.decode(params.extra_args)
             if request is None or not request.active:
                 return None
-            heads = frozenset(self.runtime.head_index[name] for name in request.weights)
-            return request, heads, rule.weight_vector(request.weights, self.runtime.head_index)
+            head_ids = frozenset(self.runtime.head_index[name] for name in request.weights)
+            return request, head_ids, rule.weight_vector(request.weights, self.runtime.head_index)
         except KeyError as e:
             logger.error("VAS: this engine serves no head %s (heads: %s); the request runs unsteered", e,
                          ", ".join(self.runtime.head_names))
@@ -142,12 +142,12 @@ class Steering:
         steered = self.request(params)
         if steered is None:
             return None
-        request, heads, weights = steered
+        request, head_ids, weights = steered
         if prompt is None and token_slot is None:
             logger.error("VAS needs prompt token ids (prompt embeddings are not supported); unsteered")
             return None
         slot = None
-        if self.runtime.needs_slot(heads):  # only separate-trunk heads keep a value cache
+        if self.runtime.needs_slot(head_ids):  # only separate-trunk heads keep a value cache
             slot = self.runtime.allocate()
             if slot is None:
                 # Unreachable through engine_kwargs, which caps max_num_seqs at the cache capacity
@@ -158,20 +158,20 @@ class Steering:
         if resumed:
             self.resumed_requests += 1
         self.requests_total += 1
-        top_k = self.config.top_k_for(request, self.heads)
-        return Row(request, weights, top_k, ScoredRequest(slot, prompt, outputs, heads, token_slot=token_slot))
+        top_k = self.config.top_k_for(request, self.head_infos)
+        return Row(request, weights, top_k, ValueRow(slot, prompt, outputs, head_ids, token_slot=token_slot))
 
-    def steer(self, logits: torch.Tensor, batch: StepBatch, new_tokens: NewTokens | None = None) -> torch.Tensor:
+    def apply(self, logits: torch.Tensor, batch: StepBatch, new_tokens: NewTokens | None = None) -> torch.Tensor:
         """Steer the batch's rows of `logits` [R, V] (in place when every row is steered)."""
         start = time.perf_counter()
-        every_row = len(batch.inputs) == logits.shape[0]  # batch.index is then 0..R-1
+        every_row = len(batch.value_rows) == logits.shape[0]  # batch.index is then 0..R-1
         row_logits = logits if every_row else logits.index_select(0, batch.index)
         k = min(batch.k_max, logits.shape[1])
         candidates = row_logits.topk(k, dim=1).indices  # C, best first
-        values = self.runtime.score(batch.inputs, candidates, batch.index, logits.shape[0], new_tokens)
+        values = self.runtime.score(batch.value_rows, candidates, batch.index, logits.shape[0], new_tokens)
         valid = batch.valid[:, :k]
         bonus = rule.bonus(values.to(logits.device), batch.weights, valid)
-        rule.steer_(row_logits, candidates, bonus, valid, batch.restrict)
+        rule.add_bonus_(row_logits, candidates, bonus, valid, batch.restrict)
         if not every_row:
             logits.index_copy_(0, batch.index, row_logits)
         self.steps += 1

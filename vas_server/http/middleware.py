@@ -42,7 +42,7 @@ from vas_server.http.metrics import serve_metrics
 from vas_server.http.model_cards import MODELS_PATH, list_models
 from vas_server.http.request_guard import guard_body
 from vas_server.http.server_view import ServerView
-from vas_server.http.steering_fields import STEERABLE_PATHS, steer
+from vas_server.http.steering_fields import STEERABLE_PATHS, serve_generation
 
 METRICS_PATH = "/metrics"
 
@@ -77,7 +77,7 @@ class VASMiddleware:
             body, payload = guarded
             if path not in STEERABLE_PATHS:
                 return await self.app(scope, replay(body, receive), send)
-            return await steer(self.app, server, path, payload, body, scope, receive, send)
+            return await serve_generation(self.app, server, path, payload, body, scope, receive, send)
         if method == "GET" and (path == MODELS_PATH or path.startswith(MODELS_PATH + "/")):
             return await list_models(self.app, server, path[len(MODELS_PATH) + 1:] or None, scope, receive, send)
         if method == "GET" and path == METRICS_PATH:

@@ -86,11 +86,11 @@ class HeadPresetCard(PresetCard):
 def preset_card(name: str, preset: Preset, server: ServerView, parent: str | None, created: int) -> dict:
     """A preset's /v1/models card (the JSON object): a PresetCard, or for a head's own preset a
     HeadPresetCard."""
-    settings = {**preset.report(), "top_k": server.config.top_k_for(preset, server.heads)}
+    settings = {**preset.report(), "top_k": server.config.top_k_for(preset, server.head_infos)}
     card = dict(id=name, created=created, root=parent, parent=parent, vas_preset=settings)
     if not preset.head:
         return PresetCard(**card).model_dump()
-    head = server.heads[name]
+    head = server.head_infos[name]
     vas_head = HeadCard(value_model=head.value_model, kind=head.spec.kind, description=head.spec.description,
                         trunk=head.trunk, runtime=head.runtime, reward_mean=head.spec.reward_mean,
                         reward_std=head.spec.reward_std, num_training_samples=head.spec.num_training_samples)

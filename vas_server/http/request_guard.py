@@ -190,7 +190,10 @@ def check_request(path: str, body: Any, max_sequences: int) -> None:
 
 def _check_values(body: Any) -> None:
     """Every string valid Unicode, every number finite and every integer within int64, nesting at
-    most MAX_DEPTH; walked without recursion, so no body can exhaust the stack."""
+    most MAX_DEPTH; walked without recursion, so no body can exhaust the stack. A refused value
+    is named by its path, OpenAI's style (`messages[0].content`, `vas_weights.positive`), as
+    vas_server.params names a bad weight; a refused key by the object holding it; too deep a
+    body by its top-level field (a path 64 levels deep would help nobody)."""
     stack: list[tuple[Any, str, int]] = [(body, "", 0)]
     while stack:
         value, where, depth = stack.pop()
@@ -205,17 +208,17 @@ def _check_values(body: Any) -> None:
         elif isinstance(value, str):
             _check_text(value, where)
         elif isinstance(value, float) and not math.isfinite(value):
-            raise RequestRejected(_top(where), f"{where} must be a finite number, got {value}")
+            raise RequestRejected(where, f"{where} must be a finite number, got {value}")
         elif isinstance(value, int) and not isinstance(value, bool) and not INT64[0] <= value <= INT64[1]:
-            raise RequestRejected(_top(where), f"{where} is outside the 64-bit integer range")
+            raise RequestRejected(where, f"{where} is outside the 64-bit integer range")
 
 
 def _check_text(text: str, where: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        raise RequestRejected(_top(where), f"{where} is not valid Unicode (a lone UTF-16 surrogate such as "
-                                           f"\\ud800)") from None
+        raise RequestRejected(where, f"{where} is not valid Unicode (a lone UTF-16 surrogate such as "
+                                     f"\\ud800)") from None
 
 
 def _num_prompts(body: dict) -> int:

@@ -4,8 +4,8 @@ API keys, and the served names and LoRA adapters that a request's `model` may na
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from vllm import envs
 
@@ -13,25 +13,30 @@ from vas_server.http.auth import ApiKeys
 from vas_server.config import HeadInfo, VASConfig
 from vas_server.presets import PresetTable
 
+if TYPE_CHECKING:
+    from vas_server.http.steering_fields import Admission
+
 
 @dataclass
 class ServerView:
     """What the middleware needs from the running server, read once from app.state."""
 
     config: VASConfig  # the defaults when the engine has no additional_config["vas"]
-    heads: dict[str, HeadInfo]
+    head_infos: dict[str, HeadInfo]  # by head name (VASConfig.read_heads)
     presets: PresetTable
     api_keys: ApiKeys
     state: Any  # app.state: engine_client for /metrics, openai_serving_models for model ids
     preset_requests: dict[str, int]  # requests per preset, for /metrics
+    # Each preset's own settings, admitted at its first request (steering_fields._preset_admission).
+    preset_admissions: dict[str, "Admission"] = field(default_factory=dict)
 
     @classmethod
     def of(cls, state) -> "ServerView":
         additional = getattr(state.vllm_config, "additional_config", None) or {}
         config = VASConfig.from_additional_config(additional)
-        heads = config.read_heads()
-        presets = config.preset_table(heads, [m.name for m in state.openai_serving_models.base_model_paths])
-        return cls(config, heads, presets, ApiKeys(state), state, {})
+        head_infos = config.read_heads()
+        presets = config.preset_table(head_infos, [m.name for m in state.openai_serving_models.base_model_paths])
+        return cls(config, head_infos, presets, ApiKeys(state), state, {})
 
     @property
     def base_name(self) -> str:

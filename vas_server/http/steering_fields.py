@@ -1,12 +1,14 @@
-"""The steering fields of a generation request and of its answer (`steer`: the middleware's
-generation routes, STEERABLE_PATHS):
+"""The steering fields of a generation request and of its answer (`serve_generation`: the
+middleware's generation routes, STEERABLE_PATHS):
 
-  * `steer_request`: a `model` that names a preset becomes the base, with the preset's settings
+  * `rewrite_request`: a `model` that names a preset becomes the base, with the preset's settings
     under the request's own `vas_*` fields (vas_server.presets.override); the body's steering
     becomes a VASRequest (`VASRequest.from_api`: the one validation on this path, done before
     any stream starts), its top-K is resolved (VASConfig.top_k_for), and what vLLM gets in
     `vllm_xargs` is that request, serialised and stamped (params.admitted). The `vas` echo is
-    the same request: the settings the worker applies.
+    the same request: the settings the worker applies. A preset chosen with none of the
+    request's own steering fields runs the preset's settings as they are: that Admission is
+    computed once, at the preset's first such request, and reused (`_preset_admission`).
   * `AnswerRewrite`: the echo added to the answer (JSON, or the SSE chunks that finish a choice)
     and, for a preset, the answer's `model` renamed to the preset's id.
 """
@@ -27,8 +29,8 @@ STEERABLE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "
 REPORTING_PATHS = ("/v1/completions", "/v1/chat/completions", "/invocations")  # answers that gain `vas`
 
 
-async def steer(app, server: ServerView, path: str, payload: dict, body: bytes, scope: Scope, receive: Receive,
-                send: Send) -> None:
+async def serve_generation(app, server: ServerView, path: str, payload: dict, body: bytes, scope: Scope,
+                           receive: Receive, send: Send) -> None:
     """A generation request whose body the guard passed (so `payload` is its JSON object): a
     `model` no served name, adapter or preset is a 404; invalid steering a 400; else vLLM answers
     the rewritten request, its answer rewritten on the way out (AnswerRewrite)."""
@@ -36,58 +38,97 @@ async def steer(app, server: ServerView, path: str, payload: dict, body: bytes, 
     if missing:
         return await send_error(send, 404, missing, "model", "NotFoundError")
     try:
-        steered = steer_request(server, payload, body)
+        rewritten = rewrite_request(server, payload, body)
     except VASParamError as e:
         # Refused here, not later: vLLM validates a streaming request only once its 200 event
         # stream has started, and would send the 400 inside it.
         return await send_error(send, 400, e.args[0], e.parameter)
     reporting = path in REPORTING_PATHS
-    scope, receive = with_length(scope, len(steered.body)), replay(steered.body, receive)
-    if not reporting and steered.preset is None:
+    scope, receive = with_length(scope, len(rewritten.body)), replay(rewritten.body, receive)
+    if not reporting and rewritten.preset is None:
         return await app(scope, receive, send)
-    rename = (server.base_name, steered.preset) if steered.preset is not None else None
-    await app(scope, receive, AnswerRewrite(send, steered.report, reporting, rename))
+    rename = (server.base_name, rewritten.preset) if rewritten.preset is not None else None
+    await app(scope, receive, AnswerRewrite(send, rewritten.report, reporting, rename))
 
 
 @dataclass
-class SteeredRequest:
+class RewrittenRequest:
     body: bytes  # what vLLM gets
     report: dict | None  # the `vas` echo: the settings applied, None when unsteered
     preset: str | None  # the preset the request chose as its model
 
 
-def steer_request(server: ServerView, payload: dict, body: bytes) -> SteeredRequest:
+@dataclass(frozen=True)
+class Admission:
+    """Steering settings ready for vLLM: validated, their top-K resolved (VASConfig.top_k_for),
+    serialised and stamped. Invariant: `xargs` = params.admitted(request), `report` =
+    request.report(), for one active request. Shared between requests: never modified."""
+
+    xargs: dict[str, str]  # the `vllm_xargs` entries: {"vas": <JSON>, "vas_admitted": <stamp>}
+    report: dict  # the `vas` echo
+
+    @classmethod
+    def of(cls, server: ServerView, request: VASRequest) -> "Admission":
+        # model_copy does not validate again: top_k_for gives a top-K in range.
+        request = request.model_copy(update={"top_k": server.config.top_k_for(request, server.head_infos)})
+        return cls(admitted(request), request.report())
+
+
+def rewrite_request(server: ServerView, payload: dict, body: bytes) -> RewrittenRequest:
     """Rewrite a generation request's parsed body (`payload`, modified in place). Raises
     VASParamError (a 400 naming the field) for invalid settings."""
-    changed, preset_id = False, None
+    changed, preset_id, admission = False, None, None
     preset = server.presets.get(payload.get("model"))
     if preset is not None:  # run the base with the preset's settings, the request's on top
         preset_id = payload["model"]
-        payload.update(override(preset, payload))
+        if _has_own_settings(payload):
+            payload.update(override(preset, payload))
+        else:
+            admission = _preset_admission(server, preset_id)
         payload["model"] = server.base_name
         server.preset_requests[preset_id] = server.preset_requests.get(preset_id, 0) + 1
         changed = True
-    request = VASRequest.from_api(payload, server.heads)
-    if request is None:
-        return SteeredRequest(json.dumps(payload).encode() if changed else body, None, preset_id)
+    if admission is None:
+        request = VASRequest.from_api(payload, server.head_infos)
+        if request is None:
+            return RewrittenRequest(json.dumps(payload).encode() if changed else body, None, preset_id)
+        admission = Admission.of(server, request) if request.active else None
     for field in [f for f in payload if f.startswith("vas_")]:
         del payload[field]
     given = payload.get("vllm_xargs")
     if given is not None and not isinstance(given, dict):
         raise VASParamError("vllm_xargs", "vllm_xargs must be an object")
     xargs = {k: v for k, v in given.items() if k not in (EXTRA_ARGS_KEY, STAMP_KEY)} if given else {}
-    report = None
-    if request.active:
+    if admission is not None:
         if payload.get("prompt_embeds") is not None:  # the value runtime needs token ids
             raise VASParamError("prompt_embeds", "steering needs the prompt as text or token ids, "
                                                  "not prompt_embeds")
-        # model_copy does not validate again: top_k_for gives a top-K in range.
-        request = request.model_copy(update={"top_k": server.config.top_k_for(request, server.heads)})
-        xargs.update(admitted(request))
-        report = request.report()
+        xargs.update(admission.xargs)
     if xargs or given is not None:
         payload["vllm_xargs"] = xargs
-    return SteeredRequest(json.dumps(payload).encode(), report, preset_id)
+    return RewrittenRequest(json.dumps(payload).encode(), admission.report if admission else None, preset_id)
+
+
+def _has_own_settings(payload: dict) -> bool:
+    """Whether the request carries steering of its own (a `vas_*` field, misspelt ones included,
+    or settings in `vllm_xargs["vas"]`): what VASRequest.from_api reads besides a preset's fields."""
+    xargs = payload.get("vllm_xargs")
+    return (any(field.startswith("vas_") for field in payload)
+            or isinstance(xargs, dict) and xargs.get(EXTRA_ARGS_KEY) is not None)
+
+
+def _preset_admission(server: ServerView, preset_id: str) -> Admission:
+    """The Admission of a preset's own settings, made at the preset's first request and then
+    reused: for a request with no steering of its own, from_api would validate the same
+    settings against the same heads every time (the preset was validated at startup,
+    PresetTable.build), and the resolved top-K and the stamp depend only on them and on this
+    process. Doing that once saves about 19 us of a preset request's ~28 (docs/BENCHMARKS.md)."""
+    admission = server.preset_admissions.get(preset_id)
+    if admission is None:
+        settings = override(server.presets.get(preset_id), {})  # the preset's fields alone
+        admission = Admission.of(server, VASRequest.from_api(settings, server.head_infos))
+        server.preset_admissions[preset_id] = admission
+    return admission
 
 
 class AnswerRewrite:

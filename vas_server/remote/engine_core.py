@@ -44,7 +44,7 @@ from vllm.v1.outputs import LogprobsLists
 
 from vas_server.config import VASConfig
 from vas_server.core import rule
-from vas_server.core.value_runtime import ScoredRequest, ValueRuntime
+from vas_server.core.value_runtime import ValueRow, ValueRuntime
 from vas_server.params import VASRequest
 from vas_server.remote.draft import DraftLength, RoundCosts, drafts_at, verify
 from vas_server.remote.sampling import Step, steered_step
@@ -70,7 +70,7 @@ class RemoteEngineCore:
         self.runtime = runtime
         self.scorer = BatchedScorer(runtime)
         self.config = config
-        self.heads = config.read_heads()
+        self.head_infos = config.read_heads()
         self.outputs: asyncio.Queue[EngineCoreOutput] = asyncio.Queue()
         # fail(request_id, error): end one request with `error` as its answer (set by
         # vas_server.remote.serve once AsyncLLM exists: it reaches AsyncLLM's per-request queues).
@@ -161,7 +161,7 @@ class RemoteEngineCore:
     def _decoding(self, request: EngineCoreRequest, steering: VASRequest) -> "Decoding":
         """The request's loop state, before its first round (no value-cache slot yet)."""
         params = request.sampling_params
-        top_k = self.config.top_k_for(steering, self.heads)  # unsteered too: the candidates of an exact draw
+        top_k = self.config.top_k_for(steering, self.head_infos)  # unsteered too: the candidates of an exact draw
         temperature = 0.0 if params.sampling_type == SamplingType.GREEDY else params.temperature
         drafting = self.draft_cap > 1 and drafts_at(temperature)
         head_ids = frozenset(self.runtime.head_index[name] for name in steering.weights)
@@ -173,7 +173,7 @@ class RemoteEngineCore:
             stop_ids=set(params.stop_token_ids or ()),  # vLLM's check_stop: these, and eos unless ignore_eos
             generator=torch.Generator().manual_seed(params.seed if params.seed is not None
                                                     else torch.seed() % 2**31),
-            row=ScoredRequest(None, list(request.prompt_token_ids), [], head_ids),
+            row=ValueRow(None, list(request.prompt_token_ids), [], head_ids),
             # Unsteered, VAS's distribution is the base's: every drafted token is accepted, so the
             # longest draft is the best whatever the cost (DraftLength with acceptance 1).
             length=DraftLength(self.draft_cap, self.draft_adaptive and bool(head_ids), self.round_costs)
@@ -279,7 +279,7 @@ class Decoding:
     weight_vector: torch.Tensor  # [1, n_heads]
     stop_ids: set[int]
     generator: torch.Generator  # every random choice of the loop, seeded by the request's seed
-    row: ScoredRequest  # what the value runtime reads: slot (None: no cached heads), prompt, outputs
+    row: ValueRow  # what the value runtime reads: slot (None: no cached heads), prompt, outputs
     length: DraftLength | None  # None: one token per call
     generated: int = 0
 

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from vas_server.core.value_runtime import ScoredRequest, ValueRuntime, to_device
+from vas_server.core.value_runtime import ValueRow, ValueRuntime, to_device
 
 
 @dataclass(eq=False)
 class Work:
-    row: ScoredRequest
+    row: ValueRow
     candidates: list[int] | list[list[int]] | None  # None: advance the row; else score these candidates
     done: asyncio.Future
     draft: list[int] | None = None  # drafted tokens: candidates are then one list per drafted position
@@ -49,21 +49,21 @@ class BatchedScorer:
         self.batches = 0  # batches with candidates to score, and their rows (the benchmark reports both)
         self.rows = 0
 
-    def advance(self, row: ScoredRequest, commit: int | None = None) -> asyncio.Future:
+    def advance(self, row: ValueRow, commit: int | None = None) -> asyncio.Future:
         """Feed `row`'s newly committed tokens to its value trunks; done when fed. `commit`: the
         row's last draft had that many tokens accepted, committed first (ValueRuntime.commit_draft)."""
         return self._ask(row, None, commit=commit)
 
-    async def draft_values(self, row: ScoredRequest, draft: list[int], candidates: list[list[int]]) -> torch.Tensor:
+    async def draft_values(self, row: ValueRow, draft: list[int], candidates: list[list[int]]) -> torch.Tensor:
         """The values of each drafted position's candidates, `draft` being the drafted tokens
         before the last (ValueRuntime.score_draft): [n, n_heads, K_max], K_max the longest list."""
         return await self._ask(row, candidates, draft=draft)
 
-    async def values(self, row: ScoredRequest, candidates: list[int]) -> torch.Tensor:
+    async def values(self, row: ValueRow, candidates: list[int]) -> torch.Tensor:
         """The values q_h(a) of `row`'s candidates: [n_heads, len(candidates)], float32, on the host."""
         return await self._ask(row, candidates)
 
-    def _ask(self, row: ScoredRequest, candidates, draft: list[int] | None = None,
+    def _ask(self, row: ValueRow, candidates, draft: list[int] | None = None,
              commit: int | None = None) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         work = Work(row, candidates, loop.create_future(), draft, commit)
