@@ -124,9 +124,7 @@ def draft_counters(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=30).text
     counters = {}
     for key, name in (("drafted", "vas_remote_drafted_tokens"), ("accepted", "vas_remote_accepted_tokens"),
-                      ("wasted", "vas_remote_wasted_draft_tokens"), ("tokens", "vas_remote_tokens"),
-                      ("round_fixed_s", "vas_remote_draft_round_fixed_seconds"),
-                      ("round_token_s", "vas_remote_draft_round_token_seconds")):
+                      ("wasted", "vas_remote_wasted_draft_tokens"), ("tokens", "vas_remote_tokens")):
         found = re.search(rf"^{name}(?:_total)? ([0-9.e+]+)$", text, re.M)
         counters[key] = float(found.group(1)) if found else 0.0
     return counters
@@ -221,16 +219,12 @@ def main() -> None:
                             row["wasted_draft_tokens"] = delta["wasted"]
                             row["acceptance_rate"] = delta["accepted"] / delta["drafted"] if delta["drafted"] else None
                             row["rss_mib"] = rss_mib(server.pid)
-                            # The round cost the draft length was choosing with, as fitted after the row.
-                            row["round_fixed_ms"] = 1e3 * after["round_fixed_s"]
-                            row["round_token_ms"] = 1e3 * after["round_token_s"]
                             rows[f"draft {draft}, T {temperature:g}, positive {weight:g}, {c} streams"] = row
                             acceptance = "" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.3f}"
                             print(f"draft {draft}  T {temperature:g}  positive {weight:g}  {c:>3} streams  "
                                   f"{row['per_stream_tok_s']:7.2f} tok/s per stream  {row['total_tok_s']:7.2f} total  "
                                   f"{row['calls_per_token']:.3f} calls/token  acceptance {acceptance:>5}  "
-                                  f"wasted {row['wasted_draft_tokens']:.0f}  RSS {row['rss_mib']:.0f} MiB  round "
-                                  f"{row['round_fixed_ms']:.0f} + {row['round_token_ms']:.0f} ms/token", flush=True)
+                                  f"wasted {row['wasted_draft_tokens']:.0f}  RSS {row['rss_mib']:.0f} MiB", flush=True)
             finally:
                 server.terminate()
                 server.wait(timeout=90)

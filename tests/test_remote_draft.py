@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from test_remote_sampling import LOWER, RAISE, goodness_of_fit_p
-from vas_server.remote.draft import DraftLength, RoundCost, RoundCosts, drafts_at, expected_tokens, verify
+from vas_server.remote.draft import DraftLength, drafts_at, verify
 from vas_server.remote.sampling import steered_step
 from vas_server.remote.upstream import Draw
 
@@ -201,70 +201,3 @@ def test_the_draft_length_follows_acceptance_within_its_cap():
     length.observe(1000, 0)
     assert length.next() == 1
     assert DraftLength(1).next() == 1 and DraftLength(5, adaptive=False).next() == 5
-
-
-def test_expected_tokens_per_round_is_the_simulated_mean():
-    generator = torch.Generator().manual_seed(0)
-    for a, n in [(0.6, 1), (0.6, 3), (0.9, 8), (1.0, 5)]:
-        accepted = torch.rand(200_000, n, generator=generator, dtype=torch.float64) < a
-        run = accepted.long().cumprod(1).sum(1)  # accepted drafted tokens before the first rejection
-        emitted = torch.where(run < n, run + 1, run).double()  # + the residual's token at a rejection
-        assert abs(float(emitted.mean()) - expected_tokens(a, n)) < 4 * float(emitted.std()) / 200_000 ** 0.5 + 1e-9
-
-
-def test_the_round_cost_is_fitted_from_the_rounds_lengths_and_times():
-    cost = RoundCost()
-    for _ in range(20):
-        cost.observe(8, 0.05 + 8 * 0.07)
-    cost.observe(3, 0.05 + 3 * 0.07)
-    assert cost.line() is None  # one length with enough rounds: no slope
-    for n in (1, 3, 5, 1, 5, 1, 5, 3):
-        cost.observe(n, 0.05 + n * 0.07)
-    fixed, per_token = cost.line()
-    assert abs(fixed - 0.05) < 1e-9 and abs(per_token - 0.07) < 1e-9
-
-
-def test_one_slow_round_does_not_bend_the_round_cost():
-    """A first call's warm-up (3 s at n = 8) among ordinary rounds (0.12 s + 0.07 s per token)."""
-    cost = RoundCost()
-    cost.observe(8, 3.0)
-    for n in (8, 2, 3, 8, 2, 3, 8, 2, 3):
-        cost.observe(n, 0.12 + 0.07 * n)
-    fixed, per_token = cost.line()
-    assert abs(fixed - 0.12) < 1e-9 and abs(per_token - 0.07) < 1e-9
-
-
-def test_the_round_cost_of_one_load_is_not_bent_by_another():
-    """Rounds at 32 requests in flight (0.1 s + 0.7 s per drafted token) and at 1 (0.2 s +
-    0.07 s), interleaved: each load's draft lengths read their own line."""
-    costs = RoundCosts()
-    for i in range(100):
-        n = 1 + i % 8
-        costs.observe(32, n, 0.1 + 0.7 * n)
-        costs.observe(1, 1 + i % 3, 0.2 + 0.07 * (1 + i % 3))
-    light, heavy = costs.line(1), costs.line(40)
-    assert abs(light[0] - 0.2) < 1e-6 and abs(light[1] - 0.07) < 1e-6
-    assert abs(heavy[0] - 0.1) < 1e-6 and abs(heavy[1] - 0.7) < 1e-6
-    assert costs.line(8) is None and costs.line() == light  # no round at 8; the last round's load
-    length = DraftLength(8, cost=costs)
-    length.observe(100, 75)
-    assert length.next(1) > length.next(32) == 1
-
-
-@pytest.mark.parametrize("fixed, per_token, acceptance", [(0.05, 0.0, 0.6), (0.2, 0.07, 0.59), (0.2, 0.07, 0.75),
-                                                          (0.06, 0.01, 0.75), (0.05, 0.2, 0.9), (0.05, 0.2, 0.5)])
-def test_the_draft_length_maximises_tokens_per_second_given_the_round_cost(fixed, per_token, acceptance):
-    costs = RoundCosts()
-    for n in (1, 2, 4, 8, 8, 3) * 3:
-        costs.observe(1, n, fixed + n * per_token)
-    length = DraftLength(8, cost=costs)
-    length.observe(10_000, round(10_000 * acceptance))
-    rate = {n: expected_tokens(acceptance, n) / (fixed + per_token * n) for n in range(1, 9)}
-    best = max(rate, key=rate.get)
-    second = max((r for n, r in rate.items() if n != best))
-    assert rate[best] > 1.001 * second  # no near-tie between lengths in these cases
-    assert length.next() == best
-    if per_token == 0:
-        assert best == 8  # free drafted tokens: the cap
-    if per_token > fixed and acceptance <= 0.5:
-        assert best == 1  # drafted tokens dearer than a call, half rejected: one token per call

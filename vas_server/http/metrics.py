@@ -42,10 +42,6 @@ WORKER_METRICS = {
                              "Remote mode: drafted tokens never emitted (rejected, or after a rejection)"),
     "remote_acceptance_rate": ("vas_remote_draft_acceptance_rate", "gauge",
                                "Remote mode: accepted / drafted tokens (0 before the first draft)"),
-    "remote_round_fixed_seconds": ("vas_remote_draft_round_fixed_seconds", "gauge",
-                                   "Remote mode: a drafted round's cost per call, as fitted at the last round's load (0: no fit)"),
-    "remote_round_token_seconds": ("vas_remote_draft_round_token_seconds", "gauge",
-                                   "Remote mode: a drafted round's cost per drafted token, as fitted at that load (0: no fit)"),
     "heap_trims": ("vas_worker_heap_trims", "counter", "Times the worker gave freed heap memory back (malloc_trim)"),
     "heap_trim_seconds_total": ("vas_worker_heap_trim_seconds", "counter", "Time spent in those heap trims"),
 }

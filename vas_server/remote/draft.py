@@ -44,8 +44,6 @@ Bernoulli factory (exact), and says so (`drafts_at`). No approximation is made a
 from __future__ import annotations
 
 import math
-import statistics
-from collections import deque
 from collections.abc import Awaitable, Callable
 
 import torch
@@ -135,121 +133,37 @@ async def verify(draft: list[Draw], k: int, bonuses: list[torch.Tensor | None], 
     return steps, len(draft)
 
 
-def expected_tokens(acceptance: float, n: int) -> float:
-    """Tokens one round of an n-token draft emits on average when each drafted position is
-    accepted with probability `acceptance` given the ones before it: (1 - a^n) / (1 - a).
-
-    Proof: the round emits its accepted run and then, at a rejection, one more token (the
-    residual's), so it emits at least j tokens (1 <= j <= n) iff the first j - 1 positions were
-    accepted, with probability a^(j-1); the mean is sum_{j=1..n} a^(j-1) = (1 - a^n) / (1 - a)
-    (n at a = 1)."""
-    if acceptance >= 1:
-        return float(n)
-    return (1 - acceptance ** n) / (1 - acceptance)
-
-
-class RoundCost:
-    """What a drafted round costs the stream that makes it, under one load of the upstream:
-    seconds(n) = fixed + per_token * n. `fixed` is the network's round trip and the upstream's and
-    this server's cost per call; `per_token` the upstream's decoding of one more drafted token
-    plus its scoring here.
-
-    The line is fitted by least squares to the median round time at each length n (the last KEEP
-    rounds of that length; lengths with MIN_ROUNDS rounds at least, each weighted by its count).
-    Medians, not means: a single slow round (a first call's warm-up, a pause) would bend a
-    least-squares line through the rounds themselves for as long as it is remembered, and a
-    short draft chosen on a bent line is then never corrected. The caller leaves out each
-    request's first round, whose upstream call also prefills the prompt.
-
-    The fit needs two lengths (`line` is None until then). The rounds' lengths vary without
-    exploring on purpose: the draft length follows each request's acceptance, and a request's
-    last round is cut to its remaining tokens."""
-
-    KEEP = 16
-    MIN_ROUNDS = 3
-
-    def __init__(self):
-        self.seconds: dict[int, deque[float]] = {}
-
-    def observe(self, n: int, seconds: float) -> None:
-        self.seconds.setdefault(n, deque(maxlen=self.KEEP)).append(seconds)
-
-    def line(self) -> tuple[float, float] | None:
-        """(fixed, per_token) seconds, both >= 0 and fixed > 0, or None while fewer than two
-        lengths have MIN_ROUNDS rounds."""
-        points = [(n, statistics.median(times), len(times)) for n, times in self.seconds.items()
-                  if len(times) >= self.MIN_ROUNDS]
-        if len(points) < 2:
-            return None
-        w = sum(c for _, _, c in points)
-        mean_n = sum(c * n for n, _, c in points) / w
-        mean_t = sum(c * t for _, t, c in points) / w
-        spread = sum(c * (n - mean_n) ** 2 for n, _, c in points) / w
-        per_token = max(0.0, sum(c * (n - mean_n) * (t - mean_t) for n, t, c in points) / w / spread)
-        return max(1e-6, mean_t - per_token * mean_n), per_token
-
-
-class RoundCosts:
-    """The round cost by load: one RoundCost per power-of-two band of requests in flight here
-    (1, 2-3, 4-7, ...). Both terms move with the upstream's load: a drafted token costs one of
-    its batch steps, and a step of 32 sequences takes longer than one of 1. One line across loads
-    would read the load's change as the length's cost (rounds under 32 streams are long and,
-    with more rejections among more requests, of every length), so each band has its own. One
-    instance per upstream: every request shares it."""
-
-    def __init__(self):
-        self.bands: dict[int, RoundCost] = {}
-        self.last_band = None
-
-    @staticmethod
-    def band(load: int) -> int:
-        return max(1, load).bit_length()
-
-    def observe(self, load: int, n: int, seconds: float) -> None:
-        self.last_band = self.band(load)
-        self.bands.setdefault(self.last_band, RoundCost()).observe(n, seconds)
-
-    def line(self, load: int | None = None) -> tuple[float, float] | None:
-        """The line at `load` requests in flight (None: at the load of the last round)."""
-        band = self.last_band if load is None else self.band(load)
-        cost = self.bands.get(band)
-        return cost.line() if cost is not None else None
-
-
 class DraftLength:
-    """A request's draft length, from its observed acceptance and the rounds' cost.
+    """A request's draft length, adapted to its observed acceptance.
 
-    With acceptance a per drafted position, a round of n emits E(n) = (1 - a^n) / (1 - a) tokens
-    (`expected_tokens`) and costs fixed + per_token * n seconds (`RoundCosts`, at the current
-    load). Rounds follow each other, so the stream's tokens per second are E(n) / seconds(n)
-    (renewal-reward): the next draft asks the n in [1, cap] that maximises it. A long draft pays when drafted tokens are cheap
-    next to a call (a GPU upstream far away: per_token << fixed); when they cost as much as a
-    call (an upstream decoding on a busy CPU) and acceptance is low, n = 1 wins: one token per
-    call, as without drafting. While the cost at this load is not yet known, the draft asks
-    1 / (1 - a), E's limit for an unbounded draft.
+    With acceptance a per drafted position, a round of n emits (1 - a^n) / (1 - a) tokens on
+    average: it emits at least j tokens (1 <= j <= n) iff the first j - 1 positions were accepted,
+    with probability a^(j-1), and the sum over j is that. An unbounded draft emits 1 / (1 - a) (the
+    accepted run and the residual's token at the rejection), so the next draft asks that many,
+    rounded, within [1, cap]: longer drafts would mostly be dropped after a rejection.
 
     a is estimated as (accepted + 1) / (verified + 2) (the posterior mean under a uniform prior),
     counting the verified positions: the accepted ones and the one rejected, not the dropped rest.
     The first draft, before any observation, asks `cap` (unsteered and lightly steered requests
-    accept most drafted tokens). `adaptive` False: always `cap`."""
+    accept most drafted tokens). `adaptive` False: always `cap` (the engine core's choice for an
+    unsteered request, whose every drafted token is accepted).
 
-    def __init__(self, cap: int, adaptive: bool = True, cost: RoundCosts | None = None):
+    Tried and dropped (docs/BENCHMARKS.md, "Draft length"): choosing the n that maximises
+    E(n) / (fixed + per_token * n) with the round cost fitted online to this server's rounds. On
+    the real base behind the 50 ms proxy the fitted line chose 2-token drafts where this rule's
+    3-4 token drafts ran faster: the cost is not linear enough in n for the fit to be trusted."""
+
+    def __init__(self, cap: int, adaptive: bool = True):
         self.cap = max(1, cap)
         self.adaptive = adaptive
-        self.cost = cost
         self.verified = 0
         self.accepted = 0
 
-    def next(self, load: int = 1) -> int:
-        """The next draft's length, `load` requests being in flight (RoundCosts' band)."""
+    def next(self) -> int:
         if not self.adaptive or not self.verified:
             return self.cap
         a = (self.accepted + 1) / (self.verified + 2)
-        line = self.cost.line(load) if self.cost is not None else None
-        if line is None:
-            return max(1, min(self.cap, round(1 / (1 - a))))
-        fixed, per_token = line
-        return max(range(1, self.cap + 1), key=lambda n: expected_tokens(a, n) / (fixed + per_token * n))
+        return max(1, min(self.cap, round(1 / (1 - a))))
 
     def observe(self, verified: int, accepted: int) -> None:
         self.verified += verified

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from http import HTTPStatus
-import time
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -46,7 +45,7 @@ from vas_server.config import VASConfig
 from vas_server.core import rule
 from vas_server.core.value_runtime import ValueRow, ValueRuntime
 from vas_server.params import VASRequest
-from vas_server.remote.draft import DraftLength, RoundCosts, drafts_at, verify
+from vas_server.remote.draft import DraftLength, drafts_at, verify
 from vas_server.remote.sampling import Step, steered_step
 from vas_server.remote.scoring import BatchedScorer
 from vas_server.remote.upstream import Draw, Upstream, UpstreamError
@@ -66,7 +65,6 @@ class RemoteEngineCore:
         self.accepted = 0
         self.wasted = 0
         self.draft_rounds = 0
-        self.round_costs = RoundCosts()  # one upstream: every request's draft length reads the same costs
         self.runtime = runtime
         self.scorer = BatchedScorer(runtime)
         self.config = config
@@ -106,9 +104,7 @@ class RemoteEngineCore:
 
     def stats(self) -> dict[str, float]:
         """Remote mode's counters (GET /metrics, vas_server.http.metrics.WORKER_METRICS)."""
-        fixed, per_token = self.round_costs.line() or (0.0, 0.0)
-        return {"remote_round_fixed_seconds": fixed, "remote_round_token_seconds": per_token,
-                "remote_tokens": self.tokens, "remote_upstream_calls": self.upstream.calls,
+        return {"remote_tokens": self.tokens, "remote_upstream_calls": self.upstream.calls,
                 "remote_calls_per_token": self.upstream.calls / self.tokens if self.tokens else 0.0,
                 "remote_drafted_tokens": self.drafted, "remote_accepted_tokens": self.accepted,
                 "remote_wasted_tokens": self.wasted,
@@ -126,12 +122,10 @@ class RemoteEngineCore:
             task.cancel()
         self.scorer.shutdown()
         logger.info("remote-base totals: %d tokens, %d upstream calls (%.3f per token), %d value batches of %d rows, "
-                    "%d capped steps; %d drafts of %d tokens, %d accepted (%.1f%%), %d wasted; a round costs "
-                    "%.1f ms + %.1f ms per drafted token (as fitted at the last round's load)",
+                    "%d capped steps; %d drafts of %d tokens, %d accepted (%.1f%%), %d wasted",
                     self.tokens, self.upstream.calls, self.upstream.calls / max(1, self.tokens), self.scorer.batches,
                     self.scorer.rows, self.capped_steps, self.draft_rounds, self.drafted, self.accepted,
-                    100 * self.accepted / max(1, self.drafted), self.wasted,
-                    *(1e3 * x for x in self.round_costs.line() or (0.0, 0.0)))
+                    100 * self.accepted / max(1, self.drafted), self.wasted)
 
     async def _decode(self, request: EngineCoreRequest, steering: VASRequest) -> None:
         """The request's token loop: rounds until eos, a stop token or max_tokens, each round's
@@ -174,9 +168,9 @@ class RemoteEngineCore:
             generator=torch.Generator().manual_seed(params.seed if params.seed is not None
                                                     else torch.seed() % 2**31),
             row=ValueRow(None, list(request.prompt_token_ids), [], head_ids),
-            # Unsteered, VAS's distribution is the base's: every drafted token is accepted, so the
-            # longest draft is the best whatever the cost (DraftLength with acceptance 1).
-            length=DraftLength(self.draft_cap, self.draft_adaptive and bool(head_ids), self.round_costs)
+            # Unsteered, VAS's distribution is the base's: every drafted token is accepted, so
+            # every draft asks the cap (without waiting for the acceptance estimate to say so).
+            length=DraftLength(self.draft_cap, self.draft_adaptive and bool(head_ids))
             if drafting else None)
 
     async def _round(self, d: "Decoding", commit: int | None) -> tuple[list[Step], list[Draw], int | None]:
@@ -189,14 +183,10 @@ class RemoteEngineCore:
         if d.length is None:
             first = await self.upstream.draw(context, d.asked, temperature=d.temperature, seed=_seed(d.generator))
             return [await self._step(d, first, advancing, context)], [first], None
-        started, load = time.perf_counter(), len(self.loops)  # the requests in flight here: the upstream's load
-        first = not d.generated  # its upstream call also prefills the prompt: not a round like the others
-        n = min(d.length.next(load), d.params.max_tokens - d.generated)
+        n = min(d.length.next(), d.params.max_tokens - d.generated)
         positions = await self.upstream.draft(context, n, d.asked, temperature=d.temperature,
                                               seed=_seed(d.generator), ignore_eos=d.params.ignore_eos)
         steps, accepted = await self._verify(d, positions, advancing, context)
-        if not first:
-            self.round_costs.observe(load, len(positions), time.perf_counter() - started)
         # The positions verified: the accepted ones and the one rejected, if any (not the dropped
         # rest, which says nothing about acceptance).
         d.length.observe(accepted + (accepted < len(positions)), accepted)
