@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from http import HTTPStatus
 from dataclasses import dataclass
+from http import HTTPStatus
 from types import SimpleNamespace
 
 import numpy as np
