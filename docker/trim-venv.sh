@@ -27,5 +27,8 @@ modules = ["vas_server.cli", "vas_server.plugin", "vas_server.engine.processor",
            "vllm.model_executor.models.llama", "vllm.v1.sample.sampler"]
 worker = "vllm.v1.worker.gpu_worker" if torch.version.cuda else "vllm.v1.worker.cpu_worker"
 for name in modules + [worker]:
-    importlib.import_module(name)
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # byte code is an optimisation: a module that needs a device compiles at first use
+        print(f"trim-venv: {name} not precompiled ({type(e).__name__}: {e})")
 PY
