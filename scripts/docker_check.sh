@@ -65,10 +65,10 @@ wait_ready() {
     since "$t0"
 }
 
-chat() {  # chat PORT KEY BODY -> the answer's text
-    curl -s -m 300 "http://localhost:$1/v1/chat/completions" -H 'Content-Type: application/json' \
-        ${2:+-H "Authorization: Bearer $2"} -d "$3" \
-        | python3 -c "import json, sys; print(json.load(sys.stdin)['choices'][0]['message']['content'])"
+answer() {  # answer PORT KEY ROUTE BODY -> the first choice's text
+    curl -s -m 300 "http://localhost:$1/v1/$3" -H 'Content-Type: application/json' \
+        ${2:+-H "Authorization: Bearer $2"} -d "$4" \
+        | python3 -c "import json, sys; c = json.load(sys.stdin)['choices'][0]; print(c['message']['content'] if 'message' in c else c['text'])"
 }
 
 image_mode() {
@@ -108,8 +108,8 @@ image_mode() {
     fi
     body='"model": "SmolLM2-135M-Instruct", "max_tokens": 48, "seed": 1, "messages": [{"role": "user", "content": "How was your weekend?"}]'
     local plain steered
-    plain=$(chat 8000 "$key" "{$body}") || plain="(no answer)"
-    steered=$(chat 8000 "$key" "{$body, \"vas_weights\": {\"positive\": 4.0}}") || steered="(no answer)"
+    plain=$(answer 8000 "$key" chat/completions "{$body}") || plain="(no answer)"
+    steered=$(answer 8000 "$key" chat/completions "{$body, \"vas_weights\": {\"positive\": 4.0}}") || steered="(no answer)"
     printf '  plain:   %s\n  steered: %s\n' "${plain:0:120}" "${steered:0:120}"
     [ -n "$plain" ] && [ "$plain" != "(no answer)" ] && [ "$steered" != "(no answer)" ] && [ "$plain" != "$steered" ] \
         && pass "steered (positive 4) differs from plain at seed 1" || fail "steered vs plain"
@@ -151,9 +151,9 @@ token_lover(Path("/models/likes"), Path("/models/base"), "likes", good)
     $mounted >/dev/null
     if ready=$(wait_ready 8000 "$NAME"); then
         pass "mounted models ready in $ready s"
-        local tbody='"model": "/models/base", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": "Hello"}]'
-        plain=$(chat 8000 "$key" "{$tbody}") || plain="(no answer)"
-        steered=$(chat 8000 "$key" "{$tbody, \"vas_weights\": {\"likes\": 4.0}, \"vas_top_k\": 256}") || steered="(no answer)"
+        local tbody='"model": "/models/base", "prompt": "Hello, how are you", "max_tokens": 8, "temperature": 0'
+        plain=$(answer 8000 "$key" completions "{$tbody}") || plain="(no answer)"
+        steered=$(answer 8000 "$key" completions "{$tbody, \"vas_weights\": {\"likes\": 8.0}, \"vas_top_k\": 256}") || steered="(no answer)"
         printf '  plain:   %q\n  steered: %q\n' "$plain" "$steered"
         [[ "$steered" == *good* && "$plain" != *good* ]] \
             && pass "mounted value model steers its base (' good' appears only when steered)" \
