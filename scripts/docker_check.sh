@@ -16,7 +16,7 @@
 #
 # VAS_TORCH_INDEX, if set, goes to the CPU build (--build-arg) and to setup in the fresh
 # container; builds and the fresh container then use the host's network, so that an index on
-# this machine's loopback (e.g. ../shared/tools/docker-offline.sh's) is reachable.
+# this machine's loopback (a local mirror, or a stand-in that serves a wheel on disk) is reachable.
 # Logs go to build/docker-check/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
