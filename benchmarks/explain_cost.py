@@ -1,0 +1,82 @@
+"""What `vas_explain` costs, end to end, against a running vas-server.
+
+Interleaves three kinds of chat requests at the same prompt, seed and length: unsteered, steered
+(`vas_weights`) and steered with `vas_explain` (N candidates per token). Each round sends one of
+each, in a rotating order, so that load from elsewhere on the machine hits all three alike. Prints
+the median and quartiles of the wall time per request and per generated token, and the answer
+size; writes JSON.
+
+    python benchmarks/explain_cost.py --url http://localhost:8000 [--rounds 15] [--max-tokens 48]
+        [--head positive] [--weight 4] [--candidates 5] [--out benchmarks/results/explain_cost.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPT = "How was your weekend?"
+
+
+def body(args, kind: str, seed: int) -> dict:
+    out = {"model": args.model, "max_tokens": args.max_tokens, "seed": seed, "temperature": 1.0,
+           "messages": [{"role": "user", "content": PROMPT}], "ignore_eos": True}
+    if kind != "plain":
+        out["vas_weights"] = {args.head: args.weight}
+    if kind == "explain":
+        out["vas_explain"] = args.candidates
+    return out
+
+
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(xs, n=4)
+    return q[0], statistics.median(xs), q[2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://localhost:8000")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--head", default="positive")
+    parser.add_argument("--weight", type=float, default=4.0)
+    parser.add_argument("--candidates", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/explain_cost.json"))
+    args = parser.parse_args()
+    kinds = ["plain", "steered", "explain"]
+    seconds: dict[str, list[float]] = {k: [] for k in kinds}
+    sizes: dict[str, int] = {}
+    with httpx.Client(base_url=args.url, timeout=300) as http:
+        http.post("/v1/chat/completions", json=body(args, "explain", 0)).raise_for_status()  # warm-up
+        for r in range(args.rounds):
+            for kind in kinds[r % 3:] + kinds[:r % 3]:
+                start = time.perf_counter()
+                response = http.post("/v1/chat/completions", json=body(args, kind, r))
+                seconds[kind].append(time.perf_counter() - start)
+                response.raise_for_status()
+                answer = response.json()
+                assert answer["usage"]["completion_tokens"] == args.max_tokens
+                assert (kind == "explain") == ("vas_explain" in answer)
+                sizes[kind] = len(response.content)
+    rows = []
+    print(f"{args.rounds} rounds, {args.max_tokens} tokens, {args.head} {args.weight}, vas_explain {args.candidates}")
+    print(f"{'request':<10} {'ms/request (q1 median q3)':>30} {'ms/token':>9} {'answer bytes':>13}")
+    for kind in kinds:
+        q1, med, q3 = (1000 * x for x in quartiles(seconds[kind]))
+        rows.append({"kind": kind, "ms_q1": q1, "ms_median": med, "ms_q3": q3,
+                     "ms_per_token": med / args.max_tokens, "answer_bytes": sizes[kind]})
+        print(f"{kind:<10} {q1:>10.1f} {med:>9.1f} {q3:>9.1f} {med / args.max_tokens:>9.2f} {sizes[kind]:>13}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                    "seconds": seconds}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
