@@ -1,5 +1,12 @@
-"""What `vas_explain` costs, end to end, against a running vas-server.
+"""What `vas_explain` costs: per decoding step in the worker (`--step`, no server), and end to
+end against a running vas-server.
 
+`--step`: one steered step's work as Steering.apply does it (top-K of the logits, the bonus from
+[B, H, K] values, the in-place update; random logits and values: the value heads' own cost is the
+same either way and left out), without and with Explanations.record for every row, at the
+embedded SmolLM2's vocabulary (49152) and the demo model's K (256), 3 heads. Median of --repeats.
+
+End to end:
 Interleaves three kinds of chat requests at the same prompt, seed and length: unsteered, steered
 (`vas_weights`) and steered with `vas_explain` (N candidates per token). Each round sends one of
 each, in a rotating order, so that load from elsewhere on the machine hits all three alike. Prints
@@ -8,6 +15,7 @@ size; writes JSON.
 
     python benchmarks/explain_cost.py --url http://localhost:8000 [--rounds 15] [--max-tokens 48]
         [--head positive] [--weight 4] [--candidates 5] [--out benchmarks/results/explain_cost.json]
+    python benchmarks/explain_cost.py --step [--out benchmarks/results/explain_step.json]
 """
 
 from __future__ import annotations
@@ -19,6 +27,11 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
+
+from vas_server.core import rule
+from vas_server.engine.explain import Explanations
+from vas_server.params import Explain
 
 PROMPT = "How was your weekend?"
 
@@ -38,8 +51,53 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q[0], statistics.median(xs), q[2]
 
 
+def step_benchmark(args) -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    vocab, k, heads = 49152, 256, 3
+    rows = []
+    print(f"one steered step, V {vocab}, K {k}, {heads} heads, 1 thread, median of {args.repeats}")
+    print(f"{'batch':>5} {'off us':>9} {'on us':>9} {'on/off':>7}")
+    for batch in (1, 8, 32):
+        logits = torch.randn(batch, vocab)
+        values = torch.randn(batch, heads, k)
+        weights = torch.tensor([[2.0, 0.0, 1.0]]).repeat(batch, 1)
+        valid = torch.ones(batch, k, dtype=torch.bool)
+        explanations = Explanations(["a", "b", "c"])
+        records = [explanations.start(Explain(top=5, id=str(i)), weights[i], k, None) for i in range(batch)]
+        positions = torch.arange(batch)
+
+        def step(explain: bool) -> float:
+            row_logits = logits.clone()
+            start = time.perf_counter()
+            candidates = row_logits.topk(k, dim=1).indices
+            bonus = rule.bonus(values, weights, valid)
+            base = row_logits.index_select(0, positions) if explain else None
+            rule.add_bonus_(row_logits, candidates, bonus, valid, None)
+            if explain:
+                explanations.record(records, positions, base, row_logits.index_select(0, positions), candidates,
+                                    values, weights, valid)
+            return time.perf_counter() - start
+
+        times = {}
+        for explain in (False, True):
+            for _ in range(5):
+                step(explain)
+            times[explain] = statistics.median(step(explain) for _ in range(args.repeats)) * 1e6
+            for r in records:
+                r.steps.clear()
+        rows.append({"batch": batch, "off_us": times[False], "on_us": times[True]})
+        print(f"{batch:>5} {times[False]:>9.0f} {times[True]:>9.0f} {times[True] / times[False]:>7.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"config": {"vocab": vocab, "k": k, "heads": heads, "repeats": args.repeats},
+                                    "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--step", action="store_true", help="the worker's per-step cost, no server")
+    parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--url", default="http://localhost:8000")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct")
     parser.add_argument("--rounds", type=int, default=15)
@@ -49,6 +107,8 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/explain_cost.json"))
     args = parser.parse_args()
+    if args.step:
+        return step_benchmark(args)
     kinds = ["plain", "steered", "explain"]
     seconds: dict[str, list[float]] = {k: [] for k in kinds}
     sizes: dict[str, int] = {}

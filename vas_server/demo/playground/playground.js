@@ -13,12 +13,14 @@ function headers() {
   return h;
 }
 
-// An error answer as one line: its status and the server's own message (OpenAI's error shape).
-async function errorMessage(response) {
+// An error answer as one line: its status and the server's own message (OpenAI's error shape);
+// `param`, when given, is the field the server named.
+async function errorMessage(response, param) {
   let message = response.statusText;
   try {
     const body = await response.json();
     message = (body.error && (body.error.message || body.error)) || JSON.stringify(body);
+    if (param && body.error) param.name = body.error.param;
   } catch (e) { /* not JSON */ }
   const hint = { 401: " (enter the server's API key above)", 429: " (the server is busy: try again)",
                  503: " (the server is busy or starting: try again)" }[response.status] || "";
@@ -105,7 +107,12 @@ async function stream(body, out) {
   out.textContent = "";
   const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(),
     body: JSON.stringify({ ...body, stream: true }) });
-  if (!response.ok) throw new Error(await errorMessage(response));
+  if (!response.ok) {
+    const param = {};
+    const error = new Error(await errorMessage(response, param));
+    error.param = param.name;
+    throw error;
+  }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "", text = "", explain = null;
@@ -132,6 +139,7 @@ async function compare() {
   const button = $("compare");
   button.disabled = true;
   $("token-detail").replaceChildren();
+  updateReproduce();  // the lines shown are those of the request sent
   const steer = steering();
   const steered = Object.keys(steer.vas_weights).length > 0;
   $("steered-label").textContent = describe(steer);
@@ -142,7 +150,14 @@ async function compare() {
   const errors = [];
   for (const [id, body] of jobs) {
     try {
-      const answer = await stream(body, $(id));
+      let answer;
+      try {
+        answer = await stream(body, $(id));
+      } catch (e) {  // a server that cannot explain (over a remote base): the answer without the view
+        if (e.param !== "vas_explain" || body.vas_explain === undefined) throw e;
+        delete body.vas_explain;
+        answer = await stream(body, $(id));
+      }
       if (id === "steered-out" && answer.explain) renderTokens($(id), answer.explain);
     } catch (e) {
       $(id).textContent = "";
@@ -261,5 +276,6 @@ $("pin").addEventListener("click", pin);
 $("unpin").addEventListener("click", unpin);
 for (const id of ["system", "prompt", "top-k", "temperature", "seed", "max-tokens"]) {
   $(id).addEventListener("input", updateReproduce);
+  $(id).addEventListener("change", updateReproduce);
 }
 loadModels();
