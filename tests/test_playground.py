@@ -6,6 +6,7 @@ Compare, click a token; its numbers are checked against the API's own answer."""
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import shutil
 
@@ -100,7 +101,14 @@ def test_playground_compares_explains_and_shows_errors(server, browser):
     assert shown["vas_weights"] == {"likes": 10} and shown["vas_top_k"] == 256 and shown["seed"] == 1
     response = server.post("/v1/chat/completions", {**shown, "vas_explain": 5})
     assert response.status_code == 200, response.text
-    explained = response.json()["vas_explain"]
+    answer = response.json()
+    explained = answer["vas_explain"]
+    # The record itself: its tokens are the answer, and log(steered_p / base_p) of two candidates
+    # differs by their contributions' difference (the rule: l' = l + sum_h w_h c_h).
+    assert "".join(t["token"] for t in explained["tokens"]) == answer["choices"][0]["message"]["content"]
+    for token in explained["tokens"]:
+        lifts = [math.log(c["steered_p"] / c["base_p"]) - c["contributions"]["likes"] for c in token["candidates"]]
+        assert max(lifts) - min(lifts) == pytest.approx(0, abs=1e-4)
     spans = driver.find_elements(By.CSS_SELECTOR, "#steered-out .tok")
     assert [s.get_attribute("textContent") for s in spans] == [t["token"] for t in explained["tokens"]]
     assert len(spans) == len(explained["tokens"]) == 12
