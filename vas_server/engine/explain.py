@@ -39,6 +39,7 @@ class Record:
     head_ids: list[int]
     top_k: int  # the request's K: the first top_k candidates of a step are its own
     outputs: Sequence[int] | None  # the request's live output tokens (V1), else None
+    columns: torch.Tensor | None = None  # the step table's columns kept: id, base, steered, its heads
     steps: list[torch.Tensor] = field(default_factory=list)  # [K, 3 + heads] on the host per step
     truncated: bool = False
 
@@ -67,8 +68,10 @@ class Explanations:
         and steered [E, V]: their raw and steered logits; candidates [B, K], values [B, H, K],
         weights [B, H] and valid [B, K] of the whole batch."""
         cand = candidates.index_select(0, positions)
-        base_lp = torch.log_softmax(base.float(), -1).gather(1, cand)
-        steered_lp = torch.log_softmax(steered.float(), -1).gather(1, cand)
+        # log-softmax at the candidates only: gathered logits minus each row's logsumexp
+        base, steered = base.float(), steered.float()
+        base_lp = base.gather(1, cand) - base.logsumexp(-1, keepdim=True)
+        steered_lp = steered.gather(1, cand) - steered.logsumexp(-1, keepdim=True)
         contributions = (rule.centred(values.index_select(0, positions), valid.index_select(0, positions))
                          * weights.index_select(0, positions)[..., None])  # [E, H, K]
         table = torch.cat([cand.float()[..., None], base_lp[..., None], steered_lp[..., None],
@@ -77,8 +80,9 @@ class Explanations:
             if len(record.steps) >= MAX_EXPLAIN_TOKENS:
                 record.truncated = True
                 continue
-            cols = torch.tensor([0, 1, 2, *(3 + h for h in record.head_ids)])
-            record.steps.append(step[:record.top_k].index_select(1, cols))
+            if record.columns is None:
+                record.columns = torch.tensor([0, 1, 2, *(3 + h for h in record.head_ids)])
+            record.steps.append(step[:record.top_k].index_select(1, record.columns))
 
     def take(self, key: str) -> dict | None:
         """The record of `key` as the answer's `vas_explain` (token ids, not text), forgotten."""
