@@ -157,6 +157,21 @@ def test_playground_compares_explains_and_shows_errors(browser, server):
     assert "unknown head 'no-such-head'" in api and f"400: {api}" in _error(driver)
 
 
+def test_vas_explain_is_refused_where_it_cannot_be_answered(server, model):
+    steered = {"model": model, "vas_weights": {"likes": 2}, "vas_explain": 3}
+    for path, body, message in (
+            ("/v1/responses", {**steered, "input": "Hi", "max_output_tokens": 2}, "only"),
+            ("/v1/completions", {**steered, "prompt": "Hi", "max_tokens": 2, "n": 2}, "n = 1"),
+            ("/v1/completions", {**steered, "prompt": "Hi", "max_tokens": 2, "vas_weights": {}}, "non-zero weight")):
+        response = server.post(path, body)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "vas_explain" and message in response.json()["error"]["message"]
+    answer = server.post("/v1/completions", {**steered, "prompt": "Hi", "max_tokens": 3}).json()
+    assert len(answer["vas_explain"]["tokens"]) == 3 and answer["vas_explain"]["heads"] == ["likes"]
+    assert "vas_explain" not in server.post("/v1/completions", {**steered, "prompt": "Hi", "max_tokens": 3,
+                                                                 "vas_explain": None}).json()
+
+
 def test_playground_files_are_served(server):
     for path, kind in (("/playground", "text/html"), ("/playground/playground.js", "text/javascript"),
                        ("/playground/playground.css", "text/css")):

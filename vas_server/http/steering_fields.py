@@ -39,6 +39,9 @@ async def serve_generation(app, server: ServerView, path: str, payload: dict, bo
     if missing:
         return await send_error(send, 404, missing, "model", "NotFoundError")
     try:
+        if payload.get(EXPLAIN_FIELD) is not None and path not in REPORTING_PATHS:
+            raise VASParamError(EXPLAIN_FIELD, f"{EXPLAIN_FIELD} is answered on /v1/completions and "
+                                               f"/v1/chat/completions only")
         rewritten = rewrite_request(server, payload, body)
     except VASParamError as e:
         # Refused here, not later: vLLM validates a streaming request only once its 200 event
