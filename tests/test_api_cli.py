@@ -92,7 +92,9 @@ def test_api_key_defaults_to_the_environment(monkeypatch, tiny_base):
 def test_ready_message_is_a_working_curl_line(value_models, tiny_base):
     args, vas = _configure(str(tiny_base), "--value-model", f"liker={value_models['liker']}", "--api-key", "secret",
                            "--preset", "happy=likes:3")
-    first, curl = cli.ready_message(args, list(vas.read_heads()), "http://localhost:8000", list(vas.presets)).splitlines()
+    first, curl, page = cli.ready_message(args, list(vas.read_heads()), "http://localhost:8000",
+                                          list(vas.presets)).splitlines()
+    assert page.strip() == "playground: http://localhost:8000/playground"
     assert first.startswith("vas-server ready at http://localhost:8000/v1") and first.endswith("presets: happy)")
     words = shlex.split(curl)
     assert words[:2] == ["curl", "http://localhost:8000/v1/completions"]

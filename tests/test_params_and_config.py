@@ -345,3 +345,63 @@ def test_the_guard_names_a_standard_field_of_the_wrong_type():
     assert status == 400 and not seen
     assert answer["error"]["param"] == "max_tokens"
     assert answer["error"]["message"] == "max_tokens must be an integer, got a string '5'"
+
+
+@pytest.mark.parametrize("value, ok", [(1, True), (10, True), (None, True), (0, False), (11, False), (True, False),
+                                       ("5", False), (5.0, False), ([5], False)])
+def test_vas_explain_is_validated(value, ok):
+    from vas_server.params import Explain
+
+    body = {"vas_explain": value}
+    if ok:
+        explain = Explain.from_api(body)
+        assert (explain is None) == (value is None) and (explain is None or explain.top == value)
+    else:
+        with pytest.raises(VASParamError) as e:
+            Explain.from_api(body)
+        assert e.value.parameter == "vas_explain"
+
+
+def test_vas_explain_needs_one_choice_and_is_a_known_field():
+    from vas_server.params import Explain
+
+    with pytest.raises(VASParamError, match="n = 1"):
+        Explain.from_api({"vas_explain": 3, "n": 2})
+    assert VASRequest.from_api({"vas_explain": 3, "vas_weights": {"a": 1}}, ["a"]).weights == {"a": 1}
+    with pytest.raises(VASParamError, match="vas_explain"):  # the list of fields names it
+        VASRequest.from_api({"vas_explainn": 3}, ["a"])
+
+
+def test_explanations_record_the_rule_and_stay_bounded():
+    import torch
+
+    from vas_server.core import rule
+    from vas_server.engine import explain as ex
+    from vas_server.params import Explain
+
+    torch.manual_seed(0)
+    logits, values = torch.randn(2, 50), torch.randn(2, 2, 4)
+    weights, valid = torch.tensor([[2.0, 0.0], [0.0, -1.0]]), torch.ones(2, 4, dtype=torch.bool)
+    candidates = logits.topk(4, dim=1).indices
+    steered = logits.clone()
+    rule.add_bonus_(steered, candidates, rule.bonus(values, weights, valid), valid, None)
+    book = ex.Explanations(["a", "b"])
+    outputs = [int(candidates[1, 2])]
+    record = book.start(Explain(top=2, id="k"), weights[1], 4, outputs)
+    book.record([record], torch.tensor([1]), logits[1:], steered[1:], candidates, values, weights, valid)
+    got = book.take("k")
+    assert book.take("k") is None  # read once
+    assert got["heads"] == ["b"] and len(got["tokens"]) == 1 and len(got["tokens"][0]["candidates"]) == 2
+    token = got["tokens"][0]
+    assert token["token_id"] == outputs[0]
+    j = 2  # the sampled candidate: its numbers by hand
+    centred = values[1, 1] - values[1, 1].mean()
+    assert token["contributions"]["b"] == pytest.approx(float(-centred[j]), abs=1e-6)
+    assert token["base_p"] == pytest.approx(float(torch.softmax(logits[1], -1)[candidates[1, j]]), rel=1e-5)
+    assert token["steered_p"] == pytest.approx(float(torch.softmax(steered[1], -1)[candidates[1, j]]), rel=1e-5)
+    best = token["candidates"]
+    assert best[0]["steered_p"] >= best[1]["steered_p"] >= max(
+        float(p) for p in torch.softmax(steered[1], -1)[candidates[1]].sort(descending=True).values[2:])
+    for i in range(ex.MAX_PENDING + 5):  # unread records: the oldest go first
+        book.start(Explain(top=1, id=str(i)), weights[0], 4, None)
+    assert len(book.records) == ex.MAX_PENDING and "0" not in book.records and str(ex.MAX_PENDING + 4) in book.records

@@ -518,3 +518,19 @@ def test_startup_waits_for_an_upstream_that_is_still_starting():
     servers[0].shutdown()
     with pytest.raises(ValueError, match="did not answer within 1 s"):
         asyncio.run(wait_until_reachable(Upstream(f"http://127.0.0.1:{free_port()}/v1", "m"), 1, heard.append))
+
+
+def test_playground_and_vas_explain_over_a_remote_base(remote_url):
+    """The playground page is served in remote mode too; vas_explain, which needs the worker, is a
+    400 naming it (the page then shows the steered answer without its per-token view)."""
+    import httpx
+
+    page = httpx.get(f"{remote_url}/playground", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert httpx.get(f"{remote_url}/playground/playground.js", timeout=10).status_code == 200
+    response = httpx.post(f"{remote_url}/v1/chat/completions", timeout=60, json={
+        "model": "SmolLM2-135M-Instruct", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}],
+        "vas_weights": {"positive": 2}, "vas_explain": 3})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "vas_explain" and "remote base" in error["message"]

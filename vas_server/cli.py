@@ -197,7 +197,8 @@ def ready_message(args: argparse.Namespace, head_names: Sequence[str], url: str,
     listed = ", ".join(sorted(head_names)) or "none"
     return (f"vas-server ready at {url}/v1 (model {name!r}, value heads: {listed}{named})\n"
             f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
-            f"-d {shlex.quote(json.dumps(body))}")
+            f"-d {shlex.quote(json.dumps(body))}\n"
+            f"  playground: {url}/playground")
 
 
 def announce_when_ready(args: argparse.Namespace, head_names: Sequence[str], presets: Sequence[str] = ()) -> None:

@@ -44,6 +44,11 @@ from vas_server.core.format import TOP_K_RANGE, is_top_k
 
 EXTRA_ARGS_KEY = "vas"
 API_FIELDS = {"weights": "vas_weights", "top_k": "vas_top_k", "restrict_to_top_k": "vas_restrict_to_top_k"}
+# The opt-in per-token explanation (`Explain`): an API field of its own, not a steering setting.
+EXPLAIN_FIELD = "vas_explain"
+EXPLAIN_KEY = "vas_explain"  # its extra_args entry: {"id": <the middleware's key>, "top": n}
+MAX_EXPLAIN_CANDIDATES = 10  # candidates per token an answer may ask for
+MAX_EXPLAIN_TOKENS = 512  # tokens explained per request; later ones are not recorded
 # |w| above this is refused. Weights are in standard deviations of a head's reward: the demo heads
 # are evaluated up to 8, and 100 already makes the value bonus dominate any logit gap. A bound keeps
 # every logit the processor writes finite (docs/VAS_RULE.md, "Numerical safety").
@@ -119,10 +124,11 @@ class VASRequest(BaseModel):
         naming the field, also for a misspelt `vas_*` field."""
         # The body is vLLM's to validate, so this is not a pydantic model with extra="forbid":
         # only the `vas_` prefix is ours.
-        unknown = sorted(k for k in body if k.startswith("vas_") and k not in API_FIELDS.values())
+        known = (*API_FIELDS.values(), EXPLAIN_FIELD)
+        unknown = sorted(k for k in body if k.startswith("vas_") and k not in known)
         if unknown:
             raise VASParamError(unknown[0], f"unknown field {unknown[0]!r}; the steering fields are "
-                                            f"{', '.join(API_FIELDS.values())}")
+                                            f"{', '.join(known)}")
         xargs = body.get("vllm_xargs")
         given = xargs.get(EXTRA_ARGS_KEY) if isinstance(xargs, Mapping) else None
         fields = {key: body[field] for key, field in API_FIELDS.items() if field in body}
@@ -169,6 +175,49 @@ class VASRequest(BaseModel):
         if top_k is not None and not is_top_k(top_k):
             raise ValueError(f"top_k {top_k!r} out of range")
         return cls.model_construct(weights=weights, top_k=top_k, restrict_to_top_k=raw.get("restrict_to_top_k") is True)
+
+
+class Explain(BaseModel):
+    """A request's opt-in per-token explanation (`vas_explain`): for each generated token (the
+    first MAX_EXPLAIN_TOKENS), its `top` most probable steered candidates with their base and
+    steered probabilities and each weighted head's centred contribution. Off (None) by default;
+    the worker then does no work for it. `id` is the middleware's key for the worker's record,
+    never the client's."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    top: int = Field(ge=1, le=MAX_EXPLAIN_CANDIDATES)
+    id: str = ""
+
+    @classmethod
+    def from_api(cls, body: Mapping[str, Any]) -> "Explain | None":
+        """The body's `vas_explain`: an integer 1..MAX_EXPLAIN_CANDIDATES (candidates per token),
+        or null / absent for off. Raises VASParamError naming the field; also when it is asked
+        with `n` > 1 (one record per request) or `best_of`."""
+        raw = body.get(EXPLAIN_FIELD)
+        if raw is None:
+            return None
+        if type(raw) is not int or not 1 <= raw <= MAX_EXPLAIN_CANDIDATES:
+            raise VASParamError(EXPLAIN_FIELD, f"{EXPLAIN_FIELD} must be an integer in 1..{MAX_EXPLAIN_CANDIDATES} "
+                                               f"(candidates per token) or null, got {_short(raw)}")
+        if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1):
+            raise VASParamError(EXPLAIN_FIELD, f"{EXPLAIN_FIELD} explains one answer: it needs n = 1")
+        return cls(top=raw)
+
+    def to_extra_args(self) -> dict[str, str]:
+        return {EXPLAIN_KEY: json.dumps({"id": self.id, "top": self.top})}
+
+    @classmethod
+    def decode(cls, extra_args: Mapping[str, Any] | None) -> "Explain | None":
+        """Read back in the worker; None when off or unreadable (only a request that bypassed the
+        middleware can carry an unreadable one: it is then not explained)."""
+        raw = (extra_args or {}).get(EXPLAIN_KEY)
+        if not isinstance(raw, str):
+            return None
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError:
+            return None
 
 
 # Settings the middleware validated carry STAMP_KEY: an HMAC of their JSON under a key that only

@@ -31,7 +31,8 @@ from vas_server.core import rule
 from vas_server.config import HeadInfo, VASConfig
 from vas_server.engine.heap import HeapTrimmer
 from vas_server.engine.hidden_states import HiddenStateTap
-from vas_server.params import VASRequest
+from vas_server.engine.explain import Explanations, Record
+from vas_server.params import Explain, VASRequest
 from vas_server.engine.pp_stage import samples_here
 from vas_server.engine.runtime_factory import build_runtime
 from vas_server.core.value_runtime import NewTokens, ValueRow, ValueRuntime, to_device
@@ -51,6 +52,7 @@ class Row:
     weights: torch.Tensor  # [n_heads] float32 on the host (rule.weight_vector)
     top_k: int
     value_row: ValueRow  # what the value runtime reads of the request
+    explain: Record | None = None  # the per-token record, when the request asked for one
 
 
 @dataclass
@@ -63,6 +65,8 @@ class StepBatch:
     k_max: int  # the largest top-K of the rows
     valid: torch.Tensor  # [B, k_max] bool: candidate j counts for row b iff j < top_k(b)
     restrict: torch.Tensor | None  # [B] bool: vas_restrict_to_top_k; None when no row restricts
+    # The rows that asked for vas_explain: (their batch positions [E], their records); None when none did
+    explain: tuple[torch.Tensor, list[Record]] | None = None
 
     @classmethod
     def of(cls, rows: Sequence[tuple[int, Row]], device: torch.device) -> "StepBatch | None":
@@ -73,6 +77,7 @@ class StepBatch:
         k_max = max(r.top_k for r in ordered)
         restrict = [r.request.restrict_to_top_k for r in ordered]
         top_k = torch.tensor([r.top_k for r in ordered])
+        explained = [(b, r.explain) for b, r in enumerate(ordered) if r.explain is not None]
         return cls(
             index=to_device(torch.tensor([i for i, _ in rows]), device),
             value_rows=[r.value_row for r in ordered],
@@ -80,6 +85,8 @@ class StepBatch:
             k_max=k_max,
             valid=to_device(torch.arange(k_max)[None, :] < top_k[:, None], device),
             restrict=to_device(torch.tensor(restrict), device) if any(restrict) else None,
+            explain=(to_device(torch.tensor([b for b, _ in explained]), device), [r for _, r in explained])
+            if explained else None,
         )
 
 
@@ -103,6 +110,7 @@ class Steering:
         self.resumed_requests = 0  # VAS requests re-added with outputs (after preemption)
         self.steps = 0
         self.seconds = 0.0
+        self.explanations = Explanations([])
         if self.config.value_models:
             if vllm_config.speculative_config is not None:
                 # Both processors map one logits row to one request; drafts add rows.
@@ -110,6 +118,7 @@ class Steering:
             if samples_here():
                 self.head_infos = self.config.read_heads()
                 self.runtime, self.tap = build_runtime(self.config, vllm_config, device)
+                self.explanations = Explanations(self.runtime.head_names)
             else:  # an earlier pipeline stage: it never samples, and rows stay unsteered here
                 logger.info("VAS: this pipeline stage does not sample; the value models load on the last stage")
 
@@ -159,7 +168,9 @@ class Steering:
             self.resumed_requests += 1
         self.requests_total += 1
         top_k = self.config.top_k_for(request, self.head_infos)
-        return Row(request, weights, top_k, ValueRow(slot, prompt, outputs, head_ids, token_slot=token_slot))
+        explain = Explain.decode(params.extra_args)
+        record = self.explanations.start(explain, weights, top_k, outputs) if explain is not None else None
+        return Row(request, weights, top_k, ValueRow(slot, prompt, outputs, head_ids, token_slot=token_slot), record)
 
     def apply(self, logits: torch.Tensor, batch: StepBatch, new_tokens: NewTokens | None = None) -> torch.Tensor:
         """Steer the batch's rows of `logits` [R, V] (in place when every row is steered)."""
@@ -170,8 +181,14 @@ class Steering:
         candidates = row_logits.topk(k, dim=1).indices  # C, best first
         values = self.runtime.score(batch.value_rows, candidates, batch.index, logits.shape[0], new_tokens)
         valid = batch.valid[:, :k]
-        bonus = rule.bonus(values.to(logits.device), batch.weights, valid)
+        values = values.to(logits.device)
+        bonus = rule.bonus(values, batch.weights, valid)
+        base = row_logits.index_select(0, batch.explain[0]) if batch.explain is not None else None  # a copy
         rule.add_bonus_(row_logits, candidates, bonus, valid, batch.restrict)
+        if base is not None:  # only for requests that asked for vas_explain
+            positions, records = batch.explain
+            self.explanations.record(records, positions, base, row_logits.index_select(0, positions), candidates,
+                                     values, batch.weights, valid)
         if not every_row:
             logits.index_copy_(0, batch.index, row_logits)
         self.steps += 1

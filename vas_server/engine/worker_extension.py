@@ -1,4 +1,4 @@
-"""VASWorkerExtension: the worker RPC that /metrics reads (engine arg `worker_extension_cls`)."""
+"""VASWorkerExtension: the worker RPCs that /metrics and vas_explain read (engine arg `worker_extension_cls`)."""
 
 from __future__ import annotations
 
@@ -19,3 +19,14 @@ class VASWorkerExtension:
             live = {"live_slots": runner.req_states.index_to_req_id.keys()}
         proc = next((p for p in processors if isinstance(p, VASLogitsProcessor)), None)
         return proc.stats(**live) if proc is not None else {}
+
+    def vas_explain(self, key: str) -> dict | None:
+        """The per-token record of the request the middleware named `key` (vas_explain), once;
+        None where there is none (another rank or pipeline stage, or an unknown key)."""
+        from vas_server.engine.processor import VASLogitsProcessor
+
+        runner = self.model_runner
+        processors = (runner.input_batch.logitsprocs.non_argmax_invariant if hasattr(runner, "input_batch")
+                      else runner.sampler.logits_processors)
+        proc = next((p for p in processors if isinstance(p, VASLogitsProcessor)), None)
+        return proc.steering.explanations.take(key) if proc is not None else None

@@ -17,6 +17,10 @@ What it adds to vLLM's routes, and nothing else:
   * GET /v1/models: one card per preset (every head is one) after vLLM's own cards, `parent` the
     base; `GET /v1/models/{id}` (which vLLM lacks) answers one card from the same list. Machine
     paths in `root` become model names.
+  * GET /playground: the steering playground page (vas_server.http.playground).
+  * A request may ask for `vas_explain` (vas_server.params.Explain): the answer then carries, per
+    token, the steered candidates with base and steered probabilities and each head's
+    contribution, read from the worker when the answer is done (vas_server.http.explain).
   * GET /metrics: the VAS counters (vas_server.http.metrics) after vLLM's own metrics, and requests per
     preset (`vas_preset_requests_total{preset=...}`).
   * Every JSON POST body (any route: also /tokenize, /v1/messages, /invocations, ...) is read with
@@ -26,7 +30,7 @@ What it adds to vLLM's routes, and nothing else:
 
 It only dispatches; one module per concern does the work: vas_server.http.auth (API keys: vLLM's own
 check, run first), .request_guard (the body guard), .steering_fields (request rewrite and answer
-echo), .model_cards (/v1/models), .metrics (/metrics); .asgi is the plumbing and .server_view
+echo), .model_cards (/v1/models), .metrics (/metrics), .playground (the page), .explain (vas_explain); .asgi is the plumbing and .server_view
 what it knows of the server.
 
 vLLM internals it relies on (vllm 0.32.0): `app.state.vllm_config`, `app.state.args`
@@ -40,6 +44,7 @@ from __future__ import annotations
 from vas_server.http.asgi import Receive, Scope, Send, is_json, replay
 from vas_server.http.metrics import serve_metrics
 from vas_server.http.model_cards import MODELS_PATH, list_models
+from vas_server.http.playground import is_playground, serve_playground
 from vas_server.http.request_guard import guard_body
 from vas_server.http.server_view import ServerView
 from vas_server.http.steering_fields import STEERABLE_PATHS, serve_generation
@@ -82,4 +87,6 @@ class VASMiddleware:
             return await list_models(self.app, server, path[len(MODELS_PATH) + 1:] or None, scope, receive, send)
         if method == "GET" and path == METRICS_PATH:
             return await serve_metrics(self.app, server, scope, receive, send)
+        if method == "GET" and is_playground(path):
+            return await serve_playground(path, send)
         return await self.app(scope, receive, send)

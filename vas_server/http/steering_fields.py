@@ -19,7 +19,8 @@ import json
 from dataclasses import dataclass
 
 from vas_server.http.asgi import Message, Receive, Scope, Send, replay, send_error, send_raw, with_length
-from vas_server.params import EXTRA_ARGS_KEY, STAMP_KEY, VASParamError, VASRequest, admitted
+from vas_server.http import explain as explanations
+from vas_server.params import EXPLAIN_FIELD, EXPLAIN_KEY, EXTRA_ARGS_KEY, STAMP_KEY, Explain, VASParamError, VASRequest, admitted
 from vas_server.presets import override
 from vas_server.http.server_view import ServerView
 
@@ -38,6 +39,9 @@ async def serve_generation(app, server: ServerView, path: str, payload: dict, bo
     if missing:
         return await send_error(send, 404, missing, "model", "NotFoundError")
     try:
+        if payload.get(EXPLAIN_FIELD) is not None and path not in REPORTING_PATHS:
+            raise VASParamError(EXPLAIN_FIELD, f"{EXPLAIN_FIELD} is answered on /v1/completions and "
+                                               f"/v1/chat/completions only")
         rewritten = rewrite_request(server, payload, body)
     except VASParamError as e:
         # Refused here, not later: vLLM validates a streaming request only once its 200 event
@@ -48,7 +52,8 @@ async def serve_generation(app, server: ServerView, path: str, payload: dict, bo
     if not reporting and rewritten.preset is None:
         return await app(scope, receive, send)
     rename = (server.base_name, rewritten.preset) if rewritten.preset is not None else None
-    await app(scope, receive, AnswerRewrite(send, rewritten.report, reporting, rename))
+    explain = (server, rewritten.explain_key) if rewritten.explain_key is not None else None
+    await app(scope, receive, AnswerRewrite(send, rewritten.report, reporting, rename, explain))
 
 
 @dataclass
@@ -56,6 +61,7 @@ class RewrittenRequest:
     body: bytes  # what vLLM gets
     report: dict | None  # the `vas` echo: the settings applied, None when unsteered
     preset: str | None  # the preset the request chose as its model
+    explain_key: str | None = None  # the worker's key of the request's vas_explain record
 
 
 @dataclass(frozen=True)
@@ -88,25 +94,35 @@ def rewrite_request(server: ServerView, payload: dict, body: bytes) -> Rewritten
         payload["model"] = server.base_name
         server.preset_requests[preset_id] = server.preset_requests.get(preset_id, 0) + 1
         changed = True
+    explain = Explain.from_api(payload)
     if admission is None:
         request = VASRequest.from_api(payload, server.head_infos)
-        if request is None:
+        if request is None and explain is None:
             return RewrittenRequest(json.dumps(payload).encode() if changed else body, None, preset_id)
-        admission = Admission.of(server, request) if request.active else None
+        admission = Admission.of(server, request) if request is not None and request.active else None
+    if explain is not None:
+        if admission is None:
+            raise VASParamError(EXPLAIN_FIELD, f"{EXPLAIN_FIELD} explains steering: give a head a non-zero weight")
+        if getattr(server.state.args, "remote_base", None):
+            raise VASParamError(EXPLAIN_FIELD, f"{EXPLAIN_FIELD} is not available over a remote base (--remote-base)")
+        explain = explain.model_copy(update={"id": explanations.new_key()})
     for field in [f for f in payload if f.startswith("vas_")]:
         del payload[field]
     given = payload.get("vllm_xargs")
     if given is not None and not isinstance(given, dict):
         raise VASParamError("vllm_xargs", "vllm_xargs must be an object")
-    xargs = {k: v for k, v in given.items() if k not in (EXTRA_ARGS_KEY, STAMP_KEY)} if given else {}
+    xargs = {k: v for k, v in given.items() if k not in (EXTRA_ARGS_KEY, STAMP_KEY, EXPLAIN_KEY)} if given else {}
     if admission is not None:
         if payload.get("prompt_embeds") is not None:  # the value runtime needs token ids
             raise VASParamError("prompt_embeds", "steering needs the prompt as text or token ids, "
                                                  "not prompt_embeds")
         xargs.update(admission.xargs)
+    if explain is not None:
+        xargs.update(explain.to_extra_args())
     if xargs or given is not None:
         payload["vllm_xargs"] = xargs
-    return RewrittenRequest(json.dumps(payload).encode(), admission.report if admission else None, preset_id)
+    return RewrittenRequest(json.dumps(payload).encode(), admission.report if admission else None, preset_id,
+                            explain.id if explain is not None else None)
 
 
 def _has_own_settings(payload: dict) -> bool:
@@ -138,8 +154,9 @@ class AnswerRewrite:
     preset's id. Other answers pass as they are."""
 
     def __init__(self, send: Send, report: dict | None, reporting: bool = True,
-                 rename: tuple[str, str] | None = None):
+                 rename: tuple[str, str] | None = None, explain: tuple[ServerView, str] | None = None):
         self.send, self.report, self.reporting, self.rename = send, report, reporting, rename
+        self.explain = explain  # (server, key): add the worker's vas_explain record where `vas` goes
         # SSE chunks are rewritten as bytes: vLLM writes compact JSON, and a string inside content
         # has its quotes escaped, so `"model":"<base>"` only matches the field itself.
         self.model_field = (tuple(f'"model":{json.dumps(name)}'.encode() for name in rename)
@@ -160,7 +177,9 @@ class AnswerRewrite:
         if message["type"] != "http.response.body" or self.mode == "pass":
             return await self.send(message)
         if self.mode == "sse":
-            return await self.send(dict(message, body=self._sse(message.get("body", b""))))
+            chunk = message.get("body", b"")
+            explained = await self._explained() if self.explain and self._finishes(chunk) else None
+            return await self.send(dict(message, body=self._sse(chunk, explained)))
         self.parts.append(message.get("body", b""))
         if message.get("more_body"):
             return
@@ -169,6 +188,8 @@ class AnswerRewrite:
             answer = json.loads(body)
             if self.reporting:
                 answer["vas"] = self.report
+                if self.explain:
+                    answer[EXPLAIN_FIELD] = await self._explained()
             if self.rename and "model" in answer:
                 answer["model"] = self.rename[1]
             body = json.dumps(answer).encode()
@@ -176,10 +197,20 @@ class AnswerRewrite:
             pass
         await send_raw(self.send, self.start["status"], self.start["headers"], body)
 
-    def _sse(self, chunk: bytes) -> bytes:
+    async def _explained(self) -> dict | None:
+        """The request's vas_explain record (read once: the worker forgets it)."""
+        server, key = self.explain
+        self.explain = None
+        return await explanations.fetch(server, key)
+
+    @staticmethod
+    def _finishes(chunk: bytes) -> bool:
+        return b'"finish_reason":"' in chunk.replace(b'": "', b'":"')
+
+    def _sse(self, chunk: bytes, explained: dict | None = None) -> bytes:
         if self.model_field:
             chunk = chunk.replace(*self.model_field)
-        if not self.reporting or b'"finish_reason":"' not in chunk.replace(b'": "', b'":"'):
+        if not self.reporting or not self._finishes(chunk):
             return chunk
         events = chunk.split(b"\n\n")
         for i, event in enumerate(events):
@@ -191,5 +222,7 @@ class AnswerRewrite:
                 continue
             if any(c.get("finish_reason") for c in data.get("choices") or []):
                 data["vas"] = self.report
+                if explained is not None:
+                    data[EXPLAIN_FIELD], explained = explained, None
                 events[i] = b"data: " + json.dumps(data).encode()
         return b"\n\n".join(events)
