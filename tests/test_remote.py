@@ -366,10 +366,10 @@ def test_the_upstream_tokenizer_is_checked(upstream, base_dir, tokenizer):
 
     from transformers import AutoTokenizer
 
-    from vas_server.remote.upstream import Upstream, check_tokenizer
+    from vas_server.remote.upstream import VLLMUpstream, check_tokenizer
 
     async def check(local) -> None:
-        remote_base = Upstream(f"{upstream[1]}/v1", UPSTREAM_NAME)
+        remote_base = VLLMUpstream(f"{upstream[1]}/v1", UPSTREAM_NAME)
         await check_tokenizer(remote_base, local)
 
     asyncio.run(check(AutoTokenizer.from_pretrained(base_dir)))
@@ -456,7 +456,7 @@ def test_upstream_faults_name_their_status_and_cause(fake_upstream, mode, status
     """Each fault is the error it names, after one retry where another try might cure it."""
     import asyncio
 
-    from vas_server.remote.upstream import Upstream, UpstreamError
+    from vas_server.remote.upstream import UpstreamError, VLLMUpstream
 
     url, calls = fake_upstream
 
@@ -464,7 +464,7 @@ def test_upstream_faults_name_their_status_and_cause(fake_upstream, mode, status
         # 0.5 s makes "slow" time out; the others answer at once, but on a loaded machine (a test
         # suite beside other work) an answer can take longer than that and be retried: 30 s.
         timeout = 0.5 if mode == "slow" else 30.0
-        await Upstream(f"{url}/{mode}/v1", "m", timeout_s=timeout, retries=1).draw([1, 2, 3], 5, temperature=1.0)
+        await VLLMUpstream(f"{url}/{mode}/v1", "m", timeout_s=timeout, retries=1).draw([1, 2, 3], 5, temperature=1.0)
 
     with pytest.raises(UpstreamError) as e:
         asyncio.run(call())
@@ -476,10 +476,10 @@ def test_upstream_faults_name_their_status_and_cause(fake_upstream, mode, status
 def test_an_upstream_that_recovers_within_the_retries_answers(fake_upstream, retries, answered):
     import asyncio
 
-    from vas_server.remote.upstream import Upstream, UpstreamError
+    from vas_server.remote.upstream import UpstreamError, VLLMUpstream
 
     url, _ = fake_upstream
-    upstream = Upstream(f"{url}/flaky-2-{retries}/v1", "m", retries=retries)  # 503 twice, then answers
+    upstream = VLLMUpstream(f"{url}/flaky-2-{retries}/v1", "m", retries=retries)  # 503 twice, then answers
     try:
         draw = asyncio.run(upstream.draw([1, 2, 3], 2, temperature=1.0))
     except UpstreamError as e:
@@ -495,7 +495,7 @@ def test_startup_waits_for_an_upstream_that_is_still_starting():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from vas_server.remote.upstream import Upstream, wait_until_reachable
+    from vas_server.remote.upstream import VLLMUpstream, wait_until_reachable
 
     class Models(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -513,8 +513,33 @@ def test_startup_waits_for_an_upstream_that_is_still_starting():
                     or threading.Thread(target=servers[0].serve_forever, daemon=True).start()).start()
     heard: list[str] = []
     started = time.monotonic()
-    asyncio.run(wait_until_reachable(Upstream(f"http://127.0.0.1:{port}/v1", "m"), 30, heard.append))
+    asyncio.run(wait_until_reachable(VLLMUpstream(f"http://127.0.0.1:{port}/v1", "m"), 30, heard.append))
     assert 1.5 <= time.monotonic() - started < 30 and "waiting for the upstream" in heard[0]
     servers[0].shutdown()
     with pytest.raises(ValueError, match="did not answer within 1 s"):
-        asyncio.run(wait_until_reachable(Upstream(f"http://127.0.0.1:{free_port()}/v1", "m"), 1, heard.append))
+        asyncio.run(wait_until_reachable(VLLMUpstream(f"http://127.0.0.1:{free_port()}/v1", "m"), 1, heard.append))
+
+
+def test_the_vllm_client_is_an_upstream_and_closes_its_connections(fake_upstream):
+    """The seam: remote mode holds an `Upstream`; the vLLM client is one, and aclose ends its
+    HTTP client (a call after it fails instead of opening a new connection)."""
+    import asyncio
+
+    import httpx
+
+    from vas_server.remote.upstream import Upstream, UpstreamError, VLLMUpstream
+
+    url, _ = fake_upstream
+    upstream = VLLMUpstream(f"{url}/flaky-0-0/v1", "m", retries=0)
+    assert isinstance(upstream, Upstream)
+
+    async def use_then_close():
+        draw = await upstream.draw([1, 2, 3], 2, temperature=1.0)
+        await upstream.aclose()
+        assert upstream.client.is_closed
+        with pytest.raises((RuntimeError, UpstreamError, httpx.HTTPError)):
+            await upstream.draw([1, 2, 3], 2, temperature=1.0)
+        return draw
+
+    assert len(asyncio.run(use_then_close()).top) == 2
+    assert upstream.calls == 2

@@ -20,7 +20,7 @@ from vllm.logger import init_logger
 from vas_server.config import VASConfig
 from vas_server.engine_args import DEFAULT_VAS_REQUESTS
 from vas_server.remote.engine_core import RemoteEngineCore
-from vas_server.remote.upstream import Upstream, check_tokenizer, wait_until_reachable
+from vas_server.remote.upstream import Upstream, VLLMUpstream, check_tokenizer, wait_until_reachable
 
 API_KEY_ENV = "VAS_REMOTE_API_KEY"  # the upstream's key, if it wants one
 # How long startup waits for an upstream that does not answer yet (one started at the same time,
@@ -37,7 +37,7 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer,
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from vas_server.core.format import tokenizer_identity
-    from vas_server.engine.runtime_factory import separate_runtime
+    from vas_server.value_runtimes import separate_runtime
 
     runtime = separate_runtime(vas, vllm_config, tokenizer_identity(tokenizer), list(vas.value_models),
                                value_device(vas))
@@ -46,6 +46,10 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer,
                 runtime.max_requests, runtime.max_len, draft_cap,
                 "" if draft_adaptive or draft_cap == 1 else " (fixed)")
     core = RemoteEngineCore(upstream, runtime, vas, draft_cap, draft_adaptive)
+    # The one monkeypatch left: AsyncLLM.__init__ calls EngineCoreClient.make_async_mp_client
+    # directly, and vLLM offers no way to hand it an engine-core client (no parameter, no
+    # registry, no plugin hook for the client; its external-engine path still speaks ZMQ to an
+    # EngineCore process). The patch lasts only the constructor's call and is always undone.
     make_client = core_client.EngineCoreClient.make_async_mp_client
     core_client.EngineCoreClient.make_async_mp_client = staticmethod(lambda *args, **kwargs: core)
     try:
@@ -72,14 +76,22 @@ def fail_request(output_processor, request_id: str, error: Exception) -> None:
 
 async def serve_remote(args: Namespace, vas: VASConfig) -> None:
     """Serve `args` (vLLM's serve arguments, configured by vas_server.cli) on the remote base."""
+    upstream = VLLMUpstream(args.remote_base, args.remote_model or (args.served_model_name or [args.model])[0],
+                        api_key=os.environ.get(API_KEY_ENV), timeout_s=args.remote_timeout, retries=args.remote_retries)
+    try:
+        await _serve(args, vas, upstream)
+    finally:
+        await upstream.aclose()  # on every path: startup refused, served and shut down
+
+
+async def _serve(args: Namespace, vas: VASConfig, upstream: Upstream) -> None:
+    """serve_remote's body on an open `upstream` (the caller closes it)."""
     from transformers import AutoTokenizer
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.api_server.entry import build_and_serve
     from vllm.entrypoints.launchers.launcher import setup_server
     from vllm.usage.usage_lib import UsageContext
 
-    upstream = Upstream(args.remote_base, args.remote_model or (args.served_model_name or [args.model])[0],
-                        api_key=os.environ.get(API_KEY_ENV), timeout_s=args.remote_timeout, retries=args.remote_retries)
     vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(UsageContext.OPENAI_API_SERVER)
     model_config = vllm_config.model_config
     tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or model_config.model)
