@@ -19,6 +19,7 @@ from vllm.logger import init_logger
 
 from vas_server.config import VASConfig
 from vas_server.engine_args import DEFAULT_VAS_REQUESTS
+from vas_server.remote.capabilities import PROBE_CONTEXT_TEXT, Capabilities, probe_logprob_cap
 from vas_server.remote.engine_core import RemoteEngineCore
 from vas_server.remote.upstream import Upstream, VLLMUpstream, check_tokenizer, wait_until_reachable
 
@@ -30,7 +31,7 @@ logger = init_logger("vllm.plugins.vas.remote")
 
 
 def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer, draft_cap: int = 1,
-                     draft_adaptive: bool = True):
+                     draft_adaptive: bool = True, logprob_cap: int | None = None):
     """vLLM's AsyncLLM for `vllm_config`, its engine core a RemoteEngineCore on `upstream`;
     `tokenizer` is MODEL's (its identity is checked against every value model's)."""
     from vllm.v1.engine import core_client
@@ -45,7 +46,7 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer,
                 "drafting up to %d tokens per call%s", runtime.cache_bytes / 2**20, runtime.max_cache_bytes / 2**20,
                 runtime.max_requests, runtime.max_len, draft_cap,
                 "" if draft_adaptive or draft_cap == 1 else " (fixed)")
-    core = RemoteEngineCore(upstream, runtime, vas, draft_cap, draft_adaptive)
+    core = RemoteEngineCore(upstream, runtime, vas, draft_cap, draft_adaptive, logprob_cap)
     # The one monkeypatch left: AsyncLLM.__init__ calls EngineCoreClient.make_async_mp_client
     # directly, and vLLM offers no way to hand it an engine-core client (no parameter, no
     # registry, no plugin hook for the client; its external-engine path still speaks ZMQ to an
@@ -99,15 +100,24 @@ async def _serve(args: Namespace, vas: VASConfig, upstream: Upstream) -> None:
         await wait_until_reachable(upstream, UPSTREAM_STARTUP_WAIT_S, logger.info)
         if not args.remote_skip_tokenizer_check:
             await check_tokenizer(upstream, tokenizer)
+        if args.remote_logprob_cap is not None:
+            if args.remote_logprob_cap < 1:
+                raise ValueError("--remote-logprob-cap must be at least 1")
+            capabilities = Capabilities(args.remote_logprob_cap, detected=False)
+        else:
+            probe = tokenizer.encode(PROBE_CONTEXT_TEXT, add_special_tokens=False)
+            capabilities = Capabilities(await probe_logprob_cap(upstream, probe), detected=True)
     except ValueError as e:
         raise SystemExit(f"vas-server: {e}") from None
+    logger.info("remote-base upstream %s: %s", upstream.base_url, capabilities.describe())
     if args.remote_draft < 1:
         raise SystemExit("vas-server: --remote-draft must be at least 1")
     # Every value model is separate here, so the value cache's slots follow --max-vas-requests,
     # else --max-num-seqs if given, else DEFAULT_VAS_REQUESTS (32), as `vas-server serve --help`
     # says; vLLM's own default max_num_seqs (128 on a CPU) would let it grow to 4x that.
     vas = dataclasses.replace(vas, max_requests=vas.max_requests or args.max_num_seqs or DEFAULT_VAS_REQUESTS)
-    engine = remote_async_llm(vllm_config, vas, upstream, tokenizer, args.remote_draft, not args.remote_draft_fixed)
+    engine = remote_async_llm(vllm_config, vas, upstream, tokenizer, args.remote_draft, not args.remote_draft_fixed,
+                              capabilities.logprob_cap)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:
         shutdown = await build_and_serve(engine, listen_address, sock, args)
