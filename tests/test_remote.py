@@ -360,6 +360,78 @@ def test_sampling_the_remote_loop_cannot_do_exactly_is_refused(remote):
     assert "top_p, top_k and min_p are not supported" in str(e.value)
 
 
+@pytest.fixture(scope="module")
+def capped_proxy(upstream):
+    """The real upstream behind a proxy that refuses more than 20 top log-probs with a 400, as
+    vLLM with its default --max-logprobs and hosted APIs do; the log-prob counts it saw."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    seen: list[int] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def _forward(self, method: str):
+            raw = self.rfile.read(int(self.headers.get("content-length", 0))) if method == "POST" else None
+            status, payload = None, None
+            if raw and self.path.endswith("/completions"):
+                k = json.loads(raw).get("logprobs") or 0
+                seen.append(k)
+                if k > 20:
+                    status, payload = 400, json.dumps({"error": {"message": f"logprobs {k} > max of 20"}}).encode()
+            if status is None:
+                answer = httpx.request(method, f"{upstream[1]}{self.path}", content=raw,
+                                       headers={"content-type": "application/json"}, timeout=60)
+                status, payload = answer.status_code, answer.content
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self):
+            self._forward("GET")
+
+        def do_POST(self):
+            self._forward("POST")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+
+
+def test_an_upstream_capped_at_20_logprobs_is_probed_and_steered_at_k_20(capped_proxy, tmp_path):
+    """No flag names the cap: startup finds it, the demo's K 256 is served at 20 (200, steered,
+    counted), and a client asking more log-probs than the cap gets a 400 (here from this server's
+    own --max-logprobs, equal to the cap; RemoteEngineCore refuses it too where that is higher)."""
+    url, seen = capped_proxy
+    port = free_port()
+    log = tmp_path / "server.log"
+    process = start_healthy([sys.executable, "-m", "vas_server", "serve", "--remote-base", f"{url}/v1",
+                             "--remote-model", UPSTREAM_NAME, "--port", str(port), "--dtype", "float32",
+                             "--max-model-len", str(MAX_MODEL_LEN)], log, f"http://127.0.0.1:{port}")
+    try:
+        assert "top log-probs up to 20 per position (probed)" in log.read_text()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        texts = [client.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS[0], max_tokens=12,
+                                           temperature=0, extra_body=_steering(w, None, False)).choices[0].text
+                 for w in (None, {"positive": 6.0})]
+        assert texts[0] != texts[1], texts
+        assert max(seen[-2:]) <= 20
+        # Only the steered request was above the cap: the demo head declares K 256, unsteered is the spec's 20.
+        assert _remote_metrics(f"http://127.0.0.1:{port}")["vas_remote_clamped_requests_total"] == 1
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=1, logprobs=21)
+        assert "20" in str(e.value)  # vLLM's own --max-logprobs here (default 20) answers it first
+    finally:
+        stop(process)
+
+
 def test_the_upstream_tokenizer_is_checked(upstream, base_dir, tokenizer):
     """vLLM's /tokenize on a probe string: the base's own tokenizer passes, another one is refused."""
     import asyncio
