@@ -360,16 +360,88 @@ def test_sampling_the_remote_loop_cannot_do_exactly_is_refused(remote):
     assert "top_p, top_k and min_p are not supported" in str(e.value)
 
 
+@pytest.fixture(scope="module")
+def capped_proxy(upstream):
+    """The real upstream behind a proxy that refuses more than 20 top log-probs with a 400, as
+    vLLM with its default --max-logprobs and hosted APIs do; the log-prob counts it saw."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    seen: list[int] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def _forward(self, method: str):
+            raw = self.rfile.read(int(self.headers.get("content-length", 0))) if method == "POST" else None
+            status, payload = None, None
+            if raw and self.path.endswith("/completions"):
+                k = json.loads(raw).get("logprobs") or 0
+                seen.append(k)
+                if k > 20:
+                    status, payload = 400, json.dumps({"error": {"message": f"logprobs {k} > max of 20"}}).encode()
+            if status is None:
+                answer = httpx.request(method, f"{upstream[1]}{self.path}", content=raw,
+                                       headers={"content-type": "application/json"}, timeout=60)
+                status, payload = answer.status_code, answer.content
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self):
+            self._forward("GET")
+
+        def do_POST(self):
+            self._forward("POST")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+
+
+def test_an_upstream_capped_at_20_logprobs_is_probed_and_steered_at_k_20(capped_proxy, tmp_path):
+    """No flag names the cap: startup finds it, the demo's K 256 is served at 20 (200, steered,
+    counted), and a client asking more log-probs than the cap gets a 400 (here from this server's
+    own --max-logprobs, equal to the cap; RemoteEngineCore refuses it too where that is higher)."""
+    url, seen = capped_proxy
+    port = free_port()
+    log = tmp_path / "server.log"
+    process = start_healthy([sys.executable, "-m", "vas_server", "serve", "--remote-base", f"{url}/v1",
+                             "--remote-model", UPSTREAM_NAME, "--port", str(port), "--dtype", "float32",
+                             "--max-model-len", str(MAX_MODEL_LEN)], log, f"http://127.0.0.1:{port}")
+    try:
+        assert "top log-probs up to 20 per position (probed)" in log.read_text()
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+        texts = [client.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS[0], max_tokens=12,
+                                           temperature=0, extra_body=_steering(w, None, False)).choices[0].text
+                 for w in (None, {"positive": 6.0})]
+        assert texts[0] != texts[1], texts
+        assert max(seen[-2:]) <= 20
+        # Only the steered request was above the cap: the demo head declares K 256, unsteered is the spec's 20.
+        assert _remote_metrics(f"http://127.0.0.1:{port}")["vas_remote_clamped_requests_total"] == 1
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=1, logprobs=21)
+        assert "20" in str(e.value)  # vLLM's own --max-logprobs here (default 20) answers it first
+    finally:
+        stop(process)
+
+
 def test_the_upstream_tokenizer_is_checked(upstream, base_dir, tokenizer):
     """vLLM's /tokenize on a probe string: the base's own tokenizer passes, another one is refused."""
     import asyncio
 
     from transformers import AutoTokenizer
 
-    from vas_server.remote.upstream import Upstream, check_tokenizer
+    from vas_server.remote.upstream import VLLMUpstream, check_tokenizer
 
     async def check(local) -> None:
-        remote_base = Upstream(f"{upstream[1]}/v1", UPSTREAM_NAME)
+        remote_base = VLLMUpstream(f"{upstream[1]}/v1", UPSTREAM_NAME)
         await check_tokenizer(remote_base, local)
 
     asyncio.run(check(AutoTokenizer.from_pretrained(base_dir)))
@@ -456,7 +528,7 @@ def test_upstream_faults_name_their_status_and_cause(fake_upstream, mode, status
     """Each fault is the error it names, after one retry where another try might cure it."""
     import asyncio
 
-    from vas_server.remote.upstream import Upstream, UpstreamError
+    from vas_server.remote.upstream import UpstreamError, VLLMUpstream
 
     url, calls = fake_upstream
 
@@ -464,7 +536,7 @@ def test_upstream_faults_name_their_status_and_cause(fake_upstream, mode, status
         # 0.5 s makes "slow" time out; the others answer at once, but on a loaded machine (a test
         # suite beside other work) an answer can take longer than that and be retried: 30 s.
         timeout = 0.5 if mode == "slow" else 30.0
-        await Upstream(f"{url}/{mode}/v1", "m", timeout_s=timeout, retries=1).draw([1, 2, 3], 5, temperature=1.0)
+        await VLLMUpstream(f"{url}/{mode}/v1", "m", timeout_s=timeout, retries=1).draw([1, 2, 3], 5, temperature=1.0)
 
     with pytest.raises(UpstreamError) as e:
         asyncio.run(call())
@@ -476,10 +548,10 @@ def test_upstream_faults_name_their_status_and_cause(fake_upstream, mode, status
 def test_an_upstream_that_recovers_within_the_retries_answers(fake_upstream, retries, answered):
     import asyncio
 
-    from vas_server.remote.upstream import Upstream, UpstreamError
+    from vas_server.remote.upstream import UpstreamError, VLLMUpstream
 
     url, _ = fake_upstream
-    upstream = Upstream(f"{url}/flaky-2-{retries}/v1", "m", retries=retries)  # 503 twice, then answers
+    upstream = VLLMUpstream(f"{url}/flaky-2-{retries}/v1", "m", retries=retries)  # 503 twice, then answers
     try:
         draw = asyncio.run(upstream.draw([1, 2, 3], 2, temperature=1.0))
     except UpstreamError as e:
@@ -495,7 +567,7 @@ def test_startup_waits_for_an_upstream_that_is_still_starting():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from vas_server.remote.upstream import Upstream, wait_until_reachable
+    from vas_server.remote.upstream import VLLMUpstream, wait_until_reachable
 
     class Models(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -513,11 +585,36 @@ def test_startup_waits_for_an_upstream_that_is_still_starting():
                     or threading.Thread(target=servers[0].serve_forever, daemon=True).start()).start()
     heard: list[str] = []
     started = time.monotonic()
-    asyncio.run(wait_until_reachable(Upstream(f"http://127.0.0.1:{port}/v1", "m"), 30, heard.append))
+    asyncio.run(wait_until_reachable(VLLMUpstream(f"http://127.0.0.1:{port}/v1", "m"), 30, heard.append))
     assert 1.5 <= time.monotonic() - started < 30 and "waiting for the upstream" in heard[0]
     servers[0].shutdown()
     with pytest.raises(ValueError, match="did not answer within 1 s"):
-        asyncio.run(wait_until_reachable(Upstream(f"http://127.0.0.1:{free_port()}/v1", "m"), 1, heard.append))
+        asyncio.run(wait_until_reachable(VLLMUpstream(f"http://127.0.0.1:{free_port()}/v1", "m"), 1, heard.append))
+
+
+def test_the_vllm_client_is_an_upstream_and_closes_its_connections(fake_upstream):
+    """The seam: remote mode holds an `Upstream`; the vLLM client is one, and aclose ends its
+    HTTP client (a call after it fails instead of opening a new connection)."""
+    import asyncio
+
+    import httpx
+
+    from vas_server.remote.upstream import Upstream, UpstreamError, VLLMUpstream
+
+    url, _ = fake_upstream
+    upstream = VLLMUpstream(f"{url}/flaky-0-0/v1", "m", retries=0)
+    assert isinstance(upstream, Upstream)
+
+    async def use_then_close():
+        draw = await upstream.draw([1, 2, 3], 2, temperature=1.0)
+        await upstream.aclose()
+        assert upstream.client.is_closed
+        with pytest.raises((RuntimeError, UpstreamError, httpx.HTTPError)):
+            await upstream.draw([1, 2, 3], 2, temperature=1.0)
+        return draw
+
+    assert len(asyncio.run(use_then_close()).top) == 2
+    assert upstream.calls == 2
 
 
 def test_playground_and_vas_explain_over_a_remote_base(remote_url):

@@ -105,7 +105,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                                       "(a vLLM server); MODEL is a local copy of its tokenizer and config")
     remote.add_argument("--remote-base", default=None, metavar="URL",
                         help="the upstream's /v1 URL, e.g. http://host:8000/v1 (its key, if any, in "
-                             "$VAS_REMOTE_API_KEY); it must return token log-probs (vLLM: --max-logprobs 256)")
+                             "$VAS_REMOTE_API_KEY); it must return token log-probs (vLLM: --max-logprobs 256 for the demo's "
+                             "K 256; a lower cap is found at startup and K clamped to it)")
     remote.add_argument("--remote-model", default=None, help="the model name the upstream serves (default: "
                                                              "--served-model-name, else MODEL)")
     remote.add_argument("--remote-timeout", type=float, default=30.0,
@@ -121,6 +122,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                              "(default: 8)")
     remote.add_argument("--remote-draft-fixed", action="store_true",
                         help="draft N tokens every call instead of adapting the length to the acceptance")
+    remote.add_argument("--remote-logprob-cap", type=int, default=None, metavar="N",
+                        help="the most top log-probs the upstream returns per position (default: probed at "
+                             "startup with one-token calls); a request's VAS top-K above it is served at it")
     remote.add_argument("--remote-skip-tokenizer-check", action="store_true",
                         help="serve although the upstream cannot show that it tokenizes as MODEL does (it "
                              "has no vLLM /tokenize route); a different tokenizer gives garbage")

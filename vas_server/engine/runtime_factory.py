@@ -1,6 +1,6 @@
 """The value runtime of an engine's value models: the worker's (`build_runtime`: shared-path
-scorers on the hidden-state tap, plus the separate runtime's own trunks) and remote mode's
-(`separate_runtime`: every model on its own trunk, since no hidden state comes over HTTP)."""
+scorers on the hidden-state tap, plus the separate runtime's own trunks, built by
+vas_server.value_runtimes, which remote mode uses too)."""
 
 from __future__ import annotations
 
@@ -14,33 +14,12 @@ from vllm.logger import init_logger
 from vas_server.config import VASConfig
 from vas_server.core.value_runtime import ValueRuntime
 from vas_server.engine.hidden_states import HiddenStateTap
+from vas_server.value_runtimes import separate_runtime, value_dtype
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 logger = init_logger("vllm.plugins.vas")  # under "vllm." so that the worker process prints it
-
-
-def value_dtype(config: VASConfig, model_config) -> torch.dtype:
-    """The value models' dtype: the configured one, else the base's."""
-    return model_config.dtype if config.dtype == "auto" else getattr(torch, config.dtype)
-
-
-def separate_runtime(config: VASConfig, vllm_config: "VllmConfig", identity, names: list[str],
-                     device: torch.device | str, shared: list = ()) -> ValueRuntime:
-    """The value runtime with the value models `names` on their own trunks on `device` (plus the
-    `shared` scorers): the worker's (build_runtime), and remote mode's, where every model is
-    separate since no hidden state comes over HTTP. `identity` is the base tokenizer's, checked
-    against each model's."""
-    from vas_server.core.model import load_value_model
-
-    model_config = vllm_config.model_config
-    base_dir = model_config.model
-    dtype = value_dtype(config, model_config)
-    models = [load_value_model(config.value_models[name], base_dir, name=name, base_tokenizer=identity,
-                               base_model_name=base_dir, dtype=dtype, device=device) for name in names]
-    max_requests = config.max_requests or vllm_config.scheduler_config.max_num_seqs
-    return ValueRuntime(models, max_requests, model_config.max_model_len, device, dtype, shared)
 
 
 def build_runtime(config: VASConfig, vllm_config: "VllmConfig",

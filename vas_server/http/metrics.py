@@ -33,6 +33,9 @@ WORKER_METRICS = {
     "dropped_requests": ("vas_engine_dropped_requests", "counter", "VAS requests that ran unsteered: cache full"),
     "resumed_requests": ("vas_engine_resumed_requests", "counter", "VAS requests resumed after preemption"),
     "remote_tokens": ("vas_remote_tokens", "counter", "Remote mode: tokens generated"),
+    "remote_clamped_requests": ("vas_remote_clamped_requests", "counter",
+                                "Remote mode: requests whose VAS top-K was above the upstream's log-prob cap, "
+                                "served at the cap"),
     "remote_upstream_calls": ("vas_remote_upstream_calls", "counter", "Remote mode: upstream calls (tries included)"),
     "remote_calls_per_token": ("vas_remote_upstream_calls_per_token", "gauge",
                                "Remote mode: upstream calls per generated token (0 before the first)"),

@@ -45,6 +45,7 @@ from vas_server.config import VASConfig
 from vas_server.core import rule
 from vas_server.core.value_runtime import ValueRow, ValueRuntime
 from vas_server.params import VASRequest
+from vas_server.remote.capabilities import clamp
 from vas_server.remote.draft import DraftLength, drafts_at, verify
 from vas_server.remote.sampling import Step, steered_step
 from vas_server.remote.scoring import BatchedScorer
@@ -57,8 +58,11 @@ class RemoteEngineCore:
     """The engine core AsyncLLM talks to, decoding every request against `upstream`."""
 
     def __init__(self, upstream: Upstream, runtime: ValueRuntime, config: VASConfig, draft_cap: int = 1,
-                 draft_adaptive: bool = True):
+                 draft_adaptive: bool = True, logprob_cap: int | None = None):
         self.upstream = upstream
+        # The upstream's top log-probs per position (vas_server.remote.capabilities); None: no cap.
+        self.logprob_cap = logprob_cap
+        self.clamped = 0  # requests whose VAS top-K was above the cap, served at the cap
         self.draft_cap = draft_cap
         self.draft_adaptive = draft_adaptive
         self.drafted = 0  # drafted tokens received, accepted, and wasted (drafted, never emitted)
@@ -88,6 +92,10 @@ class RemoteEngineCore:
         problem = unsupported(request.sampling_params)
         if problem:
             raise VLLMValidationError(f"remote-base mode: {problem}")
+        if self.logprob_cap is not None and (request.sampling_params.logprobs or 0) > self.logprob_cap:
+            raise VLLMValidationError(f"remote-base mode: logprobs {request.sampling_params.logprobs} is above the "
+                                      f"upstream's cap of {self.logprob_cap} top log-probs", parameter="logprobs",
+                                      value=request.sampling_params.logprobs)
         self.loops[request.request_id] = asyncio.get_running_loop().create_task(self._decode(request, steering))
 
     async def abort_requests_async(self, request_ids: list[str]) -> None:
@@ -109,6 +117,7 @@ class RemoteEngineCore:
                 "remote_drafted_tokens": self.drafted, "remote_accepted_tokens": self.accepted,
                 "remote_wasted_tokens": self.wasted,
                 "remote_acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+                "remote_clamped_requests": self.clamped,
                 "cache_slots_used": self.runtime.slots_in_use, "cache_slots_total": self.runtime.max_requests}
 
     async def collective_rpc_async(self, method: str, timeout=None, args=(), kwargs=None):
@@ -156,12 +165,17 @@ class RemoteEngineCore:
         """The request's loop state, before its first round (no value-cache slot yet)."""
         params = request.sampling_params
         top_k = self.config.top_k_for(steering, self.head_infos)  # unsteered too: the candidates of an exact draw
+        asked = max(top_k, params.logprobs or 0)  # the candidates, and the top log-probs the client wants
+        if self.logprob_cap is not None:
+            if top_k > self.logprob_cap:
+                self.clamped += 1
+            top_k, asked = clamp(top_k, params.logprobs, self.logprob_cap)
         temperature = 0.0 if params.sampling_type == SamplingType.GREEDY else params.temperature
         drafting = self.draft_cap > 1 and drafts_at(temperature)
         head_ids = frozenset(self.runtime.head_index[name] for name in steering.weights)
         return Decoding(
             request_id=request.request_id, params=params, top_k=top_k,
-            asked=max(top_k, params.logprobs or 0),  # the candidates, and the top log-probs the client wants
+            asked=asked,
             temperature=temperature, restrict=steering.restrict_to_top_k, head_ids=head_ids,
             weight_vector=rule.weight_vector(steering.weights, self.runtime.head_index)[None],
             stop_ids=set(params.stop_token_ids or ()),  # vLLM's check_stop: these, and eos unless ignore_eos

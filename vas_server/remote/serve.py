@@ -19,8 +19,9 @@ from vllm.logger import init_logger
 
 from vas_server.config import VASConfig
 from vas_server.engine_args import DEFAULT_VAS_REQUESTS
+from vas_server.remote.capabilities import PROBE_CONTEXT_TEXT, Capabilities, probe_logprob_cap
 from vas_server.remote.engine_core import RemoteEngineCore
-from vas_server.remote.upstream import Upstream, check_tokenizer, wait_until_reachable
+from vas_server.remote.upstream import Upstream, VLLMUpstream, check_tokenizer, wait_until_reachable
 
 API_KEY_ENV = "VAS_REMOTE_API_KEY"  # the upstream's key, if it wants one
 # How long startup waits for an upstream that does not answer yet (one started at the same time,
@@ -30,14 +31,14 @@ logger = init_logger("vllm.plugins.vas.remote")
 
 
 def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer, draft_cap: int = 1,
-                     draft_adaptive: bool = True):
+                     draft_adaptive: bool = True, logprob_cap: int | None = None):
     """vLLM's AsyncLLM for `vllm_config`, its engine core a RemoteEngineCore on `upstream`;
     `tokenizer` is MODEL's (its identity is checked against every value model's)."""
     from vllm.v1.engine import core_client
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from vas_server.core.format import tokenizer_identity
-    from vas_server.engine.runtime_factory import separate_runtime
+    from vas_server.value_runtimes import separate_runtime
 
     runtime = separate_runtime(vas, vllm_config, tokenizer_identity(tokenizer), list(vas.value_models),
                                value_device(vas))
@@ -45,7 +46,11 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer,
                 "drafting up to %d tokens per call%s", runtime.cache_bytes / 2**20, runtime.max_cache_bytes / 2**20,
                 runtime.max_requests, runtime.max_len, draft_cap,
                 "" if draft_adaptive or draft_cap == 1 else " (fixed)")
-    core = RemoteEngineCore(upstream, runtime, vas, draft_cap, draft_adaptive)
+    core = RemoteEngineCore(upstream, runtime, vas, draft_cap, draft_adaptive, logprob_cap)
+    # The one monkeypatch left: AsyncLLM.__init__ calls EngineCoreClient.make_async_mp_client
+    # directly, and vLLM offers no way to hand it an engine-core client (no parameter, no
+    # registry, no plugin hook for the client; its external-engine path still speaks ZMQ to an
+    # EngineCore process). The patch lasts only the constructor's call and is always undone.
     make_client = core_client.EngineCoreClient.make_async_mp_client
     core_client.EngineCoreClient.make_async_mp_client = staticmethod(lambda *args, **kwargs: core)
     try:
@@ -72,14 +77,22 @@ def fail_request(output_processor, request_id: str, error: Exception) -> None:
 
 async def serve_remote(args: Namespace, vas: VASConfig) -> None:
     """Serve `args` (vLLM's serve arguments, configured by vas_server.cli) on the remote base."""
+    upstream = VLLMUpstream(args.remote_base, args.remote_model or (args.served_model_name or [args.model])[0],
+                        api_key=os.environ.get(API_KEY_ENV), timeout_s=args.remote_timeout, retries=args.remote_retries)
+    try:
+        await _serve(args, vas, upstream)
+    finally:
+        await upstream.aclose()  # on every path: startup refused, served and shut down
+
+
+async def _serve(args: Namespace, vas: VASConfig, upstream: Upstream) -> None:
+    """serve_remote's body on an open `upstream` (the caller closes it)."""
     from transformers import AutoTokenizer
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.api_server.entry import build_and_serve
     from vllm.entrypoints.launchers.launcher import setup_server
     from vllm.usage.usage_lib import UsageContext
 
-    upstream = Upstream(args.remote_base, args.remote_model or (args.served_model_name or [args.model])[0],
-                        api_key=os.environ.get(API_KEY_ENV), timeout_s=args.remote_timeout, retries=args.remote_retries)
     vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(UsageContext.OPENAI_API_SERVER)
     model_config = vllm_config.model_config
     tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or model_config.model)
@@ -87,15 +100,24 @@ async def serve_remote(args: Namespace, vas: VASConfig) -> None:
         await wait_until_reachable(upstream, UPSTREAM_STARTUP_WAIT_S, logger.info)
         if not args.remote_skip_tokenizer_check:
             await check_tokenizer(upstream, tokenizer)
+        if args.remote_logprob_cap is not None:
+            if args.remote_logprob_cap < 1:
+                raise ValueError("--remote-logprob-cap must be at least 1")
+            capabilities = Capabilities(args.remote_logprob_cap, detected=False)
+        else:
+            probe = tokenizer.encode(PROBE_CONTEXT_TEXT, add_special_tokens=False)
+            capabilities = Capabilities(await probe_logprob_cap(upstream, probe), detected=True)
     except ValueError as e:
         raise SystemExit(f"vas-server: {e}") from None
+    logger.info("remote-base upstream %s: %s", upstream.base_url, capabilities.describe())
     if args.remote_draft < 1:
         raise SystemExit("vas-server: --remote-draft must be at least 1")
     # Every value model is separate here, so the value cache's slots follow --max-vas-requests,
     # else --max-num-seqs if given, else DEFAULT_VAS_REQUESTS (32), as `vas-server serve --help`
     # says; vLLM's own default max_num_seqs (128 on a CPU) would let it grow to 4x that.
     vas = dataclasses.replace(vas, max_requests=vas.max_requests or args.max_num_seqs or DEFAULT_VAS_REQUESTS)
-    engine = remote_async_llm(vllm_config, vas, upstream, tokenizer, args.remote_draft, not args.remote_draft_fixed)
+    engine = remote_async_llm(vllm_config, vas, upstream, tokenizer, args.remote_draft, not args.remote_draft_fixed,
+                              capabilities.logprob_cap)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:
         shutdown = await build_and_serve(engine, listen_address, sock, args)

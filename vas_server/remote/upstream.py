@@ -1,6 +1,9 @@
-"""The remote base: an OpenAI-compatible /v1/completions that takes token-id prompts (vLLM's).
+"""The remote base behind one seam: the `Upstream` protocol, and `VLLMUpstream`, its implementation
+for an OpenAI-compatible /v1/completions that takes token-id prompts (vLLM's).
 
-`Upstream.draw` asks for one token with its top-k log-probs and returns what the upstream drew;
+The rest of remote mode sees only the protocol (next-token candidates with log-probs for a
+prefix, an optional multi-token draft, the upstream's tokenizer if it offers one, reachability,
+the calls made, closing). `VLLMUpstream.draw` asks for one token with its top-k log-probs and returns what the upstream drew;
 `Upstream.draft` asks for n tokens in a row, with the top-k log-probs at each position. Failures become UpstreamError with the status the
 client should get; those that a second try can cure (unreachable, slow, overloaded, a 5xx) are
 retried with backoff, since a call has no side effects and its seed makes it repeatable.
@@ -12,6 +15,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import httpx
 
@@ -39,9 +43,45 @@ class Draw:
     top: list[tuple[int, float]]
 
 
+@runtime_checkable
+class Upstream(Protocol):
+    """What remote mode needs of a base behind an API. Invariants every implementation keeps:
+    log-probs are raw (temperature 1) whatever the draw's temperature; `top` lists exactly k
+    (token id, log-prob) pairs, best first; `calls` counts every HTTP call made for `draw`/`draft`
+    (tries included), never decreasing; failures are UpstreamError with the client's status."""
+
+    base_url: str
+    model: str
+
+    @property
+    def calls(self) -> int:
+        """Upstream calls made so far (tries included): the benchmark's calls per token."""
+
+    async def draw(self, context: list[int], k: int, *, temperature: float, banned: list[int] = (),
+                   seed: int | None = None) -> Draw:
+        """The base's next token after `context` at `temperature` (0: greedy), never one of
+        `banned`, with the top-k raw log-probs."""
+
+    async def draft(self, context: list[int], n: int, k: int, *, temperature: float, banned: list[int] = (),
+                    seed: int | None = None, ignore_eos: bool = False) -> list[Draw]:
+        """Up to n tokens drawn in a row after `context`, each with its position's top-k raw
+        log-probs (at least one; an implementation without drafting returns one)."""
+
+    async def tokenize(self, text: str) -> list[int] | None:
+        """The upstream's token ids for `text` (no special tokens); None if it offers no tokenizer."""
+
+    async def reachable(self) -> None:
+        """Return if the upstream answers HTTP at all; httpx.HTTPError if not."""
+
+    async def aclose(self) -> None:
+        """Release the connections; no call is made after it."""
+
+
 @dataclass
-class Upstream:
-    """The upstream's address and what each call may take: `timeout_s` per try, `retries` more tries."""
+class VLLMUpstream:
+    """An `Upstream` on vLLM's OpenAI server (token-id prompts, `return_tokens_as_token_ids`,
+    `/tokenize`, `ignore_eos`): the address and what each call may take, `timeout_s` per try,
+    `retries` more tries. Owns one httpx client, closed by `aclose`."""
 
     base_url: str
     model: str
@@ -54,7 +94,30 @@ class Upstream:
         # No connection cap: every request in flight has one call outstanding at most.
         self.client = httpx.AsyncClient(base_url=self.base_url.rstrip("/"), headers=headers, timeout=self.timeout_s,
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
-        self.calls = 0  # upstream calls made (tries included), for the benchmark's calls per token
+        self._calls = 0  # upstream calls made (tries included), for the benchmark's calls per token
+
+    @property
+    def calls(self) -> int:
+        return self._calls
+
+    async def reachable(self) -> None:
+        await self.client.get("/models")
+
+    async def tokenize(self, text: str) -> list[int] | None:
+        """vLLM's /tokenize (beside /v1, not under it); None where it answers other than 200.
+        httpx.HTTPError, ValueError, KeyError or TypeError where the answer is unusable."""
+        root = self.base_url.rstrip("/").removesuffix("/v1")
+        response = await self.client.post(f"{root}/tokenize", json={
+            "model": self.model, "prompt": text, "add_special_tokens": False})
+        if response.status_code != 200:
+            return None
+        tokens = response.json()["tokens"]
+        if not all(isinstance(t, int) for t in tokens):
+            raise TypeError(f"/tokenize gave non-integer tokens: {tokens[:5]!r}")
+        return tokens
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
 
     async def draw(self, context: list[int], k: int, *, temperature: float, banned: list[int] = (),
                    seed: int | None = None) -> Draw:
@@ -87,7 +150,7 @@ class Upstream:
             attempt += 1
 
     async def _call(self, body: dict, k: int) -> list[Draw]:
-        self.calls += 1
+        self._calls += 1
         try:
             response = await self.client.post("/completions", json=body)
         except httpx.TimeoutException:
@@ -127,7 +190,7 @@ async def wait_until_reachable(upstream: Upstream, timeout_s: float, on_wait: Ca
     next_word = time.monotonic()
     while True:
         try:
-            await upstream.client.get("/models")
+            await upstream.reachable()
             return
         except httpx.HTTPError as e:
             problem = f"{type(e).__name__}: {e}"
@@ -148,15 +211,12 @@ TOKENIZER_PROBE = "Value-augmented sampling, 2024: naïve café — 3.14159 toke
 async def check_tokenizer(upstream: Upstream, tokenizer) -> None:
     """The upstream tokenizes a probe string as `tokenizer` does (vLLM's /tokenize): ValueError
     naming the difference, or that the upstream cannot say."""
-    root = upstream.base_url.rstrip("/").removesuffix("/v1")
     try:
-        response = await upstream.client.post(f"{root}/tokenize", json={
-            "model": upstream.model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False})
-        theirs = response.json()["tokens"] if response.status_code == 200 else None
+        theirs = await upstream.tokenize(TOKENIZER_PROBE)
     except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"cannot check the upstream's tokenizer at {root}/tokenize: {e}") from None
+        raise ValueError(f"cannot check the upstream's tokenizer at {upstream.base_url}: {e}") from None
     if theirs is None:
-        raise ValueError(f"the upstream has no usable {root}/tokenize (answered {response.status_code}); if its "
+        raise ValueError(f"the upstream at {upstream.base_url} offers no usable tokenizer; if its "
                          "tokenizer is MODEL's, pass --remote-skip-tokenizer-check")
     ours = tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
     if theirs != ours:
