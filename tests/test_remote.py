@@ -479,7 +479,8 @@ def test_an_upstream_that_is_down_is_an_error_answer_not_a_hang(remote, upstream
 def fake_upstream():
     """A local stand-in for a faulty upstream: POST /v1/completions answers as the path's first
     part says (`slow`: after 2 s; `few`: 2 log-probs; `broken`: not JSON; `failing`: a 500;
-    `refusing`: a 400; `flaky-N`: a 503 to the first N calls, then 2 log-probs)."""
+    `refusing`: a 400; `flaky-N`: a 503 to the first N calls, then 2 log-probs; `aborted-N`: vLLM's
+    answer to a request it aborted, 200 without tokens, to the first N calls, then 2 log-probs)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -494,6 +495,9 @@ def fake_upstream():
                 time.sleep(2)
             status, body = 200, {"choices": [{"logprobs": {"tokens": ["token_id:7"], "token_logprobs": [-0.1],
                                                            "top_logprobs": [{"token_id:7": -0.1, "token_id:8": -2.5}]}}]}
+            if mode.startswith("aborted") and calls[mode] <= int(mode.split("-")[1]):
+                body = {"choices": [{"finish_reason": "abort",
+                                     "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": []}}]}
             payload = json.dumps(body).encode()
             if mode == "broken":
                 payload = b"<html>not json"
@@ -558,6 +562,26 @@ def test_an_upstream_that_recovers_within_the_retries_answers(fake_upstream, ret
         assert not answered and e.status == 502 and "overloaded" in str(e)
     else:
         assert answered and draw.token == 7 and draw.top == [(7, -0.1), (8, -2.5)]
+    assert upstream.calls == retries + 1
+
+
+@pytest.mark.parametrize("retries, answered", [(1, True), (0, False)])
+def test_a_request_the_upstream_aborted_is_retried(fake_upstream, retries, answered):
+    """vLLM answers a request it aborts while shutting down with 200 and no tokens: that is a
+    retryable 503 (the next try finds the upstream back, or down and says so), not a malformed
+    answer."""
+    import asyncio
+
+    from vas_server.remote.upstream import UpstreamError, VLLMUpstream
+
+    url, _ = fake_upstream
+    upstream = VLLMUpstream(f"{url}/aborted-1-{retries}/v1", "m", retries=retries)
+    try:
+        draw = asyncio.run(upstream.draw([1, 2, 3], 2, temperature=1.0))
+    except UpstreamError as e:
+        assert not answered and e.status == 503 and "aborted the request" in str(e)
+    else:
+        assert answered and draw.token == 7
     assert upstream.calls == retries + 1
 
 

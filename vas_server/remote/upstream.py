@@ -164,7 +164,8 @@ class VLLMUpstream:
                                 retryable=response.status_code == 429 or response.status_code >= 500)
         draws = []
         try:
-            logprobs = response.json()["choices"][0]["logprobs"]
+            choice = response.json()["choices"][0]
+            logprobs = choice["logprobs"]
             for i in range(len(logprobs["tokens"])):
                 token = _token_id(logprobs["tokens"][i])
                 logprob = float(logprobs["token_logprobs"][i])
@@ -175,6 +176,10 @@ class VLLMUpstream:
                                              f"upstream needs --max-logprobs >= {k})")
                 # vLLM adds the drawn token's log-prob when it is not among the top k: the k best are the first k.
                 draws.append(Draw(token, logprob, top[:k]))
+            if not draws and choice.get("finish_reason") == "abort":
+                # vLLM answers a request it aborted (it is shutting down) with 200 and no tokens:
+                # like a 503, another try finds the upstream back, or down.
+                raise UpstreamError(503, f"upstream {self.base_url} aborted the request", retryable=True)
             if not draws:
                 raise IndexError("no tokens")
         except (ValueError, KeyError, IndexError, TypeError) as e:
