@@ -17,7 +17,7 @@ import time
 import openai
 import pytest
 
-from http_server import free_port, start_healthy, stop
+from http_server import QuietHandler, free_port, serving, start_healthy, stop
 
 UPSTREAM_NAME = "smol"
 MAX_MODEL_LEN = 1024
@@ -364,14 +364,11 @@ def test_sampling_the_remote_loop_cannot_do_exactly_is_refused(remote):
 def capped_proxy(upstream):
     """The real upstream behind a proxy that refuses more than 20 top log-probs with a 400, as
     vLLM with its default --max-logprobs and hosted APIs do; the log-prob counts it saw."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     import httpx
 
     seen: list[int] = []
 
-    class Proxy(BaseHTTPRequestHandler):
+    class Proxy(QuietHandler):
         def _forward(self, method: str):
             raw = self.rfile.read(int(self.headers.get("content-length", 0))) if method == "POST" else None
             status, payload = None, None
@@ -384,11 +381,7 @@ def capped_proxy(upstream):
                 answer = httpx.request(method, f"{upstream[1]}{self.path}", content=raw,
                                        headers={"content-type": "application/json"}, timeout=60)
                 status, payload = answer.status_code, answer.content
-            self.send_response(status)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            self.reply(status, payload)
 
         def do_GET(self):
             self._forward("GET")
@@ -396,13 +389,8 @@ def capped_proxy(upstream):
         def do_POST(self):
             self._forward("POST")
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", seen
-    server.shutdown()
+    with serving(Proxy) as url:
+        yield url, seen
 
 
 def test_an_upstream_capped_at_20_logprobs_is_probed_and_steered_at_k_20(capped_proxy, tmp_path):
@@ -481,12 +469,9 @@ def fake_upstream():
     part says (`slow`: after 2 s; `few`: 2 log-probs; `broken`: not JSON; `failing`: a 500;
     `refusing`: a 400; `flaky-N`: a 503 to the first N calls, then 2 log-probs; `aborted-N`: vLLM's
     answer to a request it aborted, 200 without tokens, to the first N calls, then 2 log-probs)."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
     calls: dict[str, int] = {}
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("content-length", 0)))
             mode = self.path.split("/")[1]
@@ -507,18 +492,10 @@ def fake_upstream():
                 status, payload = 400, b'{"error": {"message": "bad prompt"}}'
             if mode.startswith("flaky") and calls[mode] <= int(mode.split("-")[1]):
                 status, payload = 503, b'{"error": {"message": "overloaded"}}'
-            self.send_response(status)
-            self.send_header("content-length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            self.reply(status, payload)
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", calls
-    server.shutdown()
+    with serving(Handler) as url:
+        yield url, calls
 
 
 @pytest.mark.parametrize("mode, status, message, tries", [

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from http_server import QuietHandler, serving
 
 from vas_server.remote.capabilities import LOGPROB_TRIES, clamp, probe_logprob_cap
 from vas_server.remote.upstream import VLLMUpstream
@@ -21,7 +20,7 @@ def capped():
     at most N, `none` returns no log-probs, `down` answers 503; the calls seen, per mode."""
     calls: dict[str, list[int]] = {}
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
             mode = self.path.split("/")[1]
@@ -41,19 +40,10 @@ def capped():
                 top = {f"token_id:{i}": -0.1 - i for i in range(n)}
                 answer = {"choices": [{"logprobs": {"tokens": ["token_id:0"], "token_logprobs": [-0.1],
                                                     "top_logprobs": [top]}}]}
-            payload = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("content-length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            self.reply(status, json.dumps(answer).encode())
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", calls
-    server.shutdown()
+    with serving(Handler) as url:
+        yield url, calls
 
 
 def _probe(url: str, mode: str) -> int:
