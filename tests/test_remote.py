@@ -360,28 +360,56 @@ def test_sampling_the_remote_loop_cannot_do_exactly_is_refused(remote):
     assert "top_p, top_k and min_p are not supported" in str(e.value)
 
 
+# OpenAI's legacy completions fields: an upstream that "rejects unknown fields with 400" takes only these.
+OPENAI_COMPLETION_FIELDS = {"model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
+                            "max_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options",
+                            "suffix", "temperature", "top_p", "user"}
+
+
+def _refusal(profile: str, path: str, body: dict | None) -> str | None:
+    """Why an upstream with the documented limits of `profile` refuses this call (its 4xx), or None."""
+    if path.endswith("/tokenize") and profile in ("no-tokenize", "strict-fields", "text-prompts"):
+        return "404 no such route"
+    if body is None or not path.endswith("/completions"):
+        return None
+    if profile == "text-prompts" and not isinstance(body.get("prompt"), str):
+        return "400 prompt must be a string"
+    cap = {"cap-20": 20, "cap-5": 5, "text-prompts": 20, "strict-fields": 5}.get(profile)
+    if cap is not None and (body.get("logprobs") or 0) > cap:
+        return f"400 logprobs {body['logprobs']} > max of {cap}"
+    unknown = sorted(set(body) - OPENAI_COMPLETION_FIELDS)
+    if profile in ("strict-fields", "text-prompts") and unknown:
+        return f"400 Unrecognized request argument supplied: {unknown[0]}"
+    return None
+
+
 @pytest.fixture(scope="module")
-def capped_proxy(upstream):
-    """The real upstream behind a proxy that refuses more than 20 top log-probs with a 400, as
-    vLLM with its default --max-logprobs and hosted APIs do; the log-prob counts it saw."""
+def conformance_proxy(upstream):
+    """The real upstream behind a proxy that keeps the documented limits of an upstream profile
+    (the first part of the path, e.g. /cap-20/v1/completions), refusing what that upstream refuses
+    with its 4xx; the completions bodies it let through, by profile. The profiles (docs/SERVER.md,
+    "VAS over a remote base"): text-prompts (hosted string-prompt APIs: text only, cap 20, OpenAI's
+    fields only, no /tokenize), cap-20 (vLLM's default --max-logprobs), cap-5 (token prompts,
+    OpenAI's legacy cap), strict-fields (OpenAI's legacy completions: its fields only, cap 5, no
+    /tokenize), no-tokenize."""
     import httpx
 
-    seen: list[int] = []
+    seen: dict[str, list[dict]] = {}
 
     class Proxy(QuietHandler):
         def _forward(self, method: str):
+            _, profile, path = self.path.split("/", 2)
             raw = self.rfile.read(int(self.headers.get("content-length", 0))) if method == "POST" else None
-            status, payload = None, None
-            if raw and self.path.endswith("/completions"):
-                k = json.loads(raw).get("logprobs") or 0
-                seen.append(k)
-                if k > 20:
-                    status, payload = 400, json.dumps({"error": {"message": f"logprobs {k} > max of 20"}}).encode()
-            if status is None:
-                answer = httpx.request(method, f"{upstream[1]}{self.path}", content=raw,
-                                       headers={"content-type": "application/json"}, timeout=60)
-                status, payload = answer.status_code, answer.content
-            self.reply(status, payload)
+            body = json.loads(raw) if raw else None
+            refusal = _refusal(profile, "/" + path, body)
+            if refusal is not None:
+                status, message = refusal.split(" ", 1)
+                return self.reply(int(status), json.dumps({"error": {"message": message}}).encode())
+            if body is not None and path.endswith("completions"):
+                seen.setdefault(profile, []).append(body)
+            answer = httpx.request(method, f"{upstream[1]}/{path}", content=raw,
+                                   headers={"content-type": "application/json"}, timeout=60)
+            self.reply(answer.status_code, answer.content)
 
         def do_GET(self):
             self._forward("GET")
@@ -393,29 +421,54 @@ def capped_proxy(upstream):
         yield url, seen
 
 
-def test_an_upstream_capped_at_20_logprobs_is_probed_and_steered_at_k_20(capped_proxy, tmp_path):
-    """No flag names the cap: startup finds it, the demo's K 256 is served at 20 (200, steered,
-    counted), and a client asking more log-probs than the cap gets a 400 (here from this server's
-    own --max-logprobs, equal to the cap; RemoteEngineCore refuses it too where that is higher)."""
-    url, seen = capped_proxy
+@pytest.mark.parametrize("profile, found", [
+    ("text-prompts", ["text prompts only (probed)", "tokens as text in answers (probed)",
+                      "top log-probs up to 20 per position (probed)", "no /tokenize"]),
+    ("cap-20", ["token-id prompts (probed)", "token ids in answers (probed)", "up to 20 per position (probed)"]),
+    ("cap-5", ["token-id prompts (probed)", "up to 5 per position (probed)"]),
+    ("strict-fields", ["token-id prompts (probed)", "tokens as text in answers (probed)", "up to 5 per position",
+                       "no ignore_eos (probed)", "no /tokenize"]),
+    ("no-tokenize", ["token-id prompts (probed)", "up to 256 per position (probed)", "no /tokenize"]),
+])
+def test_each_upstream_profile_is_probed_and_steered(conformance_proxy, tmp_path, profile, found):
+    """No flag beyond --remote-base/--remote-model: startup finds what the upstream accepts (one
+    log line), every request is answered 200, steering changes the greedy text, the demo's K 256
+    is served at the cap (counted, and said in the `vas` field and on /v1/models), and no call
+    sends what the profile refuses (the proxy would have answered it with its 4xx)."""
+    import httpx
+
+    url, seen = conformance_proxy
     port = free_port()
     log = tmp_path / "server.log"
-    process = start_healthy([sys.executable, "-m", "vas_server", "serve", "--remote-base", f"{url}/v1",
+    here = f"http://127.0.0.1:{port}"
+    process = start_healthy([sys.executable, "-m", "vas_server", "serve", "--remote-base", f"{url}/{profile}/v1",
                              "--remote-model", UPSTREAM_NAME, "--port", str(port), "--dtype", "float32",
-                             "--max-model-len", str(MAX_MODEL_LEN)], log, f"http://127.0.0.1:{port}")
+                             "--max-model-len", str(MAX_MODEL_LEN)], log, here)
     try:
-        assert "top log-probs up to 20 per position (probed)" in log.read_text()
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-        texts = [client.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS[0], max_tokens=12,
-                                           temperature=0, extra_body=_steering(w, None, False)).choices[0].text
-                 for w in (None, {"positive": 6.0})]
-        assert texts[0] != texts[1], texts
-        assert max(seen[-2:]) <= 20
-        # Only the steered request was above the cap: the demo head declares K 256, unsteered is the spec's 20.
-        assert _remote_metrics(f"http://127.0.0.1:{port}")["vas_remote_clamped_requests_total"] == 1
-        with pytest.raises(openai.BadRequestError) as e:
-            client.completions.create(model="SmolLM2-135M-Instruct", prompt="Hi", max_tokens=1, logprobs=21)
-        assert "20" in str(e.value)  # vLLM's own --max-logprobs here (default 20) answers it first
+        line = next(line for line in log.read_text().splitlines() if "remote-base upstream" in line)
+        assert all(part in line for part in found), line
+        client = openai.OpenAI(base_url=f"{here}/v1", api_key="none", max_retries=0, timeout=120)
+        answers = [client.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS[0], max_tokens=16,
+                                             temperature=0, extra_body=_steering(w, None, False))
+                   for w in (None, {"positive": 6.0})]
+        assert answers[0].choices[0].text != answers[1].choices[0].text, [a.choices[0].text for a in answers]
+        cap = int(line.split("top log-probs up to ")[1].split()[0])
+        vas = answers[1].model_extra["vas"]
+        metrics = _remote_metrics(here)
+        if cap < 256:  # the demo head declares K 256
+            assert (vas["top_k"], vas["top_k_requested"], vas["upstream_logprob_cap"]) == (cap, 256, cap)
+            # Unsteered requests take the spec's K 20 (the candidates of an exact draw): clamped below it too.
+            assert metrics["vas_remote_clamped_requests_total"] == (1 if cap >= 20 else 2)
+        else:
+            assert vas["top_k"] == 256 and "top_k_requested" not in vas
+        assert max(body["logprobs"] for body in seen[profile]) <= cap
+        models = httpx.get(f"{here}/v1/models", timeout=10).json()["data"]
+        assert models[0]["vas_upstream"]["logprob_cap"] == cap
+        assert next(m for m in models if m["id"] == "positive")["vas_preset"]["top_k"] == min(cap, 256)
+        if "token ids in answers" in line and "token-id prompts" in line:
+            assert metrics["vas_remote_token_mismatches_total"] == 0  # ids both ways: nothing to mismatch
+        else:
+            assert "vas_remote_token_mismatches_total" in metrics
     finally:
         stop(process)
 
@@ -426,10 +479,10 @@ def test_the_upstream_tokenizer_is_checked(upstream, base_dir, tokenizer):
 
     from transformers import AutoTokenizer
 
-    from vas_server.remote.upstream import VLLMUpstream, check_tokenizer
+    from vas_server.remote.upstream import CompletionsUpstream, check_tokenizer
 
     async def check(local) -> None:
-        remote_base = VLLMUpstream(f"{upstream[1]}/v1", UPSTREAM_NAME)
+        remote_base = CompletionsUpstream(f"{upstream[1]}/v1", UPSTREAM_NAME)
         await check_tokenizer(remote_base, local)
 
     asyncio.run(check(AutoTokenizer.from_pretrained(base_dir)))
@@ -509,7 +562,7 @@ def test_upstream_faults_name_their_status_and_cause(fake_upstream, mode, status
     """Each fault is the error it names, after one retry where another try might cure it."""
     import asyncio
 
-    from vas_server.remote.upstream import UpstreamError, VLLMUpstream
+    from vas_server.remote.upstream import UpstreamError, CompletionsUpstream
 
     url, calls = fake_upstream
 
@@ -517,7 +570,7 @@ def test_upstream_faults_name_their_status_and_cause(fake_upstream, mode, status
         # 0.5 s makes "slow" time out; the others answer at once, but on a loaded machine (a test
         # suite beside other work) an answer can take longer than that and be retried: 30 s.
         timeout = 0.5 if mode == "slow" else 30.0
-        await VLLMUpstream(f"{url}/{mode}/v1", "m", timeout_s=timeout, retries=1).draw([1, 2, 3], 5, temperature=1.0)
+        await CompletionsUpstream(f"{url}/{mode}/v1", "m", timeout_s=timeout, retries=1).draw([1, 2, 3], 5, temperature=1.0)
 
     with pytest.raises(UpstreamError) as e:
         asyncio.run(call())
@@ -529,10 +582,10 @@ def test_upstream_faults_name_their_status_and_cause(fake_upstream, mode, status
 def test_an_upstream_that_recovers_within_the_retries_answers(fake_upstream, retries, answered):
     import asyncio
 
-    from vas_server.remote.upstream import UpstreamError, VLLMUpstream
+    from vas_server.remote.upstream import UpstreamError, CompletionsUpstream
 
     url, _ = fake_upstream
-    upstream = VLLMUpstream(f"{url}/flaky-2-{retries}/v1", "m", retries=retries)  # 503 twice, then answers
+    upstream = CompletionsUpstream(f"{url}/flaky-2-{retries}/v1", "m", retries=retries)  # 503 twice, then answers
     try:
         draw = asyncio.run(upstream.draw([1, 2, 3], 2, temperature=1.0))
     except UpstreamError as e:
@@ -549,10 +602,10 @@ def test_a_request_the_upstream_aborted_is_retried(fake_upstream, retries, answe
     answer."""
     import asyncio
 
-    from vas_server.remote.upstream import UpstreamError, VLLMUpstream
+    from vas_server.remote.upstream import UpstreamError, CompletionsUpstream
 
     url, _ = fake_upstream
-    upstream = VLLMUpstream(f"{url}/aborted-1-{retries}/v1", "m", retries=retries)
+    upstream = CompletionsUpstream(f"{url}/aborted-1-{retries}/v1", "m", retries=retries)
     try:
         draw = asyncio.run(upstream.draw([1, 2, 3], 2, temperature=1.0))
     except UpstreamError as e:
@@ -568,7 +621,7 @@ def test_startup_waits_for_an_upstream_that_is_still_starting():
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from vas_server.remote.upstream import VLLMUpstream, wait_until_reachable
+    from vas_server.remote.upstream import CompletionsUpstream, wait_until_reachable
 
     class Models(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -586,11 +639,11 @@ def test_startup_waits_for_an_upstream_that_is_still_starting():
                     or threading.Thread(target=servers[0].serve_forever, daemon=True).start()).start()
     heard: list[str] = []
     started = time.monotonic()
-    asyncio.run(wait_until_reachable(VLLMUpstream(f"http://127.0.0.1:{port}/v1", "m"), 30, heard.append))
+    asyncio.run(wait_until_reachable(CompletionsUpstream(f"http://127.0.0.1:{port}/v1", "m"), 30, heard.append))
     assert 1.5 <= time.monotonic() - started < 30 and "waiting for the upstream" in heard[0]
     servers[0].shutdown()
     with pytest.raises(ValueError, match="did not answer within 1 s"):
-        asyncio.run(wait_until_reachable(VLLMUpstream(f"http://127.0.0.1:{free_port()}/v1", "m"), 1, heard.append))
+        asyncio.run(wait_until_reachable(CompletionsUpstream(f"http://127.0.0.1:{free_port()}/v1", "m"), 1, heard.append))
 
 
 def test_the_vllm_client_is_an_upstream_and_closes_its_connections(fake_upstream):
@@ -600,10 +653,10 @@ def test_the_vllm_client_is_an_upstream_and_closes_its_connections(fake_upstream
 
     import httpx
 
-    from vas_server.remote.upstream import Upstream, UpstreamError, VLLMUpstream
+    from vas_server.remote.upstream import Upstream, UpstreamError, CompletionsUpstream
 
     url, _ = fake_upstream
-    upstream = VLLMUpstream(f"{url}/flaky-0-0/v1", "m", retries=0)
+    upstream = CompletionsUpstream(f"{url}/flaky-0-0/v1", "m", retries=0)
     assert isinstance(upstream, Upstream)
 
     async def use_then_close():

@@ -10,8 +10,9 @@ import json
 import pytest
 from http_server import QuietHandler, serving
 
-from vas_server.remote.capabilities import LOGPROB_TRIES, clamp, probe_logprob_cap
-from vas_server.remote.upstream import VLLMUpstream
+from vas_server.remote.capabilities import clamp
+from vas_server.remote.probe import LOGPROB_TRIES, probe_logprob_cap
+from vas_server.remote.upstream import CompletionsUpstream
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def capped():
 
 def _probe(url: str, mode: str) -> int:
     async def run():
-        upstream = VLLMUpstream(f"{url}/{mode}/v1", "m", retries=0)
+        upstream = CompletionsUpstream(f"{url}/{mode}/v1", "m", retries=0)
         try:
             return await probe_logprob_cap(upstream, [1, 2])
         finally:

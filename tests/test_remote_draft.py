@@ -21,7 +21,7 @@ import torch
 from test_remote_sampling import LOWER, RAISE, goodness_of_fit_p
 from vas_server.remote.draft import DraftLength, drafts_at, verify
 from vas_server.remote.sampling import steered_step
-from vas_server.remote.upstream import Draw
+from vas_server.remote.wire import Draw
 
 LOGITS = torch.tensor([2.0, 1.5, 1.2, 0.3, 0.1, 0.0, -0.2, -0.5, -1.0, -3.0], dtype=torch.float64)
 V, K, LENGTH, SEQUENCES = 10, 4, 3, 6_000

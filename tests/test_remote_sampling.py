@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from vas_server.remote.sampling import steered_step
-from vas_server.remote.upstream import Draw
+from vas_server.remote.wire import Draw
 
 LOGITS = torch.tensor([2.0, 1.5, 1.2, 0.3, 0.1, 0.0, -0.2, -0.5, -1.0, -3.0], dtype=torch.float64)
 LOGPROBS = LOGITS.log_softmax(0)

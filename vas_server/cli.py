@@ -101,12 +101,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                      help="largest accepted HTTP request body; larger ones get a 413 (default: 8 MiB)")
     vas.add_argument("--max-sequences-per-request", type=int, default=None,
                      help="most sequences one request may queue (prompts x n); more get a 422 (default: 128)")
-    remote = serve.add_argument_group("VAS over a remote base", "the base runs behind an OpenAI-compatible API "
-                                      "(a vLLM server); MODEL is a local copy of its tokenizer and config")
+    remote = serve.add_argument_group("VAS over a remote base", "the base runs behind an OpenAI-compatible "
+                                      "/v1/completions with token log-probs (vLLM, SGLang, llama.cpp's server, "
+                                      "OpenAI-style hosted APIs); MODEL is a local copy of its tokenizer and config")
     remote.add_argument("--remote-base", default=None, metavar="URL",
                         help="the upstream's /v1 URL, e.g. http://host:8000/v1 (its key, if any, in "
-                             "$VAS_REMOTE_API_KEY); it must return token log-probs (vLLM: --max-logprobs 256 for the demo's "
-                             "K 256; a lower cap is found at startup and K clamped to it)")
+                             "$VAS_REMOTE_API_KEY). What it accepts is probed at startup and logged in one line: "
+                             "token-id prompts, token ids in answers, its log-prob cap (a request's VAS top-K "
+                             "above it is served at it), ignore_eos, drafting, /tokenize")
     remote.add_argument("--remote-model", default=None, help="the model name the upstream serves (default: "
                                                              "--served-model-name, else MODEL)")
     remote.add_argument("--remote-timeout", type=float, default=30.0,
@@ -125,6 +127,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     remote.add_argument("--remote-logprob-cap", type=int, default=None, metavar="N",
                         help="the most top log-probs the upstream returns per position (default: probed at "
                              "startup with one-token calls); a request's VAS top-K above it is served at it")
+    remote.add_argument("--remote-capabilities", default=None, metavar="JSON",
+                        help="what the upstream accepts, instead of probing it, as a JSON object with any of: "
+                             "token_prompts, token_ids, ignore_eos, draft, tokenize (true/false) and logprob_cap "
+                             "(an integer), e.g. '{\"token_prompts\": false, \"logprob_cap\": 20}'; the "
+                             "others are probed")
     remote.add_argument("--remote-skip-tokenizer-check", action="store_true",
                         help="serve although the upstream cannot show that it tokenizes as MODEL does (it "
                              "has no vLLM /tokenize route); a different tokenizer gives garbage")

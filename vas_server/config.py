@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from vas_server.presets import PresetTable
 
 ADDITIONAL_CONFIG_KEY = "vas"
+# Remote mode's key for what the upstream accepts (vas_server.remote.capabilities.Capabilities.report),
+# read by the middleware (vas_server.http.server_view).
+REMOTE_KEY = "vas_remote"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,9 @@ WORKER_METRICS = {
     "remote_clamped_requests": ("vas_remote_clamped_requests", "counter",
                                 "Remote mode: requests whose VAS top-K was above the upstream's log-prob cap, "
                                 "served at the cap"),
+    "remote_token_mismatches": ("vas_remote_token_mismatches", "counter",
+                                "Remote mode: tokens the upstream named by text that MODEL's tokenizer maps to no "
+                                "single id, and contexts sent as text that encode to other ids"),
     "remote_upstream_calls": ("vas_remote_upstream_calls", "counter", "Remote mode: upstream calls (tries included)"),
     "remote_calls_per_token": ("vas_remote_upstream_calls_per_token", "gauge",
                                "Remote mode: upstream calls per generated token (0 before the first)"),

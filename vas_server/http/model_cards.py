@@ -34,6 +34,8 @@ async def list_models(app, server: ServerView, model_id: str | None, scope: Scop
     for card in cards:
         if card.get("root") and os.path.isabs(card["root"]):
             card["root"] = card["id"]  # a model's name, never the serving machine's path
+    if cards and server.upstream is not None:
+        cards[0]["vas_upstream"] = server.upstream  # what the remote base accepts (remote mode)
     parent = cards[0]["id"] if cards else None
     created = cards[0]["created"] if cards else 0
     cards += [preset_card(name, preset, server, parent, created)
@@ -86,7 +88,7 @@ class HeadPresetCard(PresetCard):
 def preset_card(name: str, preset: Preset, server: ServerView, parent: str | None, created: int) -> dict:
     """A preset's /v1/models card (the JSON object): a PresetCard, or for a head's own preset a
     HeadPresetCard."""
-    settings = {**preset.report(), "top_k": server.config.top_k_for(preset, server.head_infos)}
+    settings = server.applied({**preset.report(), "top_k": server.config.top_k_for(preset, server.head_infos)})
     card = dict(id=name, created=created, root=parent, parent=parent, vas_preset=settings)
     if not preset.head:
         return PresetCard(**card).model_dump()

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from vllm import envs
 
 from vas_server.http.auth import ApiKeys
-from vas_server.config import HeadInfo, VASConfig
+from vas_server.config import REMOTE_KEY, HeadInfo, VASConfig
 from vas_server.presets import PresetTable
 
 if TYPE_CHECKING:
@@ -29,6 +29,9 @@ class ServerView:
     preset_requests: dict[str, int]  # requests per preset, for /metrics
     # Each preset's own settings, admitted at its first request (steering_fields._preset_admission).
     preset_admissions: dict[str, "Admission"] = field(default_factory=dict)
+    # Over a remote base: what the upstream accepts (vas_server.remote.capabilities.Capabilities.report),
+    # which remote mode puts in additional_config[REMOTE_KEY]; None in-process.
+    upstream: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, state) -> "ServerView":
@@ -36,7 +39,16 @@ class ServerView:
         config = VASConfig.from_additional_config(additional)
         head_infos = config.read_heads()
         presets = config.preset_table(head_infos, [m.name for m in state.openai_serving_models.base_model_paths])
-        return cls(config, head_infos, presets, ApiKeys(state), state, {})
+        return cls(config, head_infos, presets, ApiKeys(state), state, {}, upstream=additional.get(REMOTE_KEY))
+
+    def applied(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """Steering settings as reported (the `vas` field, a preset's card), their `top_k` the
+        one served: over a remote base whose log-prob cap is below it, the cap, with what was
+        asked and why (remote mode serves C = min(K, cap): vas_server.remote.capabilities.clamp)."""
+        cap = (self.upstream or {}).get("logprob_cap")
+        if cap is None or settings["top_k"] <= cap:
+            return settings
+        return {**settings, "top_k": cap, "top_k_requested": settings["top_k"], "upstream_logprob_cap": cap}
 
     @property
     def base_name(self) -> str:

@@ -68,7 +68,7 @@ class RewrittenRequest:
 class Admission:
     """Steering settings ready for vLLM: validated, their top-K resolved (VASConfig.top_k_for),
     serialised and stamped. Invariant: `xargs` = params.admitted(request), `report` =
-    request.report(), for one active request. Shared between requests: never modified."""
+    server.applied(request.report()) (the top-K served), for one active request. Shared between requests: never modified."""
 
     xargs: dict[str, str]  # the `vllm_xargs` entries: {"vas": <JSON>, "vas_admitted": <stamp>}
     report: dict  # the `vas` echo
@@ -77,7 +77,7 @@ class Admission:
     def of(cls, server: ServerView, request: VASRequest) -> "Admission":
         # model_copy does not validate again: top_k_for gives a top-K in range.
         request = request.model_copy(update={"top_k": server.config.top_k_for(request, server.head_infos)})
-        return cls(admitted(request), request.report())
+        return cls(admitted(request), server.applied(request.report()))
 
 
 def rewrite_request(server: ServerView, payload: dict, body: bytes) -> RewrittenRequest:

@@ -1,52 +1,84 @@
-"""What the upstream accepts, found at startup (docs/SERVER.md, "VAS over a remote base"), and
-what follows from it for one request. Today: the log-prob cap, the most top log-probs one call
-returns per position (vLLM's --max-logprobs, default 20; OpenAI's legacy completions 5).
+"""What the upstream accepts, found at startup with one tiny request per capability, or given by
+`--remote-capabilities` (docs/SERVER.md, "VAS over a remote base"), and what follows from it for
+one request.
 
-Invariants: `probe_logprob_cap` makes at most len(LOGPROB_TRIES) one-token calls and returns the
-largest tried value the upstream answers in full (at least 1), or raises ValueError naming what
-it refused; `clamp` never asks more than the cap and never fewer than one candidate."""
+The capabilities, and what remote mode does without each:
+  * `token_prompts`: the prompt as token ids (vLLM, SGLang, llama.cpp, OpenAI's legacy completions).
+    Without: the context is sent as text, which the upstream encodes again (wire.TokenTexts counts
+    where that gives other ids).
+  * `token_ids`: `return_tokens_as_token_ids` is accepted (vLLM). Without: the answer names tokens
+    by text (or by llama.cpp's `id` field), mapped back with MODEL's tokenizer.
+  * `logprob_cap`: the most top log-probs one call returns per position (vLLM's --max-logprobs,
+    default 20; OpenAI's legacy completions 5). A request's K above it is served at the cap, and
+    its `vas` field says so.
+  * `ignore_eos`: accepted (vLLM, llama.cpp). Without: a draft ends at the upstream's eos, and an
+    eos among the top-K is a candidate like any other (it always is).
+  * `draft`: several tokens per call with log-probs at each position. Without: one token per call.
+  * `tokenize`: a /tokenize route (vLLM's, or llama.cpp's), used to check that the upstream
+    tokenizes as MODEL does. Without: that is assumed, and logged as unchecked.
+
+vas_server.remote.probe finds them. Invariant: `clamp` never asks more than the cap and never
+fewer than one candidate.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
 
-from vas_server.remote.upstream import Upstream, UpstreamError
-
-# Tried largest first; each is a cap some upstream documents (vLLM at 256 as README asks, vLLM's
-# default 20, OpenAI's 5) or a step between them, so one of at most six calls finds the cap's
-# bracket. An upstream with a cap between two tries is used at the lower one.
-LOGPROB_TRIES = (256, 100, 50, 20, 5, 1)
-PROBE_CONTEXT_TEXT = "Hello"  # the probe's prompt: any short text; its tokens come from MODEL's tokenizer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
-@dataclass(frozen=True)
-class Capabilities:
-    """What the upstream was found (or told, by a flag) to accept: `logprob_cap` top log-probs
-    per position; `detected` says it was probed rather than given."""
 
-    logprob_cap: int
-    detected: bool
+class Capabilities(BaseModel):
+    """What the upstream accepts (module docstring). `given`: the fields set by the flag, not probed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    token_prompts: bool = True
+    token_ids: bool = True
+    logprob_cap: int = Field(256, ge=1)
+    ignore_eos: bool = True
+    draft: bool = True
+    tokenize: bool = True
+    given: frozenset[str] = frozenset()
 
     def describe(self) -> str:
         """The startup log line's body."""
-        return f"top log-probs up to {self.logprob_cap} per position ({'probed' if self.detected else 'from the flag'})"
+        def said(name: str, text: str) -> str:
+            return f"{text} ({'flag' if name in self.given else 'probed'})"
+
+        return "; ".join([
+            said("token_prompts", "token-id prompts" if self.token_prompts else "text prompts only"),
+            said("token_ids", "token ids in answers" if self.token_ids else "tokens as text in answers"),
+            said("logprob_cap", f"top log-probs up to {self.logprob_cap} per position"),
+            said("ignore_eos", "ignore_eos" if self.ignore_eos else "no ignore_eos"),
+            said("draft", "drafts several tokens per call" if self.draft else "one token per call"),
+            said("tokenize", "/tokenize" if self.tokenize else "no /tokenize (tokenizer unchecked)")])
+
+    def report(self) -> dict:
+        """What /v1/models and the startup log say of the upstream (without `given`)."""
+        return self.model_dump(exclude={"given"})
 
 
-async def probe_logprob_cap(upstream: Upstream, context: list[int]) -> int:
-    """The largest of LOGPROB_TRIES that `upstream` answers with that many top log-probs after
-    `context`: a refusal (the upstream's 400) or a short list means the cap is lower. ValueError
-    if it answers none of them, or fails other than by refusing (down, broken)."""
-    refusals = []
-    for k in LOGPROB_TRIES:
+def given_capabilities(flag: str | None, logprob_cap: int | None) -> dict:
+    """The capabilities `--remote-capabilities` (a JSON object) and `--remote-logprob-cap` set;
+    ValueError naming the bad one."""
+    given = {}
+    if flag:
         try:
-            await upstream.draw(context, k, temperature=0.0)
-            return k
-        except UpstreamError as e:
-            if e.retryable:
-                raise ValueError(f"the upstream failed while its log-prob cap was probed: {e}") from None
-            refusals.append(f"{k}: {e}")
-    raise ValueError("the upstream returns no token log-probs, which remote mode needs (tried "
-                     + "; ".join(refusals)[:800] + ")")
+            given = json.loads(flag)
+        except ValueError as e:
+            raise ValueError(f"--remote-capabilities is not JSON: {e}") from None
+        if not isinstance(given, dict):
+            raise ValueError("--remote-capabilities must be a JSON object, e.g. '{\"token_prompts\": false}'")
+    if logprob_cap is not None:
+        given["logprob_cap"] = logprob_cap
+    try:
+        Capabilities(**given)
+    except (ValidationError, TypeError) as e:
+        fields = ", ".join(f for f in Capabilities.model_fields if f != "given")
+        raise ValueError(f"--remote-capabilities: {e} (the fields: {fields})") from None
+    return given
 
 
 def clamp(top_k: int, client_logprobs: int | None, cap: int) -> tuple[int, int]:

@@ -49,7 +49,7 @@ from collections.abc import Awaitable, Callable
 import torch
 
 from vas_server.remote.sampling import Step, _uniform, steered_step
-from vas_server.remote.upstream import Draw
+from vas_server.remote.wire import Draw
 
 # tail_draw(i, greedy) -> the base's draw at position i (context + draft[:i]) with C_i banned:
 # at T = 1 a sample, at T = 0 the greedy token.

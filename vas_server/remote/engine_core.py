@@ -49,7 +49,8 @@ from vas_server.remote.capabilities import clamp
 from vas_server.remote.draft import DraftLength, drafts_at, verify
 from vas_server.remote.sampling import Step, steered_step
 from vas_server.remote.scoring import BatchedScorer
-from vas_server.remote.upstream import Draw, Upstream, UpstreamError
+from vas_server.remote.upstream import Upstream, UpstreamError
+from vas_server.remote.wire import Draw
 
 logger = init_logger("vllm.plugins.vas.remote")  # vLLM's log format and level
 
@@ -117,7 +118,7 @@ class RemoteEngineCore:
                 "remote_drafted_tokens": self.drafted, "remote_accepted_tokens": self.accepted,
                 "remote_wasted_tokens": self.wasted,
                 "remote_acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
-                "remote_clamped_requests": self.clamped,
+                "remote_clamped_requests": self.clamped, "remote_token_mismatches": self.upstream.mismatches,
                 "cache_slots_used": self.runtime.slots_in_use, "cache_slots_total": self.runtime.max_requests}
 
     async def collective_rpc_async(self, method: str, timeout=None, args=(), kwargs=None):

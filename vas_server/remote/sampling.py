@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vas_server.remote.upstream import Draw
+from vas_server.remote.wire import Draw
 
 # The most draws one step may ask for at a temperature other than 0 and 1. The expected number is
 # 1 / (1 - q (1 - s/s')) or 1 / (q + (1 - q) s'/s), a few at most unless steering moves most of the

@@ -17,11 +17,12 @@ from argparse import Namespace
 import torch
 from vllm.logger import init_logger
 
-from vas_server.config import VASConfig
+from vas_server.config import REMOTE_KEY, VASConfig
 from vas_server.engine_args import DEFAULT_VAS_REQUESTS
-from vas_server.remote.capabilities import PROBE_CONTEXT_TEXT, Capabilities, probe_logprob_cap
+from vas_server.remote.capabilities import given_capabilities
 from vas_server.remote.engine_core import RemoteEngineCore
-from vas_server.remote.upstream import Upstream, VLLMUpstream, check_tokenizer, wait_until_reachable
+from vas_server.remote.probe import PROBE_CONTEXT_TEXT, probe
+from vas_server.remote.upstream import CompletionsUpstream, Upstream, check_tokenizer, wait_until_reachable
 
 API_KEY_ENV = "VAS_REMOTE_API_KEY"  # the upstream's key, if it wants one
 # How long startup waits for an upstream that does not answer yet (one started at the same time,
@@ -77,46 +78,49 @@ def fail_request(output_processor, request_id: str, error: Exception) -> None:
 
 async def serve_remote(args: Namespace, vas: VASConfig) -> None:
     """Serve `args` (vLLM's serve arguments, configured by vas_server.cli) on the remote base."""
-    upstream = VLLMUpstream(args.remote_base, args.remote_model or (args.served_model_name or [args.model])[0],
-                        api_key=os.environ.get(API_KEY_ENV), timeout_s=args.remote_timeout, retries=args.remote_retries)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+    upstream = CompletionsUpstream(args.remote_base, args.remote_model or (args.served_model_name or [args.model])[0],
+                                   api_key=os.environ.get(API_KEY_ENV), timeout_s=args.remote_timeout,
+                                   retries=args.remote_retries, tokenizer=tokenizer)
     try:
-        await _serve(args, vas, upstream)
+        await _serve(args, vas, upstream, tokenizer)
     finally:
         await upstream.aclose()  # on every path: startup refused, served and shut down
 
 
-async def _serve(args: Namespace, vas: VASConfig, upstream: Upstream) -> None:
-    """serve_remote's body on an open `upstream` (the caller closes it)."""
-    from transformers import AutoTokenizer
+async def _serve(args: Namespace, vas: VASConfig, upstream: CompletionsUpstream, tokenizer) -> None:
+    """serve_remote's body on an open `upstream` (the caller closes it); `tokenizer` is MODEL's."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.api_server.entry import build_and_serve
     from vllm.entrypoints.launchers.launcher import setup_server
     from vllm.usage.usage_lib import UsageContext
 
     vllm_config = AsyncEngineArgs.from_cli_args(args).create_engine_config(UsageContext.OPENAI_API_SERVER)
-    model_config = vllm_config.model_config
-    tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer or model_config.model)
     try:
+        given = given_capabilities(args.remote_capabilities, args.remote_logprob_cap)
         await wait_until_reachable(upstream, UPSTREAM_STARTUP_WAIT_S, logger.info)
-        if not args.remote_skip_tokenizer_check:
+        capabilities = await probe(upstream, tokenizer.encode(PROBE_CONTEXT_TEXT, add_special_tokens=False), given)
+        if capabilities.tokenize and not args.remote_skip_tokenizer_check:
             await check_tokenizer(upstream, tokenizer)
-        if args.remote_logprob_cap is not None:
-            if args.remote_logprob_cap < 1:
-                raise ValueError("--remote-logprob-cap must be at least 1")
-            capabilities = Capabilities(args.remote_logprob_cap, detected=False)
-        else:
-            probe = tokenizer.encode(PROBE_CONTEXT_TEXT, add_special_tokens=False)
-            capabilities = Capabilities(await probe_logprob_cap(upstream, probe), detected=True)
     except ValueError as e:
         raise SystemExit(f"vas-server: {e}") from None
     logger.info("remote-base upstream %s: %s", upstream.base_url, capabilities.describe())
+    if not capabilities.tokenize:
+        logger.warning("the upstream at %s has no /tokenize: its tokenizer is taken to be MODEL's, unchecked; "
+                       "tokens it names that MODEL's tokenizer does not have are counted in "
+                       "vas_remote_token_mismatches", upstream.base_url)
+    # The middleware reports what the upstream accepts (/v1/models) and the top-K served (ServerView.applied).
+    vllm_config.additional_config[REMOTE_KEY] = capabilities.report()
     if args.remote_draft < 1:
         raise SystemExit("vas-server: --remote-draft must be at least 1")
     # Every value model is separate here, so the value cache's slots follow --max-vas-requests,
     # else --max-num-seqs if given, else DEFAULT_VAS_REQUESTS (32), as `vas-server serve --help`
     # says; vLLM's own default max_num_seqs (128 on a CPU) would let it grow to 4x that.
     vas = dataclasses.replace(vas, max_requests=vas.max_requests or args.max_num_seqs or DEFAULT_VAS_REQUESTS)
-    engine = remote_async_llm(vllm_config, vas, upstream, tokenizer, args.remote_draft, not args.remote_draft_fixed,
+    draft = args.remote_draft if capabilities.draft else 1
+    engine = remote_async_llm(vllm_config, vas, upstream, tokenizer, draft, not args.remote_draft_fixed,
                               capabilities.logprob_cap)
     listen_address, sock = setup_server(args, reuse_port=False)
     try:

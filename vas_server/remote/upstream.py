@@ -1,12 +1,15 @@
-"""The remote base behind one seam: the `Upstream` protocol, and `VLLMUpstream`, its implementation
-for an OpenAI-compatible /v1/completions that takes token-id prompts (vLLM's).
+"""The remote base behind one seam: the `Upstream` protocol, and `CompletionsUpstream`, its
+implementation for an OpenAI-compatible /v1/completions (vLLM, SGLang, llama.cpp's server, hosted
+legacy-completions APIs), each call shaped by what the upstream accepts
+(vas_server.remote.capabilities; the body and the answer's formats: vas_server.remote.wire).
 
 The rest of remote mode sees only the protocol (next-token candidates with log-probs for a
 prefix, an optional multi-token draft, the upstream's tokenizer if it offers one, reachability,
-the calls made, closing). `VLLMUpstream.draw` asks for one token with its top-k log-probs and returns what the upstream drew;
-`Upstream.draft` asks for n tokens in a row, with the top-k log-probs at each position. Failures become UpstreamError with the status the
-client should get; those that a second try can cure (unreachable, slow, overloaded, a 5xx) are
-retried with backoff, since a call has no side effects and its seed makes it repeatable.
+the calls made, closing). `draw` asks for one token with its top-k log-probs and returns what the
+upstream drew; `draft` asks for n tokens in a row, with the top-k log-probs at each position.
+Failures become UpstreamError with the status the client should get; those that a second try can
+cure (unreachable, slow, overloaded, a 5xx) are retried with backoff, since a call has no side
+effects and its seed makes it repeatable.
 """
 
 from __future__ import annotations
@@ -19,36 +22,31 @@ from typing import Protocol, runtime_checkable
 
 import httpx
 
-BANNED = -100  # OpenAI's logit_bias minimum: the token is never drawn
+from vas_server.remote.capabilities import Capabilities
+from vas_server.remote.wire import Draw, ShortLogprobs, TokenTexts, completion_body, positions
+
 RETRY_BACKOFF_S = 0.25  # first pause before a retry; doubled each time
 
 
 class UpstreamError(RuntimeError):
     """The upstream failed: `status` is what the client gets (502 bad answer, 503 down, 504 slow);
-    `retryable` says whether another try may succeed."""
+    `retryable` says whether another try may succeed; `status_code` is the upstream's own HTTP
+    status, where it answered."""
 
-    def __init__(self, status: int, message: str, retryable: bool = False):
+    def __init__(self, status: int, message: str, retryable: bool = False, status_code: int | None = None):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
-
-
-@dataclass(frozen=True)
-class Draw:
-    """One step of the base: the token the upstream drew, that token's raw (temperature 1) log-prob,
-    and the k best tokens with their raw log-probs, best first."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]
+        self.status_code = status_code
 
 
 @runtime_checkable
 class Upstream(Protocol):
     """What remote mode needs of a base behind an API. Invariants every implementation keeps:
-    log-probs are raw (temperature 1) whatever the draw's temperature; `top` lists exactly k
-    (token id, log-prob) pairs, best first; `calls` counts every HTTP call made for `draw`/`draft`
-    (tries included), never decreasing; failures are UpstreamError with the client's status."""
+    log-probs are raw (temperature 1) whatever the draw's temperature; `top` lists k (token id,
+    log-prob) pairs, best first (fewer only where `mismatches` counts the missing ones); `calls`
+    counts every HTTP call made for `draw`/`draft` (tries included), never decreasing; failures
+    are UpstreamError with the client's status."""
 
     base_url: str
     model: str
@@ -56,6 +54,11 @@ class Upstream(Protocol):
     @property
     def calls(self) -> int:
         """Upstream calls made so far (tries included): the benchmark's calls per token."""
+
+    @property
+    def mismatches(self) -> int:
+        """Tokens named by text that MODEL's tokenizer maps to no single id, and contexts sent as
+        text that it encodes to other ids (vas_server.remote.wire): 0 where ids go both ways."""
 
     async def draw(self, context: list[int], k: int, *, temperature: float, banned: list[int] = (),
                    seed: int | None = None) -> Draw:
@@ -78,16 +81,19 @@ class Upstream(Protocol):
 
 
 @dataclass
-class VLLMUpstream:
-    """An `Upstream` on vLLM's OpenAI server (token-id prompts, `return_tokens_as_token_ids`,
-    `/tokenize`, `ignore_eos`): the address and what each call may take, `timeout_s` per try,
-    `retries` more tries. Owns one httpx client, closed by `aclose`."""
+class CompletionsUpstream:
+    """An `Upstream` on an OpenAI-compatible /v1/completions: the address and what each call may
+    take, `timeout_s` per try, `retries` more tries. `capabilities` shapes every call (the
+    default: vLLM's, all of them); `tokenizer` (MODEL's) maps text both ways for an upstream
+    without token-id prompts or ids in its answers. Owns one httpx client, closed by `aclose`."""
 
     base_url: str
     model: str
     api_key: str | None = None
     timeout_s: float = 30.0
     retries: int = 2
+    tokenizer: object | None = None
+    capabilities: Capabilities = Capabilities()
 
     def __post_init__(self):
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -95,20 +101,26 @@ class VLLMUpstream:
         self.client = httpx.AsyncClient(base_url=self.base_url.rstrip("/"), headers=headers, timeout=self.timeout_s,
                                         limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         self._calls = 0  # upstream calls made (tries included), for the benchmark's calls per token
+        self.texts = TokenTexts(self.tokenizer) if self.tokenizer is not None else None
 
     @property
     def calls(self) -> int:
         return self._calls
 
+    @property
+    def mismatches(self) -> int:
+        return self.texts.mismatches if self.texts is not None else 0
+
     async def reachable(self) -> None:
         await self.client.get("/models")
 
     async def tokenize(self, text: str) -> list[int] | None:
-        """vLLM's /tokenize (beside /v1, not under it); None where it answers other than 200.
-        httpx.HTTPError, ValueError, KeyError or TypeError where the answer is unusable."""
+        """The /tokenize beside /v1 (not under it): vLLM's takes `prompt`, llama.cpp's `content`,
+        and each ignores the other's field. None where it answers other than 200. httpx.HTTPError,
+        ValueError, KeyError or TypeError where the answer is unusable."""
         root = self.base_url.rstrip("/").removesuffix("/v1")
         response = await self.client.post(f"{root}/tokenize", json={
-            "model": self.model, "prompt": text, "add_special_tokens": False})
+            "model": self.model, "prompt": text, "content": text, "add_special_tokens": False})
         if response.status_code != 200:
             return None
         tokens = response.json()["tokens"]
@@ -129,16 +141,20 @@ class VLLMUpstream:
                     seed: int | None = None, ignore_eos: bool = False) -> list[Draw]:
         """The base's next n tokens after `context`, drawn in a row at `temperature`, each with
         its position's top-k raw log-probs (fewer than n where the upstream stopped at its eos,
-        unless `ignore_eos`: the request goes on past eos, and so does its draft, else every eos
-        would cost it one more call)."""
-        body = {"model": self.model, "prompt": context, "max_tokens": n, "logprobs": k, "temperature": temperature,
-                "return_tokens_as_token_ids": True}
-        if ignore_eos and n > 1:
-            body["ignore_eos"] = True  # vLLM's; it changes where the upstream stops, not what it draws
-        if banned:
-            body["logit_bias"] = {str(t): BANNED for t in banned}
-        if seed is not None:
-            body["seed"] = seed
+        unless `ignore_eos` and the upstream takes it: the request goes on past eos, and so does
+        its draft, else every eos would cost it one more call). One token where the upstream
+        does not draft."""
+        caps = self.capabilities
+        if not caps.draft:
+            n = 1
+        if caps.token_prompts:
+            prompt = context
+        elif self.texts is None:
+            raise UpstreamError(500, "an upstream without token-id prompts needs MODEL's tokenizer")
+        else:
+            prompt = self.texts.prompt_text(context)
+        body = completion_body(self.model, prompt, n, k, temperature, token_ids=caps.token_ids, banned=banned,
+                               seed=seed, ignore_eos=ignore_eos and n > 1 and caps.ignore_eos)
         attempt = 0
         while True:
             try:
@@ -161,27 +177,24 @@ class VLLMUpstream:
         if response.status_code != 200:
             raise UpstreamError(502, f"upstream {self.base_url} answered {response.status_code}: "
                                      f"{response.text[:500]}",
-                                retryable=response.status_code == 429 or response.status_code >= 500)
-        draws = []
+                                retryable=response.status_code == 429 or response.status_code >= 500,
+                                status_code=response.status_code)
         try:
             choice = response.json()["choices"][0]
-            logprobs = choice["logprobs"]
-            for i in range(len(logprobs["tokens"])):
-                token = _token_id(logprobs["tokens"][i])
-                logprob = float(logprobs["token_logprobs"][i])
-                top = sorted(((_token_id(t), float(lp)) for t, lp in logprobs["top_logprobs"][i].items()),
-                             key=lambda pair: -pair[1])
-                if len(top) < k:
-                    raise UpstreamError(502, f"upstream {self.base_url} gave {len(top)} log-probs, {k} asked (a vLLM "
-                                             f"upstream needs --max-logprobs >= {k})")
-                # vLLM adds the drawn token's log-prob when it is not among the top k: the k best are the first k.
-                draws.append(Draw(token, logprob, top[:k]))
+            # Short top lists are refused unless the answer named tokens by text: a legacy-format
+            # answer lists two candidates with one text once (wire.positions counts them).
+            draws = positions(choice, k, self.texts, full=body.get("return_tokens_as_token_ids", False)
+                              or self.texts is None)
             if not draws and choice.get("finish_reason") == "abort":
                 # vLLM answers a request it aborted (it is shutting down) with 200 and no tokens:
                 # like a 503, another try finds the upstream back, or down.
                 raise UpstreamError(503, f"upstream {self.base_url} aborted the request", retryable=True)
             if not draws:
                 raise IndexError("no tokens")
+        except ShortLogprobs as e:
+            # A 4xx-like refusal for the log-prob cap's probe: the upstream gives fewer than asked.
+            raise UpstreamError(502, f"upstream {self.base_url} gave {e.given} log-probs, {e.asked} asked (a vLLM "
+                                     f"upstream needs --max-logprobs >= {e.asked})", status_code=400) from None
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise UpstreamError(502, f"upstream {self.base_url} answered without token log-probs ({e!r})") from None
         return draws
@@ -229,10 +242,3 @@ async def check_tokenizer(upstream: Upstream, tokenizer) -> None:
         raise ValueError(f"the upstream's tokenizer differs from MODEL's: a probe string gives {len(theirs)} "
                          f"tokens there and {len(ours)} here, first different at token {first}; serve MODEL as "
                          "a local copy of the upstream's model")
-
-
-def _token_id(token: str) -> int:
-    """`token_id:123` (vLLM's return_tokens_as_token_ids) -> 123."""
-    if not token.startswith("token_id:"):
-        raise ValueError(f"not a token id: {token!r} (the upstream must honour return_tokens_as_token_ids)")
-    return int(token.removeprefix("token_id:"))
