@@ -86,3 +86,92 @@ def test_an_upstream_without_logprobs_or_down_is_refused_with_the_reason(capped)
 ])
 def test_k_is_clamped_to_the_cap(top_k, client, cap, expected):
     assert clamp(top_k, client, cap) == expected
+
+
+# -- what goes over the wire (vas_server.remote.wire) ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    from vas_server.core.base_model import ensure_base_model
+
+    return AutoTokenizer.from_pretrained(ensure_base_model())
+
+
+def test_both_answer_formats_give_the_same_draws(smol_tokenizer):
+    """vLLM's legacy format with ids, the same by text (mapped by MODEL's tokenizer), and llama.cpp's
+    `content` list with `id` fields: one Draw, best first."""
+    from vas_server.remote.wire import TokenTexts, positions
+
+    ids = smol_tokenizer.encode(" the cat sat", add_special_tokens=False)
+    lps = [-0.5, -1.5, -2.5]
+    text = [smol_tokenizer.decode([i]) for i in ids]
+    legacy_ids = {"logprobs": {"tokens": [f"token_id:{ids[1]}"], "token_logprobs": [lps[1]],
+                               "top_logprobs": [{f"token_id:{i}": lp for i, lp in zip(ids[::-1], lps[::-1])}]}}
+    legacy_text = {"logprobs": {"tokens": [text[1]], "token_logprobs": [lps[1]],
+                                "top_logprobs": [dict(zip(text, lps))]}}
+    content = {"logprobs": {"content": [{"id": ids[1], "token": "?", "logprob": lps[1], "top_logprobs": [
+        {"id": i, "token": "?", "logprob": lp} for i, lp in zip(ids, lps)]}]}}
+    texts = TokenTexts(smol_tokenizer)
+    draws = [positions(answer, 3, texts) for answer in (legacy_ids, legacy_text, content)]
+    assert draws[0] == draws[1] == draws[2]
+    assert draws[0][0].token == ids[1] and draws[0][0].top == list(zip(ids, lps))
+    assert texts.mismatches == 0
+
+
+def test_a_short_top_list_is_refused_unless_texts_collided(smol_tokenizer):
+    from vas_server.remote.wire import ShortLogprobs, TokenTexts, positions
+
+    texts = TokenTexts(smol_tokenizer)
+    answer = {"logprobs": {"tokens": [" the"], "token_logprobs": [-0.1], "top_logprobs": [{" the": -0.1}]}}
+    with pytest.raises(ShortLogprobs):
+        positions(answer, 2, texts)  # the cap's probe: fewer than asked is a lower cap
+    assert positions(answer, 2, texts, full=False)[0].top == [(smol_tokenizer.encode(" the")[0], -0.1)]
+    assert texts.mismatches == 1  # serving: the missing candidate is counted
+
+
+def test_texts_are_mapped_and_mismatches_counted(smol_tokenizer):
+    """A token text MODEL's tokenizer lacks is an error, counted; a context that is not the
+    tokenizer's own segmentation of its text is sent as text and counted."""
+    from vas_server.remote.wire import TokenTexts
+
+    texts = TokenTexts(smol_tokenizer)
+    with pytest.raises(ValueError, match="does not have"):
+        texts.id_of("no such token text \u2603\u2603")
+    assert texts.mismatches == 1
+    canonical = smol_tokenizer.encode("Hello world", add_special_tokens=False)
+    assert texts.prompt_text(canonical) == "Hello world" and texts.mismatches == 1
+    split = smol_tokenizer.encode("Hel", add_special_tokens=False) + smol_tokenizer.encode("lo world",
+                                                                                          add_special_tokens=False)
+    assert split != canonical  # the same text, other ids: the upstream would read `canonical`
+    assert texts.prompt_text(split) == "Hello world" and texts.mismatches == 2
+
+
+def test_only_accepted_fields_are_sent():
+    from vas_server.remote.wire import completion_body
+
+    body = completion_body("m", "text", 2, 5, 0.0, token_ids=False, seed=3, ignore_eos=False)
+    assert set(body) == {"model", "prompt", "max_tokens", "logprobs", "temperature", "seed"}
+    body = completion_body("m", [1, 2], 2, 5, 1.0, token_ids=True, banned=[7], ignore_eos=True)
+    assert body["return_tokens_as_token_ids"] and body["ignore_eos"] and body["logit_bias"] == {"7": -100}
+
+
+@pytest.mark.parametrize("flag, cap, problem", [
+    ('{"token_prompts": false}', None, None),
+    (None, 20, None),
+    ('{"draft": "no"}', None, "draft"),
+    ('{"logprob_cap": 0}', None, "logprob_cap"),
+    ('{"tokenise": true}', None, "tokenise"),
+    ("[1]", None, "JSON object"),
+    ("{", None, "not JSON"),
+])
+def test_given_capabilities_are_validated(flag, cap, problem):
+    from vas_server.remote.capabilities import given_capabilities
+
+    if problem is None:
+        assert given_capabilities(flag, cap) == ({"token_prompts": False} if flag else {"logprob_cap": 20})
+    else:
+        with pytest.raises(ValueError, match=problem):
+            given_capabilities(flag, cap)

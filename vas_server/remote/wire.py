@@ -52,11 +52,11 @@ class TokenTexts:
         if self._ids_of is None:
             ids_of: dict[str, list[int]] = {}
             for i, piece in enumerate(self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))):
-                text = self.tokenizer.decode([i])
-                ids_of.setdefault(text, []).append(i)
-                if isinstance(piece, str) and piece.startswith("\u2581") and not text.startswith(" "):
+                shown = self.tokenizer.decode([i])
+                ids_of.setdefault(shown, []).append(i)
+                if isinstance(piece, str) and piece.startswith("\u2581") and not shown.startswith(" "):
                     # SentencePiece's word-start marker, which decode drops and vLLM restores
-                    ids_of.setdefault(" " + text, []).append(i)
+                    ids_of.setdefault(" " + shown, []).append(i)
             self._ids_of = ids_of
         ids = self._ids_of.get(text)
         if not ids:
