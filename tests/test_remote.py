@@ -336,7 +336,8 @@ def test_remote_chat_streaming_and_presets_through_the_openai_client(remote):
     chat = remote.chat.completions.create(model="cheerful", messages=[{"role": "user", "content": PROMPTS[0]}],
                                           max_tokens=8, temperature=0)
     assert chat.model == "cheerful" and chat.choices[0].message.content
-    assert chat.model_extra["vas"] == {"weights": {"positive": 3.0}, "top_k": 256, "restrict_to_top_k": False}
+    assert chat.model_extra["vas"] == {"weights": {"positive": 3.0}, "top_k": 256, "restrict_to_top_k": False,
+                                       "upstream_token_mismatches": 0}  # ids both ways: none
     assert chat.usage.completion_tokens == 8
     chunks = list(remote.completions.create(model="SmolLM2-135M-Instruct", prompt="Hello, my name is",
                                             max_tokens=6, temperature=1.0, seed=3, stream=True,
@@ -344,6 +345,7 @@ def test_remote_chat_streaming_and_presets_through_the_openai_client(remote):
     assert "".join(c.choices[0].text for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "length"
     assert chunks[-1].model_extra["vas"]["weights"] == {"concise": 2.0}
+    assert chunks[-1].model_extra["vas"]["upstream_token_mismatches"] == 0
 
 
 def test_an_unknown_head_is_refused_before_the_upstream_is_called(remote):
@@ -465,10 +467,11 @@ def test_each_upstream_profile_is_probed_and_steered(conformance_proxy, tmp_path
         models = httpx.get(f"{here}/v1/models", timeout=10).json()["data"]
         assert models[0]["vas_upstream"]["logprob_cap"] == cap
         assert next(m for m in models if m["id"] == "positive")["vas_preset"]["top_k"] == min(cap, 256)
+        # The steered request's own text mismatches (none where ids go both ways), within the server's.
         if "token ids in answers" in line and "token-id prompts" in line:
-            assert metrics["vas_remote_token_mismatches_total"] == 0  # ids both ways: nothing to mismatch
+            assert metrics["vas_remote_token_mismatches_total"] == vas["upstream_token_mismatches"] == 0
         else:
-            assert "vas_remote_token_mismatches_total" in metrics
+            assert 0 <= vas["upstream_token_mismatches"] <= metrics["vas_remote_token_mismatches_total"]
     finally:
         stop(process)
 

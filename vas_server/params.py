@@ -46,6 +46,9 @@ EXTRA_ARGS_KEY = "vas"
 API_FIELDS = {"weights": "vas_weights", "top_k": "vas_top_k", "restrict_to_top_k": "vas_restrict_to_top_k"}
 # The opt-in per-token explanation (`Explain`): an API field of its own, not a steering setting.
 EXPLAIN_FIELD = "vas_explain"
+# Over a remote base, a steered request's extra_args entry: the middleware's key under which the
+# engine core keeps what the request's `vas` field adds (its upstream text mismatches).
+REMOTE_RECORD_KEY = "vas_remote_record"
 EXPLAIN_KEY = "vas_explain"  # its extra_args entry: {"id": <the middleware's key>, "top": n}
 MAX_EXPLAIN_CANDIDATES = 10  # candidates per token an answer may ask for
 MAX_EXPLAIN_TOKENS = 512  # tokens explained per request; later ones are not recorded

@@ -15,18 +15,21 @@ middleware's generation routes, STEERABLE_PATHS):
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from dataclasses import dataclass
 
 from vas_server.http.asgi import Message, Receive, Scope, Send, replay, send_error, send_raw, with_length
 from vas_server.http import explain as explanations
-from vas_server.params import EXPLAIN_FIELD, EXPLAIN_KEY, EXTRA_ARGS_KEY, STAMP_KEY, Explain, VASParamError, VASRequest, admitted
+from vas_server.params import EXPLAIN_FIELD, EXPLAIN_KEY, EXTRA_ARGS_KEY, REMOTE_RECORD_KEY, STAMP_KEY, Explain, VASParamError, VASRequest, admitted
 from vas_server.presets import override
 from vas_server.http.server_view import ServerView
 
 
 # /invocations is SageMaker's route: vLLM answers it with the chat or completions handler.
 STEERABLE_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/invocations")
+logger = logging.getLogger(__name__)
 REPORTING_PATHS = ("/v1/completions", "/v1/chat/completions", "/invocations")  # answers that gain `vas`
 
 
@@ -53,7 +56,8 @@ async def serve_generation(app, server: ServerView, path: str, payload: dict, bo
         return await app(scope, receive, send)
     rename = (server.base_name, rewritten.preset) if rewritten.preset is not None else None
     explain = (server, rewritten.explain_key) if rewritten.explain_key is not None else None
-    await app(scope, receive, AnswerRewrite(send, rewritten.report, reporting, rename, explain))
+    record = (server, rewritten.record_key) if rewritten.record_key is not None else None
+    await app(scope, receive, AnswerRewrite(send, rewritten.report, reporting, rename, explain, record))
 
 
 @dataclass
@@ -62,6 +66,7 @@ class RewrittenRequest:
     report: dict | None  # the `vas` echo: the settings applied, None when unsteered
     preset: str | None  # the preset the request chose as its model
     explain_key: str | None = None  # the worker's key of the request's vas_explain record
+    record_key: str | None = None  # over a remote base: the engine core's key of the request's record
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ class Admission:
 def rewrite_request(server: ServerView, payload: dict, body: bytes) -> RewrittenRequest:
     """Rewrite a generation request's parsed body (`payload`, modified in place). Raises
     VASParamError (a 400 naming the field) for invalid settings."""
-    changed, preset_id, admission = False, None, None
+    changed, preset_id, admission, record_key = False, None, None, None
     preset = server.presets.get(payload.get("model"))
     if preset is not None:  # run the base with the preset's settings, the request's on top
         preset_id = payload["model"]
@@ -111,18 +116,22 @@ def rewrite_request(server: ServerView, payload: dict, body: bytes) -> Rewritten
     given = payload.get("vllm_xargs")
     if given is not None and not isinstance(given, dict):
         raise VASParamError("vllm_xargs", "vllm_xargs must be an object")
-    xargs = {k: v for k, v in given.items() if k not in (EXTRA_ARGS_KEY, STAMP_KEY, EXPLAIN_KEY)} if given else {}
+    xargs = ({k: v for k, v in given.items() if k not in (EXTRA_ARGS_KEY, STAMP_KEY, EXPLAIN_KEY, REMOTE_RECORD_KEY)}
+             if given else {})
     if admission is not None:
         if payload.get("prompt_embeds") is not None:  # the value runtime needs token ids
             raise VASParamError("prompt_embeds", "steering needs the prompt as text or token ids, "
                                                  "not prompt_embeds")
         xargs.update(admission.xargs)
+        if server.upstream is not None:  # over a remote base: the engine core keeps what `vas` adds
+            record_key = explanations.new_key()
+            xargs[REMOTE_RECORD_KEY] = record_key
     if explain is not None:
         xargs.update(explain.to_extra_args())
     if xargs or given is not None:
         payload["vllm_xargs"] = xargs
     return RewrittenRequest(json.dumps(payload).encode(), admission.report if admission else None, preset_id,
-                            explain.id if explain is not None else None)
+                            explain.id if explain is not None else None, record_key)
 
 
 def _has_own_settings(payload: dict) -> bool:
@@ -154,9 +163,11 @@ class AnswerRewrite:
     preset's id. Other answers pass as they are."""
 
     def __init__(self, send: Send, report: dict | None, reporting: bool = True,
-                 rename: tuple[str, str] | None = None, explain: tuple[ServerView, str] | None = None):
+                 rename: tuple[str, str] | None = None, explain: tuple[ServerView, str] | None = None,
+                 record: tuple[ServerView, str] | None = None):
         self.send, self.report, self.reporting, self.rename = send, report, reporting, rename
         self.explain = explain  # (server, key): add the worker's vas_explain record where `vas` goes
+        self.record = record  # (server, key): over a remote base, the request's upstream text mismatches
         # SSE chunks are rewritten as bytes: vLLM writes compact JSON, and a string inside content
         # has its quotes escaped, so `"model":"<base>"` only matches the field itself.
         self.model_field = (tuple(f'"model":{json.dumps(name)}'.encode() for name in rename)
@@ -179,6 +190,8 @@ class AnswerRewrite:
         if self.mode == "sse":
             chunk = message.get("body", b"")
             explained = await self._explained() if self.explain and self._finishes(chunk) else None
+            if self.record and self.reporting and self._finishes(chunk):
+                await self._recorded()
             return await self.send(dict(message, body=self._sse(chunk, explained)))
         self.parts.append(message.get("body", b""))
         if message.get("more_body"):
@@ -187,6 +200,8 @@ class AnswerRewrite:
         try:
             answer = json.loads(body)
             if self.reporting:
+                if self.record:
+                    await self._recorded()
                 answer["vas"] = self.report
                 if self.explain:
                     answer[EXPLAIN_FIELD] = await self._explained()
@@ -196,6 +211,21 @@ class AnswerRewrite:
         except (ValueError, TypeError):
             pass
         await send_raw(self.send, self.start["status"], self.start["headers"], body)
+
+    async def _recorded(self) -> None:
+        """Add the request's upstream text mismatches (remote mode's record, read once) to the
+        report: `upstream_token_mismatches` (vas_server.remote.wire)."""
+        server, key = self.record
+        self.record = None
+        try:
+            results = await asyncio.wait_for(server.state.engine_client.collective_rpc(REMOTE_RECORD_KEY, args=(key,)),
+                                             explanations.RPC_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - the answer itself is done; the count is extra
+            logger.warning("could not read the remote record from the engine: %r", e)
+            return
+        count = next((r for r in results or () if r is not None), None)
+        if count is not None and self.report is not None:
+            self.report = {**self.report, "upstream_token_mismatches": count}
 
     async def _explained(self) -> dict | None:
         """The request's vas_explain record (read once: the worker forgets it)."""

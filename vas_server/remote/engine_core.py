@@ -27,6 +27,7 @@ max_tokens. n adapts to the request's acceptance (draft.DraftLength).
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -44,7 +45,7 @@ from vllm.v1.outputs import LogprobsLists
 from vas_server.config import VASConfig
 from vas_server.core import rule
 from vas_server.core.value_runtime import ValueRow, ValueRuntime
-from vas_server.params import VASRequest
+from vas_server.params import REMOTE_RECORD_KEY, VASRequest
 from vas_server.remote.capabilities import clamp
 from vas_server.remote.draft import DraftLength, drafts_at, verify
 from vas_server.remote.sampling import Step, steered_step
@@ -53,6 +54,7 @@ from vas_server.remote.upstream import Upstream, UpstreamError
 from vas_server.remote.wire import Draw
 
 logger = init_logger("vllm.plugins.vas.remote")  # vLLM's log format and level
+MAX_RECORDS = 10_000
 
 
 class RemoteEngineCore:
@@ -82,6 +84,9 @@ class RemoteEngineCore:
         self.tokens = 0  # tokens generated, and steps drawn from C past MAX_DRAWS (sampling.py)
         self.capped_steps = 0
         self.engine_ranks_managed = [0]
+        # What the middleware adds to a finished request's `vas` field, by its key (REMOTE_RECORD_KEY):
+        # read once, and at most MAX_RECORDS kept (a client that left never has its record read).
+        self.records: OrderedDict[str, int] = OrderedDict()
         # What AsyncLLM reads of an engine core's state (`errored`: resources.engine_dead).
         self.resources = SimpleNamespace(engine_dead=False)
 
@@ -122,10 +127,13 @@ class RemoteEngineCore:
                 "cache_slots_used": self.runtime.slots_in_use, "cache_slots_total": self.runtime.max_requests}
 
     async def collective_rpc_async(self, method: str, timeout=None, args=(), kwargs=None):
-        """AsyncLLM.collective_rpc: only the metrics' `vas_stats` is answered."""
-        if method != "vas_stats":
-            raise NotImplementedError(f"remote-base mode has no worker to run {method!r}")
-        return [self.stats()]
+        """AsyncLLM.collective_rpc: the metrics' `vas_stats`, and the middleware's
+        `vas_remote_record` (one finished request's text mismatches, read once)."""
+        if method == "vas_stats":
+            return [self.stats()]
+        if method == REMOTE_RECORD_KEY:
+            return [self.records.pop(args[0], None)]
+        raise NotImplementedError(f"remote-base mode has no worker to run {method!r}")
 
     def shutdown(self, timeout: float | None = None) -> None:
         for task in self.loops.values():
@@ -161,6 +169,10 @@ class RemoteEngineCore:
             self.loops.pop(request.request_id, None)
             if decoding is not None:
                 self.scorer.release(decoding.row.slot)
+                if decoding.record_key is not None:  # n > 1: the choices share the key, and add up
+                    self.records[decoding.record_key] = self.records.get(decoding.record_key, 0) + decoding.mismatches
+                    while len(self.records) > MAX_RECORDS:
+                        self.records.popitem(last=False)
 
     def _decoding(self, request: EngineCoreRequest, steering: VASRequest) -> "Decoding":
         """The request's loop state, before its first round (no value-cache slot yet)."""
@@ -183,6 +195,7 @@ class RemoteEngineCore:
             generator=torch.Generator().manual_seed(params.seed if params.seed is not None
                                                     else torch.seed() % 2**31),
             row=ValueRow(None, list(request.prompt_token_ids), [], head_ids),
+            record_key=(params.extra_args or {}).get(REMOTE_RECORD_KEY),
             # Unsteered, VAS's distribution is the base's: every drafted token is accepted, so
             # every draft asks the cap (without waiting for the acceptance estimate to say so).
             length=DraftLength(self.draft_cap, self.draft_adaptive and bool(head_ids))
@@ -196,11 +209,14 @@ class RemoteEngineCore:
         # computes, after keeping the accepted drafted tokens of the last round.
         advancing = self.scorer.advance(d.row, commit) if d.row.slot is not None else None
         if d.length is None:
-            first = await self.upstream.draw(context, d.asked, temperature=d.temperature, seed=_seed(d.generator))
+            first = d.counted(await self.upstream.draw(context, d.asked, temperature=d.temperature,
+                                                       seed=_seed(d.generator)))
             return [await self._step(d, first, advancing, context)], [first], None
         n = min(d.length.next(), d.params.max_tokens - d.generated)
         positions = await self.upstream.draft(context, n, d.asked, temperature=d.temperature,
                                               seed=_seed(d.generator), ignore_eos=d.params.ignore_eos)
+        for position in positions:
+            d.counted(position)
         steps, accepted = await self._verify(d, positions, advancing, context)
         # The positions verified: the accepted ones and the one rejected, if any (not the dropped
         # rest, which says nothing about acceptance).
@@ -238,9 +254,9 @@ class RemoteEngineCore:
         """One token from one draw (no drafting): sampling.steered_step."""
         candidates = [t for t, _ in first.top[:d.top_k]]
 
-        def redraw(banned: bool):
-            return self.upstream.draw(context, 1, temperature=d.temperature, seed=_seed(d.generator),
-                                      banned=candidates if banned else ())
+        async def redraw(banned: bool) -> Draw:
+            return d.counted(await self.upstream.draw(context, 1, temperature=d.temperature, seed=_seed(d.generator),
+                                                      banned=candidates if banned else ()))
 
         bonus = None
         if d.head_ids:
@@ -261,10 +277,10 @@ class RemoteEngineCore:
             values = await self.scorer.draft_values(d.row, [at.token for at in positions[:-1]], candidates)
             bonuses = [rule.bonus(values[i:i + 1, :, :len(c)], d.weight_vector)[0] for i, c in enumerate(candidates)]
 
-        def tail_draw(i: int):
+        async def tail_draw(i: int) -> Draw:
             prefix = context + [at.token for at in positions[:i]]
-            return self.upstream.draw(prefix, 1, temperature=d.temperature, seed=_seed(d.generator),
-                                      banned=candidates[i])
+            return d.counted(await self.upstream.draw(prefix, 1, temperature=d.temperature, seed=_seed(d.generator),
+                                                      banned=candidates[i]))
 
         return await verify(positions, d.top_k, bonuses, d.temperature, d.restrict, d.generator, tail_draw)
 
@@ -286,7 +302,14 @@ class Decoding:
     generator: torch.Generator  # every random choice of the loop, seeded by the request's seed
     row: ValueRow  # what the value runtime reads: slot (None: no cached heads), prompt, outputs
     length: DraftLength | None  # None: one token per call
+    record_key: str | None = None  # the middleware's key for this request's record (REMOTE_RECORD_KEY)
     generated: int = 0
+    mismatches: int = 0  # text mismatches of this request's upstream calls (Upstream.mismatches)
+
+    def counted(self, draw: Draw) -> Draw:
+        """`draw`, its call's text mismatches added to the request's."""
+        self.mismatches += draw.mismatches
+        return draw
 
 
 def _logprobs(emitted: list[Step], positions: list[Draw], n: int) -> LogprobsLists:

@@ -15,6 +15,7 @@ effects and its seed makes it repeatable.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,18 +148,21 @@ class CompletionsUpstream:
         caps = self.capabilities
         if not caps.draft:
             n = 1
+        before = self.mismatches  # counted in the synchronous parts, so no other call's are in it
         if caps.token_prompts:
             prompt = context
         elif self.texts is None:
             raise UpstreamError(500, "an upstream without token-id prompts needs MODEL's tokenizer")
         else:
             prompt = self.texts.prompt_text(context)
+        mismatches = self.mismatches - before
         body = completion_body(self.model, prompt, n, k, temperature, token_ids=caps.token_ids, banned=banned,
                                seed=seed, ignore_eos=ignore_eos and n > 1 and caps.ignore_eos)
         attempt = 0
         while True:
             try:
-                return await self._call(body, k)
+                draws = await self._call(body, k)
+                return [dataclasses.replace(draws[0], mismatches=draws[0].mismatches + mismatches), *draws[1:]]
             except UpstreamError as e:
                 if not e.retryable or attempt == self.retries:
                     raise
@@ -179,6 +183,7 @@ class CompletionsUpstream:
                                      f"{response.text[:500]}",
                                 retryable=response.status_code == 429 or response.status_code >= 500,
                                 status_code=response.status_code)
+        before = self.mismatches  # from here on synchronous: only this answer's mismatches are counted
         try:
             choice = response.json()["choices"][0]
             # Short top lists are refused unless the answer named tokens by text: a legacy-format
@@ -191,6 +196,7 @@ class CompletionsUpstream:
                 raise UpstreamError(503, f"upstream {self.base_url} aborted the request", retryable=True)
             if not draws:
                 raise IndexError("no tokens")
+            draws[0] = dataclasses.replace(draws[0], mismatches=self.mismatches - before)
         except ShortLogprobs as e:
             # A 4xx-like refusal for the log-prob cap's probe: the upstream gives fewer than asked.
             raise UpstreamError(502, f"upstream {self.base_url} gave {e.given} log-probs, {e.asked} asked (a vLLM "

@@ -33,6 +33,7 @@ class Draw:
     token: int
     logprob: float
     top: list[tuple[int, float]]
+    mismatches: int = 0  # on a call's first Draw: the call's text mismatches (TokenTexts)
 
 
 @dataclass
