@@ -25,6 +25,8 @@ def capped():
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
             mode = self.path.split("/")[1]
+            if self.path.endswith("/tokenize"):
+                return self.reply(404, b'{"detail": "Not Found"}')
             calls.setdefault(mode, []).append(body["logprobs"])
             kind, _, cap = mode.partition("-")
             k = body["logprobs"]
@@ -39,7 +41,10 @@ def capped():
             else:
                 n = min(k, int(cap)) if kind == "short" else k
                 top = {f"token_id:{i}": -0.1 - i for i in range(n)}
-                answer = {"choices": [{"logprobs": {"tokens": ["token_id:0"], "token_logprobs": [-0.1],
+                # The best token not banned by logit_bias (one that ignores it: always token 0).
+                banned = {} if kind == "ignorebias" else body.get("logit_bias") or {}
+                token = next(i for i in range(1000) if str(i) not in banned)
+                answer = {"choices": [{"logprobs": {"tokens": [f"token_id:{token}"], "token_logprobs": [-0.1 - token],
                                                     "top_logprobs": [top]}}]}
             self.reply(status, json.dumps(answer).encode())
 
@@ -175,3 +180,28 @@ def test_given_capabilities_are_validated(flag, cap, problem):
     else:
         with pytest.raises(ValueError, match=problem):
             given_capabilities(flag, cap)
+
+
+def test_probe_finds_each_capability_and_requires_logit_bias(capped):
+    """The whole probe against the stand-in: ids both ways, cap 20, ignore_eos accepted, one
+    position per call (no drafting), no /tokenize; one that ignores logit_bias is refused."""
+    from vas_server.remote.capabilities import Capabilities
+    from vas_server.remote.probe import probe
+
+    url, _ = capped
+
+    async def run(mode: str, given: dict) -> Capabilities:
+        upstream = CompletionsUpstream(f"{url}/{mode}/v1", "m", retries=0)
+        try:
+            return await probe(upstream, [1, 2], given)
+        finally:
+            await upstream.aclose()
+
+    found = asyncio.run(run("refuse-20", {}))
+    assert found.report() == {"token_prompts": True, "token_ids": True, "logprob_cap": 20, "ignore_eos": True,
+                              "draft": False, "tokenize": False}
+    assert "top log-probs up to 20 per position (probed)" in found.describe()
+    given = asyncio.run(run("refuse-20", {"logprob_cap": 5, "draft": True}))
+    assert (given.logprob_cap, given.draft) == (5, True) and "up to 5 per position (flag)" in given.describe()
+    with pytest.raises(ValueError, match="ignores logit_bias"):
+        asyncio.run(run("ignorebias-256", {}))

@@ -1,8 +1,8 @@
 """Finding the upstream's capabilities (vas_server.remote.capabilities) at startup, with one tiny
 request per capability.
 
-Invariants: at most 4 (prompt format) + len(LOGPROB_TRIES) + 2 (ignore_eos and drafting) + 1
-(tokenize) calls, each of one or two tokens; a capability given by the flag is never probed; a
+Invariants: at most 4 (prompt format) + 2 (logit_bias, required: refused if not honoured) +
+len(LOGPROB_TRIES) + 2 (ignore_eos and drafting) + 1 (tokenize) calls, each of one or two tokens; a capability given by the flag is never probed; a
 failure other than the upstream refusing a request (a 4xx) ends startup with its reason.
 """
 
@@ -29,6 +29,7 @@ async def probe(upstream: CompletionsUpstream, context: list[int], given: dict) 
     if not {"token_prompts", "token_ids"} <= found.given:
         found = await _probe_format(upstream, context, found)
     upstream.capabilities = found
+    await check_logit_bias(upstream, context)
     if "logprob_cap" not in found.given:
         found = found.model_copy(update={"logprob_cap": await probe_logprob_cap(upstream, context)})
     upstream.capabilities = found
@@ -66,6 +67,22 @@ async def _probe_format(upstream: CompletionsUpstream, context: list[int], found
                                      "\"VAS over a remote base\")") from None
     raise ValueError("the upstream refused every prompt format remote mode can send (token ids or text, with "
                      "and without return_tokens_as_token_ids): " + " | ".join(refusals)[:1200])
+
+
+async def check_logit_bias(upstream: CompletionsUpstream, context: list[int]) -> None:
+    """The upstream honours `logit_bias` -100 (a greedy draw with its greedy token banned draws
+    another), which an exact draw from outside the top-K needs (vas_server.remote.sampling):
+    ValueError naming it if refused or ignored. Two calls."""
+    greedy = await upstream.draw(context, 1, temperature=0.0)
+    try:
+        other = await upstream.draw(context, 1, temperature=0.0, banned=[greedy.token])
+    except UpstreamError as e:
+        _refused_unless_client_error(e, "logit_bias")
+        raise ValueError(f"the upstream refuses logit_bias ({e}), which remote mode needs to draw exactly outside "
+                         "the top-K candidates") from None
+    if other.token == greedy.token:
+        raise ValueError(f"the upstream ignores logit_bias (token {greedy.token} banned at -100 was drawn again), "
+                         "which remote mode needs to draw exactly outside the top-K candidates")
 
 
 async def _probe_drafting(upstream: CompletionsUpstream, context: list[int], found: Capabilities) -> Capabilities:
