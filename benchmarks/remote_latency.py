@@ -61,11 +61,14 @@ PROMPTS = [PROMPT, "Write a short note to a friend who just moved to a new city.
 
 def fake_upstream(latency_s: float) -> ThreadingHTTPServer:
     """/v1/completions after `latency_s`: token 28 drawn (1000, the argmax, at temperature 0),
-    tokens 1000..1255 as the top 256, holding 90% of the mass; `max_tokens` such positions."""
+    tokens 1000..1255 as the top 256, holding 90% of the mass; `max_tokens` such positions; a banned
+    drawn token (logit_bias) is replaced by 28, outside the top 256."""
     weights = [math.exp(-0.01 * i) for i in range(256)]
     top = {f"token_id:{1000 + i}": math.log(0.9 * w / sum(weights)) for i, w in enumerate(weights)}
-    def body(n: int, greedy: bool) -> bytes:  # n positions (a draft), each the same; greedy: the argmax
+    def body(n: int, greedy: bool, banned: dict) -> bytes:  # n positions (a draft), each the same; greedy: the argmax
         token, logprob = ("token_id:1000", top["token_id:1000"]) if greedy else ("token_id:28", -5.0)
+        if token.removeprefix("token_id:") in banned:  # logit_bias honoured: the best token outside the top 256
+            token, logprob = "token_id:28", -5.0
         return json.dumps({"choices": [{"logprobs": {"tokens": [token] * n, "token_logprobs": [logprob] * n,
                                                      "top_logprobs": [top] * n}}]}).encode()
 
@@ -81,7 +84,8 @@ def fake_upstream(latency_s: float) -> ThreadingHTTPServer:
         def do_POST(self):
             request = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
             server.calls += 1
-            payload = body(int(request.get("max_tokens", 1)), request.get("temperature") == 0)
+            payload = body(int(request.get("max_tokens", 1)), request.get("temperature") == 0,
+                           request.get("logit_bias") or {})
             time.sleep(latency_s)
             self.send_response(200)
             self.send_header("content-type", "application/json")

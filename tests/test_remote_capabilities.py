@@ -25,7 +25,7 @@ def capped():
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
             mode = self.path.split("/")[1]
-            if self.path.endswith("/tokenize"):
+            if self.path.endswith("/tokenize") or mode == "chatonly":  # chatonly: no /v1/completions
                 return self.reply(404, b'{"detail": "Not Found"}')
             calls.setdefault(mode, []).append(body["logprobs"])
             kind, _, cap = mode.partition("-")
@@ -205,3 +205,5 @@ def test_probe_finds_each_capability_and_requires_logit_bias(capped):
     assert (given.logprob_cap, given.draft) == (5, True) and "up to 5 per position (flag)" in given.describe()
     with pytest.raises(ValueError, match="ignores logit_bias"):
         asyncio.run(run("ignorebias-256", {}))
+    with pytest.raises(ValueError, match="offers only chat completions is not supported"):
+        asyncio.run(run("chatonly", {}))
