@@ -424,11 +424,13 @@ def conformance_proxy(upstream):
 
 
 @pytest.mark.parametrize("profile, found", [
-    ("text-prompts", ["text prompts only (probed)", "tokens as text in answers (probed)",
+    ("text-prompts", ["text prompts only (probed)", "tokens as text in answers (probed)", "no top_k/min_p fields",
                       "top log-probs up to 20 per position (probed)", "no /tokenize"]),
-    ("cap-20", ["token-id prompts (probed)", "token ids in answers (probed)", "up to 20 per position (probed)"]),
+    ("cap-20", ["token-id prompts (probed)", "token ids in answers (probed)", "up to 20 per position (probed)",
+                "top_k/top_p/min_p turned off (probed)"]),
     ("cap-5", ["token-id prompts (probed)", "up to 5 per position (probed)"]),
     ("strict-fields", ["token-id prompts (probed)", "tokens as text in answers (probed)", "up to 5 per position",
+                       "no top_k/min_p fields (probed)",
                        "no ignore_eos (probed)", "no /tokenize"]),
     ("no-tokenize", ["token-id prompts (probed)", "up to 256 per position (probed)", "no /tokenize"]),
 ])

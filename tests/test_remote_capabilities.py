@@ -159,8 +159,9 @@ def test_only_accepted_fields_are_sent():
 
     body = completion_body("m", "text", 2, 5, 0.0, token_ids=False, seed=3, ignore_eos=False)
     assert set(body) == {"model", "prompt", "max_tokens", "logprobs", "temperature", "seed"}
-    body = completion_body("m", [1, 2], 2, 5, 1.0, token_ids=True, banned=[7], ignore_eos=True)
+    body = completion_body("m", [1, 2], 2, 5, 1.0, token_ids=True, neutral_samplers=True, banned=[7], ignore_eos=True)
     assert body["return_tokens_as_token_ids"] and body["ignore_eos"] and body["logit_bias"] == {"7": -100}
+    assert (body["top_k"], body["top_p"], body["min_p"]) == (0, 1.0, 0.0)  # llama.cpp's default samplers off
 
 
 @pytest.mark.parametrize("flag, cap, problem", [
@@ -199,7 +200,7 @@ def test_probe_finds_each_capability_and_requires_logit_bias(capped):
 
     found = asyncio.run(run("refuse-20", {}))
     assert found.report() == {"token_prompts": True, "token_ids": True, "logprob_cap": 20, "ignore_eos": True,
-                              "draft": False, "tokenize": False}
+                              "draft": False, "neutral_samplers": True, "tokenize": False}
     assert "top log-probs up to 20 per position (probed)" in found.describe()
     given = asyncio.run(run("refuse-20", {"logprob_cap": 5, "draft": True}))
     assert (given.logprob_cap, given.draft) == (5, True) and "up to 5 per position (flag)" in given.describe()

@@ -14,6 +14,10 @@ The capabilities, and what remote mode does without each:
   * `ignore_eos`: accepted (vLLM, llama.cpp). Without: a draft ends at the upstream's eos, and an
     eos among the top-K is a candidate like any other (it always is).
   * `draft`: several tokens per call with log-probs at each position. Without: one token per call.
+  * `neutral_samplers`: `top_k` 0, `top_p` 1 and `min_p` 0 are accepted, and sent with every call:
+    llama.cpp's server applies top_k 40, top_p 0.95 and min_p 0.05 unless told otherwise, which
+    would make its draws those of a truncated distribution. Without (OpenAI's fields only): not
+    sent; such APIs apply no truncation by default.
   * `tokenize`: a /tokenize route (vLLM's, or llama.cpp's), used to check that the upstream
     tokenizes as MODEL does. Without: that is assumed, and logged as unchecked.
 
@@ -39,6 +43,7 @@ class Capabilities(BaseModel):
     logprob_cap: int = Field(256, ge=1)
     ignore_eos: bool = True
     draft: bool = True
+    neutral_samplers: bool = True
     tokenize: bool = True
     given: frozenset[str] = frozenset()
 
@@ -53,6 +58,8 @@ class Capabilities(BaseModel):
             said("logprob_cap", f"top log-probs up to {self.logprob_cap} per position"),
             said("ignore_eos", "ignore_eos" if self.ignore_eos else "no ignore_eos"),
             said("draft", "drafts several tokens per call" if self.draft else "one token per call"),
+            said("neutral_samplers", "top_k/top_p/min_p turned off" if self.neutral_samplers
+                 else "no top_k/min_p fields"),
             said("tokenize", "/tokenize" if self.tokenize else "no /tokenize (tokenizer unchecked)")])
 
     def report(self) -> dict:

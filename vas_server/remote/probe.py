@@ -1,7 +1,7 @@
 """Finding the upstream's capabilities (vas_server.remote.capabilities) at startup, with one tiny
 request per capability.
 
-Invariants: at most 4 (prompt format) + 2 (logit_bias, required: refused if not honoured) +
+Invariants: at most 4 (prompt format) + 1 (neutral samplers) + 2 (logit_bias, required: refused if not honoured) +
 len(LOGPROB_TRIES) + 2 (ignore_eos and drafting) + 1 (tokenize) calls, each of one or two tokens; a capability given by the flag is never probed; a
 failure other than the upstream refusing a request (a 4xx) ends startup with its reason.
 """
@@ -25,9 +25,14 @@ async def probe(upstream: CompletionsUpstream, context: list[int], given: dict) 
     one tiny request each (the prompt format first, since every other probe uses it). Leaves
     `upstream.capabilities` set to the result. ValueError naming what the upstream refused."""
     found = Capabilities(**given, given=frozenset(given))
+    if "neutral_samplers" not in found.given:  # the format's probe sends only what every upstream takes
+        found = found.model_copy(update={"neutral_samplers": False})
     upstream.capabilities = found
     if not {"token_prompts", "token_ids"} <= found.given:
         found = await _probe_format(upstream, context, found)
+    if "neutral_samplers" not in found.given:
+        upstream.capabilities = found.model_copy(update={"neutral_samplers": True})
+        found = found.model_copy(update={"neutral_samplers": await _accepted(upstream, context, "top_k, top_p, min_p")})
     upstream.capabilities = found
     await check_logit_bias(upstream, context)
     if "logprob_cap" not in found.given:
@@ -100,6 +105,16 @@ async def _probe_drafting(upstream: CompletionsUpstream, context: list[int], fou
         update = {"ignore_eos": ignore_eos, "draft": len(drafted) == 2}
         return found.model_copy(update={k: v for k, v in update.items() if k not in found.given})
     return found.model_copy(update={k: False for k in ("ignore_eos", "draft") if k not in found.given})
+
+
+async def _accepted(upstream: CompletionsUpstream, context: list[int], what: str) -> bool:
+    """Whether the upstream answers a one-token call shaped by `upstream.capabilities` (False: a 4xx)."""
+    try:
+        await upstream.draw(context, 1, temperature=0.0)
+        return True
+    except UpstreamError as e:
+        _refused_unless_client_error(e, what)
+        return False
 
 
 def _refused_unless_client_error(e: UpstreamError, what: str) -> None:

@@ -156,8 +156,9 @@ class CompletionsUpstream:
         else:
             prompt = self.texts.prompt_text(context)
         mismatches = self.mismatches - before
-        body = completion_body(self.model, prompt, n, k, temperature, token_ids=caps.token_ids, banned=banned,
-                               seed=seed, ignore_eos=ignore_eos and n > 1 and caps.ignore_eos)
+        body = completion_body(self.model, prompt, n, k, temperature, token_ids=caps.token_ids,
+                               neutral_samplers=caps.neutral_samplers, banned=banned, seed=seed,
+                               ignore_eos=ignore_eos and n > 1 and caps.ignore_eos)
         attempt = 0
         while True:
             try:

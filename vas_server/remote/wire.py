@@ -90,12 +90,19 @@ class TokenTexts:
         return self._specials
 
 
+NEUTRAL_SAMPLERS = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}  # every token drawable (llama.cpp's defaults are not)
+
+
 def completion_body(model: str, context: list[int] | str, n: int, k: int, temperature: float, *,
-                    token_ids: bool, banned=(), seed: int | None = None, ignore_eos: bool = False) -> dict:
+                    token_ids: bool, neutral_samplers: bool = False, banned=(), seed: int | None = None,
+                    ignore_eos: bool = False) -> dict:
     """A /v1/completions body: n tokens after `context` (ids, or text for an upstream that takes
     only text), the top-k log-probs at each position; `token_ids`: ask for ids in the answer
-    (vLLM's return_tokens_as_token_ids, which upstreams that refuse unknown fields do not get)."""
+    (vLLM's return_tokens_as_token_ids, which upstreams that refuse unknown fields do not get);
+    `neutral_samplers`: turn off top_k, top_p and min_p, which some upstreams apply by default."""
     body = {"model": model, "prompt": context, "max_tokens": n, "logprobs": k, "temperature": temperature}
+    if neutral_samplers:
+        body.update(NEUTRAL_SAMPLERS)
     if token_ids:
         body["return_tokens_as_token_ids"] = True
     if ignore_eos:
