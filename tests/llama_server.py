@@ -101,6 +101,8 @@ def llama_server_binary() -> Path:
         with open(install_dir() / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if not target.is_file():
+                for stale in install_dir().glob("llama-build-*"):  # a build killed half-way
+                    shutil.rmtree(stale, ignore_errors=True)
                 try:
                     _build(target, log_path)
                 except (subprocess.CalledProcessError, OSError, ValueError) as e:
