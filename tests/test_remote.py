@@ -424,15 +424,14 @@ def conformance_proxy(upstream):
 
 
 @pytest.mark.parametrize("profile, found", [
-    ("text-prompts", ["text prompts only (probed)", "tokens as text in answers (probed)", "no top_k/min_p fields",
-                      "top log-probs up to 20 per position (probed)", "no /tokenize"]),
-    ("cap-20", ["token-id prompts (probed)", "token ids in answers (probed)", "up to 20 per position (probed)",
-                "top_k/top_p/min_p turned off (probed)"]),
-    ("cap-5", ["token-id prompts (probed)", "up to 5 per position (probed)"]),
-    ("strict-fields", ["token-id prompts (probed)", "tokens as text in answers (probed)", "up to 5 per position",
-                       "no top_k/min_p fields (probed)",
-                       "no ignore_eos (probed)", "no /tokenize"]),
-    ("no-tokenize", ["token-id prompts (probed)", "up to 256 per position (probed)", "no /tokenize"]),
+    ("text-prompts", {"token_prompts": False, "token_ids": False, "logprob_cap": 20, "ignore_eos": False,
+                      "draft": True, "neutral_samplers": False, "tokenize": False}),
+    ("cap-20", {"token_prompts": True, "token_ids": True, "logprob_cap": 20, "ignore_eos": True, "draft": True,
+                "neutral_samplers": True, "tokenize": True}),
+    ("cap-5", {"token_prompts": True, "token_ids": True, "logprob_cap": 5}),
+    ("strict-fields", {"token_prompts": True, "token_ids": False, "logprob_cap": 5, "ignore_eos": False,
+                       "neutral_samplers": False, "tokenize": False}),
+    ("no-tokenize", {"token_prompts": True, "token_ids": True, "logprob_cap": 256, "tokenize": False}),
 ])
 def test_each_upstream_profile_is_probed_and_steered(conformance_proxy, tmp_path, profile, found):
     """No flag beyond --remote-base/--remote-model: startup finds what the upstream accepts (one
@@ -450,13 +449,15 @@ def test_each_upstream_profile_is_probed_and_steered(conformance_proxy, tmp_path
                              "--max-model-len", str(MAX_MODEL_LEN)], log, here)
     try:
         line = next(line for line in log.read_text().splitlines() if "remote-base upstream" in line)
-        assert all(part in line for part in found), line
+        models = httpx.get(f"{here}/v1/models", timeout=10).json()["data"]
+        assert {k: models[0]["vas_upstream"][k] for k in found} == found, line
+        assert f"top log-probs up to {found['logprob_cap']} per position (probed)" in line
         client = openai.OpenAI(base_url=f"{here}/v1", api_key="none", max_retries=0, timeout=120)
         answers = [client.completions.create(model="SmolLM2-135M-Instruct", prompt=PROMPTS[0], max_tokens=16,
                                              temperature=0, extra_body=_steering(w, None, False))
                    for w in (None, {"positive": 6.0})]
         assert answers[0].choices[0].text != answers[1].choices[0].text, [a.choices[0].text for a in answers]
-        cap = int(line.split("top log-probs up to ")[1].split()[0])
+        cap = found["logprob_cap"]
         vas = answers[1].model_extra["vas"]
         metrics = _remote_metrics(here)
         if cap < 256:  # the demo head declares K 256
@@ -466,8 +467,6 @@ def test_each_upstream_profile_is_probed_and_steered(conformance_proxy, tmp_path
         else:
             assert vas["top_k"] == 256 and "top_k_requested" not in vas
         assert max(body["logprobs"] for body in seen[profile]) <= cap
-        models = httpx.get(f"{here}/v1/models", timeout=10).json()["data"]
-        assert models[0]["vas_upstream"]["logprob_cap"] == cap
         assert next(m for m in models if m["id"] == "positive")["vas_preset"]["top_k"] == min(cap, 256)
         # The steered request's own text mismatches (none where ids go both ways), within the server's.
         if "token ids in answers" in line and "token-id prompts" in line:

@@ -2,7 +2,8 @@
 request per capability.
 
 Invariants: at most 4 (prompt format) + 1 (neutral samplers) + 2 (logit_bias, required: refused if not honoured) +
-len(LOGPROB_TRIES) + 2 (ignore_eos and drafting) + 1 (tokenize) calls, each of one or two tokens; a capability given by the flag is never probed; a
+len(LOGPROB_TRIES) + 4 (drafting, and ignore_eos at a context whose greedy token is eos) + 1
+(tokenize) calls, each of one or two tokens; a capability given by the flag is never probed; a
 failure other than the upstream refusing a request (a 4xx) ends startup with its reason.
 """
 
@@ -18,12 +19,17 @@ from vas_server.remote.upstream import CompletionsUpstream, UpstreamError
 # bracket. An upstream with a cap between two tries is used at the lower one.
 LOGPROB_TRIES = (256, 100, 50, 20, 5, 1)
 PROBE_CONTEXT_TEXT = "Hello"  # the probe's prompt: any short text; its tokens come from MODEL's tokenizer
+STOP_PROMPT = "Say OK."  # a chat turn the base ends soon, for ignore_eos's probe
+STOP_SEARCH = 48  # greedy tokens that probe waits for the base's eos
 
 
-async def probe(upstream: CompletionsUpstream, context: list[int], given: dict) -> Capabilities:
+async def probe(upstream: CompletionsUpstream, context: list[int], given: dict, stop_context: list[int] | None = None,
+                eos: int | None = None) -> Capabilities:
     """The upstream's capabilities, each one in `given` taken as given, the others probed with
-    one tiny request each (the prompt format first, since every other probe uses it). Leaves
-    `upstream.capabilities` set to the result. ValueError naming what the upstream refused."""
+    one tiny request each (the prompt format first, since every other probe uses it), on
+    `context`; `stop_context` (a prompt the base soon ends with `eos`, e.g. a short chat turn)
+    serves ignore_eos's. Leaves `upstream.capabilities` set to the result. ValueError naming what
+    the upstream refused."""
     found = Capabilities(**given, given=frozenset(given))
     if "neutral_samplers" not in found.given:  # the format's probe sends only what every upstream takes
         found = found.model_copy(update={"neutral_samplers": False})
@@ -39,7 +45,7 @@ async def probe(upstream: CompletionsUpstream, context: list[int], given: dict) 
         found = found.model_copy(update={"logprob_cap": await probe_logprob_cap(upstream, context)})
     upstream.capabilities = found
     if not {"ignore_eos", "draft"} <= found.given:
-        found = await _probe_drafting(upstream, context, found)
+        found = await _probe_drafting(upstream, context, found, stop_context, eos)
     if "tokenize" not in found.given:
         try:
             found = found.model_copy(update={"tokenize": await upstream.tokenize(PROBE_CONTEXT_TEXT) is not None})
@@ -90,21 +96,39 @@ async def check_logit_bias(upstream: CompletionsUpstream, context: list[int]) ->
                          "which remote mode needs to draw exactly outside the top-K candidates")
 
 
-async def _probe_drafting(upstream: CompletionsUpstream, context: list[int], found: Capabilities) -> Capabilities:
-    """ignore_eos and drafting from one two-token call with ignore_eos (unless given false), and
-    a second without it if the upstream refused that field: drafting is two positions of log-probs."""
-    for ignore_eos in (True, False):
-        if "ignore_eos" in found.given and found.ignore_eos != ignore_eos:
-            continue
-        upstream.capabilities = found.model_copy(update={"ignore_eos": ignore_eos, "draft": True})
+async def _probe_drafting(upstream: CompletionsUpstream, context: list[int], found: Capabilities,
+                          stop_context: list[int] | None, eos: int | None) -> Capabilities:
+    """Drafting: a two-token call answers two positions of log-probs. ignore_eos: only where it
+    changes where the upstream stops and not what it draws (vLLM's; llama.cpp's bans eos, so its
+    drafts would not be the base's): at a context whose greedy next token is eos (`stop_context`
+    continued greedily until the upstream stopped), a two-token greedy draft with ignore_eos must
+    begin with eos. Not found so (no eos seen within STOP_SEARCH tokens, or a refusal): not sent."""
+    if "draft" not in found.given:
+        upstream.capabilities = found.model_copy(update={"ignore_eos": False, "draft": True})
         try:
-            drafted = await upstream.draft(context, 2, 1, temperature=0.0, ignore_eos=ignore_eos)
+            found = found.model_copy(update={"draft": len(await upstream.draft(context, 2, 1, temperature=0.0)) == 2})
         except UpstreamError as e:
-            _refused_unless_client_error(e, "ignore_eos and drafting")
-            continue
-        update = {"ignore_eos": ignore_eos, "draft": len(drafted) == 2}
-        return found.model_copy(update={k: v for k, v in update.items() if k not in found.given})
-    return found.model_copy(update={k: False for k in ("ignore_eos", "draft") if k not in found.given})
+            _refused_unless_client_error(e, "drafting")
+            found = found.model_copy(update={"draft": False})
+    if "ignore_eos" in found.given:
+        return found
+    if not found.draft or stop_context is None or eos is None:
+        return found.model_copy(update={"ignore_eos": False})
+    upstream.capabilities = found.model_copy(update={"ignore_eos": False})
+    answer = [draw.token for draw in await upstream.draft(stop_context, STOP_SEARCH, 1, temperature=0.0)]
+    if eos in answer:
+        at_eos = stop_context + answer[:answer.index(eos)]
+    elif len(answer) < STOP_SEARCH and (await upstream.draw(stop_context + answer, 1, temperature=0.0)).token == eos:
+        at_eos = stop_context + answer  # an upstream that leaves eos out of its answer
+    else:
+        return found.model_copy(update={"ignore_eos": False})
+    upstream.capabilities = found.model_copy(update={"ignore_eos": True})
+    try:
+        drafted = await upstream.draft(at_eos, 2, 1, temperature=0.0, ignore_eos=True)
+    except UpstreamError as e:
+        _refused_unless_client_error(e, "ignore_eos")
+        return found.model_copy(update={"ignore_eos": False})
+    return found.model_copy(update={"ignore_eos": len(drafted) == 2 and drafted[0].token == eos})
 
 
 async def _accepted(upstream: CompletionsUpstream, context: list[int], what: str) -> bool:

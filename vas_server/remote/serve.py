@@ -21,7 +21,7 @@ from vas_server.config import REMOTE_KEY, VASConfig
 from vas_server.engine_args import DEFAULT_VAS_REQUESTS
 from vas_server.remote.capabilities import given_capabilities
 from vas_server.remote.engine_core import RemoteEngineCore
-from vas_server.remote.probe import PROBE_CONTEXT_TEXT, probe
+from vas_server.remote.probe import PROBE_CONTEXT_TEXT, STOP_PROMPT, probe
 from vas_server.remote.upstream import CompletionsUpstream, Upstream, check_tokenizer, wait_until_reachable
 
 API_KEY_ENV = "VAS_REMOTE_API_KEY"  # the upstream's key, if it wants one
@@ -60,6 +60,16 @@ def remote_async_llm(vllm_config, vas: VASConfig, upstream: Upstream, tokenizer,
         core_client.EngineCoreClient.make_async_mp_client = make_client
     core.fail = lambda request_id, error: fail_request(llm.output_processor, request_id, error)
     return llm
+
+
+def stop_prompt(tokenizer) -> list[int] | None:
+    """A short chat turn in MODEL's template, which the base ends with eos soon (ignore_eos's
+    probe); None for a tokenizer without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": STOP_PROMPT}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def value_device(vas: VASConfig) -> str:
@@ -101,7 +111,8 @@ async def _serve(args: Namespace, vas: VASConfig, upstream: CompletionsUpstream,
     try:
         given = given_capabilities(args.remote_capabilities, args.remote_logprob_cap)
         await wait_until_reachable(upstream, UPSTREAM_STARTUP_WAIT_S, logger.info)
-        capabilities = await probe(upstream, tokenizer.encode(PROBE_CONTEXT_TEXT, add_special_tokens=False), given)
+        capabilities = await probe(upstream, tokenizer.encode(PROBE_CONTEXT_TEXT, add_special_tokens=False), given,
+                                   stop_prompt(tokenizer), tokenizer.eos_token_id)
         if capabilities.tokenize and not args.remote_skip_tokenizer_check:
             await check_tokenizer(upstream, tokenizer)
     except ValueError as e:
