@@ -76,7 +76,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from vas_server.core.base_model import ensure_base_model, gguf_path
+    from vas_server.engine_args import prepare_environment
 
+    prepare_environment()  # the servers inherit it: on a CPU, a 1 GiB KV cache each (vLLM's default takes most RAM)
     base = str(ensure_base_model())
     logs = Path(tempfile.mkdtemp(prefix="remote-upstreams-"))
     processes = []
@@ -91,7 +93,7 @@ def main() -> None:
                      "vllm text": ("http://127.0.0.1:8311/v1", "smol", ["--remote-capabilities", TEXT_ONLY])}
         if args.llama_server:
             processes.append(start([args.llama_server, "-m", str(gguf_path()), "--port", "8312", "-c", "2048",
-                                    "-t", "2", "--alias", "smol"], 8312, logs / "llama.log"))
+                                    "-t", "2", "--no-webui", "--alias", "smol"], 8312, logs / "llama.log"))
             upstreams["llama.cpp"] = ("http://127.0.0.1:8312/v1", "smol", [])
         remotes = {}
         for i, (name, (url, model, extra)) in enumerate(upstreams.items()):

@@ -48,8 +48,9 @@ class TokenTexts:
     _specials: tuple[list[int], list[int]] | None = field(default=None, repr=False)
 
     def id_of(self, text: str) -> int:
-        """The id whose text is `text` (each token decoded alone, as upstreams show it); the
-        lowest of several, counted as a mismatch; ValueError for a text that names none."""
+        """The id whose text is `text` (each token decoded alone, as upstreams show it; "" for a
+        special token an upstream skips); of several, eos if it is one, else the lowest, counted
+        as a mismatch; ValueError for a text that names none."""
         if self._ids_of is None:
             ids_of: dict[str, list[int]] = {}
             for i, piece in enumerate(self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))):
@@ -58,6 +59,8 @@ class TokenTexts:
                 if isinstance(piece, str) and piece.startswith("\u2581") and not shown.startswith(" "):
                     # SentencePiece's word-start marker, which decode drops and vLLM restores
                     ids_of.setdefault(" " + shown, []).append(i)
+            for i in self.tokenizer.all_special_ids:  # shown as "" where special tokens are skipped (vLLM)
+                ids_of.setdefault("", []).append(i)
             self._ids_of = ids_of
         ids = self._ids_of.get(text)
         if not ids:
@@ -65,6 +68,8 @@ class TokenTexts:
             raise ValueError(f"the upstream named a token {text!r} that MODEL's tokenizer does not have")
         if len(ids) > 1:
             self.mismatches += 1
+            if self.tokenizer.eos_token_id in ids:  # the one that matters most: it ends the answer
+                return self.tokenizer.eos_token_id
         return ids[0]
 
     def prompt_text(self, context: list[int]) -> str:
