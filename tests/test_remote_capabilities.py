@@ -40,7 +40,9 @@ def capped():
                 answer = {"choices": [{"logprobs": None}]}
             else:
                 n = min(k, int(cap)) if kind == "short" else k
-                top = {f"token_id:{i}": -0.1 - i for i in range(n)}
+                # `scaled`: log-probs after temperature (SGLang's default), not raw
+                scale = 1 / max(body["temperature"], 0.1) if kind == "scaled" else 1.0
+                top = {f"token_id:{i}": (-0.1 - i) * scale for i in range(n)}
                 # The best token not banned by logit_bias (one that ignores it: always token 0).
                 banned = {} if kind == "ignorebias" else body.get("logit_bias") or {}
                 token = next(i for i in range(1000) if str(i) not in banned)
@@ -184,8 +186,9 @@ def test_given_capabilities_are_validated(flag, cap, problem):
 
 
 def test_probe_finds_each_capability_and_requires_logit_bias(capped):
-    """The whole probe against the stand-in: ids both ways, cap 20, ignore_eos accepted, one
-    position per call (no drafting), no /tokenize; one that ignores logit_bias is refused."""
+    """The whole probe against the stand-in: ids both ways, cap 20, one position per call (no
+    drafting, so no ignore_eos), no /tokenize; one that ignores logit_bias, one whose log-probs
+    are after temperature and one without /v1/completions are refused."""
     from vas_server.remote.capabilities import Capabilities
     from vas_server.remote.probe import probe
 
@@ -199,12 +202,14 @@ def test_probe_finds_each_capability_and_requires_logit_bias(capped):
             await upstream.aclose()
 
     found = asyncio.run(run("refuse-20", {}))
-    assert found.report() == {"token_prompts": True, "token_ids": True, "logprob_cap": 20, "ignore_eos": True,
+    assert found.report() == {"token_prompts": True, "token_ids": True, "logprob_cap": 20, "ignore_eos": False,
                               "draft": False, "neutral_samplers": True, "tokenize": False}
     assert "top log-probs up to 20 per position (probed)" in found.describe()
     given = asyncio.run(run("refuse-20", {"logprob_cap": 5, "draft": True}))
     assert (given.logprob_cap, given.draft) == (5, True) and "up to 5 per position (flag)" in given.describe()
     with pytest.raises(ValueError, match="ignores logit_bias"):
         asyncio.run(run("ignorebias-256", {}))
+    with pytest.raises(ValueError, match="log-probs change with the temperature"):
+        asyncio.run(run("scaled-256", {}))
     with pytest.raises(ValueError, match="offers only chat completions is not supported"):
         asyncio.run(run("chatonly", {}))

@@ -1,13 +1,16 @@
 """Finding the upstream's capabilities (vas_server.remote.capabilities) at startup, with one tiny
 request per capability.
 
-Invariants: at most 4 (prompt format) + 1 (neutral samplers) + 2 (logit_bias, required: refused if not honoured) +
+Invariants: at most 4 (prompt format) + 1 (neutral samplers) + 2 (logit_bias) + 2 (raw log-probs;
+both required: refused if not honoured) +
 len(LOGPROB_TRIES) + 4 (drafting, and ignore_eos at a context whose greedy token is eos) + 1
 (tokenize) calls, each of one or two tokens; a capability given by the flag is never probed; a
 failure other than the upstream refusing a request (a 4xx) ends startup with its reason.
 """
 
 from __future__ import annotations
+
+import math
 
 import httpx
 
@@ -19,6 +22,7 @@ from vas_server.remote.upstream import CompletionsUpstream, UpstreamError
 # bracket. An upstream with a cap between two tries is used at the lower one.
 LOGPROB_TRIES = (256, 100, 50, 20, 5, 1)
 PROBE_CONTEXT_TEXT = "Hello"  # the probe's prompt: any short text; its tokens come from MODEL's tokenizer
+RAW_TOLERANCE = 1e-3  # log-probs that move less between temperatures than this are raw (kernels differ by less)
 STOP_PROMPT = "Say OK."  # a chat turn the base ends soon, for ignore_eos's probe
 STOP_SEARCH = 48  # greedy tokens that probe waits for the base's eos
 
@@ -41,6 +45,7 @@ async def probe(upstream: CompletionsUpstream, context: list[int], given: dict, 
         found = found.model_copy(update={"neutral_samplers": await _accepted(upstream, context, "top_k, top_p, min_p")})
     upstream.capabilities = found
     await check_logit_bias(upstream, context)
+    await check_raw_logprobs(upstream, context)
     if "logprob_cap" not in found.given:
         found = found.model_copy(update={"logprob_cap": await probe_logprob_cap(upstream, context)})
     upstream.capabilities = found
@@ -94,6 +99,20 @@ async def check_logit_bias(upstream: CompletionsUpstream, context: list[int]) ->
     if other.token == greedy.token:
         raise ValueError(f"the upstream ignores logit_bias (token {greedy.token} banned at -100 was drawn again), "
                          "which remote mode needs to draw exactly outside the top-K candidates")
+
+
+async def check_raw_logprobs(upstream: CompletionsUpstream, context: list[int]) -> None:
+    """The upstream's log-probs are raw (temperature 1) whatever the call's temperature, as
+    remote mode's sampling needs (vLLM's default logprobs_mode, llama.cpp's; SGLang's unless
+    configured are after temperature): the top-5 at temperatures 1 and 0.5 agree within
+    RAW_TOLERANCE. ValueError naming it otherwise. Two calls."""
+    one, half = [await upstream.draw(context, 5, temperature=t, seed=0) for t in (1.0, 0.5)]
+    ones, halves = dict(one.top), dict(half.top)
+    gap = max((abs(ones[t] - halves[t]) for t in ones.keys() & halves.keys()), default=math.inf)
+    if gap > RAW_TOLERANCE:
+        raise ValueError(f"the upstream's log-probs change with the temperature (by up to {gap:.3g} between "
+                         "temperatures 1 and 0.5): remote mode needs the raw (temperature 1) log-probs; configure "
+                         "the upstream to return them (SGLang: return log-probs before temperature scaling)")
 
 
 async def _probe_drafting(upstream: CompletionsUpstream, context: list[int], found: Capabilities,
