@@ -213,3 +213,16 @@ def test_probe_finds_each_capability_and_requires_logit_bias(capped):
         asyncio.run(run("scaled-256", {}))
     with pytest.raises(ValueError, match="offers only chat completions is not supported"):
         asyncio.run(run("chatonly", {}))
+
+
+def test_logprobs_of_a_position_with_collapsed_texts_are_rectangular():
+    """A position whose top list came back shorter (two candidates with one text) still gives
+    vLLM n log-probs per position: its last repeated."""
+    from vas_server.remote.engine_core import _logprobs
+    from vas_server.remote.sampling import Step
+    from vas_server.remote.wire import Draw
+
+    full, short = Draw(5, -0.5, [(5, -0.5), (6, -1.0), (7, -2.0)]), Draw(6, -1.0, [(6, -1.0), (8, -3.0)])
+    lists = _logprobs([Step(5, -0.5, 1), Step(6, -1.0, 1)], [full, short], 3)
+    assert lists.logprob_token_ids.tolist() == [[5, 5, 6, 7], [6, 6, 8, 8]]
+    assert lists.logprobs.tolist() == [[-0.5, -0.5, -1.0, -2.0], [-1.0, -1.0, -3.0, -3.0]]

@@ -316,8 +316,12 @@ def _logprobs(emitted: list[Step], positions: list[Draw], n: int) -> LogprobsLis
     """vLLM's log-probs of the emitted positions: each chosen token's first, then the base's top n
     there (raw, as in-process VAS reports them: vLLM's default logprobs_mode)."""
     rows = list(zip(emitted, positions))
-    ids = np.array([[chosen.token] + [t for t, _ in at.top[:n]] for chosen, at in rows], dtype=np.int64)
-    logprobs = np.array([[chosen.logprob] + [lp for _, lp in at.top[:n]] for chosen, at in rows], dtype=np.float32)
+    # A position with fewer than n (an upstream answering by text listed two candidates with one
+    # text once: wire.positions) repeats its last, which the answer's top_logprobs object lists once.
+    tops = [(at.top[:n] + at.top[-1:] * (n - len(at.top[:n]))) if at.top else [] for _, at in rows]
+    ids = np.array([[chosen.token] + [t for t, _ in top] for (chosen, _), top in zip(rows, tops)], dtype=np.int64)
+    logprobs = np.array([[chosen.logprob] + [lp for _, lp in top] for (chosen, _), top in zip(rows, tops)],
+                        dtype=np.float32)
     return LogprobsLists(ids, logprobs, np.array([chosen.rank for chosen, _ in rows], dtype=np.int64))
 
 
