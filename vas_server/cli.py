@@ -133,8 +133,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                              "(an integer), e.g. '{\"token_prompts\": false, \"logprob_cap\": 20}'; the "
                              "others are probed")
     remote.add_argument("--remote-skip-tokenizer-check", action="store_true",
-                        help="serve although the upstream cannot show that it tokenizes as MODEL does (it "
-                             "has no vLLM /tokenize route); a different tokenizer gives garbage")
+                        help="skip checking the upstream's /tokenize against MODEL's tokenizer (an upstream "
+                             "without /tokenize is served unchecked anyway, with a warning); a different "
+                             "tokenizer gives garbage")
     return parser, serve
 
 
