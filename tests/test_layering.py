@@ -176,6 +176,70 @@ def test_a_planted_cross_import_is_found(path, planted):
     assert len(cross_imports(path, source)) == 1
 
 
+def import_graph(planted: dict[str, str] | None = None) -> dict[str, set[str]]:
+    """vas_server's modules -> the vas_server modules each imports, anywhere in its file (lazy
+    and TYPE_CHECKING imports too); `planted` adds source lines to a module (by path)."""
+    graph = {}
+    for path in python_files("vas_server"):
+        module = module_name(path)
+        source = path.read_text()
+        extra = (planted or {}).get(str(path.relative_to(ROOT)))
+        if extra:
+            source += "\n\ndef later():\n    " + extra + "\n"
+        graph[module] = {targets(m, n) for m, n, _ in imports(source, module, path.name == "__init__.py")
+                         if m.split(".")[0] == "vas_server"} - {module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles of `graph`: its strongly connected components of two or more modules
+    (Tarjan's algorithm), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph()) == []
+
+
+@pytest.mark.parametrize("path, planted, cycle", [
+    ("vas_server/engine/processor.py", "from vas_server.engine.processor_v1 import V1Processor",
+     ["vas_server.engine.processor", "vas_server.engine.processor_v1"]),
+    ("vas_server/http/server_view.py", "from vas_server.http.steering_fields import rewrite_request",
+     ["vas_server.http.server_view", "vas_server.http.steering_fields"]),
+])
+def test_a_planted_import_cycle_is_found(path, planted, cycle):
+    assert cycles(import_graph({path: planted})) == [cycle]
+
+
 def test_tools_import_no_private_names():
     bad = [f"{path.relative_to(ROOT)}:{line}: {module} {name}"
            for path in python_files("value_models", "benchmarks") for module, name, line in file_imports(path)

@@ -153,7 +153,7 @@ def explicit_args(argv: Sequence[str]) -> dict[str, Any]:
 def configure(args: argparse.Namespace, defaults: argparse.Namespace, given: dict[str, Any] | None = None):
     """Fill in the base model, the value models and every setting VAS needs, in place; returns
     the VASConfig. A flag the user gave (`given`, from explicit_args) wins over our defaults
-    (see engine.engine_settings)."""
+    (see vas_server.engine_args.engine_settings)."""
     from vas_server.config import VASConfig
     from vas_server.engine_args import engine_settings, prepare_environment
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Mapping
+from typing import TYPE_CHECKING, Any, Collection, Literal, Mapping
 
 from vas_server.core.format import (
     DEFAULT_TOP_K,
@@ -28,6 +28,8 @@ ADDITIONAL_CONFIG_KEY = "vas"
 # Remote mode's key for what the upstream accepts (vas_server.remote.capabilities.Capabilities.report),
 # read by the middleware (vas_server.http.server_view).
 REMOTE_KEY = "vas_remote"
+# Which value runtime serves a value model (runtime_path): the base's own hidden states, or its own trunk.
+Runtime = Literal["shared", "separate"]
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,11 @@ class HeadInfo:
     path: str
     spec: HeadSpec
     trunk: TrunkSpec
-    runtime: str  # "shared" (reads the base's own hidden states) or "separate" (own trunk + value cache)
+    runtime: Runtime  # "shared" (reads the base's own hidden states) or "separate" (own trunk + value cache)
     default_top_k: int | None = None  # its value model's declared top-K (vas.json), if any
 
 
-def runtime_path(spec: ValueModelSpec) -> str:
+def runtime_path(spec: ValueModelSpec) -> Runtime:
     """Which value runtime serves a value model: "shared" when its trunk is the base's own first
     layers without LoRA and every head is a token head (then the base's forward pass already
     computes the trunk's state), else "separate"."""
@@ -62,7 +64,7 @@ class VASConfig:
     # full: extra requests wait in vLLM's queue.
     max_requests: int | None = None
     # Value-model dtype; "auto" follows the base model (bfloat16 for the embedded SmolLM2, where
-    # it is native on CPUs with AMX or AVX512-BF16 and on GPUs; engine.py picks float32 for the
+    # it is native on CPUs with AMX or AVX512-BF16 and on GPUs; engine_args picks float32 for the
     # engine where a CPU emulates bfloat16), "float32" for exact reference checks.
     dtype: str = "auto"
     device: str | None = None  # None: the worker's device

@@ -6,7 +6,7 @@ runner (what the CPU build runs) and Model Runner V2 (the GPU default). The clas
 both interfaces' base classes, so either runner's loader accepts it, and constructing it builds
 the subclass for the runner of the engine, read from `vllm_config.use_v2_model_runner`:
 vas_server.engine.processor_v1.V1Processor or vas_server.engine.processor_v2.V2Processor (so the
-object is a VASLogitsProcessor too). Both steer with vas_server.engine.steering (one rule, one
+object is a VASLogitsProcessor too), which registered themselves in `VASLogitsProcessor.runners`. Both steer with vas_server.engine.steering (one rule, one
 value runtime); only their bookkeeping differs.
 
 Importing this module loads no model: vLLM imports the class in the API process too, for
@@ -22,13 +22,18 @@ from vas_server.params import VASRequest, is_admitted
 
 
 class VASLogitsProcessor(V1Interface, V2Interface):
+    # The subclass per runner, by `use_v2_model_runner`: each registers itself when its module is
+    # imported (vas_server.processor, the name vLLM loads, imports both), so that this module
+    # imports neither and the two do not import each other in a cycle (tests/test_layering.py).
+    runners: dict[bool, type["VASLogitsProcessor"]] = {}
+
     def __new__(cls, vllm_config, *args):
         if cls is not VASLogitsProcessor:  # a subclass built directly
             return super().__new__(cls)
-        if vllm_config.use_v2_model_runner:
-            from vas_server.engine.processor_v2 import V2Processor as runner_class
-        else:
-            from vas_server.engine.processor_v1 import V1Processor as runner_class
+        runner_class = VASLogitsProcessor.runners.get(bool(vllm_config.use_v2_model_runner))
+        if runner_class is None:
+            raise RuntimeError("VASLogitsProcessor has no subclass for this model runner: load it as "
+                               "vas_server.processor:VASLogitsProcessor, which imports both")
         # An instance of a subclass: Python then runs runner_class.__init__(vllm_config, *args).
         return super().__new__(runner_class)
 

@@ -77,3 +77,6 @@ class V1Processor(VASLogitsProcessor):
 
     def stats(self) -> dict:
         return self.steering.stats(len(self.rows))
+
+
+VASLogitsProcessor.runners[False] = V1Processor  # VASLogitsProcessor builds it where use_v2_model_runner is False

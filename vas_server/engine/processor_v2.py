@@ -105,3 +105,6 @@ class V2Processor(VASLogitsProcessor):
 
     def update_state(self, batch_update) -> None:
         raise TypeError("V2Processor runs under Model Runner V2 only")
+
+
+VASLogitsProcessor.runners[True] = V2Processor  # VASLogitsProcessor builds it where use_v2_model_runner is True

@@ -44,6 +44,16 @@ if TYPE_CHECKING:
 logger = init_logger("vllm.plugins.vas")
 
 
+@dataclass(frozen=True)
+class SteeredRequest:
+    """A request's steering as the engine reads it (Steering.request): its settings, the
+    indices of the heads it weights, and its weight vector [n_heads] (rule.weight_vector)."""
+
+    settings: VASRequest
+    head_ids: frozenset[int]
+    weights: torch.Tensor
+
+
 @dataclass
 class Row:
     """One steered request: its settings, resolved top-K, and what the value runtime needs."""
@@ -122,7 +132,7 @@ class Steering:
             else:  # an earlier pipeline stage: it never samples, and rows stay unsteered here
                 logger.info("VAS: this pipeline stage does not sample; the value models load on the last stage")
 
-    def request(self, params) -> tuple[VASRequest, frozenset[int], torch.Tensor] | None:
+    def request(self, params) -> SteeredRequest | None:
         """A new row's settings, the indices of the heads it weights and its weight vector, or
         None when it is not steered. Admission validated the settings (vas_server.params); they
         are read, not checked again. What admission could not check runs unsteered, logged: a
@@ -134,7 +144,7 @@ class Steering:
             if request is None or not request.active:
                 return None
             head_ids = frozenset(self.runtime.head_index[name] for name in request.weights)
-            return request, head_ids, rule.weight_vector(request.weights, self.runtime.head_index)
+            return SteeredRequest(request, head_ids, rule.weight_vector(request.weights, self.runtime.head_index))
         except KeyError as e:
             logger.error("VAS: this engine serves no head %s (heads: %s); the request runs unsteered", e,
                          ", ".join(self.runtime.head_names))
@@ -151,7 +161,7 @@ class Steering:
         steered = self.request(params)
         if steered is None:
             return None
-        request, head_ids, weights = steered
+        request, head_ids, weights = steered.settings, steered.head_ids, steered.weights
         if prompt is None and token_slot is None:
             logger.error("VAS needs prompt token ids (prompt embeddings are not supported); unsteered")
             return None
@@ -200,8 +210,10 @@ class Steering:
             self.tap.clear()  # this step's hidden states are used up
 
     def stats(self, active_requests: int, slots_used: int | None = None) -> dict:
-        """The counters for /metrics; empty on a pipeline stage that does not sample.
-        `slots_used`: the value-cache slots of live requests (default: every slot taken)."""
+        """The counters for /metrics (vas_server.http.metrics.WORKER_METRICS names those it shows;
+        `cache_bytes` is not among them: benchmarks/throughput.py reads it through vas_stats);
+        empty on a pipeline stage that does not sample. `slots_used`: the value-cache slots of live
+        requests (default: every slot taken)."""
         rt = self.runtime
         if rt is None and self.config.value_models:
             return {}

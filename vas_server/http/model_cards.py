@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from vas_server.config import Runtime
 from vas_server.core.format import TrunkSpec
 from vas_server.http.asgi import Receive, Scope, Send, capture, send_error, send_json, send_raw
 from vas_server.presets import Preset
@@ -75,7 +76,7 @@ class HeadCard(BaseModel):
     kind: str
     description: str
     trunk: TrunkSpec
-    runtime: str  # "shared" or "separate" (config.HeadInfo)
+    runtime: Runtime  # config.HeadInfo's
     reward_mean: float
     reward_std: float
     num_training_samples: int

@@ -1,20 +1,36 @@
 """What vas-server's middleware knows of the running server, read once from vLLM's app.state:
 the VAS configuration (from the engine's `additional_config["vas"]`), the heads and presets, the
-API keys, and the served names and LoRA adapters that a request's `model` may name."""
+API keys, and the served names and LoRA adapters that a request's `model` may name; and
+`Admission`, steering settings made ready for vLLM, which it caches per preset."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vllm import envs
 
 from vas_server.http.auth import ApiKeys
 from vas_server.config import REMOTE_KEY, HeadInfo, VASConfig
+from vas_server.params import VASRequest, admitted
 from vas_server.presets import PresetTable
 
-if TYPE_CHECKING:
-    from vas_server.http.steering_fields import Admission
+
+@dataclass(frozen=True)
+class Admission:
+    """Steering settings ready for vLLM: validated, their top-K resolved (VASConfig.top_k_for),
+    serialised and stamped (vas_server.http.steering_fields makes them). Invariant: `xargs` =
+    params.admitted(request), `report` = server.applied(request.report()) (the top-K served),
+    for one active request. Shared between requests: never modified."""
+
+    xargs: dict[str, str]  # the `vllm_xargs` entries: {"vas": <JSON>, "vas_admitted": <stamp>}
+    report: dict  # the `vas` echo
+
+    @classmethod
+    def of(cls, server: "ServerView", request: VASRequest) -> "Admission":
+        # model_copy does not validate again: top_k_for gives a top-K in range.
+        request = request.model_copy(update={"top_k": server.config.top_k_for(request, server.head_infos)})
+        return cls(admitted(request), server.applied(request.report()))
 
 
 @dataclass
@@ -28,7 +44,7 @@ class ServerView:
     state: Any  # app.state: engine_client for /metrics, openai_serving_models for model ids
     preset_requests: dict[str, int]  # requests per preset, for /metrics
     # Each preset's own settings, admitted at its first request (steering_fields._preset_admission).
-    preset_admissions: dict[str, "Admission"] = field(default_factory=dict)
+    preset_admissions: dict[str, Admission] = field(default_factory=dict)
     # Over a remote base: what the upstream accepts (vas_server.remote.capabilities.Capabilities.report),
     # which remote mode puts in additional_config[REMOTE_KEY]; None in-process.
     upstream: dict[str, Any] | None = None

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from vas_server.http.asgi import Message, Receive, Scope, Send, replay, send_error, send_raw, with_length
 from vas_server.http import explain as explanations
-from vas_server.params import EXPLAIN_FIELD, EXPLAIN_KEY, EXTRA_ARGS_KEY, REMOTE_RECORD_KEY, STAMP_KEY, Explain, VASParamError, VASRequest, admitted
+from vas_server.params import EXPLAIN_FIELD, EXPLAIN_KEY, EXTRA_ARGS_KEY, REMOTE_RECORD_KEY, STAMP_KEY, Explain, VASParamError, VASRequest
 from vas_server.presets import override
-from vas_server.http.server_view import ServerView
+from vas_server.http.server_view import Admission, ServerView
 
 
 # /invocations is SageMaker's route: vLLM answers it with the chat or completions handler.
@@ -67,22 +67,6 @@ class RewrittenRequest:
     preset: str | None  # the preset the request chose as its model
     explain_key: str | None = None  # the worker's key of the request's vas_explain record
     record_key: str | None = None  # over a remote base: the engine core's key of the request's record
-
-
-@dataclass(frozen=True)
-class Admission:
-    """Steering settings ready for vLLM: validated, their top-K resolved (VASConfig.top_k_for),
-    serialised and stamped. Invariant: `xargs` = params.admitted(request), `report` =
-    server.applied(request.report()) (the top-K served), for one active request. Shared between requests: never modified."""
-
-    xargs: dict[str, str]  # the `vllm_xargs` entries: {"vas": <JSON>, "vas_admitted": <stamp>}
-    report: dict  # the `vas` echo
-
-    @classmethod
-    def of(cls, server: ServerView, request: VASRequest) -> "Admission":
-        # model_copy does not validate again: top_k_for gives a top-K in range.
-        request = request.model_copy(update={"top_k": server.config.top_k_for(request, server.head_infos)})
-        return cls(admitted(request), server.applied(request.report()))
 
 
 def rewrite_request(server: ServerView, payload: dict, body: bytes) -> RewrittenRequest:

@@ -51,7 +51,7 @@ import torch
 from vas_server.remote.sampling import Step, _uniform, steered_step
 from vas_server.remote.wire import Draw
 
-# tail_draw(i, greedy) -> the base's draw at position i (context + draft[:i]) with C_i banned:
+# tail_draw(i) -> the base's draw at position i (context + draft[:i]) with C_i banned:
 # at T = 1 a sample, at T = 0 the greedy token.
 TailDraw = Callable[[int], Awaitable[Draw]]
 

@@ -56,7 +56,7 @@ class BatchedScorer:
 
     async def draft_values(self, row: ValueRow, draft: list[int], candidates: list[list[int]]) -> torch.Tensor:
         """The values of each drafted position's candidates, `draft` being the drafted tokens
-        before the last (ValueRuntime.score_draft): [n, n_heads, K_max], K_max the longest list."""
+        before the last (ValueRuntime.score_drafts): [n, n_heads, K_max], K_max the longest list."""
         return await self._ask(row, candidates, draft=draft)
 
     async def values(self, row: ValueRow, candidates: list[int]) -> torch.Tensor:
