@@ -144,10 +144,23 @@ def test_an_unknown_head_is_refused_on_the_http_path():
     assert parse(make_extra_args({"nope": 1})).weights == {"nope": 1.0}  # the worker runs it unsteered (logged)
 
 
-def test_param_error_is_vllms_validation_error():
-    from vllm.exceptions import VLLMValidationError
+def test_param_error_is_answered_by_vllm_as_a_400_naming_its_field():
+    """vLLM's own error builder (what its routes answer a raised exception with) turns a
+    VASParamError into OpenAI's 400 with `param` naming the field. The same check on an error
+    that is only a ValueError (what VASParamError would be without vLLM's base class) fails:
+    vLLM answers that 400 without the field."""
+    from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-    assert issubclass(VASParamError, VLLMValidationError)
+    def answered(error: Exception) -> tuple:
+        info = create_error_response(error).error
+        return info.code, info.type, info.param
+
+    assert answered(VASParamError("vas_top_k", "bad top-K")) == (400, "BadRequestError", "vas_top_k")
+
+    class OnlyAValueError(ValueError):  # the planted change: VASParamError without VLLMValidationError
+        pass
+
+    assert answered(OnlyAValueError("bad top-K")) != (400, "BadRequestError", "vas_top_k")
 
 
 def test_engine_kwargs_plain_and_with_vas(value_models):

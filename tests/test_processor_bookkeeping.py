@@ -36,7 +36,7 @@ class FakeRuntime:
     def slots_in_use(self) -> int:
         return self.max_requests - len(self.free_slots)
 
-    def needs_slot(self, heads) -> bool:
+    def needs_slot(self, head_ids) -> bool:
         return self._needs_slot
 
     def allocate(self):
@@ -51,6 +51,31 @@ class FakeRuntime:
         self.last_rows = [list(r.prompt) for r in rows]
         self.last_tokens = [list(r.prompt) + list(r.outputs) for r in rows]  # what the trunk would read
         return candidates.to(torch.float32)[:, None, :]  # q(t) = t
+
+
+def test_the_fake_runtime_has_the_real_runtimes_interface():
+    """Every method and property FakeRuntime offers exists on ValueRuntime with the same
+    parameters, and every attribute it sets is one ValueRuntime has, so that the bookkeeping
+    tested here is the bookkeeping against the real interface."""
+    import inspect
+    import re
+
+    from vas_server.core.value_runtime import ValueRuntime
+
+    for name, member in vars(FakeRuntime).items():
+        if name.startswith("_"):
+            continue
+        real = getattr(ValueRuntime, name, None)
+        assert real is not None, f"ValueRuntime has no {name}"
+        assert isinstance(member, property) == isinstance(real, property), name
+        if callable(member):
+            assert list(inspect.signature(member).parameters) == list(inspect.signature(real).parameters), name
+    source = inspect.getsource(ValueRuntime)
+    own = {"free_slots", "slot_rows", "last_rows", "last_tokens"}  # the fake's records, for the assertions
+    for name in vars(FakeRuntime(1)):
+        if not name.startswith("_") and name not in own:
+            assert (re.search(rf"self\.{name}\s*(:[^=\n]*)?=", source)
+                    or isinstance(getattr(ValueRuntime, name, None), property)), name
 
 
 def processor(slots: int = 4, needs_slot: bool = True):
