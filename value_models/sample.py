@@ -67,10 +67,7 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
     outputs = llm.generate(requests, params)
     result = [_record(prompts[i], prompt_ids[i], out.outputs[0], vocab_hash, policy, record_top_k)
               for i, out in zip(owners, outputs)]
-    seconds = time.perf_counter() - start  # sampling and records, without the engine's start
-    tokens = sum(len(s.response_token_ids) for s in result)
-    print(f"vas-train sample: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s, top-K recorded: "
-          f"{record_top_k or 'none'})", file=sys.stderr, flush=True)
+    _print_speed(result, time.perf_counter() - start, record_top_k)  # sampling and records, not the engine's start
     return result
 
 
@@ -134,6 +131,12 @@ def _requests(prompt_ids: list[list[int]], sample_indices: range, *, seed: int, 
                                          extra_args=extra))
             owners.append(i)
     return requests, params, owners
+
+
+def _print_speed(result: list[Sample], seconds: float, record_top_k: int) -> None:
+    tokens = sum(len(s.response_token_ids) for s in result)
+    print(f"vas-train sample: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s, top-K recorded: "
+          f"{record_top_k or 'none'})", file=sys.stderr, flush=True)
 
 
 def _record(prompt: str, prompt_ids: list[int], completion, vocab_hash: str, policy: dict,
