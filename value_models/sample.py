@@ -50,40 +50,79 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
     makes on this machine (float32 on an x86 CPU that emulates bfloat16); it is printed.
     `record_top_k`: each step's top-K raw base candidates kept in the records' `topk` (0: none)."""
     from transformers import AutoTokenizer
-    from vllm import LLM, SamplingParams, TokensPrompt
 
     from vas_server.core.format import tokenizer_identity
-    from vas_server.config import VASConfig
-    from vas_server.engine_args import engine_dtype, engine_kwargs
     from vas_server.params import make_extra_args
 
+    _check_arguments(samples_per_prompt, first_sample, value_model, weights, record_top_k)
+    policy = {"value_model": Path(value_model).name, "weights": dict(weights), "top_k": top_k} if value_model else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
+    vocab_hash = tokenizer_identity(tokenizer).vocab_hash
+    prompt_ids = _fitting_prompt_ids(tokenizer, prompts, max_tokens, max_model_len)
+    extra = make_extra_args(weights, top_k=top_k) if value_model else None
+    llm = _engine(base_model_dir, value_model, dtype, max_model_len, seed, record_top_k, engine_overrides)
+    requests, params, owners = _requests(prompt_ids, range(first_sample, first_sample + samples_per_prompt),
+                                         seed=seed, max_tokens=max_tokens, record_top_k=record_top_k, extra=extra)
+    start = time.perf_counter()
+    outputs = llm.generate(requests, params)
+    result = [_record(prompts[i], prompt_ids[i], out.outputs[0], vocab_hash, policy, record_top_k)
+              for i, out in zip(owners, outputs)]
+    _print_speed(result, time.perf_counter() - start, record_top_k)  # sampling and records, not the engine's start
+    return result
+
+
+def _check_arguments(samples_per_prompt: int, first_sample: int, value_model: str | None,
+                     weights: dict[str, float] | None, record_top_k: int) -> None:
+    """Refuse sample indices outside a prompt's seed range, steering without both a value model and
+    weights, and a negative record_top_k."""
     if first_sample < 0 or first_sample + samples_per_prompt > SEEDS_PER_PROMPT:
         raise ValueError(f"sample indices must lie in 0..{SEEDS_PER_PROMPT - 1}")
     if bool(value_model) != bool(weights):
         raise ValueError("steered sampling needs both a value model and weights")
     if record_top_k < 0:
         raise ValueError("record_top_k must be >= 0")
-    policy = {"value_model": Path(value_model).name, "weights": dict(weights), "top_k": top_k} if value_model else {}
-    tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
-    vocab_hash = tokenizer_identity(tokenizer).vocab_hash
+
+
+def _fitting_prompt_ids(tokenizer, prompts: list[str], max_tokens: int, max_model_len: int) -> list[list[int]]:
+    """Each prompt's chat token ids; refused unless every prompt leaves room for max_tokens."""
     prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) + max_tokens > max_model_len]
     if too_long:
         raise ValueError(f"{len(too_long)} prompts (first: #{too_long[0]}) do not fit max_model_len={max_model_len} "
                          f"with max_tokens={max_tokens}")
+    return prompt_ids
+
+
+def _engine(base_model_dir: Path | str, value_model: str | None, dtype: str | None, max_model_len: int, seed: int,
+            record_top_k: int, engine_overrides: dict):
+    """The vLLM engine of the base (with VAS when steering by `value_model`); prints its dtype.
+    `engine_overrides`: the caller's extra engine arguments, to which it adds its defaults."""
+    from vllm import LLM
+
+    from vas_server.config import VASConfig
+    from vas_server.engine_args import engine_dtype, engine_kwargs
+
     # No chunked prefill: vLLM 0.32 (CPU) fails on a seeded request whose prefill is split
     # ("CPU Generator does not use offset"), and we seed every request.
     engine_overrides.setdefault("enable_chunked_prefill", False)
     engine_overrides.setdefault("max_logprobs", max_logprobs_for(record_top_k))
-    extra = make_extra_args(weights, top_k=top_k) if value_model else None
     vas = VASConfig(value_models={"sample": str(value_model)}) if value_model else None
     if dtype is not None:
         engine_overrides["dtype"] = dtype
     llm = LLM(**engine_kwargs(str(base_model_dir), vas, max_model_len=max_model_len, seed=seed, **engine_overrides))
     print(f"vas-train sample: engine dtype {engine_dtype(llm)}", file=sys.stderr, flush=True)
+    return llm
+
+
+def _requests(prompt_ids: list[list[int]], sample_indices: range, *, seed: int, max_tokens: int, record_top_k: int,
+              extra) -> tuple[list, list, list[int]]:
+    """(prompts, sampling params, prompt index) of every (prompt i, sample j): seeded
+    seed + i * SEEDS_PER_PROMPT + j, at temperature 1 with no truncation (the base policy p0)."""
+    from vllm import SamplingParams, TokensPrompt
+
     requests, params, owners = [], [], []
     for i, ids in enumerate(prompt_ids):
-        for j in range(first_sample, first_sample + samples_per_prompt):
+        for j in sample_indices:
             requests.append(TokensPrompt(prompt_token_ids=ids))
             # logprobs=K: the raw base log-probs (before logits processors) of each step's top K and
             # of the sampled token (K = 0: only the latter, which base_logprob sums).
@@ -91,21 +130,22 @@ def sample(base_model_dir: Path | str, prompts: list[str], *, samples_per_prompt
                                          seed=seed + i * SEEDS_PER_PROMPT + j, logprobs=record_top_k,
                                          extra_args=extra))
             owners.append(i)
-    start = time.perf_counter()
-    outputs = llm.generate(requests, params)
-    result = []
-    for i, out in zip(owners, outputs):
-        completion = out.outputs[0]
-        result.append(Sample(prompt=prompts[i], prompt_token_ids=list(prompt_ids[i]), response=completion.text,
-                             response_token_ids=list(completion.token_ids),
-                             finish_reason=str(completion.finish_reason),
-                             base_logprob=completion.cumulative_logprob, vocab_hash=vocab_hash, policy=policy,
-                             topk=_recorded_topk(completion.logprobs, record_top_k)))
-    seconds = time.perf_counter() - start  # sampling and records, without the engine's start
+    return requests, params, owners
+
+
+def _print_speed(result: list[Sample], seconds: float, record_top_k: int) -> None:
     tokens = sum(len(s.response_token_ids) for s in result)
     print(f"vas-train sample: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:.0f} tokens/s, top-K recorded: "
           f"{record_top_k or 'none'})", file=sys.stderr, flush=True)
-    return result
+
+
+def _record(prompt: str, prompt_ids: list[int], completion, vocab_hash: str, policy: dict,
+            record_top_k: int) -> Sample:
+    """The record of one vLLM completion of `prompt`."""
+    return Sample(prompt=prompt, prompt_token_ids=list(prompt_ids), response=completion.text,
+                  response_token_ids=list(completion.token_ids), finish_reason=str(completion.finish_reason),
+                  base_logprob=completion.cumulative_logprob, vocab_hash=vocab_hash, policy=policy,
+                  topk=_recorded_topk(completion.logprobs, record_top_k))
 
 
 def topk_candidates(step, k: int) -> tuple[list[int], list[float]]:

@@ -129,78 +129,146 @@ def fit(samples: list[Sample], config: FitConfig, out_dir: Path | str, *, progre
     trunk's hidden states are kept between runs on the same data (they do not depend on the heads
     or on any training setting), so refitting heads skips the trunk entirely.
     """
-    out_dir = Path(out_dir)
+    run = _start(samples, config, Path(out_dir), progress, states_cache)
+    base_lrs = [g["lr"] for g in run.optimizer.param_groups]  # read before a restored optimiser overwrites them
+    step, curve = _resume_point(run)
+    _validate(run, step, -1, curve)
+    bar = tqdm(total=run.total_steps, initial=step, desc="fit", disable=not progress)
+    while step < run.total_steps:
+        if stop_after_steps is not None and step >= stop_after_steps:
+            _save_run(run, step, curve, final=False)
+            bar.close()
+            return FitResult(run.out_dir, step, curve)
+        curve.append(_train_step(run, step, base_lrs))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(curve[-1]['loss'].values()):.4f}", **_last_validation(curve))
+        if step % run.batches_per_epoch == 0:
+            _validate(run, step, curve[-1]["epoch"], curve)
+        if _checkpoint_due(step, run.total_steps, config.checkpoint_every):
+            _save_run(run, step, curve, final=False)
+    bar.close()
+    _save_run(run, step, curve, final=True)
+    return FitResult(run.out_dir, step, curve)
+
+
+@dataclass
+class _Run:
+    """One fit's fixed parts, which its steps, validations and checkpoints share."""
+    config: FitConfig
+    out_dir: Path
+    spec: ValueModelSpec
+    fingerprint: str  # what a resumed run must share with this one (_run_fingerprint)
+    trunk: TrainingTrunk
+    value_heads: ValueHeads
+    optimizer: torch.optim.AdamW
+    samples: list[Sample]  # the training responses
+    held_out: list[Sample]
+    rewards: torch.Tensor  # [n_heads, train + held out], standardised, in value_heads' (state-first) order
+    cached_hidden: list[torch.Tensor] | None  # a frozen trunk's states of samples + held_out; None: trainable
+    embed: torch.Tensor
+    proxy_rows: list[int]  # the held-out samples the steering proxy scores (_proxy_rows)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.samples) / self.config.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.batches_per_epoch * self.config.epochs
+
+
+def _start(samples: list[Sample], config: FitConfig, out_dir: Path, progress: bool,
+           states_cache: Path | str | None) -> _Run:
+    """Everything a fit needs before its first step: the checked and split data, its standardised
+    rewards, the seeded model and its optimiser, and a frozen trunk's states."""
     trunk_identity = _checked_tokenizer(samples, config)
     samples = [s for s in samples if s.response_token_ids]
     if not samples:
         raise ValueError("no samples with a non-empty response to train on")
     samples, held_out = _split(samples, config)
-    raw_rewards = _reward_matrix(samples + held_out, config.heads)
-    reward_mean, reward_std = _training_stats(raw_rewards[:, :len(samples)], config.heads)
-    rewards = (raw_rewards - reward_mean[:, None]) / reward_std[:, None]  # [n_heads, train + held out]
-
-    torch.manual_seed(config.seed)  # LoRA initialisation
-    trunk = TrainingTrunk(config.trunk)
+    rewards, reward_mean, reward_std = _standardised_rewards(samples, held_out, config.heads)
     specs = [HeadSpec(h.name, h.kind, h.description or h.reward, float(m), float(s), len(samples))
              for h, m, s in zip(config.heads, reward_mean, reward_std)]
-    value_heads = ValueHeads(specs, trunk.hidden_size, trunk.vocab_size)
-    # ValueHeads orders heads state-first; keep the reward rows in that same order.
-    order = [[h.name for h in config.heads].index(n) for n in value_heads.names]
-    rewards = rewards[order]
-    optimizer = _optimizer(value_heads, trunk, config)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-
-    spec = ValueModelSpec(
-        trunk=trunk.spec(),
-        heads=specs, tokenizer=trunk_identity,
-        extra={"training": config.to_json()}, default_top_k=config.default_top_k)
-
-    batches_per_epoch = math.ceil(len(samples) / config.batch_size)
-    total_steps = batches_per_epoch * config.epochs
-    state_path = out_dir / TRAIN_STATE_DIR / TRAIN_STATE_FILE
-    step, curve = 0, []
-    fingerprint = _run_fingerprint(config, samples)
-    if state_path.is_file():
-        step, curve = _restore(state_path, fingerprint, value_heads, trunk, optimizer)
-
+    trunk, value_heads = _seeded_model(config, specs)
+    spec = ValueModelSpec(trunk=trunk.spec(), heads=specs, tokenizer=trunk_identity,
+                          extra={"training": config.to_json()}, default_top_k=config.default_top_k)
     cached_hidden = (None if config.trunk.trainable
                      else _trunk_states(trunk, samples + held_out, config, progress, states_cache))
-    embed = trunk.embedding()
-    held_ids = list(range(len(samples), len(samples) + len(held_out)))
-    proxy_rows = _proxy_rows(held_out)
+    run = _Run(config, out_dir, spec, _run_fingerprint(config, samples), trunk, value_heads,
+               _optimizer(value_heads, trunk, config), samples, held_out,
+               rewards[_state_first(config.heads, value_heads)], cached_hidden, trunk.embedding(),
+               _proxy_rows(held_out))
     if held_out:
-        _explain_proxy_gaps(value_heads, held_out, proxy_rows)
+        _explain_proxy_gaps(value_heads, held_out, run.proxy_rows)
+    return run
 
-    def validate(epoch: int) -> None:
-        if held_out and not any("validation" in c and c["epoch"] == epoch for c in curve):
-            curve.append(_validation(trunk, value_heads, embed, held_out, rewards[:, held_ids], cached_hidden, held_ids,
-                                     proxy_rows, config, step, epoch, curve))
 
-    validate(-1)
-    bar = tqdm(total=total_steps, initial=step, desc="fit", disable=not progress)
-    while step < total_steps:
-        if stop_after_steps is not None and step >= stop_after_steps:
-            _save(out_dir, spec, value_heads, trunk, optimizer, fingerprint, step, curve, final=False)
-            bar.close()
-            return FitResult(out_dir, step, curve)
-        epoch = step // batches_per_epoch
-        ids = _batch_ids(step, batches_per_epoch, len(samples), config)
-        scale = 1.0 - step / total_steps if config.lr_decay == "linear" else 1.0  # a function of step: resumes exactly
-        for group, base_lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base_lr * scale
-        losses = _train_batch(trunk, value_heads, optimizer, embed, [samples[i] for i in ids], rewards[:, ids],
-                              cached_hidden, ids, config)
-        step += 1
-        curve.append({"step": step, "epoch": epoch, "loss": dict(zip(value_heads.names, losses))})
-        bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses):.4f}", **_last_validation(curve))
-        if step % batches_per_epoch == 0:
-            validate(epoch)
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < total_steps:
-            _save(out_dir, spec, value_heads, trunk, optimizer, fingerprint, step, curve, final=False)
-    bar.close()
-    _save(out_dir, spec, value_heads, trunk, optimizer, fingerprint, step, curve, final=True)
-    return FitResult(out_dir, step, curve)
+def _standardised_rewards(samples: list[Sample], held_out: list[Sample],
+                          head_plans: list[HeadPlan]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """([n_heads, train + held out] rewards standardised with the training samples' mean and std,
+    that mean, that std), heads in `head_plans` order."""
+    raw_rewards = _reward_matrix(samples + held_out, head_plans)
+    reward_mean, reward_std = _training_stats(raw_rewards[:, :len(samples)], head_plans)
+    return (raw_rewards - reward_mean[:, None]) / reward_std[:, None], reward_mean, reward_std
+
+
+def _seeded_model(config: FitConfig, specs: list[HeadSpec]) -> tuple[TrainingTrunk, ValueHeads]:
+    """The trunk and fresh heads; the seed fixes LoRA's and the heads' initialisation."""
+    torch.manual_seed(config.seed)
+    trunk = TrainingTrunk(config.trunk)
+    return trunk, ValueHeads(specs, trunk.hidden_size, trunk.vocab_size)
+
+
+def _state_first(head_plans: list[HeadPlan], value_heads: ValueHeads) -> list[int]:
+    """Row order that puts per-plan rows (`head_plans` order) in ValueHeads' order, state heads first."""
+    names = [h.name for h in head_plans]
+    return [names.index(n) for n in value_heads.names]
+
+
+def _resume_point(run: _Run) -> tuple[int, list[dict]]:
+    """(step, curve) to continue from: an interrupted run's saved state (its weights and optimiser
+    restored into `run`), else (0, [])."""
+    state_path = run.out_dir / TRAIN_STATE_DIR / TRAIN_STATE_FILE
+    if not state_path.is_file():
+        return 0, []
+    return _restore(state_path, run.fingerprint, run.value_heads, run.trunk, run.optimizer)
+
+
+def _train_step(run: _Run, step: int, base_lrs: list[float]) -> dict:
+    """Optimisation step `step` (counted from 0); returns its curve entry (step counted from 1)."""
+    ids = _batch_ids(step, run.batches_per_epoch, len(run.samples), run.config)
+    scale = _lr_scale(step, run.total_steps, run.config.lr_decay)
+    for group, base_lr in zip(run.optimizer.param_groups, base_lrs):
+        group["lr"] = base_lr * scale
+    losses = _train_batch(run.trunk, run.value_heads, run.optimizer, run.embed, [run.samples[i] for i in ids],
+                          run.rewards[:, ids], run.cached_hidden, ids, run.config)
+    return {"step": step + 1, "epoch": step // run.batches_per_epoch, "loss": dict(zip(run.value_heads.names, losses))}
+
+
+def _lr_scale(step: int, total_steps: int, lr_decay: str) -> float:
+    """The factor on every base learning rate at `step`: 1, or falling linearly to 0 at the last
+    step. A function of the step alone, so a resumed run follows the same schedule."""
+    return 1.0 - step / total_steps if lr_decay == "linear" else 1.0
+
+
+def _checkpoint_due(step: int, total_steps: int, every: int) -> bool:
+    """Whether a resumable state is saved after `step` steps: every `every` (0: never), but not after
+    the last step, whose save is the final one."""
+    return bool(every) and step % every == 0 and step < total_steps
+
+
+def _validate(run: _Run, step: int, epoch: int, curve: list[dict]) -> None:
+    """Append the validation after `epoch` (-1: before training) to `curve`, unless there is no
+    held-out set or a resumed curve already has it."""
+    if run.held_out and not any("validation" in c and c["epoch"] == epoch for c in curve):
+        held_ids = list(range(len(run.samples), len(run.samples) + len(run.held_out)))
+        curve.append(_validation(run.trunk, run.value_heads, run.embed, run.held_out, run.rewards[:, held_ids],
+                                 run.cached_hidden, held_ids, run.proxy_rows, run.config, step, epoch, curve))
+
+
+def _save_run(run: _Run, step: int, curve: list[dict], *, final: bool) -> None:
+    _save(run.out_dir, run.spec, run.value_heads, run.trunk, run.optimizer, run.fingerprint, step, curve, final=final)
 
 
 def _checked_tokenizer(samples: list[Sample], config: FitConfig):

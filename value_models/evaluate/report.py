@@ -123,57 +123,86 @@ def _fmt(ms: tuple | list, digits: int = 3) -> str:
 
 
 def markdown(report: dict) -> str:
-    c = report["config"]
-    heads = report["heads"]
-    lines = [f"# VAS evaluation: {Path(c['value_model']).name}", "",
-             f"{report['num_prompts']} held-out prompts, max_tokens {c['max_tokens']}, temperature 1, "
-             f"VAS top_k {c['top_k']}, seed {c['seed']}, dtype {c['dtype'] or 'the engine default'}. Rewards: "
-             + ", ".join(f"`{h}` = `{report['rewards'][h]}`" for h in heads)
-             + ". Values are mean ± standard error over prompts. KL: nats per response "
-               "(VAS: exact per-step KL summed along the sampled responses; BoN: log N - (N-1)/N).", ""]
-    bon = report["bon"]
-    for h in heads:
-        lines += [f"## Head `{h}`", "",
-                  "| setting | KL | " + " | ".join(f"reward `{x}`" for x in heads) + " | tokens | seconds |",
-                  "|---|---|" + "---|" * len(heads) + "---|---|"]
-        for r in report["per_head"][h]:
-            lines.append(f"| VAS {h}={r['weights'].get(h, 0.0):g} | {_fmt(r['kl'], 2)} | "
-                         + " | ".join(_fmt(r["reward"][x]) for x in heads)
-                         + f" | {r['tokens']} | {r['seconds']:.1f} |")
-        for n, r in bon.items():
-            lines.append(f"| BoN-{n} by `{h}` ({r['prompts']} prompts) | {r['kl']:.2f} | "
-                         + " | ".join(_fmt(r["reward"][x]) if x == h else "" for x in heads)
-                         + f" | {r['tokens']} | {r['seconds']:.1f} |")
-        ch = report["checks"][h]
-        lines += ["", f"- monotonic over weights {', '.join(f'{w:g}' for w in ch['weights'])}: "
-                      f"**{'yes' if ch['monotonic'] else 'no'}** ({', '.join(f'{m:.3f}' for m in ch['means'])})"]
-        for w, ok in ch["negative_lowers"].items():
-            lines.append(f"- weight {w} lowers the reward below weight 0: **{'yes' if ok else 'no'}**")
-        if "kl_budget_bon16" in ch:
-            lines.append(f"- VAS at KL <= KL(BoN-16) = {ch['kl_budget_bon16']:.2f} against Best-of-N:")
-            for n in bon:
-                v = ch[f"vs_bon{n}"]
-                where = (f"best VAS {setting_label(tuple(v['vas_weights'].items()))}: {v['vas_reward']:.3f} "
-                         f"(KL {v['vas_kl']:.2f})" if v["vas_weights"] is not None else "no VAS setting within the budget")
-                lines.append(f"  - BoN-{n} ({v['prompts']} prompts): {v['bon_reward']:.3f}; {where}; "
-                             f"reaches it: **{'yes' if ch[f'beats_bon{n}'] else 'no'}**")
-        lines.append("")
+    """eval.md: the setup, per head its weight sweep against Best-of-N and its checks, the two-head
+    grid, the cost per prompt and example responses."""
+    lines = _md_setup(report)
+    for h in report["heads"]:
+        lines += _md_head_table(report, h) + _md_head_checks(report, h) + [""]
     if report["grid"]:
-        a, b = report["grid_heads"]
-        ws = report["config"]["grid_weights"]
-        lines += [f"## Two heads: `{a}` x `{b}`", "",
-                  f"Mean rewards `{a}` / `{b}`; rows: weight of `{a}`, columns: weight of `{b}`.", "",
-                  "| " + f"{a} \\ {b} | " + " | ".join(f"{w:g}" for w in ws) + " |",
-                  "|---|" + "---|" * len(ws)]
-        for wa, row in zip(ws, report["grid"]):
-            lines.append(f"| {wa:g} | " + " | ".join(
-                f"{r['reward'][a][0]:.3f} / {r['reward'][b][0]:.3f} (KL {r['kl'][0]:.1f})" for r in row) + " |")
-        lines.append("")
-    n_prompts = report["num_prompts"]
-    lines += ["## Cost", "", "Per prompt: generated tokens and wall seconds (Best-of-N: pro-rated from the base run "
-              "by tokens).", "", "| run | responses per prompt | prompts | tokens / prompt | seconds / prompt |",
-              "|---|---|---|---|---|"]
-    vas_rows = [r for h in heads for r in report["per_head"][h] if r["weights"]]
+        lines += _md_grid(report)
+    lines += _md_cost(report) + _md_examples(report)
+    lines += ["", f"Total wall time {report['seconds_total']:.0f} s.", ""]
+    return "\n".join(lines)
+
+
+def _md_setup(report: dict) -> list[str]:
+    """The title and a paragraph on the evaluation's settings and units."""
+    c = report["config"]
+    return [f"# VAS evaluation: {Path(c['value_model']).name}", "",
+            f"{report['num_prompts']} held-out prompts, max_tokens {c['max_tokens']}, temperature 1, "
+            f"VAS top_k {c['top_k']}, seed {c['seed']}, dtype {c['dtype'] or 'the engine default'}. Rewards: "
+            + ", ".join(f"`{h}` = `{report['rewards'][h]}`" for h in report["heads"])
+            + ". Values are mean ± standard error over prompts. KL: nats per response "
+              "(VAS: exact per-step KL summed along the sampled responses; BoN: log N - (N-1)/N).", ""]
+
+
+def _md_head_table(report: dict, h: str) -> list[str]:
+    """Head `h`'s section: a row per VAS weight of `h` and per Best-of-N by `h`, every head's reward."""
+    heads = report["heads"]
+    lines = [f"## Head `{h}`", "",
+             "| setting | KL | " + " | ".join(f"reward `{x}`" for x in heads) + " | tokens | seconds |",
+             "|---|---|" + "---|" * len(heads) + "---|---|"]
+    for r in report["per_head"][h]:
+        lines.append(f"| VAS {h}={r['weights'].get(h, 0.0):g} | {_fmt(r['kl'], 2)} | "
+                     + " | ".join(_fmt(r["reward"][x]) for x in heads)
+                     + f" | {r['tokens']} | {r['seconds']:.1f} |")
+    for n, r in report["bon"].items():  # Best-of-N by h reports only h's reward
+        lines.append(f"| BoN-{n} by `{h}` ({r['prompts']} prompts) | {r['kl']:.2f} | "
+                     + " | ".join(_fmt(r["reward"][x]) if x == h else "" for x in heads)
+                     + f" | {r['tokens']} | {r['seconds']:.1f} |")
+    return lines
+
+
+def _md_head_checks(report: dict, h: str) -> list[str]:
+    """Head `h`'s quality checks (quality_checks) as a list: monotonic, negative weights, VAS
+    against Best-of-N within BoN-16's KL."""
+    ch = report["checks"][h]
+    lines = ["", f"- monotonic over weights {', '.join(f'{w:g}' for w in ch['weights'])}: "
+                 f"**{'yes' if ch['monotonic'] else 'no'}** ({', '.join(f'{m:.3f}' for m in ch['means'])})"]
+    for w, ok in ch["negative_lowers"].items():
+        lines.append(f"- weight {w} lowers the reward below weight 0: **{'yes' if ok else 'no'}**")
+    if "kl_budget_bon16" in ch:
+        lines.append(f"- VAS at KL <= KL(BoN-16) = {ch['kl_budget_bon16']:.2f} against Best-of-N:")
+        for n in report["bon"]:
+            v = ch[f"vs_bon{n}"]
+            where = (f"best VAS {setting_label(tuple(v['vas_weights'].items()))}: {v['vas_reward']:.3f} "
+                     f"(KL {v['vas_kl']:.2f})" if v["vas_weights"] is not None else "no VAS setting within the budget")
+            lines.append(f"  - BoN-{n} ({v['prompts']} prompts): {v['bon_reward']:.3f}; {where}; "
+                         f"reaches it: **{'yes' if ch[f'beats_bon{n}'] else 'no'}**")
+    return lines
+
+
+def _md_grid(report: dict) -> list[str]:
+    """The two-head grid: both heads' mean rewards and the KL at every pair of weights."""
+    a, b = report["grid_heads"]
+    ws = report["config"]["grid_weights"]
+    lines = [f"## Two heads: `{a}` x `{b}`", "",
+             f"Mean rewards `{a}` / `{b}`; rows: weight of `{a}`, columns: weight of `{b}`.", "",
+             "| " + f"{a} \\ {b} | " + " | ".join(f"{w:g}" for w in ws) + " |",
+             "|---|" + "---|" * len(ws)]
+    for wa, row in zip(ws, report["grid"]):
+        lines.append(f"| {wa:g} | " + " | ".join(
+            f"{r['reward'][a][0]:.3f} / {r['reward'][b][0]:.3f} (KL {r['kl'][0]:.1f})" for r in row) + " |")
+    return lines + [""]
+
+
+def _md_cost(report: dict) -> list[str]:
+    """Tokens and seconds per prompt of every steered VAS run and every Best-of-N, and their ratios."""
+    n_prompts, bon = report["num_prompts"], report["bon"]
+    lines = ["## Cost", "", "Per prompt: generated tokens and wall seconds (Best-of-N: pro-rated from the base run "
+             "by tokens).", "", "| run | responses per prompt | prompts | tokens / prompt | seconds / prompt |",
+             "|---|---|---|---|---|"]
+    vas_rows = [r for h in report["heads"] for r in report["per_head"][h] if r["weights"]]  # weight 0 is the base
     for r in vas_rows:
         lines.append(f"| VAS {r['label']} | 1 | {n_prompts} | {r['tokens'] / n_prompts:.1f} | "
                      f"{r['seconds'] / n_prompts:.3f} |")
@@ -187,11 +216,15 @@ def markdown(report: dict) -> str:
                   "(tokens, wall time): "
                   + "; ".join(f"N={n}: {vt / (r['tokens'] / r['prompts']):.3f}, {vs / (r['seconds'] / r['prompts']):.3f}"
                               for n, r in bon.items())]
-    lines += ["", "## Examples", ""]
+    return lines
+
+
+def _md_examples(report: dict) -> list[str]:
+    """Each example prompt with its responses, one per run."""
+    lines = ["", "## Examples", ""]
     for ex in report.get("examples", []):
         lines.append(f"- prompt: {ex['prompt']!r}")
         for k, v in ex.items():
             if k != "prompt":
                 lines.append(f"  - {k}: {v!r}")
-    lines += ["", f"Total wall time {report['seconds_total']:.0f} s.", ""]
-    return "\n".join(lines)
+    return lines
