@@ -418,3 +418,26 @@ def test_explanations_record_the_rule_and_stay_bounded():
     for i in range(ex.MAX_PENDING + 5):  # unread records: the oldest go first
         book.start(Explain(top=1, id=str(i)), weights[0], 4, None)
     assert len(book.records) == ex.MAX_PENDING and "0" not in book.records and str(ex.MAX_PENDING + 4) in book.records
+
+
+def test_each_vas_json_is_read_once_per_process_until_it_changes(value_models, tmp_path, monkeypatch):
+    """Every VASConfig in a process (the plugin's, the processor's, the runtime factory's, the
+    HTTP side's) shares one read of each value model's vas.json; a rewritten file is read again."""
+    import shutil
+
+    import vas_server.config as config_module
+
+    name, source = next(iter(value_models.items()))
+    copy = tmp_path / name
+    shutil.copytree(source, copy)
+    reads = []
+    real = config_module.load_spec
+    monkeypatch.setattr(config_module, "load_spec", lambda path: reads.append(str(path)) or real(path))
+    for _ in range(3):
+        config = VASConfig(value_models={name: str(copy)})
+        assert list(config.read_heads()) and config.specs()[name] is config.specs()[name]
+    assert reads == [str(copy)]
+    spec_file = copy / "vas.json"
+    spec_file.write_text(spec_file.read_text().replace("\n", "\n ", 1))  # the same spec, another size
+    VASConfig(value_models={name: str(copy)}).read_heads()
+    assert reads == [str(copy)] * 2

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Collection, Literal, Mapping
 
 from vas_server.core.format import (
     DEFAULT_TOP_K,
+    SPEC_FILE,
     TOP_K_RANGE,
     HeadSpec,
     TrunkSpec,
@@ -43,6 +44,24 @@ class HeadInfo:
     trunk: TrunkSpec
     runtime: Runtime  # "shared" (reads the base's own hidden states) or "separate" (own trunk + value cache)
     default_top_k: int | None = None  # its value model's declared top-K (vas.json), if any
+
+
+# vas.json as read, by (resolved path, modification time, size): each file is read once per process
+# and again only if it changed (tests rewrite value models in place).
+_SPECS: dict[tuple[str, int, int], ValueModelSpec] = {}
+
+
+def read_spec(path: str | Path) -> ValueModelSpec:
+    """format.load_spec of a value-model directory, read once per process while the file is unchanged."""
+    path = Path(path)
+    try:
+        stat = (path / SPEC_FILE).stat()
+    except OSError:
+        return load_spec(path)  # it raises the format's own error for a missing vas.json
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _SPECS:
+        _SPECS[key] = load_spec(path)
+    return _SPECS[key]
 
 
 def runtime_path(spec: ValueModelSpec) -> Runtime:
@@ -91,13 +110,18 @@ class VASConfig:
     def to_additional_config(self) -> dict[str, Any]:
         return {ADDITIONAL_CONFIG_KEY: asdict(self)}
 
+    def specs(self) -> dict[str, ValueModelSpec]:
+        """Every value model's vas.json as one typed object, by name: read once per process
+        (read_spec), whichever VASConfig asks (the plugin, the processor, the runtime factory and
+        the HTTP side each build their own from additional_config)."""
+        return {name: read_spec(path) for name, path in self.value_models.items()}
+
     def read_heads(self) -> dict[str, HeadInfo]:
-        """All heads by public name, read from every value model's vas.json (a disk read per value
-        model on every call: keep the result where it is needed per request). Head names must be
+        """All heads by public name, from every value model's spec (`specs`). Head names must be
         unique across value models."""
         out: dict[str, HeadInfo] = {}
-        for model_name, path in self.value_models.items():
-            spec = load_spec(Path(path))
+        for model_name, spec in self.specs().items():
+            path = self.value_models[model_name]
             for h in spec.heads:
                 if h.name in out:
                     raise ValueError(

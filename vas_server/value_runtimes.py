@@ -31,7 +31,9 @@ def separate_runtime(config: VASConfig, vllm_config: "VllmConfig", identity, nam
     model_config = vllm_config.model_config
     base_dir = model_config.model
     dtype = value_dtype(config, model_config)
+    specs = config.specs()
     models = [load_value_model(config.value_models[name], base_dir, name=name, base_tokenizer=identity,
-                               base_model_name=base_dir, dtype=dtype, device=device) for name in names]
+                               base_model_name=base_dir, dtype=dtype, device=device, spec=specs[name])
+              for name in names]
     max_requests = config.max_requests or vllm_config.scheduler_config.max_num_seqs
     return ValueRuntime(models, max_requests, model_config.max_model_len, device, dtype, shared)

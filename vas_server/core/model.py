@@ -42,10 +42,12 @@ def trunk_source(path: Path, spec: ValueModelSpec, base_model_dir: Path | str) -
 
 def load_value_model(path: Path | str, base_model_dir: Path | str, *, name: str | None = None,
                      base_tokenizer: TokenizerIdentity | None = None, base_model_name: str | None = None,
-                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> ValueModel:
-    """Load a value model. With `base_tokenizer`, refuse one whose vocabulary differs."""
+                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                     spec: ValueModelSpec | None = None) -> ValueModel:
+    """Load a value model (`spec`: its vas.json, already read; else read here). With
+    `base_tokenizer`, refuse one whose vocabulary differs."""
     path = Path(path)
-    spec = load_spec(path)
+    spec = spec if spec is not None else load_spec(path)
     if base_tokenizer is not None:
         check_tokenizer(spec, base_tokenizer, value_model=str(path), base_model=base_model_name or str(base_model_dir))
     source, lora = trunk_source(path, spec, base_model_dir)

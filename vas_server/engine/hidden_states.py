@@ -47,11 +47,9 @@ if TYPE_CHECKING:
 
 def shared_depths(vllm_config: "VllmConfig") -> tuple[int, ...]:
     """The trunk depths N of the shared-path value models in this engine's VAS config (sorted)."""
-    from vas_server.core.format import load_spec
     from vas_server.config import VASConfig, runtime_path
 
-    config = VASConfig.from_additional_config(vllm_config.additional_config)
-    specs = [load_spec(path) for path in config.value_models.values()]
+    specs = VASConfig.from_additional_config(vllm_config.additional_config).specs().values()
     return tuple(sorted({s.trunk.num_layers for s in specs if runtime_path(s) == "shared"}))
 
 

@@ -4,7 +4,6 @@ vas_server.value_runtimes, which remote mode uses too)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,7 +27,7 @@ def build_runtime(config: VASConfig, vllm_config: "VllmConfig",
     them takes the shared path (vas_server.config.runtime_path, read from vas.json)."""
     from transformers import AutoTokenizer
 
-    from vas_server.core.format import check_tokenizer, load_spec, tokenizer_identity
+    from vas_server.core.format import check_tokenizer, tokenizer_identity
     from vas_server.core.model import load_value_heads
     from vas_server.config import runtime_path
     from vas_server.core.value_runtime import SharedScorer
@@ -39,7 +38,7 @@ def build_runtime(config: VASConfig, vllm_config: "VllmConfig",
                                               trust_remote_code=model_config.trust_remote_code)
     identity = tokenizer_identity(tokenizer)
     dtype = value_dtype(config, model_config)
-    specs = {name: load_spec(Path(path)) for name, path in config.value_models.items()}
+    specs = config.specs()
     shared_specs = {name: spec for name, spec in specs.items() if runtime_path(spec) == "shared"}
     tap, shared = None, []
     if shared_specs:
