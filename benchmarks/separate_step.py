@@ -2,7 +2,7 @@
 
 A SmolLM2-135M-shaped trunk of `--layers` layers (H 576, 9 query and 3 KV heads of 64, random
 weights: the cost does not depend on what they learned) with one state head and one token head,
-as a LoRA or standalone value model runs (vas_server.core.value_runtime.TrunkScorer). B rows
+as a LoRA or standalone value model runs (vas_server.core.trunk_scorer.TrunkScorer). B rows
 whose prompts hold `context` tokens are prefilled once; then each decoding step commits one token
 per row and scores K candidates (the state head runs every candidate through the trunk). Best of
 --repeats steps, in milliseconds.
@@ -29,7 +29,8 @@ from vas_server.core.format import HeadSpec, TokenizerIdentity, TrunkSpec, Value
 from vas_server.core.heads import ValueHeads
 from vas_server.core.model import ValueModel
 from vas_server.core.trunk import Trunk, TrunkConfig
-from vas_server.core.value_runtime import ValueRow, StepInputs, TrunkScorer
+from vas_server.core.scorer import StepInputs, TokenLists, ValueRow, list_new_tokens
+from vas_server.core.trunk_scorer import TrunkScorer
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64,
                rms_norm_eps=1e-5, rope_theta=100000.0, qkv_bias=False, o_bias=False, mlp_bias=False)
@@ -49,7 +50,7 @@ def step_ms(context: int, batch: int, top_k: int, layers: int, repeats: int, dty
     """(the prefill's milliseconds: every row's whole prompt and first candidates, best decoding step's)."""
     s = scorer(layers, batch, context + repeats + 8, dtype)
     g = torch.Generator().manual_seed(1)
-    rows = [ValueRow(b, torch.randint(0, 49152, (context,), generator=g).tolist(), [], frozenset({0, 1}))
+    rows = [ValueRow(b, frozenset({0, 1}), TokenLists(torch.randint(0, 49152, (context,), generator=g).tolist()))
             for b in range(batch)]
     candidates = torch.randint(0, 49152, (batch, top_k), generator=g)
     start = time.perf_counter()
@@ -58,17 +59,14 @@ def step_ms(context: int, batch: int, top_k: int, layers: int, repeats: int, dty
     best = float("inf")
     for i in range(repeats):
         for r in rows:
-            r.outputs.append(int(candidates[0, i % top_k]))
+            r.tokens.outputs.append(int(candidates[0, i % top_k]))
         start = time.perf_counter()
         s.score(rows, candidates, StepInputs(_new_tokens))
         best = min(best, time.perf_counter() - start)
     return prefill * 1e3, best * 1e3
 
 
-def _new_tokens(rows, cached):
-    from vas_server.core.value_runtime import list_new_tokens
-
-    return list_new_tokens(torch.device("cpu"))(rows, cached)
+_new_tokens = list_new_tokens(torch.device("cpu"))
 
 
 def main() -> None:

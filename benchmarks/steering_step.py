@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 from vas_server.core.format import HeadSpec
-from vas_server.core.heads import ValueHeads
+from vas_server.core.heads import DenseEmbedding, ValueHeads
 from vas_server.core import rule
-from vas_server.core.value_runtime import CandidateRows
 
 VOCAB, HIDDEN = 49152, 576
 
@@ -48,15 +47,14 @@ def time_step(batch: int, top_k: int, n_heads: int, repeats: int) -> dict[str, f
     hidden = torch.randn(batch, HIDDEN, generator=g)
     weights = torch.ones(batch, n_heads)
     valid = torch.ones(batch, top_k, dtype=torch.bool)
-    rows = CandidateRows()
+    rows = DenseEmbedding(embed, reuse_rows=True)
     with torch.inference_mode():
         candidates = logits.topk(top_k, dim=1).indices
-        values = heads.token_values(hidden, embed, candidates).permute(1, 0, 2)
+        values = heads.token(hidden, embed, candidates).permute(1, 0, 2)
         bonus = rule.bonus(values, weights, valid)
         parts = {
             "top-K": lambda: logits.topk(top_k, dim=1).indices,
-            "values": lambda: heads.token_values(hidden, embed, candidates,
-                                                 rows_out=rows.get(embed, candidates.numel())),
+            "values": lambda: heads.token(hidden, rows, candidates),
             "bonus": lambda: rule.bonus(values, weights, valid),
             "update": lambda: rule.add_bonus_(logits, candidates, bonus, valid, None),
         }

@@ -336,14 +336,14 @@ def paper_loop_tokens_per_second(base: Path, value_model: str, head: str, top_k:
     tok = AutoTokenizer.from_pretrained(str(base))
     lm = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
     vm = load_value_model(value_model, base)
-    g = vm.value_heads.state_names.index(head)
+    g = vm.value_heads.state.names.index(head)
     s = chat_ids(tok, PROMPTS[0])
     start = time.perf_counter()
     with torch.no_grad():
         for _ in range(new_tokens):
             logits = lm(torch.tensor([s])).logits[0, -1]
             top = torch.topk(logits, top_k)
-            q = torch.stack([vm.value_heads.state_values(vm.trunk.forward_causal(torch.tensor([s + [a]]))[0, -1])[g]
+            q = torch.stack([vm.value_heads.state(vm.trunk.forward_causal(torch.tensor([s + [a]]))[0, -1])[g]
                              for a in top.indices.tolist()])
             s.append(int(top.indices[torch.argmax(top.values + (q - q.mean()))]))
     return new_tokens / (time.perf_counter() - start)

@@ -75,7 +75,7 @@ def _install_probe(worker):
             values = score(rows, candidates, step)
             for n, states_ in read:
                 for row, i in zip(rows, step.batch_rows.tolist()):
-                    log.append((list(row.prompt), list(row.outputs), n, states_[i].tolist()))
+                    log.append((list(row.tokens.prompt), list(row.tokens.outputs), n, states_[i].tolist()))
             return values
 
         scorer.score = logged

@@ -167,8 +167,9 @@ class _Shard:
 
 def test_vocab_parallel_values_equal_one_device():
     """Two shards of an uneven vocabulary (the second padded), summed by a simulated all-reduce:
-    the values equal ValueHeads.token_values on the whole matrix; either shard alone does not."""
-    from vas_server.engine.tp_heads import vocab_parallel_token_values
+    token heads' values on VocabShards equal their values on the whole matrix; either shard alone
+    does not."""
+    from vas_server.engine.tp_heads import VocabShard
 
     torch.manual_seed(0)
     V, H, B, K = 100, 16, 5, 30
@@ -178,12 +179,13 @@ def test_vocab_parallel_values_equal_one_device():
             p.normal_()
     embed, hidden = torch.randn(V, H), torch.randn(B, H)
     tokens = torch.randint(0, V, (B, K))
-    expected = heads.token_values(hidden, embed, tokens)
+    expected = heads.token(hidden, embed, tokens)
     shards = [_Shard(embed, 0, 56, 56, 112), _Shard(embed, 56, 100, 56, 112)]
-    parts = [vocab_parallel_token_values(heads, hidden, s, tokens, lambda t: t, rows_out=torch.empty(B * K, H))
-             for s in shards]
-    bias = heads.token_bias[:, tokens] + (hidden @ heads.token_baseline.T).T[:, :, None]
-    total = parts[0] + parts[1] - bias  # the all-reduce sums the dot products only, not the replicated terms
-    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-5)
+    projected = torch.einsum("bh,nhg->nbg", hidden, heads.token.proj)
+    local = [VocabShard(s, lambda t: t).dots(projected, tokens) for s in shards]  # each rank's own part
+    for rank, shard in enumerate(shards):  # the all-reduce adds the other rank's part
+        reduced = VocabShard(shard, lambda t, other=local[1 - rank]: t + other)
+        torch.testing.assert_close(heads.token(hidden, reduced, tokens), expected, rtol=1e-5, atol=1e-5)
+    parts = [heads.token(hidden, VocabShard(s, lambda t: t), tokens) for s in shards]  # no all-reduce
     for part in parts:
         assert not torch.allclose(part, expected, atol=1e-3)

@@ -27,29 +27,28 @@ class FakeRuntime:
     def __init__(self, slots: int, needs_slot: bool = True):
         self.head_names, self.head_index = ["h"], {"h": 0}
         self.max_requests = slots
-        self.free_slots = list(range(slots))
-        self.slot_rows: dict[int, list[int]] = {}  # slot -> prompt + outputs the row had when added
+        self.free_cache_slots = list(range(slots))
         self._needs_slot = needs_slot
         self.cache_bytes = 0
 
     @property
-    def slots_in_use(self) -> int:
-        return self.max_requests - len(self.free_slots)
+    def cache_slots_in_use(self) -> int:
+        return self.max_requests - len(self.free_cache_slots)
 
-    def needs_slot(self, head_ids) -> bool:
+    def needs_cache_slot(self, head_ids) -> bool:
         return self._needs_slot
 
     def allocate(self):
-        return self.free_slots.pop() if self.free_slots else None
+        return self.free_cache_slots.pop() if self.free_cache_slots else None
 
-    def release(self, slot) -> None:
-        if slot is not None:
-            assert slot not in self.free_slots, "slot released twice"
-            self.free_slots.append(slot)
+    def release(self, cache_slot) -> None:
+        if cache_slot is not None:
+            assert cache_slot not in self.free_cache_slots, "slot released twice"
+            self.free_cache_slots.append(cache_slot)
 
     def score(self, rows, candidates, batch_rows, num_rows, new_tokens=None):
-        self.last_rows = [list(r.prompt) for r in rows]
-        self.last_tokens = [list(r.prompt) + list(r.outputs) for r in rows]  # what the trunk would read
+        self.last_rows = [list(r.tokens.prompt) for r in rows]
+        self.last_tokens = [list(r.tokens.prompt) + list(r.tokens.outputs) for r in rows]  # what the trunk would read
         return candidates.to(torch.float32)[:, None, :]  # q(t) = t
 
 
@@ -71,7 +70,7 @@ def test_the_fake_runtime_has_the_real_runtimes_interface():
         if callable(member):
             assert list(inspect.signature(member).parameters) == list(inspect.signature(real).parameters), name
     source = inspect.getsource(ValueRuntime)
-    own = {"free_slots", "slot_rows", "last_rows", "last_tokens"}  # the fake's records, for the assertions
+    own = {"last_rows", "last_tokens"}  # the fake's records, for the assertions
     for name in vars(FakeRuntime(1)):
         if not name.startswith("_") and name not in own:
             assert (re.search(rf"self\.{name}\s*(:[^=\n]*)?=", source)
@@ -107,7 +106,7 @@ def logits(rows: int) -> torch.Tensor:
 def test_added_rows_get_slots_and_are_steered_by_the_rule():
     proc = processor()
     proc.update_state(update(3, added=[add(0, 2.0), add(1, None), add(2, -1.0, top_k=2)]))
-    assert sorted(proc.rows) == [0, 2] and proc.steering.runtime.slots_in_use == 2  # the plain row holds nothing
+    assert sorted(proc.rows) == [0, 2] and proc.steering.runtime.cache_slots_in_use == 2  # the plain row holds nothing
     before = logits(3)
     out = proc.apply(before.clone())
     assert torch.equal(out[1], before[1])  # plain rows are never touched
@@ -122,16 +121,16 @@ def test_removed_rows_release_their_slot_once():
     proc = processor()
     proc.update_state(update(2, added=[add(0, 1.0), add(1, 1.0)]))
     proc.update_state(update(1, removed=[1]))
-    assert list(proc.rows) == [0] and proc.steering.runtime.slots_in_use == 1
+    assert list(proc.rows) == [0] and proc.steering.runtime.cache_slots_in_use == 1
     proc.update_state(update(1, removed=[1]))  # removing an empty row again changes nothing
-    assert proc.steering.runtime.slots_in_use == 1
+    assert proc.steering.runtime.cache_slots_in_use == 1
 
 
 def test_a_row_added_over_another_replaces_it_and_frees_its_slot():
     proc = processor()
     proc.update_state(update(1, added=[add(0, 1.0, prompt=(1,))]))
     proc.update_state(update(1, added=[add(0, 1.0, prompt=(2,))]))
-    assert proc.steering.runtime.slots_in_use == 1
+    assert proc.steering.runtime.cache_slots_in_use == 1
     proc.apply(logits(1))
     assert proc.steering.runtime.last_rows == [[2]]
 
@@ -140,7 +139,7 @@ def test_swap_exchanges_rows_and_their_settings():
     proc = processor()
     proc.update_state(update(2, added=[add(0, 2.0, prompt=(10,)), add(1, None)]))
     proc.update_state(update(2, moved=[(0, 1, MoveDirectionality.SWAP)]))
-    assert list(proc.rows) == [1] and proc.rows[1].value_row.prompt == [10]
+    assert list(proc.rows) == [1] and proc.rows[1].value_row.tokens.prompt == [10]
     before = logits(2)
     out = proc.apply(before.clone())
     assert torch.equal(out[0], before[0]) and not torch.equal(out[1], before[1])
@@ -150,18 +149,18 @@ def test_one_way_move_overwrites_the_target_and_frees_its_slot():
     proc = processor()
     proc.update_state(update(3, added=[add(0, 1.0, prompt=(10,)), add(2, 1.0, prompt=(12,))]))
     proc.update_state(update(2, removed=[1], moved=[(2, 0, MoveDirectionality.UNIDIRECTIONAL)]))
-    assert list(proc.rows) == [0] and proc.rows[0].value_row.prompt == [12]
-    assert proc.steering.runtime.slots_in_use == 1
+    assert list(proc.rows) == [0] and proc.rows[0].value_row.tokens.prompt == [12]
+    assert proc.steering.runtime.cache_slots_in_use == 1
 
 
 def test_preempted_request_is_re_added_with_its_outputs():
     proc = processor()
     proc.update_state(update(1, added=[add(0, 1.0, prompt=(1, 2))]))
     proc.update_state(update(0, removed=[0]))  # preempted: removed, its slot freed
-    assert proc.steering.runtime.slots_in_use == 0
+    assert proc.steering.runtime.cache_slots_in_use == 0
     proc.update_state(update(1, added=[add(0, 1.0, prompt=(1, 2), outputs=(3, 4))]))
-    assert proc.steering.resumed_requests == 1 and proc.rows[0].value_row.outputs == [3, 4]
-    assert proc.steering.runtime.slots_in_use == 1
+    assert proc.steering.resumed_requests == 1 and proc.rows[0].value_row.tokens.outputs == [3, 4]
+    assert proc.steering.runtime.cache_slots_in_use == 1
 
 
 def test_full_cache_leaves_the_request_unsteered_instead_of_failing():

@@ -112,7 +112,7 @@ class Req:
     top_k: int | None = None  # what the request asked for (None: the default)
     restrict: bool = False
     outputs: list[int] = field(default_factory=list)  # the live list V1 was given (V1 reads it in apply)
-    v2_slot: int | None = None
+    req_idx: int | None = None
 
     @property
     def steered(self) -> bool:
@@ -165,7 +165,7 @@ class V1Batch:
 
 def _ctx(order: list[Req]) -> LogitsContext:
     """Model Runner V2's context for one logits row per request, in this order."""
-    slots = np.array([r.v2_slot for r in order], dtype=np.int32)
+    slots = np.array([r.req_idx for r in order], dtype=np.int32)
     lengths = np.array([len(r.tokens) for r in order], dtype=np.int32)  # sampled position + 1
     mapping = torch.from_numpy(slots.copy())
     return LogitsContext(
@@ -250,16 +250,16 @@ def test_v2_processor_steers_exactly_like_v1(tiny_base, models, base, seed):
         # V2: a request that leaves gives its slot back (nothing is told to the processor); a joining
         # one takes the lowest free slot, its tokens are written first, then add_request.
         for r in leaving:
-            free_slots.append(r.v2_slot)
-            r.v2_slot = None
+            free_slots.append(r.req_idx)
+            r.req_idx = None
         free_slots.sort()
         for r in joining:
             if r.name == "D":  # resumed, in another slot than before (H took D's old one, still holding D's row)
                 free_slots.remove(5)
-                r.v2_slot = 5
+                r.req_idx = 5
             else:
-                r.v2_slot = free_slots.pop(0)
-            s, tokens = r.v2_slot, r.tokens
+                r.req_idx = free_slots.pop(0)
+            s, tokens = r.req_idx, r.tokens
             all_tokens[s, :len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
             req_states.prompt_len.np[s] = len(r.prompt)
             req_states.prefill_len.np[s] = len(tokens)
@@ -274,14 +274,14 @@ def test_v2_processor_steers_exactly_like_v1(tiny_base, models, base, seed):
         # V2's rows: a new order every step, different from the step before's and from V1's, except
         # in SAME_SLOT_ORDER steps.
         if step in SAME_SLOT_ORDER:
-            occupant = {r.v2_slot: r for r in live}
+            occupant = {r.req_idx: r for r in live}
             order = [occupant[s] for s in slot_order]
         else:
             previous = order
             while order == previous or order == batch.rows:
                 order = rng.sample(live, len(live))
-        assert (step in SAME_SLOT_ORDER) == (slot_order == [r.v2_slot for r in order])
-        slot_order = [r.v2_slot for r in order]
+        assert (step in SAME_SLOT_ORDER) == (slot_order == [r.req_idx for r in order])
+        slot_order = [r.req_idx for r in order]
 
         raw = {r.name: torch.randn(vocab, generator=gen) * 3 for r in live}
         hidden = {r.name: torch.randn(width, generator=gen) for r in live}
@@ -313,14 +313,14 @@ def test_v2_processor_steers_exactly_like_v1(tiny_base, models, base, seed):
             checked_steered += 1
 
         assert v1.stats()["steps"] == v2.stats()["steps"] == step + 1
-        live_slots = {r.v2_slot for r in live}  # what the worker extension reads from V2's runner
-        assert v1.stats()["active_requests"] == v2.stats(live_slots)["active_requests"] == sum(r.steered for r in live)
-        assert v1.stats()["cache_slots_used"] == v2.stats(live_slots)["cache_slots_used"]
+        live_req_indices = {r.req_idx for r in live}  # what the worker extension reads from V2's runner
+        assert v1.stats()["active_requests"] == v2.stats(live_req_indices)["active_requests"] == sum(r.steered for r in live)
+        assert v1.stats()["cache_slots_used"] == v2.stats(live_req_indices)["cache_slots_used"]
         # Sample (greedy on V1's steered row) and commit: V1 reads its live lists, V2 its buffer.
         for i, r in enumerate(batch.rows):
             token = int(out1[i].argmax())
-            all_tokens[r.v2_slot, len(r.tokens)] = token
-            req_states.total_len.gpu[r.v2_slot] += 1
+            all_tokens[r.req_idx, len(r.tokens)] = token
+            req_states.total_len.gpu[r.req_idx] += 1
             r.outputs.append(token)
 
     assert (checked_plain, checked_steered) == (4, 29)  # B at steps 0-1, H at 3-4; steered rows of all steps
@@ -392,4 +392,4 @@ def test_v2_metrics_count_only_live_requests(tiny_base, models, base):
     assert counts() == (0, 0, 2)
     occupied[0] = "D"  # A's slot recycled for a plain request: add_request drops A's row
     v2.add_request(0, SamplingParams())
-    assert counts() == (0, 0, 2) and v2.steering.runtime.slots_in_use == 0
+    assert counts() == (0, 0, 2) and v2.steering.runtime.cache_slots_in_use == 0

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from vas_server.core.model import load_value_model
-from vas_server.core.value_runtime import ValueRow, ValueRuntime
+from vas_server.core.scorer import TokenLists, ValueRow
+from vas_server.core.value_runtime import ValueRuntime
 from vas_server.remote.scoring import BatchedScorer
 
 
@@ -37,13 +38,13 @@ def test_loops_ready_together_are_one_batch_with_the_values_each_gets_alone(make
     scorer = BatchedScorer(runtime)
 
     async def loops():
-        rows = [ValueRow(await scorer.allocate(), p, [], head_ids) for p in prompts]
+        rows = [ValueRow(await scorer.allocate(), head_ids, TokenLists(p)) for p in prompts]
         return await asyncio.gather(*(scorer.values(r, c) for r, c in zip(rows, candidates)))
 
     batched = asyncio.run(loops())
     assert (scorer.batches, scorer.rows) == (1, 5)
     for p, c, values in zip(prompts, candidates, batched):
-        want = alone.score([ValueRow(alone.allocate(), p, [], head_ids)], torch.tensor([c]))[0]
+        want = alone.score([ValueRow(alone.allocate(), head_ids, TokenLists(p))], torch.tensor([c]))[0]
         assert values.shape == (len(runtime.head_names), len(c))
         torch.testing.assert_close(values, want, atol=1e-4, rtol=0)
 
@@ -58,7 +59,7 @@ class BlockingRuntime:
         return getattr(self.runtime, name)
 
     def score(self, rows, candidates):
-        self.scored.append([r.slot for r in rows])
+        self.scored.append([r.cache_slot for r in rows])
         assert self.go.wait(30)
         return self.runtime.score(rows, candidates)
 
@@ -69,22 +70,22 @@ def test_a_cancelled_loop_is_not_scored_and_a_slot_waits_for_the_running_batch(m
     scorer = BatchedScorer(runtime)
 
     async def scenario():
-        a = ValueRow(await scorer.allocate(), prompts[0], [], head_ids)
-        b = ValueRow(await scorer.allocate(), prompts[1], [], head_ids)
+        a = ValueRow(await scorer.allocate(), head_ids, TokenLists(prompts[0]))
+        b = ValueRow(await scorer.allocate(), head_ids, TokenLists(prompts[1]))
         first = asyncio.create_task(scorer.values(a, candidates[0]))
         await asyncio.sleep(0.2)  # the batch [a] is running, held
         cancelled = asyncio.create_task(scorer.values(b, candidates[1]))
         await asyncio.sleep(0)
         cancelled.cancel()  # b's loop ends while queued: b must never be scored...
-        scorer.release(b.slot)  # ...and its slot, given back while [a] runs, is not free until [a] ends
+        scorer.release(b.cache_slot)  # ...and its slot, given back while [a] runs, is not free until [a] ends
         waiting = asyncio.create_task(scorer.allocate())
         await asyncio.sleep(0.2)
-        assert not waiting.done() and b.slot not in runtime.free_slots
+        assert not waiting.done() and b.cache_slot not in runtime.free_cache_slots
         runtime.go.set()
         await first
-        assert await asyncio.wait_for(waiting, 10) == b.slot
+        assert await asyncio.wait_for(waiting, 10) == b.cache_slot
         await asyncio.sleep(0.3)  # time for a batch with b to start, were b queued
-        return a.slot
+        return a.cache_slot
 
     a_slot = asyncio.run(scenario())
     assert runtime.scored == [[a_slot]] and (scorer.batches, scorer.rows) == (1, 1)
@@ -98,8 +99,8 @@ def test_rows_advanced_before_scoring_get_the_values_of_scoring_alone(make_runti
     scorer = BatchedScorer(runtime)
 
     async def steps():
-        rows = [ValueRow(await scorer.allocate(), p, [], head_ids) for p in prompts]
-        twins = [ValueRow(alone.allocate(), p, r.outputs, head_ids) for p, r in zip(prompts, rows)]
+        rows = [ValueRow(await scorer.allocate(), head_ids, TokenLists(p)) for p in prompts]
+        twins = [ValueRow(alone.allocate(), head_ids, TokenLists(p, r.tokens.outputs)) for p, r in zip(prompts, rows)]
         for step in range(3):
             advanced = [scorer.advance(r) for r in rows]
             got = await asyncio.gather(*(scorer.values(r, c) for r, c in zip(rows, candidates)))
@@ -109,6 +110,6 @@ def test_rows_advanced_before_scoring_get_the_values_of_scoring_alone(make_runti
             for b, (g, c) in enumerate(zip(got, candidates)):
                 torch.testing.assert_close(g, want[b, :, :len(c)], atol=1e-4, rtol=0)
             for r, c in zip(rows, candidates):
-                r.outputs.append(c[step % len(c)])
+                r.tokens.outputs.append(c[step % len(c)])
 
     asyncio.run(steps())

@@ -46,6 +46,8 @@ def shared_models(tiny_dir, tiny_base, value_models) -> dict[str, str]:
 
 
 def _install_probe(worker):
+    from vas_server.core.scorer import TokenLists
+
     runner = worker.model_runner
     if hasattr(runner, "input_batch"):  # the V1 runner (CPU)
         procs = runner.input_batch.logitsprocs.non_argmax_invariant
@@ -59,10 +61,11 @@ def _install_probe(worker):
     score = runtime.score
 
     def history(row) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        if row.prompt is not None:
-            return tuple(row.prompt), tuple(row.outputs)
-        tokens = runner.req_states.all_token_ids.gpu[row.token_slot, :row.length].tolist()
-        prompt_len = int(runner.req_states.prompt_len.np[row.token_slot])
+        if isinstance(row.tokens, TokenLists):
+            return tuple(row.tokens.prompt), tuple(row.tokens.outputs)
+        req_idx = row.tokens.req_idx
+        tokens = runner.req_states.all_token_ids.gpu[req_idx, :row.tokens.length].tolist()
+        prompt_len = int(runner.req_states.prompt_len.np[req_idx])
         return tuple(tokens[:prompt_len]), tuple(tokens[prompt_len:])
 
     def logged(rows, candidates, *args):

@@ -49,7 +49,7 @@ def test_trl_checkpoint_becomes_a_state_head(trl_checkpoint, tmp_path):
 
     model = load_value_model(path, trl_checkpoint)
     with torch.no_grad():
-        ours = model.value_heads.state_values(model.trunk.forward_causal(tokens))[0, :, 0]
+        ours = model.value_heads.state(model.trunk.forward_causal(tokens))[0, :, 0]
     assert torch.allclose(ours, trl_values, atol=1e-4)
 
 

@@ -9,7 +9,8 @@ import torch
 
 from reference_vas import ReferenceValueModel
 from vas_server.core.model import load_value_model
-from vas_server.core.value_runtime import ValueRow, ValueRuntime
+from vas_server.core.scorer import TokenLists, ValueRow
+from vas_server.core.value_runtime import ValueRuntime
 
 
 @pytest.fixture(params=["preset", "grown"])
@@ -17,11 +18,11 @@ def cache_growth(request, monkeypatch):
     """"grown": the value cache starts at 1 slot of 1 + 8 keys, so the tests' steps grow it (slots
     and rows, by copies) many times; the values must not change."""
     if request.param == "grown":
-        from vas_server.core import value_runtime
+        from vas_server.core import value_cache
 
-        monkeypatch.setattr(value_runtime, "INITIAL_SLOTS", 1)
-        monkeypatch.setattr(value_runtime, "INITIAL_LEN", 1)
-        monkeypatch.setattr(value_runtime, "MAX_CANDIDATES", 8)
+        monkeypatch.setattr(value_cache, "INITIAL_SLOTS", 1)
+        monkeypatch.setattr(value_cache, "INITIAL_LEN", 1)
+        monkeypatch.setattr(value_cache, "MAX_CANDIDATES", 8)
     return request.param
 
 
@@ -39,7 +40,7 @@ def test_runtime_values_match_reference(tiny_base, value_models, cache_growth):
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in (3, 9, 5)]
     slots = [runtime.allocate() for _ in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
-    rows = [ValueRow(slot, p, o, all_heads) for slot, p, o in zip(slots, prompts, outputs)]
+    rows = [ValueRow(slot, all_heads, TokenLists(p, o)) for slot, p, o in zip(slots, prompts, outputs)]
     compared = 0
     for step in range(6):
         candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)] for _ in rows])
@@ -48,7 +49,7 @@ def test_runtime_values_match_reference(tiny_base, value_models, cache_growth):
             again = runtime.score(rows, candidates)
             torch.testing.assert_close(again, values, atol=1e-5, rtol=0)
         for b, row in enumerate(rows):
-            prefix = row.prompt + row.outputs
+            prefix = row.tokens.prompt + row.tokens.outputs
             for g, head in enumerate(runtime.head_names):
                 owner = next(r for r in refs.values() if head in r.heads)
                 want = owner.values(head, prefix, candidates[b].tolist())
@@ -58,18 +59,18 @@ def test_runtime_values_match_reference(tiny_base, value_models, cache_growth):
             o.append(rng.randrange(vocab))
     assert compared == 6 * 3 * len(runtime.head_names) * K
     if cache_growth == "grown":  # it grew, and by use: 3 slots of 4 allocated, rows shorter than max_len
-        assert all(r.cache_k.shape[1] == 3 and 14 < r.cache_k.shape[2] < 128 for r in runtime.scorers)
+        assert all(r.cache.k.shape[1] == 3 and 14 < r.cache.k.shape[2] < 128 for r in runtime.scorers)
         assert runtime.cache_bytes < sum(r.max_cache_bytes for r in runtime.scorers)
 
     # A released slot is rebuilt from scratch for a new request (e.g. a resumed preemption).
     runtime.release(slots[1])
     slot = runtime.allocate()
-    resumed = ValueRow(slot, prompts[1], outputs[1][:4], all_heads)
+    resumed = ValueRow(slot, all_heads, TokenLists(prompts[1], outputs[1][:4]))
     candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)]])
     values = runtime.score([resumed], candidates)
     for g, head in enumerate(runtime.head_names):
         owner = next(r for r in refs.values() if head in r.heads)
-        want = owner.values(head, resumed.prompt + resumed.outputs, candidates[0].tolist())
+        want = owner.values(head, resumed.tokens.prompt + resumed.tokens.outputs, candidates[0].tolist())
         assert torch.allclose(values[0, g], want, atol=1e-4, rtol=0), head
 
 
@@ -78,10 +79,10 @@ def test_rows_only_run_the_trunks_they_use(tiny_base, value_models):
     runtime = ValueRuntime(models, max_requests=2, max_len=64, device="cpu", dtype=torch.float32)
     only_alone = frozenset([runtime.head_index["s3"]])
     slot = runtime.allocate()
-    row = ValueRow(slot, [1, 2, 3], [], only_alone)
+    row = ValueRow(slot, only_alone, TokenLists([1, 2, 3]))
     runtime.score([row], torch.tensor([[5, 6, 7, 8]]))
-    assert int(runtime.scorers[0].cached[slot]) == 0  # the prefix trunk never ran
-    assert int(runtime.scorers[1].cached[slot]) == 3
+    assert int(runtime.scorers[0].cache.cached[slot]) == 0  # the prefix trunk never ran
+    assert int(runtime.scorers[1].cache.cached[slot]) == 3
 
 
 def _draft_runtime(tiny_base, value_models, max_requests: int):
@@ -113,7 +114,7 @@ def test_drafted_positions_score_as_if_committed_and_only_accepted_ones_stay(tin
     all_heads = frozenset(range(len(runtime.head_names)))
     K, n = 5, 4
     runtime.allocate()  # slot 0 taken: the row's slot is not the first
-    row = ValueRow(runtime.allocate(), [rng.randrange(vocab) for _ in range(7)], [], all_heads)
+    row = ValueRow(runtime.allocate(), all_heads, TokenLists([rng.randrange(vocab) for _ in range(7)]))
 
     def check(values, prefix, candidates):
         _assert_reference_values(runtime, refs, values, prefix, candidates, all_heads)
@@ -124,11 +125,11 @@ def test_drafted_positions_score_as_if_committed_and_only_accepted_ones_stay(tin
         candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)] for _ in range(n)])
         values = runtime.score_draft(row, draft[:-1], candidates)
         for i in range(n):
-            check(values[i], row.prompt + row.outputs + draft[:i], candidates[i].tolist())
+            check(values[i], row.tokens.prompt + row.tokens.outputs + draft[:i], candidates[i].tolist())
         runtime.commit_draft(row, accepted)
-        row.outputs += draft[:accepted] + [rng.randrange(vocab)]  # the accepted run, then VAS's own token
+        row.tokens.outputs += draft[:accepted] + [rng.randrange(vocab)]  # the accepted run, then VAS's own token
     candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)]])
-    check(runtime.score([row], candidates)[0], row.prompt + row.outputs, candidates[0].tolist())
+    check(runtime.score([row], candidates)[0], row.tokens.prompt + row.tokens.outputs, candidates[0].tolist())
 
 
 def test_drafts_of_several_rows_score_in_one_batch_as_each_alone(tiny_base, value_models, cache_growth):
@@ -140,7 +141,7 @@ def test_drafts_of_several_rows_score_in_one_batch_as_each_alone(tiny_base, valu
     vocab = runtime.scorers[0].trunk.config.vocab_size
     all_heads = frozenset(range(len(runtime.head_names)))
     only_alone = frozenset([runtime.head_index["s3"]])
-    rows = [ValueRow(runtime.allocate(), [rng.randrange(vocab) for _ in range(p)], [], heads)
+    rows = [ValueRow(runtime.allocate(), heads, TokenLists([rng.randrange(vocab) for _ in range(p)]))
             for p, heads in ((3, all_heads), (9, all_heads), (5, only_alone))]
     for round_, accepted in enumerate(((2, 0, 1), (0, 3, 0))):
         runtime.advance(rows)
@@ -151,13 +152,14 @@ def test_drafts_of_several_rows_score_in_one_batch_as_each_alone(tiny_base, valu
         for b, row in enumerate(rows):
             assert values[b].shape == (shapes[b][0], len(runtime.head_names), shapes[b][1])
             for i in range(shapes[b][0]):
-                _assert_reference_values(runtime, refs, values[b][i], row.prompt + row.outputs + drafts[b][:i],
+                context = row.tokens.prompt + row.tokens.outputs + drafts[b][:i]
+                _assert_reference_values(runtime, refs, values[b][i], context,
                                          candidates[b][i].tolist(), row.head_ids, (round_, b, i))
         for b, row in enumerate(rows):
             runtime.commit_draft(row, accepted[b])
-            row.outputs += drafts[b][:accepted[b]] + [rng.randrange(vocab)]
+            row.tokens.outputs += drafts[b][:accepted[b]] + [rng.randrange(vocab)]
     candidates = torch.tensor([[rng.randrange(vocab) for _ in range(4)] for _ in rows])
     values = runtime.score(rows, candidates)
     for b, row in enumerate(rows):
-        _assert_reference_values(runtime, refs, values[b], row.prompt + row.outputs, candidates[b].tolist(),
+        _assert_reference_values(runtime, refs, values[b], row.tokens.prompt + row.tokens.outputs, candidates[b].tolist(),
                                  row.head_ids, (b,))

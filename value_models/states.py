@@ -56,9 +56,9 @@ def head_values(value_heads: ValueHeads, state_hidden: torch.Tensor, embed: torc
     (standardised reward units)."""
     B, T, H = state_hidden.shape
     parts = []
-    if value_heads.state_names:
-        parts.append(value_heads.state_values(state_hidden).permute(2, 0, 1))
-    if value_heads.token_names:
-        flat = value_heads.token_values(state_hidden.reshape(B * T, H), embed, next_tokens.reshape(B * T, 1))
-        parts.append(flat.reshape(len(value_heads.token_names), B, T))
+    if value_heads.state.names:
+        parts.append(value_heads.state(state_hidden).permute(2, 0, 1))
+    if value_heads.token.names:
+        flat = value_heads.token(state_hidden.reshape(B * T, H), embed, next_tokens.reshape(B * T, 1))
+        parts.append(flat.reshape(len(value_heads.token.names), B, T))
     return torch.cat(parts, dim=0)

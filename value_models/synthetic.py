@@ -43,11 +43,11 @@ def random_value_model(out: Path, base_dir: Path, heads: list[tuple[str, str]], 
     module = ValueHeads(specs, c.hidden_size, c.vocab_size)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        module.state_weight.copy_(torch.randn(module.state_weight.shape, generator=g) * scale / c.hidden_size ** 0.5)
-        module.state_bias.copy_(torch.randn(module.state_bias.shape, generator=g))
-        module.token_proj.copy_(torch.randn(module.token_proj.shape, generator=g) * scale / c.hidden_size)
-        module.token_bias.copy_(torch.randn(module.token_bias.shape, generator=g) * scale)
-        module.token_baseline.copy_(torch.randn(module.token_baseline.shape, generator=g) * scale / c.hidden_size ** 0.5)
+        module.state.weight.copy_(torch.randn(module.state.weight.shape, generator=g) * scale / c.hidden_size ** 0.5)
+        module.state.bias.copy_(torch.randn(module.state.bias.shape, generator=g))
+        module.token.proj.copy_(torch.randn(module.token.proj.shape, generator=g) * scale / c.hidden_size)
+        module.token.bias.copy_(torch.randn(module.token.bias.shape, generator=g) * scale)
+        module.token.baseline.copy_(torch.randn(module.token.baseline.shape, generator=g) * scale / c.hidden_size ** 0.5)
     spec = ValueModelSpec(trunk=_recording_base(trunk, base_dir), heads=specs, tokenizer=tokenizer_identity(tok))
     return save_value_model(out, spec, module, standalone_dir=standalone_dir)
 
@@ -62,5 +62,5 @@ def token_lover(out: Path, base_dir: Path, name: str, token_id: int, strength: f
                           tokenizer=tokenizer_identity(tok))
     module = ValueHeads(spec.heads, c.hidden_size, c.vocab_size)
     with torch.no_grad():
-        module.token_bias[0, token_id] = strength
+        module.token.bias[0, token_id] = strength
     return save_value_model(out, spec, module)

@@ -286,8 +286,8 @@ def _checked_tokenizer(samples: list[Sample], config: FitConfig):
 def _optimizer(value_heads: ValueHeads, trunk: TrainingTrunk, config: FitConfig) -> torch.optim.AdamW:
     """AdamW with one learning rate for the heads, one for the token projection, one for LoRA."""
     proj_lr = config.lr if config.token_proj_lr is None else config.token_proj_lr
-    groups = [{"params": [p for n, p in value_heads.named_parameters() if n != "token_proj"], "lr": config.lr},
-              {"params": [value_heads.token_proj], "lr": proj_lr}]
+    groups = [{"params": [p for p in value_heads.parameters() if p is not value_heads.token.proj], "lr": config.lr},
+              {"params": [value_heads.token.proj], "lr": proj_lr}]
     if config.trunk.trainable:
         groups.append({"params": list(trunk.trainable_parameters().values()), "lr": config.trunk_lr})
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
@@ -366,12 +366,12 @@ def _proxy_rows(held_out: list[Sample]) -> list[int]:
 
 def _explain_proxy_gaps(value_heads: ValueHeads, held_out: list[Sample], proxy_rows: list[int]) -> None:
     """Say once which heads get no steering proxy, and why."""
-    if value_heads.state_names:
+    if value_heads.state.names:
         # A state head's candidate values V(s + a) need one trunk position per candidate; the
         # training states hold only the sampled token's.
         tqdm.write("fit: the steering proxy is reported for token heads only, not for "
-                   f"{', '.join(value_heads.state_names)}")
-    if value_heads.token_names and not proxy_rows:
+                   f"{', '.join(value_heads.state.names)}")
+    if value_heads.token.names and not proxy_rows:
         tqdm.write(f"fit: none of the {len(held_out)} held-out responses is a base sample with top-K candidates "
                    "(sampled before `vas-train sample` recorded them, with --record-top-k 0, or steered): "
                    "no steering proxy")
@@ -387,7 +387,7 @@ def _held_out_metrics(trunk: TrainingTrunk, value_heads: ValueHeads, embed, samp
     there are none), from the same trunk states."""
     sums = torch.zeros(len(value_heads.names), dtype=torch.float64)
     count = 0
-    proxy = ProxySums(len(proxy_rows), len(value_heads.token_names)) if proxy_rows and value_heads.token_names else None
+    proxy = ProxySums(len(proxy_rows), len(value_heads.token.names)) if proxy_rows and value_heads.token.names else None
     proxy_index = {row: n for n, row in enumerate(proxy_rows)}
     # Candidates per step: the fewest any scored step has (all steps of a sampling run have K).
     k = min((len(step_ids) for row in proxy_rows for step_ids, _ in samples[row].topk), default=0)
@@ -406,8 +406,8 @@ def _held_out_metrics(trunk: TrainingTrunk, value_heads: ValueHeads, embed, samp
                              [proxy_index.get(start + b) for b in range(len(chunk))], k)
     if proxy is None:
         return (sums / count).tolist(), {}
-    token_rewards = rewards[len(value_heads.state_names):, proxy_rows]  # heads are ordered state-first
-    proxy_corr = {name: proxy.corr(j, token_rewards[j]) for j, name in enumerate(value_heads.token_names)}
+    token_rewards = rewards[len(value_heads.state.names):, proxy_rows]  # heads are ordered state-first
+    proxy_corr = {name: proxy.corr(j, token_rewards[j]) for j, name in enumerate(value_heads.token.names)}
     return (sums / count).tolist(), proxy_corr
 
 
@@ -428,7 +428,7 @@ def _add_proxy_steps(proxy: ProxySums, value_heads: ValueHeads, embed, state_hid
         return
     b, t, rows = torch.tensor(where).T
     candidates = torch.tensor(candidates)
-    values = value_heads.token_values(state_hidden[b, t], embed, candidates)  # [n_token, steps, k]
+    values = value_heads.token(state_hidden[b, t], embed, candidates)  # [n_token, steps, k]
     proxy.add(rows, values.permute(1, 0, 2), candidates, torch.tensor(logp0, dtype=torch.float64), next_tokens[b, t])
 
 

@@ -70,8 +70,8 @@ def convert_trl(trl_dir: Path | str, out_dir: Path | str, *, head_name: str = "v
         raise ValueError(f"{trl_dir}: value head shapes {tuple(weight.shape)}, {tuple(bias.shape)}; expected (1, H), (1,)")
     heads = ValueHeads(spec.heads, hidden, 1)  # a state head does not use the vocabulary size
     with torch.no_grad():
-        heads.state_weight.copy_(weight)
-        heads.state_bias.copy_(bias)
+        heads.state.weight.copy_(weight)
+        heads.state.bias.copy_(bias)
 
     with tempfile.TemporaryDirectory() as tmp:
         trunk_dir = Path(tmp)

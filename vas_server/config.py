@@ -20,6 +20,7 @@ from vas_server.core.format import (
     is_top_k,
     load_spec,
 )
+from vas_server.core.heads import KINDS
 from vas_server.params import VASRequest
 
 if TYPE_CHECKING:
@@ -66,10 +67,10 @@ def read_spec(path: str | Path) -> ValueModelSpec:
 
 def runtime_path(spec: ValueModelSpec) -> Runtime:
     """Which value runtime serves a value model: "shared" when its trunk is the base's own first
-    layers without LoRA and every head is a token head (then the base's forward pass already
-    computes the trunk's state), else "separate"."""
+    layers without LoRA and every head reads only the context's state, not each candidate's
+    (token heads: then the base's forward pass already computes that state), else "separate"."""
     shared = (spec.trunk.type == "base_prefix" and not spec.trunk.lora
-              and all(h.kind == "token" for h in spec.heads))
+              and not any(KINDS[h.kind].reads_candidate_states for h in spec.heads))
     return "shared" if shared else "separate"
 
 

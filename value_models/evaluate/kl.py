@@ -26,11 +26,11 @@ def replay_steps(runtime, prompt_ids: list[list[int]], token_ids: list[list[int]
     (live [B] response indices, candidates [B, k], base log-probs [B, k] float64,
     values of every runtime head [B, n_heads, k] float64 -- only those of `head_ids` are computed --,
     the sampled tokens [B])."""
-    from vas_server.core.value_runtime import ValueRow
+    from vas_server.core.scorer import TokenLists, ValueRow
 
     for start in range(0, len(prompt_ids), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompt_ids))))
-        rows = [ValueRow(runtime.allocate(), list(prompt_ids[i]), [], head_ids) for i in idx]
+        rows = [ValueRow(runtime.allocate(), head_ids, TokenLists(list(prompt_ids[i]))) for i in idx]
         try:
             for t in range(max(len(token_ids[i]) for i in idx)):
                 live = [b for b, i in enumerate(idx) if t < len(token_ids[i])]
@@ -42,10 +42,10 @@ def replay_steps(runtime, prompt_ids: list[list[int]], token_ids: list[list[int]
                 chosen = torch.tensor([token_ids[idx[b]][t] for b in live])
                 yield torch.tensor([idx[b] for b in live]), candidates, logp0, values, chosen
                 for b in live:
-                    rows[b].outputs.append(token_ids[idx[b]][t])
+                    rows[b].tokens.outputs.append(token_ids[idx[b]][t])
         finally:
             for row in rows:
-                runtime.release(row.slot)
+                runtime.release(row.cache_slot)
 
 
 @torch.no_grad()

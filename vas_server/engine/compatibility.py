@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 
 from vas_server.config import HeadInfo
 from vas_server.core.format import STANDALONE_DIR, TrunkSpec
+from vas_server.core.heads import KINDS
 
 
 def check_value_models(head_infos: Mapping[str, HeadInfo], model_config) -> None:
@@ -85,7 +86,8 @@ def check_separate_trunk(name: str, trunk: TrunkSpec, head_kinds: Sequence[str],
     reason = _trunk_support(hf_dict)
     if reason is None:
         return
-    why = "a state head" if "state" in head_kinds else "LoRA" if trunk.lora else "its trunk"
+    candidate_kinds = [kind for kind in head_kinds if KINDS[kind].reads_candidate_states]
+    why = f"a {candidate_kinds[0]} head" if candidate_kinds else "LoRA" if trunk.lora else "its trunk"
     shared = (" Token heads without LoRA on the base's own layers take the shared path instead, which "
               "covers every architecture with vLLM aux hidden states." if trunk.type == "base_prefix" else "")
     raise ValueError(f"value model {name!r} needs the separate runtime ({why}), whose trunk cannot run "

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from vas_server.core.heads import DenseEmbedding, Embedding
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -78,6 +79,7 @@ class HiddenStateTap:
         self.embed_module: torch.nn.Module | None = None
         self._rows: torch.Tensor | None = None  # this step's published rows [R, H * (1 + aux)]
         self.tensor_parallel = False  # the embedding is this rank's vocabulary shard
+        self._embedding: Embedding | None = None
 
     @classmethod
     def for_config(cls, vllm_config: "VllmConfig") -> "HiddenStateTap":
@@ -100,23 +102,21 @@ class HiddenStateTap:
         return bool(self.depths)
 
     @property
-    def embedding(self) -> torch.Tensor:
-        """The base's input embedding matrix [>= V, H] (token heads use the trunk's own)."""
-        return self.embed_module.weight
+    def embedding(self) -> Embedding:
+        """The base's input embedding, as token heads read it (vas_server.core.heads.Embedding):
+        the whole matrix, or under tensor parallelism this rank's vocabulary shard, whose
+        candidates' dot products one all-reduce adds up (vas_server.engine.tp_heads). Made at
+        first use, once the model is bound."""
+        if self._embedding is None:
+            if self.tensor_parallel:
+                from vllm.distributed import get_tp_group
 
-    def token_values(self, heads, hidden: torch.Tensor, candidates: torch.Tensor,
-                     rows_out: torch.Tensor | None = None) -> torch.Tensor:
-        """Token heads' values of the candidates [B, K] at states `hidden` [B, H] on the base's
-        embedding: [n_token, B, K]. Under tensor parallelism each rank scores the candidates of its
-        own vocabulary shard and one all-reduce adds them up (vas_server.engine.tp_heads)."""
-        if not self.tensor_parallel:
-            return heads.token_values(hidden, self.embedding, candidates, rows_out=rows_out)
-        from vllm.distributed import get_tp_group
+                from vas_server.engine.tp_heads import VocabShard
 
-        from vas_server.engine.tp_heads import vocab_parallel_token_values
-
-        return vocab_parallel_token_values(heads, hidden, self.embed_module, candidates,
-                                           get_tp_group().all_reduce, rows_out=rows_out)
+                self._embedding = VocabShard(self.embed_module, get_tp_group().all_reduce)
+            else:
+                self._embedding = DenseEmbedding(self.embed_module.weight, reuse_rows=True)
+        return self._embedding
 
     # -- the model side (vas_server.engine.tap_models) ------------------------------------------------
 
@@ -126,6 +126,7 @@ class HiddenStateTap:
         decoder = causal_lm.model
         self.norm = decoder.norm
         self.embed_module = input_embedding(decoder)
+        self._embedding = None
 
     def output(self, model_output):
         """The forward's return value: (final, [aux...]) from the decoder -> one tensor."""

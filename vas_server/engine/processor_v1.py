@@ -6,8 +6,8 @@ carries its request's `SamplingParams` and live prompt and output token lists, n
 
 Invariants:
   * `self.rows` maps a persistent-batch index to the state of the steered request in that row;
-    every row in it that uses a separate-trunk head holds one value-cache slot, and a slot is
-    released exactly when its row is removed or replaced. A preempted request is removed (slot
+    every row in it that uses a separate-trunk head holds one value-cache slot, and a cache slot
+    is released exactly when its row is removed or replaced. A preempted request is removed (slot
     freed) and re-added with its outputs, and the runtime then rebuilds its cache from prompt +
     outputs. Rows using only shared-trunk heads hold nothing: their state is the base's own.
   * `self.batch` holds `self.rows` as tensors, rebuilt in `update_state` whenever the rows
@@ -27,6 +27,7 @@ import torch
 
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
+from vas_server.core.scorer import TokenLists
 from vas_server.engine.processor import VASLogitsProcessor
 from vas_server.engine.steering import Row, StepBatch, Steering
 
@@ -50,7 +51,8 @@ class V1Processor(VASLogitsProcessor):
         for index, params, prompt, outputs in batch_update.added:
             self._drop(index)
             # re-added with outputs: resumed after preemption
-            row = self.steering.new_row(params, resumed=bool(outputs), prompt=prompt, outputs=outputs)
+            tokens = TokenLists(prompt, outputs) if prompt is not None else None  # None: prompt embeddings
+            row = self.steering.new_row(params, resumed=bool(outputs), tokens=tokens)
             if row is not None:
                 self.rows[index] = row
         for a, b, direction in batch_update.moved:
@@ -59,7 +61,7 @@ class V1Processor(VASLogitsProcessor):
                 if row_b is not None:
                     self.rows[a] = row_b
             elif row_b is not None:  # a one-way move overwrites b
-                steering.runtime.release(row_b.value_row.slot)
+                steering.runtime.release(row_b.value_row.cache_slot)
             if row_a is not None:
                 self.rows[b] = row_a
         self.batch = StepBatch.of(sorted(self.rows.items()), steering.device)
@@ -67,7 +69,7 @@ class V1Processor(VASLogitsProcessor):
     def _drop(self, index: int) -> None:
         row = self.rows.pop(index, None)
         if row is not None:
-            self.steering.runtime.release(row.value_row.slot)
+            self.steering.runtime.release(row.value_row.cache_slot)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if self.batch is not None:

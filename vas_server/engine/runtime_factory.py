@@ -30,7 +30,7 @@ def build_runtime(config: VASConfig, vllm_config: "VllmConfig",
     from vas_server.core.format import check_tokenizer, tokenizer_identity
     from vas_server.core.model import load_value_heads
     from vas_server.config import runtime_path
-    from vas_server.core.value_runtime import SharedScorer
+    from vas_server.core.shared_scorer import SharedScorer
 
     model_config = vllm_config.model_config
     base_dir = model_config.model

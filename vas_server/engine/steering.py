@@ -35,7 +35,9 @@ from vas_server.engine.explain import Explanations, Record
 from vas_server.params import Explain, VASRequest
 from vas_server.engine.pp_stage import samples_here
 from vas_server.engine.runtime_factory import build_runtime
-from vas_server.core.value_runtime import NewTokens, ValueRow, ValueRuntime, to_device
+from vas_server.core.device import to_device
+from vas_server.core.scorer import NewTokens, RunnerTokens, TokenLists, ValueRow
+from vas_server.core.value_runtime import ValueRuntime
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -152,23 +154,22 @@ class Steering:
             logger.error("VAS settings the engine cannot read (%s); the request runs unsteered", e)
         return None
 
-    def new_row(self, params, *, resumed: bool, prompt: list[int] | None = None, outputs: list[int] | None = None,
-                token_slot: int | None = None) -> Row | None:
+    def new_row(self, params, *, resumed: bool, tokens: TokenLists | RunnerTokens | None) -> Row | None:
         """The Row of a request joining the batch, or None when it runs unsteered: no weights, or
         (logged) settings that fail here, no token history, or no free value-cache slot. Takes a
-        cache slot when a separate-trunk head is weighted. The request's tokens are `prompt` +
-        `outputs` (V1's live lists) or the runner's buffer at `token_slot` (V2)."""
+        cache slot when a separate-trunk head is weighted. `tokens`: where the request's tokens are
+        (V1's live lists, or Model Runner V2's buffer row); None when it has no prompt token ids."""
         steered = self.request(params)
         if steered is None:
             return None
         request, head_ids, weights = steered.settings, steered.head_ids, steered.weights
-        if prompt is None and token_slot is None:
+        if tokens is None:
             logger.error("VAS needs prompt token ids (prompt embeddings are not supported); unsteered")
             return None
-        slot = None
-        if self.runtime.needs_slot(head_ids):  # only separate-trunk heads keep a value cache
-            slot = self.runtime.allocate()
-            if slot is None:
+        cache_slot = None
+        if self.runtime.needs_cache_slot(head_ids):  # only separate-trunk heads keep a value cache
+            cache_slot = self.runtime.allocate()
+            if cache_slot is None:
                 # Unreachable through engine_kwargs, which caps max_num_seqs at the cache capacity
                 # (so extra requests wait in vLLM's queue); only a hand-built engine can get here.
                 self.dropped_requests += 1
@@ -179,8 +180,9 @@ class Steering:
         self.requests_total += 1
         top_k = self.config.top_k_for(request, self.head_infos)
         explain = Explain.decode(params.extra_args)
+        outputs = tokens.outputs if isinstance(tokens, TokenLists) else None
         record = self.explanations.start(explain, weights, top_k, outputs) if explain is not None else None
-        return Row(request, weights, top_k, ValueRow(slot, prompt, outputs, head_ids, token_slot=token_slot), record)
+        return Row(request, weights, top_k, ValueRow(cache_slot, head_ids, tokens), record)
 
     def apply(self, logits: torch.Tensor, batch: StepBatch, new_tokens: NewTokens | None = None) -> torch.Tensor:
         """Steer the batch's rows of `logits` [R, V] (in place when every row is steered)."""
@@ -209,11 +211,11 @@ class Steering:
         if self.tap is not None:
             self.tap.clear()  # this step's hidden states are used up
 
-    def stats(self, active_requests: int, slots_used: int | None = None) -> dict:
+    def stats(self, active_requests: int, cache_slots_used: int | None = None) -> dict:
         """The counters for /metrics (vas_server.http.metrics.WORKER_METRICS names those it shows;
         `cache_bytes` is not among them: benchmarks/throughput.py reads it through vas_stats);
-        empty on a pipeline stage that does not sample. `slots_used`: the value-cache slots of live
-        requests (default: every slot taken)."""
+        empty on a pipeline stage that does not sample. `cache_slots_used`: the value-cache slots of
+        live requests (default: every slot taken)."""
         rt = self.runtime
         if rt is None and self.config.value_models:
             return {}
@@ -222,7 +224,7 @@ class Steering:
             "active_requests": active_requests,
             "steps": self.steps,
             "runtime_seconds_total": self.seconds,
-            "cache_slots_used": (rt.slots_in_use if slots_used is None else slots_used) if rt else 0,
+            "cache_slots_used": (rt.cache_slots_in_use if cache_slots_used is None else cache_slots_used) if rt else 0,
             "cache_slots_total": rt.max_requests if rt else 0,
             "cache_bytes": rt.cache_bytes if rt else 0,
             "dropped_requests": self.dropped_requests,

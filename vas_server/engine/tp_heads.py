@@ -6,7 +6,8 @@ tokens for LoRA vocabularies), at local offsets. The trunk state `h` is replicat
 (the residual stream after a layer is), and so are the candidates (every rank samples from the
 same all-gathered logits) and the heads' small tensors (P, bias, baseline).
 
-`Q(s)[a] = c . h + (P h) . E[a] + bias[a]` (vas_server.core.heads): only `(P h) . E[a]` needs E.
+`Q(s)[a] = c . h + (P h) . E[a] + bias[a]` (vas_server.core.heads.TokenHeads): only `(P h) . E[a]`
+needs E, and TokenHeads asks its Embedding for exactly that: `VocabShard` is that Embedding here.
 Each rank computes it for the candidates in its own shard, 0 for the others (a mask, no host
 sync), and one all-reduce (sum) of the [n_token, B, K] values gives every rank every value. Each
 candidate's dot product is computed on exactly one rank with the same operands as on one device,
@@ -17,6 +18,8 @@ embedding rows are never gathered: the all-reduce moves n_token * B * K numbers.
 from __future__ import annotations
 
 import torch
+
+from vas_server.core.heads import DenseEmbedding
 
 
 def shard_local_ids(tokens: torch.Tensor, shard) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,17 +35,17 @@ def shard_local_ids(tokens: torch.Tensor, shard) -> tuple[torch.Tensor, torch.Te
     return in_shard * (tokens - offset), in_shard
 
 
-def vocab_parallel_token_values(heads, hidden: torch.Tensor, embedding, tokens: torch.Tensor, all_reduce,
-                                rows_out: torch.Tensor | None = None) -> torch.Tensor:
-    """ValueHeads.token_values with `embedding` a VocabParallelEmbedding (this rank's shard) and
-    `all_reduce` the TP group's sum. hidden [B, H], tokens [B, K] -> [n_token, B, K] on every rank."""
-    projected = torch.einsum("bh,nhg->nbg", hidden, heads.token_proj)
-    baseline = (hidden @ heads.token_baseline.T).T[:, :, None]
-    local, in_shard = shard_local_ids(tokens, embedding.shard_indices)
-    flat = local.reshape(-1)
-    weight = embedding.weight
-    rows = (weight.index_select(0, flat) if rows_out is None
-            else torch.index_select(weight, 0, flat, out=rows_out[:flat.numel()]))
-    rows = rows.view(*tokens.shape, -1).to(projected.dtype)
-    dots = torch.where(in_shard, torch.einsum("nbg,bkg->nbk", projected, rows), 0.0)
-    return all_reduce(dots.contiguous()) + heads.token_bias[:, tokens] + baseline
+class VocabShard:
+    """This rank's shard of a VocabParallelEmbedding, as token heads' Embedding
+    (vas_server.core.heads): the dot products of the candidates in the shard, 0 for the others,
+    summed over the TP group by `all_reduce`."""
+
+    def __init__(self, embedding, all_reduce):
+        self.embedding = embedding
+        self.all_reduce = all_reduce
+        self.rows = DenseEmbedding(embedding.weight, reuse_rows=True)  # indexed by local ids
+
+    def dots(self, projected: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        local, in_shard = shard_local_ids(tokens, self.embedding.shard_indices)
+        dots = torch.where(in_shard, self.rows.dots(projected, local), 0.0)
+        return self.all_reduce(dots.contiguous())

@@ -14,9 +14,9 @@ class VASWorkerExtension:
         if hasattr(runner, "input_batch"):  # the V1 runner: it tells the processor of removals
             processors = runner.input_batch.logitsprocs.non_argmax_invariant
             live = {}
-        else:  # Model Runner V2: only the runner knows which of its request slots are occupied
+        else:  # Model Runner V2: only the runner knows which of its request indices are occupied
             processors = runner.sampler.logits_processors
-            live = {"live_slots": runner.req_states.index_to_req_id.keys()}
+            live = {"live_req_indices": runner.req_states.index_to_req_id.keys()}
         proc = next((p for p in processors if isinstance(p, VASLogitsProcessor)), None)
         return proc.stats(**live) if proc is not None else {}
 

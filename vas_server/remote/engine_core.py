@@ -44,7 +44,8 @@ from vllm.v1.outputs import LogprobsLists
 
 from vas_server.config import VASConfig
 from vas_server.core import rule
-from vas_server.core.value_runtime import ValueRow, ValueRuntime
+from vas_server.core.scorer import TokenLists, ValueRow
+from vas_server.core.value_runtime import ValueRuntime
 from vas_server.params import REMOTE_RECORD_KEY, VASRequest
 from vas_server.remote.capabilities import clamp
 from vas_server.remote.draft import DraftLength, drafts_at, verify
@@ -124,7 +125,7 @@ class RemoteEngineCore:
                 "remote_wasted_tokens": self.wasted,
                 "remote_acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
                 "remote_clamped_requests": self.clamped, "remote_token_mismatches": self.upstream.mismatches,
-                "cache_slots_used": self.runtime.slots_in_use, "cache_slots_total": self.runtime.max_requests}
+                "cache_slots_used": self.runtime.cache_slots_in_use, "cache_slots_total": self.runtime.max_requests}
 
     async def collective_rpc_async(self, method: str, timeout=None, args=(), kwargs=None):
         """AsyncLLM.collective_rpc: the metrics' `vas_stats`, and the middleware's
@@ -151,8 +152,8 @@ class RemoteEngineCore:
         decoding = None
         try:
             decoding = self._decoding(request, steering)
-            if decoding.head_ids and self.runtime.needs_slot(decoding.head_ids):
-                decoding.row.slot = await self.scorer.allocate()  # waits while every value-cache slot is taken
+            if decoding.head_ids and self.runtime.needs_cache_slot(decoding.head_ids):
+                decoding.row.cache_slot = await self.scorer.allocate()  # waits while every value-cache slot is taken
             commit = None
             while decoding.generated < decoding.params.max_tokens:
                 steps, positions, commit = await self._round(decoding, commit)
@@ -168,7 +169,7 @@ class RemoteEngineCore:
         finally:
             self.loops.pop(request.request_id, None)
             if decoding is not None:
-                self.scorer.release(decoding.row.slot)
+                self.scorer.release(decoding.row.cache_slot)
                 if decoding.record_key is not None:  # n > 1: the choices share the key, and add up
                     self.records[decoding.record_key] = self.records.get(decoding.record_key, 0) + decoding.mismatches
                     while len(self.records) > MAX_RECORDS:
@@ -194,7 +195,7 @@ class RemoteEngineCore:
             stop_ids=set(params.stop_token_ids or ()),  # vLLM's check_stop: these, and eos unless ignore_eos
             generator=torch.Generator().manual_seed(params.seed if params.seed is not None
                                                     else torch.seed() % 2**31),
-            row=ValueRow(None, list(request.prompt_token_ids), [], head_ids),
+            row=ValueRow(None, head_ids, TokenLists(list(request.prompt_token_ids))),
             record_key=(params.extra_args or {}).get(REMOTE_RECORD_KEY),
             # Unsteered, VAS's distribution is the base's: every drafted token is accepted, so
             # every draft asks the cap (without waiting for the acceptance estimate to say so).
@@ -204,10 +205,10 @@ class RemoteEngineCore:
     async def _round(self, d: "Decoding", commit: int | None) -> tuple[list[Step], list[Draw], int | None]:
         """One round: the tokens to emit, the positions they were drawn at, and how many drafted
         tokens the value trunks saw that the next round's advance commits (None: not a draft)."""
-        context = d.row.prompt + d.row.outputs
+        context = d.row.tokens.prompt + d.row.tokens.outputs
         # The value trunks take the last tokens (the prompt, at first) while the upstream
         # computes, after keeping the accepted drafted tokens of the last round.
-        advancing = self.scorer.advance(d.row, commit) if d.row.slot is not None else None
+        advancing = self.scorer.advance(d.row, commit) if d.row.cache_slot is not None else None
         if d.length is None:
             first = d.counted(await self.upstream.draw(context, d.asked, temperature=d.temperature,
                                                        seed=_seed(d.generator)))
@@ -242,7 +243,7 @@ class RemoteEngineCore:
                 finished = FinishReason.LENGTH
             if finished is not None:
                 break
-        d.row.outputs.extend(chosen.token for chosen in emitted)
+        d.row.tokens.outputs.extend(chosen.token for chosen in emitted)
         self.tokens += len(emitted)
         self.capped_steps += sum(chosen.capped for chosen in emitted)
         self.outputs.put_nowait(EngineCoreOutput(
@@ -300,7 +301,7 @@ class Decoding:
     weight_vector: torch.Tensor  # [1, n_heads]
     stop_ids: set[int]
     generator: torch.Generator  # every random choice of the loop, seeded by the request's seed
-    row: ValueRow  # what the value runtime reads: slot (None: no cached heads), prompt, outputs
+    row: ValueRow  # what the value runtime reads: its cache slot (None: no cached heads), its tokens
     length: DraftLength | None  # None: one token per call
     record_key: str | None = None  # the middleware's key for this request's record (REMOTE_RECORD_KEY)
     generated: int = 0

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vas_server.core.value_runtime import ValueRow, ValueRuntime, to_device
+from vas_server.core.device import to_device
+from vas_server.core.scorer import ValueRow
+from vas_server.core.value_runtime import ValueRuntime
 
 
 @dataclass(eq=False)
@@ -45,7 +47,7 @@ class BatchedScorer:
         self.drainer: asyncio.Task | None = None
         self.running = False  # a batch is running in the worker thread
         self.deferred_releases: list[int] = []
-        self.free_slots = asyncio.Semaphore(runtime.max_requests)
+        self.free_cache_slots = asyncio.Semaphore(runtime.max_requests)
         self.batches = 0  # batches with candidates to score, and their rows (the benchmark reports both)
         self.rows = 0
 
@@ -74,24 +76,24 @@ class BatchedScorer:
 
     async def allocate(self) -> int:
         """A value-cache slot for a new request, once one is free (the runtime has max_requests)."""
-        await self.free_slots.acquire()
+        await self.free_cache_slots.acquire()
         return self.runtime.allocate()  # never None: the semaphore counts the free slots
 
-    def release(self, slot: int | None) -> None:
-        """Give `slot` back, dropping its queued work, once no batch is reading it."""
-        if slot is None:
+    def release(self, cache_slot: int | None) -> None:
+        """Give `cache_slot` back, dropping its queued work, once no batch is reading it."""
+        if cache_slot is None:
             return
         for work in self.pending:
-            if work.row.slot == slot:
+            if work.row.cache_slot == cache_slot:
                 work.done.cancel()
         if self.running:
-            self.deferred_releases.append(slot)
+            self.deferred_releases.append(cache_slot)
         else:
-            self._release(slot)
+            self._release(cache_slot)
 
-    def _release(self, slot: int) -> None:
-        self.runtime.release(slot)
-        self.free_slots.release()
+    def _release(self, cache_slot: int) -> None:
+        self.runtime.release(cache_slot)
+        self.free_cache_slots.release()
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -117,8 +119,8 @@ class BatchedScorer:
                                       + draft_values), None
                 finally:
                     self.running = False
-                    for slot in self.deferred_releases:
-                        self._release(slot)
+                    for cache_slot in self.deferred_releases:
+                        self._release(cache_slot)
                     self.deferred_releases.clear()
                 self.batches += bool(scored or drafted)
                 self.rows += len(scored) + len(drafted)
