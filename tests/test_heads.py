@@ -41,3 +41,41 @@ def test_round_trip_and_files_without_a_baseline():
     loaded = ValueHeads.from_tensors(heads.specs, old, H, V)
     assert torch.equal(loaded.token.baseline, torch.zeros(2, H))
     assert torch.equal(loaded.token.proj, heads.token.proj) and torch.equal(loaded.token.bias, heads.token.bias)
+
+
+def test_a_new_head_kind_is_one_class(monkeypatch):
+    """A kind defined here and registered in KINDS (and in the format's names) is saved, loaded,
+    ordered and valued with no other change: nothing else branches on a kind's name."""
+    from vas_server.core import format as format_module
+    from vas_server.core import heads as heads_module
+    from vas_server.core.heads import KINDS, DenseEmbedding, HeadInputs, TokenHeads
+
+    class TwiceTokenHeads(TokenHeads):  # twice a token head's value
+        kind = "twice"
+
+        def values(self, inputs):
+            return 2 * super().values(inputs)
+
+    monkeypatch.setitem(heads_module.KINDS, "twice", TwiceTokenHeads)
+    monkeypatch.setattr(format_module, "HEAD_KINDS", (*format_module.HEAD_KINDS, "twice"))
+    assert list(KINDS) == ["state", "token", "twice"]
+    specs = [HeadSpec("d", "twice"), HeadSpec("t", "token"), HeadSpec("s", "state")]
+    heads = ValueHeads(specs, H, V)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        for tensor in TokenHeads.SAVED:  # the twice head is the token head's twin
+            getattr(heads.kinds["twice"], tensor).copy_(getattr(heads.token, tensor))
+    assert heads.names == ["s", "t", "d"]  # kind by kind, in KINDS order
+    B, K = 3, 4
+    inputs = HeadInputs(torch.randint(0, V, (B, K)), torch.randn(B, H), torch.randn(B, K, H),
+                        DenseEmbedding(torch.randn(V, H)))
+    values = heads.values(inputs)
+    assert values.shape == (3, B, K) and values[1].abs().min() > 1e-4
+    torch.testing.assert_close(values[2], 2 * values[1])
+    torch.testing.assert_close(values[0], heads.state(inputs.candidate_states)[..., 0])
+    tensors = {k: v.detach().clone() for k, v in heads.to_tensors().items()}
+    assert {"d.proj", "d.bias", "d.baseline", "t.proj", "s.weight", "s.bias"} <= set(tensors)
+    again = ValueHeads.from_tensors(specs, tensors, H, V)
+    torch.testing.assert_close(again.values(inputs), values)

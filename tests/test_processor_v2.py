@@ -239,7 +239,7 @@ def test_v2_processor_steers_exactly_like_v1(tiny_base, models, base, seed):
     }
     batch = V1Batch()
     live: list[Req] = []
-    free_slots = list(range(MAX_NUM_REQS))
+    free_req_indices = list(range(MAX_NUM_REQS))
     all_tokens = req_states.all_token_ids.gpu
     order: list[Req] = []
     slot_order: list[int] = []
@@ -250,15 +250,15 @@ def test_v2_processor_steers_exactly_like_v1(tiny_base, models, base, seed):
         # V2: a request that leaves gives its slot back (nothing is told to the processor); a joining
         # one takes the lowest free slot, its tokens are written first, then add_request.
         for r in leaving:
-            free_slots.append(r.req_idx)
+            free_req_indices.append(r.req_idx)
             r.req_idx = None
-        free_slots.sort()
+        free_req_indices.sort()
         for r in joining:
             if r.name == "D":  # resumed, in another slot than before (H took D's old one, still holding D's row)
-                free_slots.remove(5)
+                free_req_indices.remove(5)
                 r.req_idx = 5
             else:
-                r.req_idx = free_slots.pop(0)
+                r.req_idx = free_req_indices.pop(0)
             s, tokens = r.req_idx, r.tokens
             all_tokens[s, :len(tokens)] = torch.tensor(tokens, dtype=torch.int32)
             req_states.prompt_len.np[s] = len(r.prompt)

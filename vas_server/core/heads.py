@@ -140,7 +140,8 @@ class TokenHeads(HeadKind):
         return self(inputs.context_states, inputs.embedding, inputs.candidates)
 
 
-# Every kind, in the order a value model's heads take (state heads first).
+# Every kind, in the order a value model's heads take (state heads first). A name is a ModuleDict key
+# of ValueHeads.kinds, so it cannot be an nn.Module attribute ("double", "train", ...).
 KINDS: dict[str, type[HeadKind]] = {cls.kind: cls for cls in (StateHeads, TokenHeads)}
 assert tuple(KINDS) == HEAD_KINDS, "a head kind's name belongs in core.format.HEAD_KINDS too"
 
