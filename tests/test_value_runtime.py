@@ -105,7 +105,7 @@ def _assert_reference_values(runtime, refs, values, prefix, candidates, heads, w
 
 def test_drafted_positions_score_as_if_committed_and_only_accepted_ones_stay(tiny_base, value_models,
                                                                             cache_growth):
-    """score_draft: position i's candidates valued after the prompt and the first i - 1 drafted
+    """score_drafts of one row: position i's candidates valued after the prompt and the first i - 1 drafted
     tokens, in one pass; commit_draft keeps the accepted ones, and later steps see exactly the
     accepted tokens (a rejected drafted token never enters the cache)."""
     runtime, refs = _draft_runtime(tiny_base, value_models, max_requests=2)
@@ -123,7 +123,7 @@ def test_drafted_positions_score_as_if_committed_and_only_accepted_ones_stay(tin
         runtime.advance([row])
         draft = [rng.randrange(vocab) for _ in range(n)]
         candidates = torch.tensor([[rng.randrange(vocab) for _ in range(K)] for _ in range(n)])
-        values = runtime.score_draft(row, draft[:-1], candidates)
+        values = runtime.score_drafts([row], [draft[:-1]], [candidates])[0]
         for i in range(n):
             check(values[i], row.tokens.prompt + row.tokens.outputs + draft[:i], candidates[i].tolist())
         runtime.commit_draft(row, accepted)
@@ -134,7 +134,7 @@ def test_drafted_positions_score_as_if_committed_and_only_accepted_ones_stay(tin
 
 def test_drafts_of_several_rows_score_in_one_batch_as_each_alone(tiny_base, value_models, cache_growth):
     """score_drafts: rows with different prompt lengths, draft lengths and K, in one batch (one
-    forward per trunk), give each row's values as score_draft of that row alone would, against
+    forward per trunk), give each row's values as score_drafts of that row alone would, against
     the uncached reference; then commit_draft keeps each row's accepted tokens."""
     runtime, refs = _draft_runtime(tiny_base, value_models, max_requests=4)
     rng = random.Random(2)

@@ -115,10 +115,6 @@ class ValueRuntime:
             values[sub, self.head_ranges[t]] = scored.permute(1, 0, 2).float()
         return values
 
-    def score_draft(self, row: ValueRow, draft: list[int], candidates: torch.Tensor) -> torch.Tensor:
-        """One row's `score_drafts`: [n, n_heads, K]."""
-        return self.score_drafts([row], [draft], [candidates])[0]
-
     def score_drafts(self, rows: list[ValueRow], drafts: list[list[int]],
                      candidates: list[torch.Tensor]) -> list[torch.Tensor]:
         """Values of each row's n drafted positions' candidates [n, K] (n and K per row), every
