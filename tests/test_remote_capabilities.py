@@ -192,7 +192,7 @@ def test_probe_finds_each_capability_and_requires_logit_bias(capped):
     from vas_server.remote.capabilities import Capabilities
     from vas_server.remote.probe import probe
 
-    url, _ = capped
+    url, calls = capped
 
     async def run(mode: str, given: dict) -> Capabilities:
         upstream = CompletionsUpstream(f"{url}/{mode}/v1", "m", retries=0)
@@ -201,7 +201,11 @@ def test_probe_finds_each_capability_and_requires_logit_bias(capped):
         finally:
             await upstream.aclose()
 
+    before = len(calls.get("refuse-20", []))
     found = asyncio.run(run("refuse-20", {}))
+    # The format (1), neutral samplers (1, its greedy draw reused), logit_bias banned (1), raw
+    # log-probs (2), the cap (256, 100, 50, 20), drafting (1); /tokenize is not a completion.
+    assert len(calls["refuse-20"]) - before == 10
     assert found.report() == {"token_prompts": True, "token_ids": True, "logprob_cap": 20, "ignore_eos": False,
                               "draft": False, "neutral_samplers": True, "tokenize": False}
     assert "top log-probs up to 20 per position (probed)" in found.describe()

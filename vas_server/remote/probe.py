@@ -1,8 +1,8 @@
 """Finding the upstream's capabilities (vas_server.remote.capabilities) at startup, with one tiny
 request per capability.
 
-Invariants: at most 4 (prompt format) + 1 (neutral samplers) + 2 (logit_bias) + 2 (raw log-probs;
-both required: refused if not honoured) +
+Invariants: at most 4 (prompt format) + 1 (neutral samplers) + 2 (logit_bias; 1 when the neutral
+samplers' call gave its greedy draw) + 2 (raw log-probs; both required: refused if not honoured) +
 len(LOGPROB_TRIES) + 4 (drafting, and ignore_eos at a context whose greedy token is eos) + 1
 (tokenize) calls, each of one or two tokens; a capability given by the flag is never probed; a
 failure other than the upstream refusing a request (a 4xx) ends startup with its reason.
@@ -16,6 +16,7 @@ import httpx
 
 from vas_server.remote.capabilities import Capabilities
 from vas_server.remote.upstream import CompletionsUpstream, UpstreamError
+from vas_server.remote.wire import Draw
 
 # Tried largest first; each is a cap some upstream documents (vLLM at 256 as README asks, vLLM's
 # default 20, OpenAI's 5) or a step between them, so one of at most six calls finds the cap's
@@ -40,11 +41,13 @@ async def probe(upstream: CompletionsUpstream, context: list[int], given: dict, 
     upstream.capabilities = found
     if not {"token_prompts", "token_ids"} <= found.given:
         found = await _probe_format(upstream, context, found)
+    greedy = None  # a greedy draw at `context` under the capabilities found, once there is one
     if "neutral_samplers" not in found.given:
         upstream.capabilities = found.model_copy(update={"neutral_samplers": True})
-        found = found.model_copy(update={"neutral_samplers": await _accepted(upstream, context, "top_k, top_p, min_p")})
+        greedy = await _answer(upstream, context, "top_k, top_p, min_p")
+        found = found.model_copy(update={"neutral_samplers": greedy is not None})
     upstream.capabilities = found
-    await check_logit_bias(upstream, context)
+    await check_logit_bias(upstream, context, greedy)
     await check_raw_logprobs(upstream, context)
     if "logprob_cap" not in found.given:
         found = found.model_copy(update={"logprob_cap": await probe_logprob_cap(upstream, context)})
@@ -85,11 +88,13 @@ async def _probe_format(upstream: CompletionsUpstream, context: list[int], found
                      "and without return_tokens_as_token_ids): " + " | ".join(refusals)[:1200])
 
 
-async def check_logit_bias(upstream: CompletionsUpstream, context: list[int]) -> None:
+async def check_logit_bias(upstream: CompletionsUpstream, context: list[int], greedy: Draw | None = None) -> None:
     """The upstream honours `logit_bias` -100 (a greedy draw with its greedy token banned draws
     another), which an exact draw from outside the top-K needs (vas_server.remote.sampling):
-    ValueError naming it if refused or ignored. Two calls."""
-    greedy = await upstream.draw(context, 1, temperature=0.0)
+    ValueError naming it if refused or ignored. `greedy`: the greedy draw at `context` under the
+    upstream's capabilities, when the caller made it (one call), else drawn here (two calls)."""
+    if greedy is None:
+        greedy = await upstream.draw(context, 1, temperature=0.0)
     try:
         other = await upstream.draw(context, 1, temperature=0.0, banned=[greedy.token])
     except UpstreamError as e:
@@ -150,14 +155,14 @@ async def _probe_drafting(upstream: CompletionsUpstream, context: list[int], fou
     return found.model_copy(update={"ignore_eos": len(drafted) == 2 and drafted[0].token == eos})
 
 
-async def _accepted(upstream: CompletionsUpstream, context: list[int], what: str) -> bool:
-    """Whether the upstream answers a one-token call shaped by `upstream.capabilities` (False: a 4xx)."""
+async def _answer(upstream: CompletionsUpstream, context: list[int], what: str) -> Draw | None:
+    """The upstream's greedy draw for a one-token call shaped by `upstream.capabilities`; None
+    when it refuses the call (a 4xx)."""
     try:
-        await upstream.draw(context, 1, temperature=0.0)
-        return True
+        return await upstream.draw(context, 1, temperature=0.0)
     except UpstreamError as e:
         _refused_unless_client_error(e, what)
-        return False
+        return None
 
 
 def _refused_unless_client_error(e: UpstreamError, what: str) -> None:
