@@ -30,32 +30,21 @@ from pathlib import Path
 
 import torch
 
-from vas_server.core.format import HeadSpec, TokenizerIdentity, TrunkSpec, ValueModelSpec
-from vas_server.core.heads import ValueHeads
+from separate_step import random_value_model  # benchmarks/, this script's directory
 from vas_server.core.model import ValueModel
 from vas_server.core.scorer import TokenLists, ValueRow
-from vas_server.core.trunk import Trunk, TrunkConfig
 from vas_server.core.value_runtime import ValueRuntime
 
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64,
-               rms_norm_eps=1e-5, rope_theta=100000.0, qkv_bias=False, o_bias=False, mlp_bias=False)
 TOLERANCE = 2e-3  # float32 values of order 1 on two devices (TF32 off)
 
 
 def runtimes(layers: int, max_requests: int, max_len: int, device: str) -> tuple[ValueRuntime, ValueRuntime]:
-    torch.manual_seed(0)
-    config = TrunkConfig(num_layers=layers, **SMOLLM2)
-    heads = [HeadSpec("s", "state", "random"), HeadSpec("t", "token", "random")]
-    spec = ValueModelSpec(trunk=TrunkSpec("standalone"), heads=heads, tokenizer=TokenizerIdentity(49152, "random"))
-    trunk = Trunk(config).eval()
-    value_heads = ValueHeads(heads, config.hidden_size, config.vocab_size)
-    with torch.no_grad():
-        for p in value_heads.parameters():
-            p.normal_(0, 0.05)
+    model = random_value_model(layers, torch.float32, head_std=0.05)
     out = []
     for on in ("cpu", device):
-        model = ValueModel("check", Path("."), spec, copy.deepcopy(trunk).to(on), copy.deepcopy(value_heads).to(on))
-        out.append(ValueRuntime([model], max_requests, max_len, on, torch.float32))
+        copied = ValueModel("check", Path("."), model.spec, copy.deepcopy(model.trunk).to(on),
+                            copy.deepcopy(model.value_heads).to(on))
+        out.append(ValueRuntime([copied], max_requests, max_len, on, torch.float32))
     return out[0], out[1]
 
 

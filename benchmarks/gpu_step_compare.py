@@ -7,7 +7,9 @@ A SmolLM2-shaped 6-layer trunk (random weights) with one state and one token hea
 of a given context are prefilled, then 30 decode steps commit one token per row and score K = 20
 candidates. Prints one JSON line: {"B.. ctx.. K..": [best ms, median ms]}. Handles the value
 runtime's API before the split of issue 42 (ValueRow(slot, prompt, outputs, head_ids) in
-vas_server.core.value_runtime) and after it (vas_server.core.scorer).
+vas_server.core.value_runtime) and after it (vas_server.core.scorer). It builds its model itself,
+not with separate_step.random_value_model: that module imports the new API, which --src's old
+tree lacks.
 """
 
 from __future__ import annotations

@@ -36,14 +36,25 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_he
                rms_norm_eps=1e-5, rope_theta=100000.0, qkv_bias=False, o_bias=False, mlp_bias=False)
 
 
-def scorer(layers: int, batch: int, max_len: int, dtype: torch.dtype) -> TrunkScorer:
+def random_value_model(layers: int, dtype: torch.dtype, head_std: float = 0.0) -> ValueModel:
+    """A SmolLM2-shaped standalone value model of `layers` layers with random trunk weights, one
+    state head and one token head (weights drawn with `head_std`; 0: zeros). Seeded: the same
+    model every call (benchmarks/gpu_core_check.py builds its CPU and CUDA copies with it)."""
     torch.manual_seed(0)
     config = TrunkConfig(num_layers=layers, **SMOLLM2)
     heads = [HeadSpec("s", "state", "random"), HeadSpec("t", "token", "random")]
     spec = ValueModelSpec(trunk=TrunkSpec("standalone"), heads=heads, tokenizer=TokenizerIdentity(49152, "random"))
     trunk = Trunk(config).to(dtype).eval()
     value_heads = ValueHeads(heads, config.hidden_size, config.vocab_size).to(dtype)
-    return TrunkScorer(ValueModel("bench", Path("."), spec, trunk, value_heads), batch, max_len, "cpu", dtype)
+    if head_std:
+        with torch.no_grad():
+            for p in value_heads.parameters():
+                p.normal_(0, head_std)
+    return ValueModel("bench", Path("."), spec, trunk, value_heads)
+
+
+def scorer(layers: int, batch: int, max_len: int, dtype: torch.dtype) -> TrunkScorer:
+    return TrunkScorer(random_value_model(layers, dtype), batch, max_len, "cpu", dtype)
 
 
 def step_ms(context: int, batch: int, top_k: int, layers: int, repeats: int, dtype: torch.dtype) -> tuple[float, float]:

@@ -47,14 +47,14 @@ def time_step(batch: int, top_k: int, n_heads: int, repeats: int) -> dict[str, f
     hidden = torch.randn(batch, HIDDEN, generator=g)
     weights = torch.ones(batch, n_heads)
     valid = torch.ones(batch, top_k, dtype=torch.bool)
-    rows = DenseEmbedding(embed, reuse_rows=True)
+    embedding = DenseEmbedding(embed, reuse_rows=True)  # the server's: rows gathered into one buffer
     with torch.inference_mode():
         candidates = logits.topk(top_k, dim=1).indices
         values = heads.token(hidden, embed, candidates).permute(1, 0, 2)
         bonus = rule.bonus(values, weights, valid)
         parts = {
             "top-K": lambda: logits.topk(top_k, dim=1).indices,
-            "values": lambda: heads.token(hidden, rows, candidates),
+            "values": lambda: heads.token(hidden, embedding, candidates),
             "bonus": lambda: rule.bonus(values, weights, valid),
             "update": lambda: rule.add_bonus_(logits, candidates, bonus, valid, None),
         }

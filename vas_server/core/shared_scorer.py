@@ -27,7 +27,7 @@ class SharedScorer:
         self.value_heads = value_heads
         self.layer = layer
         self.tap = tap
-        self.dtype = value_heads.token.proj.dtype
+        self.dtype = next(value_heads.parameters()).dtype
 
     def reset(self, cache_slot: int) -> None:
         pass

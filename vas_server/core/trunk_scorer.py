@@ -74,7 +74,7 @@ class TrunkScorer:
                 row, slot, column = to_device(torch.tensor(fed).T, hidden.device)
                 cache.last_hidden[slot] = hidden[row, column]
             if Kc:
-                candidate_states = hidden.reshape(B * at.Lq, -1).index_select(0, at.candidates).view(B, Kc, -1)
+                candidate_states = hidden.flatten(0, 1).index_select(0, at.candidates).view(B, Kc, -1)
         for s, t in zip(slots, total):
             cache.cached[s] = t
         if candidates is None:

@@ -59,7 +59,6 @@ class KeyLayout(NamedTuple):
     cache_slots: torch.Tensor  # [B]
     mask: torch.Tensor  # [B, 1, Lq, Lk]
     Lk: int  # keys gathered per row
-    Lq: int
 
     @classmethod
     def of(cls, cache_slots: list[int], cached: list[int], new: list[int], first_group: list[int],
@@ -87,7 +86,7 @@ class KeyLayout(NamedTuple):
         Lk = int((P + d + g * kk).max())
         column = torch.arange(Lk, device=device)
         mask = ((column <= limit_d[:, :, None]) | (column == own_d[:, :, None]))[:, None]
-        return cls(new_d, cand_d, written_d, write_d, positions_d, slots_d, mask, Lk, Lq)
+        return cls(new_d, cand_d, written_d, write_d, positions_d, slots_d, mask, Lk)
 
 
 class ValueCache:

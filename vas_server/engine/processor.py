@@ -6,8 +6,9 @@ runner (what the CPU build runs) and Model Runner V2 (the GPU default). The clas
 both interfaces' base classes, so either runner's loader accepts it, and constructing it builds
 the subclass for the runner of the engine, read from `vllm_config.use_v2_model_runner`:
 vas_server.engine.processor_v1.V1Processor or vas_server.engine.processor_v2.V2Processor (so the
-object is a VASLogitsProcessor too), which registered themselves in `VASLogitsProcessor.runners`. Both steer with vas_server.engine.steering (one rule, one
-value runtime); only their bookkeeping differs.
+object is a VASLogitsProcessor too), which registered themselves in `VASLogitsProcessor.runners`.
+Both steer with vas_server.engine.steering (one rule, one value runtime); only their bookkeeping
+differs.
 
 Importing this module loads no model: vLLM imports the class in the API process too, for
 `validate_params`. Value models are loaded in the worker, when the processor is built.
